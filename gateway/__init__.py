@@ -1,0 +1,1 @@
+"""devicegate's data plane: the mutual-TLS MQTT bridge."""

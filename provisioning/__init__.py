@@ -1,0 +1,1 @@
+"""devicegate's control plane: CA, tokens, registry, enrollment, revocation, audit, CLI."""

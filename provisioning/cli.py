@@ -1,0 +1,44 @@
+"""The ``devicegate`` command: one entry point for operators, factory lines and devices.
+
+Each command group lives in ``provisioning/commands/``; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from provisioning.commands import register
+from provisioning.commands.common import Context
+
+app = typer.Typer(
+    name="devicegate",
+    help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with settings.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="PostgreSQL URL (env DEVICEGATE_DATABASE_URL).")
+    ] = None,
+    pki_dir: Annotated[
+        Path | None, typer.Option(help="PKI directory (env DEVICEGATE_PKI_DIR).")
+    ] = None,
+) -> None:
+    ctx.obj = Context(config, {"database_url": database_url, "pki_dir": pki_dir})
+
+
+register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,101 @@
+"""``devicegate ca init|show``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from provisioning import ca as pki
+from provisioning.commands.common import (
+    console,
+    context,
+    fail,
+    print_json_lines,
+    print_table,
+)
+
+group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(group, name="ca")
+
+
+@group.command("init")
+def init(
+    ctx: typer.Context,
+    key_type: Annotated[
+        pki.CAKeyType, typer.Option(help="CA key type: EC P-256 or P-384.")
+    ] = pki.CAKeyType.P256,
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="DNS name or IP of the listeners (repeatable)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
+    insecure_no_passphrase: Annotated[
+        bool, typer.Option(help="Write the CA keys unencrypted (tests and demos only).")
+    ] = False,
+) -> None:
+    """Create the root CA, the issuing CA and the listeners' server certificate."""
+    settings = context(ctx).settings()
+    passphrase = settings.ca_passphrase_bytes()
+    if passphrase is None and not insecure_no_passphrase:
+        fail(
+            "no CA passphrase: set DEVICEGATE_CA_PASSPHRASE or DEVICEGATE_CA_PASSPHRASE_FILE "
+            "(or pass --insecure-no-passphrase to write unencrypted keys)",
+            code=2,
+        )
+    if passphrase is not None and len(passphrase) < 8:
+        fail("the CA passphrase must have at least 8 characters", code=2)
+    try:
+        summary = pki.init_pki(
+            settings.pki_dir,
+            passphrase=passphrase,
+            key_type=key_type,
+            server_names=server_name or ["localhost", "127.0.0.1"],
+            force=force,
+        )
+    except pki.CAError as exc:
+        fail(str(exc))
+    console.print(f"CA created in [bold]{summary.directory}[/bold]")
+    for name, certificate in (
+        ("root", summary.root),
+        ("issuing", summary.issuing),
+        ("server", summary.server),
+    ):
+        console.print(f"  {name:8} {certificate.subject.rfc4514_string()}  sha256:{pki.fingerprint(certificate)}")
+    console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
+
+
+@group.command("show")
+def show(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print the CA certificates: subjects, fingerprints, validity."""
+    settings = context(ctx).settings()
+    try:
+        certificates = pki.describe_pki(settings.pki_dir)
+    except pki.CAError as exc:
+        fail(str(exc))
+    records = [
+        {
+            "file": name,
+            "subject": certificate.subject.rfc4514_string(),
+            "issuer": certificate.issuer.rfc4514_string(),
+            "serial": pki.serial_hex(certificate.serial_number),
+            "sha256": pki.fingerprint(certificate),
+            "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+        }
+        for name, certificate in certificates
+    ]
+    if json_output:
+        print_json_lines(records)
+        return
+    print_table(
+        f"PKI in {settings.pki_dir}",
+        ["file", "subject", "sha256", "not after"],
+        [[r["file"], r["subject"], r["sha256"][:16] + "…", r["not_after"]] for r in records],
+    )

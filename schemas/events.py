@@ -1,0 +1,194 @@
+"""Auth events: what was decided, and the canonical encoding that chains them.
+
+Invariants:
+- Both planes build the chain with `chain_hash` and `canonical_bytes` from this module, so a
+  gateway worker's chain and the provisioning chain verify with the same code.
+- ``hash = sha256(prev_hash || canonical_bytes(event))``; ``prev_hash`` of a chain's first
+  event is `GENESIS_HASH`. The canonical encoding covers every field except ``hash`` itself
+  (``prev_hash`` is covered through the concatenation).
+- The canonical encoding only uses values PostgreSQL round-trips exactly (times at
+  microsecond precision in UTC, JSON detail with sorted keys), so rows read back from the
+  table hash to the value stored beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time as _time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EventType(StrEnum):
+    TLS_HANDSHAKE = "tls_handshake"
+    CONNECT = "connect"
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+    SESSION_END = "session_end"
+    SESSION_REVOKED = "session_revoked"
+    ENROLL = "enroll"
+    RENEW = "renew"
+    REVOKE = "revoke"
+    DEVICE_DISABLE = "device_disable"
+    DEVICE_ENABLE = "device_enable"
+    TOKEN = "token"
+    ADMIN = "admin"
+    AUDIT_PRUNE = "audit_prune"
+
+
+class Outcome(StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+class Reason(StrEnum):
+    """Why a decision went the way it did. Stable: operators alert and query on these."""
+
+    OK = "ok"
+    # TLS and certificate
+    NO_CLIENT_CERTIFICATE = "no_client_certificate"
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
+    UNKNOWN_ISSUER = "unknown_issuer"
+    CERTIFICATE_INVALID = "certificate_invalid"
+    CERTIFICATE_REVOKED = "certificate_revoked"
+    CERTIFICATE_SUPERSEDED = "certificate_superseded"
+    TLS_PROTOCOL_ERROR = "tls_protocol_error"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    PROXY_PROTOCOL_ERROR = "proxy_protocol_error"
+    # device and session
+    DEVICE_UNKNOWN = "device_unknown"
+    DEVICE_DISABLED = "device_disabled"
+    DEVICE_REVOKED = "device_revoked"
+    CLIENT_ID_MISMATCH = "client_id_mismatch"
+    TOPIC_NOT_AUTHORIZED = "topic_not_authorized"
+    PROTOCOL_ERROR = "protocol_error"
+    UNSUPPORTED_PROTOCOL_VERSION = "unsupported_protocol_version"
+    PACKET_TOO_LARGE = "packet_too_large"
+    CONNECT_TIMEOUT = "connect_timeout"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_CLOSED = "upstream_closed"
+    REVOCATION_STATE_STALE = "revocation_state_stale"
+    EVENT_LOG_UNAVAILABLE = "event_log_unavailable"
+    SESSION_TAKEN_OVER = "session_taken_over"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    CONNECTION_LOST = "connection_lost"
+    SERVER_SHUTTING_DOWN = "server_shutting_down"
+    # provisioning
+    TOKEN_INVALID = "token_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_EXHAUSTED = "token_exhausted"
+    TOKEN_REVOKED = "token_revoked"
+    CSR_INVALID = "csr_invalid"
+    KEY_NOT_ALLOWED = "key_not_allowed"
+    HARDWARE_ID_TAKEN = "hardware_id_taken"
+    RENEWAL_WINDOW_CLOSED = "renewal_window_closed"
+    UNAUTHORIZED = "unauthorized"
+    ADMIN_ACTION = "admin_action"
+    RETENTION = "retention"
+
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first event of every chain."""
+
+_CHAINED_FIELDS = (
+    "id",
+    "time",
+    "instance",
+    "type",
+    "outcome",
+    "reason",
+    "device_id",
+    "fleet",
+    "cert_serial",
+    "cert_fingerprint",
+    "client_id",
+    "peer_address",
+    "tls_version",
+    "tls_cipher",
+    "detail",
+    "chain_id",
+    "seq",
+)
+
+
+def uuid7(now_ns: int | None = None) -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit Unix milliseconds, then randomness."""
+    millis = (now_ns if now_ns is not None else _time.time_ns()) // 1_000_000
+    rand = int.from_bytes(os.urandom(10))
+    value = (millis & (2**48 - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a
+    value |= 0b10 << 62  # variant
+    value |= rand & (2**62 - 1)  # rand_b
+    return uuid.UUID(int=value)
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, at the microsecond precision PostgreSQL keeps."""
+    return datetime.now(UTC)
+
+
+class AuthEvent(BaseModel):
+    """One authentication or authorisation decision, as stored and as served in JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: uuid.UUID = Field(default_factory=uuid7)
+    time: datetime = Field(default_factory=utcnow)
+    instance: str
+    type: EventType
+    outcome: Outcome
+    reason: Reason
+    device_id: str | None = None
+    fleet: str | None = None
+    cert_serial: str | None = None
+    cert_fingerprint: str | None = None
+    client_id: str | None = None
+    peer_address: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    chain_id: str | None = None
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def chained(self, *, chain_id: str, seq: int, prev_hash: str) -> AuthEvent:
+        """This event as the next link of a chain, with its hash computed."""
+        linked = self.model_copy(update={"chain_id": chain_id, "seq": seq, "prev_hash": prev_hash})
+        return linked.model_copy(update={"hash": chain_hash(prev_hash, linked)})
+
+
+def _canonical_time(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("event time must be timezone-aware")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_bytes(event: AuthEvent) -> bytes:
+    """The exact bytes that are hashed for ``event``: sorted, compact JSON of its fields."""
+    values: dict[str, Any] = {}
+    for name in _CHAINED_FIELDS:
+        value = getattr(event, name)
+        if isinstance(value, datetime):
+            value = _canonical_time(value)
+        elif isinstance(value, uuid.UUID):
+            value = str(value)
+        values[name] = value
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chain_hash(prev_hash: str, event: AuthEvent) -> str:
+    """``sha256(prev_hash || canonical event)`` as lowercase hex."""
+    digest = hashlib.sha256(bytes.fromhex(prev_hash))
+    digest.update(canonical_bytes(event))
+    return digest.hexdigest()

@@ -1,0 +1,199 @@
+"""The one configuration model: ``DEVICEGATE_*`` variables, an optional TOML file, then flags.
+
+Precedence, highest first: command-line flags (passed as ``overrides``), environment
+variables, the TOML file given by ``--config``, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.durations import Duration
+
+ENV_PREFIX = "DEVICEGATE_"
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the variable and the problem."""
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+class Settings(BaseSettings):
+    """devicegate's configuration. Every field is ``DEVICEGATE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/devicegate",
+        description="PostgreSQL connection URL.",
+    )
+    pki_dir: Path = Field(Path("./pki"), description="Directory holding the CA and server files.")
+    ca_passphrase: SecretStr | None = Field(None, description="Passphrase of the CA keys.")
+    ca_passphrase_file: Path | None = Field(
+        None, description="File whose first line is the CA passphrase."
+    )
+    trust_domain: str = Field(
+        "devicegate.local", description="SPIFFE trust domain of device identities."
+    )
+    cert_validity: Duration = Field(
+        timedelta(days=30), description="Validity of device certificates."
+    )
+    cert_backdate: Duration = Field(
+        timedelta(minutes=5),
+        description="How far notBefore is set in the past (devices without a real-time clock).",
+    )
+    renew_grace: Duration = Field(
+        timedelta(days=7), description="How long after expiry a certificate may still renew."
+    )
+
+    gateway_listen: str = Field("0.0.0.0:8883", description="Gateway mTLS listener.")  # noqa: S104
+    upstream_url: str = Field(
+        "mqtt://127.0.0.1:1883", description="Upstream broker (mqtt:// or mqtts://)."
+    )
+    policy_file: Path | None = Field(None, description="Topic policy file (TOML or JSON).")
+    instance_id: str = Field(
+        default_factory=lambda: os.uname().nodename,
+        description="Name of this gateway instance in events and metrics.",
+    )
+    workers: int = Field(0, ge=0, description="Gateway worker processes; 0 means one per CPU.")
+    handshake_timeout: Duration = Field(timedelta(seconds=10), description="TLS handshake limit.")
+    connect_timeout: Duration = Field(
+        timedelta(seconds=10), description="Time allowed between handshake and CONNECT."
+    )
+    max_packet_size: int = Field(
+        256 * 1024, ge=64, le=268_435_455, description="Largest MQTT packet accepted, bytes."
+    )
+    max_connections: int = Field(10_000, ge=1, description="Connections per worker.")
+    failed_handshakes_per_minute: int = Field(
+        30, ge=1, description="Failed handshakes allowed per peer address per minute."
+    )
+    revocation_stale_after: Duration = Field(
+        timedelta(seconds=30),
+        description="Refuse new connections when revocation state is older than this.",
+    )
+    proxy_protocol_from: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description="Addresses allowed to send a PROXY v2 header (empty: PROXY protocol off).",
+    )
+    spool_dir: Path = Field(Path("./spool"), description="Local event spool directory.")
+    spool_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Spool size at which new connections are refused."
+    )
+
+    provisioning_listen: str = Field("0.0.0.0:8443", description="Provisioning HTTPS listener.")  # noqa: S104
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body.")
+
+    metrics_listen: str = Field("127.0.0.1:9464", description="Prometheus /metrics listener.")
+    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+
+    @field_validator("gateway_listen", "provisioning_listen", "metrics_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return _host_port(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_upstream(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("mqtt", "mqtts") or not sep:
+            raise ValueError("must be mqtt://HOST:PORT or mqtts://HOST:PORT")
+        _host_port(rest.rstrip("/"))
+        return value
+
+    @field_validator("proxy_protocol_from", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [ip_network(part.strip()) for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file, if any, comes from model_config["toml_file"] (see load_settings).
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def ca_passphrase_bytes(self) -> bytes | None:
+        """The CA passphrase from the variable or the file, or ``None`` when neither is set."""
+        if self.ca_passphrase is not None:
+            return self.ca_passphrase.get_secret_value().encode()
+        if self.ca_passphrase_file is not None:
+            try:
+                text = self.ca_passphrase_file.read_text()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{ENV_PREFIX}CA_PASSPHRASE_FILE: cannot read {self.ca_passphrase_file}: "
+                    f"{exc.strerror}"
+                ) from exc
+            return text.splitlines()[0].encode() if text else b""
+        return None
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.gateway_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, turning any invalid value into a `ConfigError` naming its variable.
+
+    Args:
+        config_file: optional TOML file with the same keys as the fields (lower case).
+        **overrides: values from command-line flags; ``None`` means "flag not given".
+    """
+    model: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"--config: {config_file} does not exist")
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+        model = type("Settings", (Settings,), {"model_config": config})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, given)) from None
+
+
+def _describe(exc: ValidationError, given: dict[str, Any]) -> str:
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        origin = f"--{field.replace('_', '-')}" if field in given else ENV_PREFIX + field.upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{origin}: {message} (got {error.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
