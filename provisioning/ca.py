@@ -57,9 +57,7 @@ class CAKeyType(StrEnum):
     P384 = "p384"
 
 
-DevicePublicKey = (
-    ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
-)
+DevicePublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
 def key_type_name(public_key: object) -> str:
@@ -153,10 +151,14 @@ class CertificateAuthority:
         assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([
-                x509.NameAttribute(NameOID.COMMON_NAME, identity.device_id),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.fleet),
-            ]))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, identity.device_id),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.fleet),
+                    ]
+                )
+            )
             .issuer_name(self.issuing.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -233,10 +235,12 @@ def _ca_certificate(
     path_length: int | None,
     now: datetime,
 ) -> x509.Certificate:
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devicegate"),
-        x509.NameAttribute(NameOID.COMMON_NAME, subject),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devicegate"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject),
+        ]
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -248,9 +252,15 @@ def _ca_certificate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -361,13 +371,23 @@ def init_pki(
 
     root_key = _new_ca_key(key_type)
     root = _ca_certificate(
-        subject="devicegate Root CA", key=root_key, issuer=None, issuer_key=root_key,
-        validity=root_validity, path_length=1, now=now,
+        subject="devicegate Root CA",
+        key=root_key,
+        issuer=None,
+        issuer_key=root_key,
+        validity=root_validity,
+        path_length=1,
+        now=now,
     )
     issuing_key = _new_ca_key(key_type)
     issuing = _ca_certificate(
-        subject="devicegate Issuing CA", key=issuing_key, issuer=root, issuer_key=root_key,
-        validity=min(issuing_validity, root_validity), path_length=0, now=now,
+        subject="devicegate Issuing CA",
+        key=issuing_key,
+        issuer=root,
+        issuer_key=root_key,
+        validity=min(issuing_validity, root_validity),
+        path_length=0,
+        now=now,
     )
     ca = CertificateAuthority(FileSigner(issuing_key, issuing), root)
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -407,7 +427,8 @@ def load_private_key(path: Path, passphrase: bytes | None) -> CAPrivateKey:
     except TypeError:
         if passphrase is None:
             raise CAError(
-                f"{path} is encrypted: set DEVICEGATE_CA_PASSPHRASE or DEVICEGATE_CA_PASSPHRASE_FILE"
+                f"{path} is encrypted: "
+                "set DEVICEGATE_CA_PASSPHRASE or DEVICEGATE_CA_PASSPHRASE_FILE"
             ) from None
         raise CAError(f"{path} is not encrypted, but a passphrase was given") from None
     except ValueError:

@@ -26,7 +26,9 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file with settings.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with settings.")
+    ] = None,
     database_url: Annotated[
         str | None, typer.Option(help="PostgreSQL URL (env DEVICEGATE_DATABASE_URL).")
     ] = None,
@@ -42,3 +44,7 @@ register(app)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,9 +18,9 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
     try:
-        return await asyncpg.connect(url, timeout=timeout)
+        return await asyncpg.connect(url, timeout=connect_timeout)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
 

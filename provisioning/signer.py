@@ -31,7 +31,7 @@ class Signer(Protocol):
 CAPrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
-def signature_hash(key: CAPrivateKey) -> hashes.HashAlgorithm | None:
+def signature_hash(key: CAPrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     """The digest that goes with a CA key: SHA-384 for P-384, none for Ed25519, else SHA-256."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None

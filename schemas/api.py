@@ -106,3 +106,10 @@ class AdminKeyCreated(_Model):
 class EventPage(_Model):
     events: list[AuthEvent]
     next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page.")
+
+
+class AdminKeyInfo(_Model):
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None

@@ -94,6 +94,15 @@ class Reason(StrEnum):
     UNAUTHORIZED = "unauthorized"
     ADMIN_ACTION = "admin_action"
     RETENTION = "retention"
+    # HTTP API
+    REQUEST_INVALID = "request_invalid"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    CONFLICT = "conflict"
+    INTERNAL_ERROR = "internal_error"
+    SERVICE_UNAVAILABLE = "service_unavailable"
 
 
 GENESIS_HASH = "0" * 64

@@ -28,6 +28,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "device-detail": api.DeviceDetail,
     "certificate-info": api.CertificateInfo,
     "admin-key-created": api.AdminKeyCreated,
+    "admin-key-info": api.AdminKeyInfo,
     "event-page": api.EventPage,
 }
 

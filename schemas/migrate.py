@@ -84,5 +84,6 @@ async def pending(connection: asyncpg.Connection) -> list[str]:
     exists = await connection.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     applied: set[str] = set()
     if exists:
-        applied = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
+        rows = await connection.fetch("SELECT version FROM schema_migrations")
+        applied = {row["version"] for row in rows}
     return [m.version for m in available() if m.version not in applied]

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -66,7 +68,7 @@ class Settings(BaseSettings):
         timedelta(days=7), description="How long after expiry a certificate may still renew."
     )
 
-    gateway_listen: str = Field("0.0.0.0:8883", description="Gateway mTLS listener.")  # noqa: S104
+    gateway_listen: str = Field("0.0.0.0:8883", description="Gateway mTLS listener.")
     upstream_url: str = Field(
         "mqtt://127.0.0.1:1883", description="Upstream broker (mqtt:// or mqtts://)."
     )
@@ -91,7 +93,7 @@ class Settings(BaseSettings):
         timedelta(seconds=30),
         description="Refuse new connections when revocation state is older than this.",
     )
-    proxy_protocol_from: list[IPv4Network | IPv6Network] = Field(
+    proxy_protocol_from: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
         default_factory=list,
         description="Addresses allowed to send a PROXY v2 header (empty: PROXY protocol off).",
     )
@@ -100,7 +102,7 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=1024, description="Spool size at which new connections are refused."
     )
 
-    provisioning_listen: str = Field("0.0.0.0:8443", description="Provisioning HTTPS listener.")  # noqa: S104
+    provisioning_listen: str = Field("0.0.0.0:8443", description="Provisioning HTTPS listener.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body.")
 
     metrics_listen: str = Field("127.0.0.1:9464", description="Prometheus /metrics listener.")
@@ -131,7 +133,8 @@ class Settings(BaseSettings):
     @classmethod
     def _split_networks(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [ip_network(part.strip()) for part in value.split(",") if part.strip()]
+            # Comma-separated in the environment: "10.0.0.0/8, 192.0.2.7".
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @classmethod
@@ -185,6 +188,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return model(**given)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, given)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def _describe(exc: ValidationError, given: dict[str, Any]) -> str:

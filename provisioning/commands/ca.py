@@ -64,7 +64,10 @@ def init(
         ("issuing", summary.issuing),
         ("server", summary.server),
     ):
-        console.print(f"  {name:8} {certificate.subject.rfc4514_string()}  sha256:{pki.fingerprint(certificate)}")
+        console.print(
+            f"  {name:8} {certificate.subject.rfc4514_string()}"
+            f"  sha256:{pki.fingerprint(certificate)}"
+        )
     console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
 
 

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
 
 
 def enroll() -> None:
-    """Make a key on this device, enroll with a bootstrap token, write the files (not available yet)."""
+    """Make a key here, enroll with a bootstrap token, write the files (not available yet)."""
     not_available("enroll")
 
 

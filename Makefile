@@ -1,0 +1,38 @@
+# devicegate: `make demo` runs it end to end, `make test` runs the whole suite.
+# Both create .venv and install the project into it when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench services schemas clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+services:
+	@bash scripts/ensure-services.sh
+
+demo: $(STAMP) services
+	bash scripts/smoke.sh $(BIN)
+
+test: $(STAMP) services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway provisioning schemas tests bench
+	$(BIN)/mypy gateway provisioning schemas
+
+bench: $(STAMP) services
+	@for bench in bench/*.py; do echo "== $$bench"; $(BIN)/python $$bench || exit 1; done
+
+schemas: $(STAMP)
+	$(BIN)/python -m schemas.jsonschema
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
