@@ -12,6 +12,7 @@ command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v haproxy >/dev/null || need_apt+=(haproxy)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
