@@ -118,8 +118,9 @@ def filter_contains(outer: str, inner: str) -> bool:
     false exactly when some valid topic name is matched by ``inner`` and not
     by ``outer``. So ``devices/d1/#`` contains ``devices/d1/+``,
     ``devices/d1/#`` and ``devices/d1`` but not ``devices/+/x``; ``#`` and
-    ``+/#`` contain each other (no topic has zero levels); no filter that
-    starts with a wildcard contains one that starts with ``$``.
+    ``+/#`` contain each other (no topic has zero levels), and so do ``/#``
+    and ``/+/#`` (the empty string is no topic); no filter that starts with a
+    wildcard contains one whose first level starts with ``$``.
     """
     o_levels = outer.split("/")
     i_levels = inner.split("/")
@@ -137,9 +138,11 @@ def filter_contains(outer: str, inner: str) -> bool:
             return False  # inner stops at level i, outer needs one more level
         n = i_levels[i]
         if n == "#":
-            # inner matches the parent (i levels) and everything below. Only
-            # "+/#" covers that without a '#' here, because no topic has 0 levels.
-            return i == 0 and o == "+" and n_outer == 2 and o_levels[1] == "#"
+            # inner matches its parent (the first i levels) and everything below.
+            # Without a '#' here, outer can only cover that as ".../+/#", and only
+            # when that parent is no valid topic: zero levels, or the empty string.
+            parent_is_empty = i == 0 or (i == 1 and not i_levels[0])
+            return parent_is_empty and o == "+" and n_outer == i + 2 and o_levels[-1] == "#"
         if o == "+":
             continue
         if n == "+" or n != o:
