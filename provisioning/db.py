@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import asyncpg
 
@@ -25,9 +26,14 @@ async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, reset: Any = None
+) -> asyncpg.Pool:
+    """A pool; ``reset`` replaces asyncpg's per-release session reset (see asyncpg docs)."""
     try:
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10.0)
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, timeout=10.0, reset=reset
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
     assert pool is not None

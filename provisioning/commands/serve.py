@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from provisioning.commands.common import not_available
+from provisioning.commands.common import context, not_available, run
 
 group = typer.Typer(help="Run the provisioning service or the MQTT gateway.", no_args_is_help=True)
 
@@ -14,9 +16,17 @@ def register(app: typer.Typer) -> None:
 
 
 @group.command("provisioning")
-def provisioning() -> None:
-    """Run the provisioning HTTPS service (not available yet)."""
-    not_available("serve provisioning")
+def provisioning(
+    ctx: typer.Context,
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT (env DEVICEGATE_PROVISIONING_LISTEN).")
+    ] = None,
+) -> None:
+    """Run the provisioning HTTPS service until SIGTERM (needs the CA passphrase)."""
+    from provisioning.server import serve
+
+    settings = context(ctx).settings(provisioning_listen=listen)
+    run(serve(settings))
 
 
 @group.command("gateway")

@@ -1,0 +1,125 @@
+"""The provisioning HTTPS listener: TLS context, routes, and a graceful lifecycle.
+
+Client certificates: the listener requests one (``CERT_OPTIONAL``) and OpenSSL verifies its
+chain against ``chain.pem`` with ``X509_V_FLAG_NO_CHECK_TIME``: signatures and CA constraints
+are checked at the TLS layer, validity dates are not, because a device whose certificate
+expired while it was offline must still be able to renew within the grace window. Dates,
+revocation and supersession are then decided by the renewal policy on the database row.
+No route other than renewal trusts the client certificate, so an expired one grants nothing
+else. Python offers no verify callback, which is why the flag is used instead of a custom check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from provisioning import api, est
+from provisioning.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
+from provisioning.crl import CrlCache
+from provisioning.db import create_pool
+from provisioning.http_common import CRL, SERVICE, problems_middleware
+from provisioning.openapi import document
+from provisioning.service import ProvisioningService
+from schemas.settings import Settings
+
+log = logging.getLogger("devicegate.provisioning")
+
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are all AEAD already
+
+
+def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
+    """TLS 1.2+ with ECDHE AEAD ciphers, an optional client certificate verified by chain
+    but not by date (see the module docstring)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.load_cert_chain(pki_dir / SERVER_CERT, pki_dir / SERVER_KEY)
+    context.load_verify_locations(cafile=str(pki_dir / CHAIN))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.verify_flags = ssl.VerifyFlags(context.verify_flags | X509_V_FLAG_NO_CHECK_TIME)
+    return context
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+def build_app(service: ProvisioningService) -> web.Application:
+    """The aiohttp application over a ready service."""
+    app = web.Application(
+        middlewares=[problems_middleware], client_max_size=service.settings.max_body_bytes
+    )
+    app[SERVICE] = service
+    app[CRL] = CrlCache(service.ca)
+    app.add_routes([
+        web.post("/v1/enroll", api.enroll),
+        web.post("/v1/renew", api.renew),
+        web.get("/v1/crl", api.get_crl),
+        web.get("/v1/tokens", api.list_tokens),
+        web.post("/v1/tokens", api.create_token),
+        web.get("/v1/tokens/{token_id}", api.get_token),
+        web.post("/v1/tokens/{token_id}/revoke", api.revoke_token),
+        web.get("/v1/devices", api.list_devices),
+        web.get("/v1/devices/{device_id}", api.show_device),
+        web.post(r"/v1/devices/{device_id}/{action:disable|enable|revoke}", api.device_action),
+        web.get("/v1/certificates", api.list_certificates),
+        web.post("/v1/certificates/{serial}/revoke", api.revoke_certificate),
+        web.get("/v1/events", api.list_events),
+        web.get("/.well-known/est/cacerts", est.cacerts),
+        web.post("/.well-known/est/simpleenroll", est.simpleenroll),
+        web.post("/.well-known/est/simplereenroll", est.simplereenroll),
+        web.get("/openapi.json", _openapi),
+        web.get("/healthz", api.healthz),
+        web.get("/readyz", api.readyz),
+    ])
+    return app
+
+
+async def _rollback_only(conn: Any) -> None:
+    """Pool release hook. The service keeps no session state (no LISTEN, advisory locks,
+    SET or cursors), so asyncpg's full reset query, a round trip on every release, is
+    replaced by a rollback of a transaction left open, which should never happen."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def open_service(settings: Settings, *, pool_size: int = 16) -> ProvisioningService:
+    """Load the CA (needs the passphrase) and open the connection pool."""
+    ca = load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
+    pool = await create_pool(
+        settings.database_url, min_size=2, max_size=pool_size, reset=_rollback_only
+    )
+    return ProvisioningService(pool=pool, ca=ca, settings=settings)
+
+
+async def serve(settings: Settings, *, listen: str | None = None) -> None:
+    """Listen until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
+    host, _, port = (listen or settings.provisioning_listen).rpartition(":")
+    service = await open_service(settings)
+    runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+        site = web.TCPSite(
+            runner, host.strip("[]"), int(port), ssl_context=server_ssl_context(settings.pki_dir),
+            backlog=1024, shutdown_timeout=10.0,
+        )
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"provisioning listening on https://{host}:{port}", file=sys.stderr, flush=True)
+        await stop.wait()
+        print("provisioning shutting down", file=sys.stderr, flush=True)
+    finally:
+        await runner.cleanup()
+        await service.close()

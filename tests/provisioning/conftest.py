@@ -1,0 +1,165 @@
+"""Provisioning fixtures: the real HTTPS listener (in a thread of its own), admin keys,
+tokens, and device-side helpers that talk to it the way devices do."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import uvloop
+from aiohttp import web
+
+from provisioning import admin
+from provisioning.device import KeyType, csr_pem, generate_key
+from provisioning.server import build_app, open_service, server_ssl_context
+from schemas.api import TokenCreateRequest
+from schemas.settings import Settings
+from tests.conftest import Pki
+from tests.helpers import free_port
+
+INSTANCE = "test-provisioning"
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, pki: Pki) -> Settings:
+    return Settings(
+        database_url=database_url,
+        pki_dir=pki.directory,
+        ca_passphrase=pki.passphrase.decode(),
+        instance_id=INSTANCE,
+    )
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[Server]:
+    """The provisioning app with the real TLS context, on its own uvloop thread, so tests
+    may block (curl, openssl, CliRunner) without stalling it."""
+    port = free_port()
+    loop = uvloop.new_event_loop()
+    started = threading.Event()
+    stop: dict[str, Any] = {}
+
+    async def main() -> None:
+        service = await open_service(settings)
+        runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, "127.0.0.1", port, ssl_context=server_ssl_context(settings.pki_dir)
+        )
+        await site.start()
+        stop["event"] = asyncio.Event()
+        started.set()
+        await stop["event"].wait()
+        await runner.cleanup()
+        await service.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(15), "provisioning app did not start"
+    yield Server(f"https://127.0.0.1:{port}", port)
+    loop.call_soon_threadsafe(stop["event"].set)
+    thread.join(15)
+
+
+@pytest.fixture(scope="session")
+def client_context(pki: Pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.chain))
+
+
+def device_context(pki: Pki, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+async def http(client_context: ssl.SSLContext) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(ssl=client_context, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def admin_key(database_url: str) -> str:
+    async def create() -> str:
+        conn = await asyncpg.connect(database_url)
+        try:
+            created = await admin.create_admin_key(conn, "tests", actor="cli", instance=INSTANCE)
+        finally:
+            await conn.close()
+        return created.key
+
+    return asyncio.run(create())
+
+
+@pytest.fixture
+def admin_headers(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_key}"}
+
+
+_fleets = iter(range(1_000_000))
+
+
+def new_fleet(prefix: str = "f") -> str:
+    return f"{prefix}{next(_fleets)}-{secrets.token_hex(3)}"
+
+
+async def make_token(
+    conn: asyncpg.Connection,
+    *,
+    fleet: str | None = None,
+    uses: int = 1,
+    ttl: str = "8h",
+    allow_reenroll: bool = False,
+) -> tuple[str, str]:
+    """(secret, token id) of a new token."""
+    created = await admin.create_token(
+        conn,
+        TokenCreateRequest(
+            fleet=fleet or new_fleet(), uses=uses, ttl=ttl, allow_reenroll=allow_reenroll
+        ),
+        actor="cli",
+        instance=INSTANCE,
+    )
+    return created.token, str(created.id)
+
+
+_CSR_CACHE: dict[KeyType, str] = {}
+
+
+def some_csr(key_type: KeyType = KeyType.P256) -> str:
+    """A valid CSR (cached: the service assigns identity, so one CSR may enroll many)."""
+    if key_type not in _CSR_CACHE:
+        _CSR_CACHE[key_type] = csr_pem(generate_key(key_type))
+    return _CSR_CACHE[key_type]
+
+
+async def uses_left(conn: asyncpg.Connection, token_id: str) -> int:
+    value: int = await conn.fetchval(
+        "SELECT uses_left FROM bootstrap_tokens WHERE id = $1", uuid.UUID(token_id)
+    )
+    return value
+
+
+async def last_event(conn: asyncpg.Connection, **where: Any) -> asyncpg.Record:
+    clauses = " AND ".join(f"{key} = ${i}" for i, key in enumerate(where, start=1))
+    return await conn.fetchrow(
+        f"SELECT * FROM auth_events WHERE {clauses} ORDER BY time DESC, id DESC LIMIT 1",
+        *where.values(),
+    )

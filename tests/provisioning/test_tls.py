@@ -1,0 +1,93 @@
+"""The listener's TLS policy, probed the way an attacker or an old client would."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from provisioning.ca import to_pem
+from provisioning.device import gateway_ssl_context, key_pem, mqtt_tls_parameters
+from provisioning.server import server_ssl_context
+from tests.conftest import Pki
+from tests.provisioning.conftest import Server
+
+
+def handshake(server: Server, context: ssl.SSLContext) -> str:
+    """The negotiated version, after a request that makes a TLS 1.3 client cert error show."""
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert tls.recv(100).startswith(b"HTTP/1.1 200")
+        return str(tls.version())
+
+
+def test_modern_tls_only(server: Server, pki: Pki) -> None:
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    assert handshake(server, context) == "TLSv1.3"
+
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert handshake(server, context) == "TLSv1.2"
+
+    cbc = ssl.create_default_context(cafile=str(pki.chain))
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        handshake(server, cbc)
+
+    assert server_ssl_context(pki.directory).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_foreign_client_certificate_is_refused(server: Server, pki: Pki, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "c.pem").write_text(to_pem(cert))
+    (tmp_path / "k.pem").write_bytes(key_pem(key))
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    # Refused at the TLS layer: no HTTP answer (an alert, or a bare close: cpython#98078).
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        try:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = tls.recv(100)
+        except (ssl.SSLError, ConnectionResetError):
+            answer = b""
+    assert answer == b""
+
+
+def test_device_tls_helpers(pki: Pki, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "device.key").write_bytes(key_pem(key))
+    (tmp_path / "device.crt").write_text(
+        pki.server_cert.read_text().split("-----END")[0] + "-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "chain.pem").write_text(pki.chain.read_text())
+    with pytest.raises(ssl.SSLError):  # key and certificate do not belong together
+        gateway_ssl_context(tmp_path)
+    params = mqtt_tls_parameters(tmp_path)
+    assert params.ca_certs == str(tmp_path / "chain.pem")
+    assert params.certfile == str(tmp_path / "device.crt")
