@@ -1,0 +1,748 @@
+"""The durable auth event sink: spool to local disk with group commit, ship to PostgreSQL.
+
+`SpoolSink.record` chains the event (``chain_id``, ``seq``, ``prev_hash``, ``hash``), appends
+it to this worker's spool and returns once the spool is fsynced. A background task ships
+fsynced events to ``auth_events`` with COPY and deletes spool segments after the commit.
+Each committed batch sends one ``pg_notify(EVENTS_CHANNEL, {"chain_id", "min_seq",
+"max_seq", "count"})`` in its transaction (``audit --follow`` reads exactly that range).
+Shipping calls ``devicegate_ensure_partitions()`` on every (re)connection and hourly.
+
+Invariants:
+
+- Chain order is spool order: seq and prev_hash are assigned synchronously in `record`, in
+  the order the frames are written, so the spool is a prefix-closed copy of the chain.
+- `record` returns only after the fsync covering its frame; concurrent calls share one
+  fsync (group commit): while one fsync runs, new events gather for the next (optionally
+  spaced ``flush_interval`` apart).
+- Only fsynced events are shipped: an event in PostgreSQL is always also in the spool (or
+  already released), so a restarted worker resumes its chain from the spool tail and never
+  reuses a seq that PostgreSQL holds.
+- Shipping is idempotent: a batch that may already be stored (recovered from the spool
+  after a restart, or whose commit outcome is unknown) goes through a staging table and
+  ``INSERT ... ON CONFLICT DO NOTHING``; a batch never tried before is COPYed straight in.
+- A spool segment is deleted only after every event in it is committed.
+- When the spool reaches ``max_bytes`` (PostgreSQL away for long), `record` raises
+  `EventLogUnavailable`: the gateway refuses new sessions rather than admit unaudited ones.
+  It accepts events again as soon as shipping frees space.
+- An fsync failure is fatal for the sink (the page cache state is unknown afterwards): every
+  later `record` raises `EventLogUnavailable`.
+
+Chain identity across restarts: the chain id is given by the caller (one per worker, stable
+across restarts, e.g. ``<instance>/w<N>``). At start the head comes from the spool (each
+segment header records the head before it, and the active segment is never deleted); a
+spool directory without segments takes the head from PostgreSQL. If PostgreSQL is
+unreachable at that moment the sink starts a new chain, ``<chain_id>#<uuid7>``, rather than
+guess a head and fork the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import asyncpg
+
+from gateway.spool import Spool, SpoolError, frame
+from schemas.errors import DevicegateError
+from schemas.events import GENESIS_HASH, AuthEvent, Reason, canonical_bytes, uuid7
+from schemas.notify import EVENTS_CHANNEL
+
+__all__ = [
+    "COLUMNS",
+    "EventLogUnavailable",
+    "EventSink",
+    "SinkStats",
+    "SpoolSink",
+    "encode_event",
+]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "id", "time", "instance", "type", "outcome", "reason", "device_id", "fleet",
+    "cert_serial", "cert_fingerprint", "client_id", "peer_address", "tls_version",
+    "tls_cipher", "detail", "chain_id", "seq", "prev_hash", "hash",
+)  # fmt: skip
+"""auth_events columns in the order of the COPY rows built here."""
+_SEQ = COLUMNS.index("seq")
+_HASH = COLUMNS.index("hash")
+_COLUMN_LIST = ", ".join(COLUMNS)
+# Built from the constant column names above, nothing from outside.
+_REPLAY = (
+    f"INSERT INTO auth_events ({_COLUMN_LIST}) "  # noqa: S608
+    f"SELECT {_COLUMN_LIST} FROM devicegate_stage ON CONFLICT DO NOTHING"
+)
+
+Row = tuple[Any, ...]
+
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_RETRY_MIN = 0.05
+_PARTITION_CHECK_EVERY = 3600.0
+
+
+class _SharedFuture(asyncio.Future[None]):
+    """The flush future every `SpoolSink.record` of one group commit awaits.
+
+    It cannot be cancelled: a cancelled caller must not cancel its neighbours' wait. (The
+    caller's task still sees CancelledError, once the flush is done.) Cheaper than one
+    ``asyncio.shield`` per call.
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+class EventLogUnavailable(DevicegateError):
+    """The event cannot be made durable (spool full, disk failure, sink closed).
+
+    The gateway answers by refusing the connection: no session is admitted unaudited.
+    """
+
+    reason = Reason.EVENT_LOG_UNAVAILABLE
+
+
+class EventSink(Protocol):
+    """Where auth events go."""
+
+    async def record(self, event: AuthEvent) -> None:
+        """Store ``event``; return once it is durable on local disk."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """A snapshot of the sink for metrics.
+
+    Attributes:
+        chain_id: the chain this sink appends to.
+        head_seq: seq of the last event appended.
+        queue_depth: events recorded but not yet committed in PostgreSQL.
+        spool_bytes: bytes of segment files on disk.
+        spool_segments: number of segment files.
+        events_recorded: events accepted by `SpoolSink.record` since start.
+        events_shipped: events committed in PostgreSQL since start (replays included).
+        fsyncs: group-commit flushes since start.
+        batches: committed shipping batches since start.
+        ship_failures: failed shipping attempts since start.
+        last_batch_size: events in the last committed batch.
+        last_flush_latency: seconds of the last write + fdatasync.
+        last_ship_latency: seconds of the last committed batch.
+        database_connected: whether the shipping connection is up.
+        full: whether an event like the last one would exceed ``max_bytes``.
+    """
+
+    chain_id: str
+    head_seq: int
+    queue_depth: int
+    spool_bytes: int
+    spool_segments: int
+    events_recorded: int
+    events_shipped: int
+    fsyncs: int
+    batches: int
+    ship_failures: int
+    last_batch_size: int
+    last_flush_latency: float
+    last_ship_latency: float
+    database_connected: bool
+    full: bool
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+# The C encoder json.dumps itself uses (sort_keys, compact, ensure_ascii=False), built once:
+# json.dumps builds one per call, which costs more than the encoding of a small event.
+# allow_nan=False: PostgreSQL's jsonb refuses NaN, and an event it refuses would block the
+# chain's shipping forever; `record` raises ValueError for it instead.
+_json_chunks = c_make_encoder(None, None, encode_basestring, None, ":", ",", True, False, False)
+_TEXT_FIELDS = (
+    "instance", "device_id", "fleet", "cert_serial", "cert_fingerprint", "client_id",
+    "peer_address", "tls_version", "tls_cipher",
+)  # fmt: skip
+
+
+def _json(value: Any) -> str:
+    return "".join(_json_chunks(value, 0))
+
+
+_CACHE_MAX = 4096
+_encoded: dict[str | None, str] = {None: "null"}
+_stamps: dict[tuple[int, int, int, int, int, int], str] = {}
+
+
+def _text(value: str | None) -> str:
+    """JSON of a string field, memoised: instance, fleet, type, reason... repeat a lot."""
+    try:
+        return _encoded[value]
+    except KeyError:
+        assert value is not None
+        text: str = encode_basestring(value)
+        if len(_encoded) < _CACHE_MAX:
+            _encoded[value] = text
+        return text
+
+
+def _stamp(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` as `schemas.events` writes it, the seconds memoised."""
+    key = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    prefix = _stamps.get(key)
+    if prefix is None:
+        if len(_stamps) >= _CACHE_MAX:
+            _stamps.clear()
+        prefix = _stamps[key] = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{prefix}.{moment.microsecond:06d}Z"
+
+
+def _canonical(event: AuthEvent, chain_id: str, seq: int, detail: str) -> bytes:
+    """`schemas.events.canonical_bytes` of ``event`` chained at (chain_id, seq), fast.
+
+    The sink's hot path: byte-for-byte the same output (a test checks it against
+    `canonical_bytes`), keys written in sorted order by hand, without copying the model.
+    """
+    values = event.__dict__  # pydantic keeps field values here; read only
+    moment: datetime = values["time"]
+    if moment.tzinfo is None:
+        raise ValueError("event time must be timezone-aware")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    if moment.year < 1000:  # isoformat pads the year, strftime does not: use the reference
+        linked = event.model_copy(update={"chain_id": chain_id, "seq": seq})
+        return canonical_bytes(linked)
+    return (
+        f'{{"cert_fingerprint":{_text(values["cert_fingerprint"])},'
+        f'"cert_serial":{_text(values["cert_serial"])},"chain_id":{_text(chain_id)},'
+        f'"client_id":{_text(values["client_id"])},"detail":{detail},'
+        f'"device_id":{_text(values["device_id"])},"fleet":{_text(values["fleet"])},'
+        f'"id":"{values["id"]}","instance":{_text(values["instance"])},'
+        f'"outcome":{_text(values["outcome"])},"peer_address":{_text(values["peer_address"])},'
+        f'"reason":{_text(values["reason"])},"seq":{seq},"time":"{_stamp(moment)}",'
+        f'"tls_cipher":{_text(values["tls_cipher"])},'
+        f'"tls_version":{_text(values["tls_version"])},"type":{_text(values["type"])}}}'
+    ).encode()
+
+
+def encode_event(
+    event: AuthEvent, *, chain_id: str, seq: int, prev_digest: bytes
+) -> tuple[bytes, bytes, Row]:
+    """Chain ``event`` after ``prev_digest``.
+
+    Returns:
+        (spool payload, sha256 digest, COPY row). The payload is ``prev_digest || digest ||
+        canonical bytes``: the canonical JSON is what is hashed, so it is also what the
+        spool keeps, and a recovered payload rebuilds the row exactly.
+
+    Raises:
+        ValueError: a value PostgreSQL would refuse (NaN in detail, NUL in a string), or a
+            naive time.
+    """
+    detail = _json(event.detail) if event.detail else "{}"
+    values = event.__dict__
+    if "\\u0000" in detail or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS):
+        # PostgreSQL text cannot hold NUL: such an event could never be shipped.
+        raise ValueError("event fields must not contain NUL characters")
+    body = _canonical(event, chain_id, seq, detail)
+    hasher = hashlib.sha256(prev_digest)  # = schemas.events.chain_hash, without a re-encode
+    hasher.update(body)
+    digest = hasher.digest()
+    row = (
+        event.id, event.time, event.instance, str(event.type), str(event.outcome),
+        str(event.reason), event.device_id, event.fleet, event.cert_serial,
+        event.cert_fingerprint, event.client_id, event.peer_address, event.tls_version,
+        event.tls_cipher, detail, chain_id, seq, prev_digest.hex(), digest.hex(),
+    )  # fmt: skip
+    return prev_digest + digest + body, digest, row
+
+
+def decode_payload(payload: bytes) -> Row:
+    """The COPY row of a spooled payload (see `encode_event`)."""
+    values = json.loads(payload[64:])
+    return (
+        uuid.UUID(values["id"]), datetime.fromisoformat(values["time"]), values["instance"],
+        values["type"], values["outcome"], values["reason"], values["device_id"],
+        values["fleet"], values["cert_serial"], values["cert_fingerprint"],
+        values["client_id"], values["peer_address"], values["tls_version"],
+        values["tls_cipher"], _json(values["detail"]), values["chain_id"],
+        values["seq"], payload[:32].hex(), payload[32:64].hex(),
+    )  # fmt: skip
+
+
+# -- the sink ------------------------------------------------------------------------------
+
+
+class SpoolSink:
+    """Durable `EventSink` of one gateway worker.
+
+    Usage::
+
+        async with SpoolSink(database_url=url, spool_dir=Path("spool/w0"),
+                             chain_id="gw-1/w0") as sink:
+            await sink.record(event)      # durable on local disk when this returns
+            sink.stats                    # SinkStats snapshot for metrics
+
+    Args:
+        database_url: PostgreSQL URL events are shipped to.
+        spool_dir: this worker's own spool directory (locked while the sink is open).
+        chain_id: the chain this worker appends to; keep it stable across restarts.
+        max_bytes: spool size on disk (segments are preallocated) at which `record`
+            raises `EventLogUnavailable`; ``Settings.spool_max_bytes``.
+        flush_interval: minimum seconds between two fsyncs. 0 (the default) is back-to-back
+            group commit: an idle sink answers in one fsync, and under load every event
+            recorded while one fsync runs shares the next. A few ms trades latency for
+            fewer fsyncs on disks where they are expensive.
+        ship_interval: how long a partial batch waits for more events before it is
+            shipped (fewer, larger transactions, and fewer WAL fsyncs competing with the
+            spool's).
+        batch_size: most events per COPY batch.
+        segment_bytes: size of each preallocated segment file (default: max_bytes / 8,
+            between 4 KiB and 4 MiB).
+        retry_max: longest wait between two attempts to reach PostgreSQL.
+        drain_timeout: how long `close` keeps shipping before leaving events in the spool.
+        connect_timeout: timeout of one connection attempt.
+        command_timeout: timeout of one statement (a COPY batch included).
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        spool_dir: Path,
+        chain_id: str,
+        max_bytes: int = 256 * 1024 * 1024,
+        flush_interval: float = 0.0,
+        ship_interval: float = 0.025,
+        batch_size: int = 5000,
+        segment_bytes: int | None = None,
+        retry_max: float = 2.0,
+        drain_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+    ) -> None:
+        self._url = database_url
+        self._chain_id = chain_id
+        self._max_bytes = max_bytes
+        self._flush_interval = flush_interval
+        self._ship_interval = ship_interval
+        self._batch_size = batch_size
+        self._retry_max = retry_max
+        self._drain_timeout = drain_timeout
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        if segment_bytes is None:
+            segment_bytes = min(max(max_bytes // 8, 4096), 4 * 1024 * 1024)
+        self._spool = Spool(spool_dir, segment_bytes=segment_bytes)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicegate-spool")
+        # Preallocates the next segment while the current one fills (see Spool.prepare_spare).
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicegate-spare")
+
+        self._head_seq = 0
+        self._head_digest = bytes.fromhex(GENESIS_HASH)
+        # Frames appended since the last flush, their rows, and the future they wait on.
+        self._frames: list[bytes] = []
+        self._frame_rows: list[Row] = []
+        self._frame_bytes = 0
+        self._flush_future: _SharedFuture | None = None
+        self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
+        self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
+
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # the write + fsync running
+        self._ship_wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._conn: asyncpg.Connection | None = None
+        self._started = False
+        self._closing = False
+        self._flushing = False  # a write + fsync is running in the I/O thread
+        self._last_frame = 0  # size of the last frame: "full" means the next one won't fit
+        self._failed: BaseException | None = None
+        self._last_flush_start = 0.0
+        self._next_partition_check = 0.0
+
+        self._recorded = 0
+        self._shipped = 0
+        self._fsyncs = 0
+        self._batches = 0
+        self._ship_failures = 0
+        self._last_batch_size = 0
+        self._last_flush_latency = 0.0
+        self._last_ship_latency = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Recover the spool, find the chain head, and start flushing and shipping.
+
+        Raises:
+            EventLogUnavailable: the spool is locked by another process or unusable.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            recovered = await loop.run_in_executor(self._io, self._spool.open)
+        except (SpoolError, OSError) as exc:
+            self._shutdown_threads()
+            raise EventLogUnavailable(f"event spool unavailable: {exc}") from exc
+        if recovered.chain_id is not None:
+            if recovered.chain_id.partition("#")[0] != self._chain_id:
+                await loop.run_in_executor(self._io, self._spool.close)
+                self._shutdown_threads()
+                raise EventLogUnavailable(
+                    f"spool {self._spool.directory} belongs to chain {recovered.chain_id}, "
+                    f"not {self._chain_id}"
+                )
+            self._chain_id = recovered.chain_id
+            assert recovered.head_seq is not None and recovered.head_hash is not None
+            self._head_seq = recovered.head_seq
+            self._head_digest = bytes.fromhex(recovered.head_hash)
+            rows = [decode_payload(payload) for payload in recovered.payloads]
+            self._durable.extend(rows)
+            self._uncertain_seq = self._head_seq  # any of them may have been shipped
+            log.info(
+                "spool recovered: chain %s at seq %d, %d events to replay",
+                self._chain_id,
+                self._head_seq,
+                len(rows),
+            )
+        else:
+            await self._head_from_database()
+        await loop.run_in_executor(
+            self._io,
+            self._spool.start_segment,
+            self._chain_id,
+            self._head_seq,
+            self._head_digest.hex(),
+        )
+        self._spool.set_head(self._head_digest.hex())
+        self._started = True
+        self._tasks = [
+            asyncio.create_task(self._ship_loop(), name=f"spool-ship:{self._chain_id}"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        if self._durable:
+            self._ship_wake.set()
+        else:
+            self._drained.set()
+
+    def _shutdown_threads(self) -> None:
+        self._prep.shutdown(wait=False)
+        self._io.shutdown(wait=False)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # a bug: refuse events rather than pile them up unshipped
+            log.critical("event sink task %s died: %r", task.get_name(), exc)
+            self._failed = exc
+
+    async def _head_from_database(self) -> None:
+        try:
+            conn = await self._connect()
+        except _DB_ERRORS as exc:
+            self._chain_id = f"{self._chain_id}#{uuid7().hex}"
+            log.warning(
+                "empty spool and PostgreSQL unreachable (%s): starting new chain %s",
+                exc,
+                self._chain_id,
+            )
+            return
+        self._conn = conn
+        try:
+            row = await conn.fetchrow(
+                "SELECT seq, hash FROM auth_events WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
+                self._chain_id,
+            )
+        except _DB_ERRORS as exc:  # e.g. not migrated yet: the head is unknown, do not guess
+            self._chain_id = f"{self._chain_id}#{uuid7().hex}"
+            log.warning("chain head unreadable (%s): starting new chain %s", exc, self._chain_id)
+            return
+        if row is not None:
+            self._head_seq = row["seq"]
+            self._head_digest = bytes.fromhex(row["hash"])
+            self._uncertain_seq = self._head_seq
+
+    async def close(self) -> None:
+        """Flush, ship what can be shipped within ``drain_timeout``, and stop.
+
+        Events not shipped stay in the spool and are replayed by the next start.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._started:
+            for pending in (self._in_flight, self._flush_future):  # the last groups
+                if pending is not None:
+                    await asyncio.gather(asyncio.shield(pending), return_exceptions=True)
+            drained = True
+            try:
+                await asyncio.wait_for(self._drained.wait(), self._drain_timeout)
+            except TimeoutError:
+                drained = False
+                log.warning(
+                    "closing with %d events not shipped; they stay in the spool",
+                    len(self._durable),
+                )
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if drained and self._failed is None:
+                # Everything is committed: leave only an empty segment naming the head.
+                await asyncio.get_running_loop().run_in_executor(
+                    self._io, functools.partial(self._spool.release, self._head_seq, rotate=True)
+                )
+        await self._drop_connection()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, functools.partial(self._prep.shutdown, wait=True))
+        await loop.run_in_executor(self._io, self._spool.close)
+        self._io.shutdown(wait=True)
+
+    # -- recording ---------------------------------------------------------------------
+
+    async def record(self, event: AuthEvent) -> None:
+        """Chain ``event``, append it to the spool, and return once it is fsynced.
+
+        The event's own chain fields, if any, are ignored: this sink assigns them.
+
+        Raises:
+            EventLogUnavailable: the spool is full, failed, or the sink is not running.
+        """
+        if self._failed is not None:
+            raise EventLogUnavailable(f"event spool failed: {self._failed}")
+        if not self._started or self._closing:
+            raise EventLogUnavailable("event sink is not running")
+        seq = self._head_seq + 1
+        payload, digest, row = encode_event(
+            event, chain_id=self._chain_id, seq=seq, prev_digest=self._head_digest
+        )
+        framed = frame(payload)
+        self._last_frame = len(framed)
+        if self._spool.bytes + self._frame_bytes + len(framed) > self._max_bytes:
+            raise EventLogUnavailable(
+                f"event spool full ({self._spool.bytes} bytes, limit {self._max_bytes}); "
+                "PostgreSQL unreachable?"
+            )
+        self._head_seq = seq
+        self._head_digest = digest
+        self._frames.append(framed)
+        self._frame_rows.append(row)
+        self._frame_bytes += len(framed)
+        self._recorded += 1
+        future = self._flush_future
+        if future is None:
+            future = self._flush_future = _SharedFuture()
+            self._start_flush()
+        await future
+
+    def _start_flush(self) -> None:
+        """Hand the gathered frames to the I/O thread, unless a flush is already running.
+
+        Called by the first `record` of a group and when a flush completes, so the next
+        group is written as soon as the disk is free, without a task switch in between:
+        an idle sink answers in one fsync, and under load the events of one group are
+        encoded while the previous group is being fsynced.
+        """
+        future = self._flush_future
+        if self._flushing or future is None or self._failed is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush_start + self._flush_interval - time.monotonic()
+        if wait > 0:
+            if self._flush_timer is None:
+                self._flush_timer = loop.call_later(wait, self._flush_timer_fired)
+            return
+        frames, rows = self._frames, self._frame_rows
+        self._frames, self._frame_rows, self._frame_bytes = [], [], 0
+        self._flush_future = None
+        self._drained.clear()
+        self._flushing = True
+        started = self._last_flush_start = time.monotonic()
+        written = loop.run_in_executor(
+            self._io, self._spool.append, b"".join(frames), rows[-1][_SEQ], rows[-1][_HASH]
+        )
+        self._in_flight = written
+        written.add_done_callback(functools.partial(self._flushed, rows, future, started))
+
+    def _flush_timer_fired(self) -> None:
+        self._flush_timer = None
+        self._start_flush()
+
+    def _flushed(
+        self, rows: list[Row], future: _SharedFuture, started: float, written: asyncio.Future[None]
+    ) -> None:
+        self._flushing = False
+        exc = written.exception()
+        if exc is not None:
+            log.critical("event spool write failed, refusing further events: %s", exc)
+            self._failed = exc
+            # Fail this group and the one gathering behind it: nobody flushes them now.
+            for waiting in (future, self._flush_future):
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(EventLogUnavailable(f"event spool write failed: {exc}"))
+                    waiting.exception()  # retrieved: nobody may be waiting on it
+            return
+        self._fsyncs += 1
+        self._last_flush_latency = time.monotonic() - started
+        if self._spool.wants_spare():
+            self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
+        self._durable.extend(rows)
+        self._ship_wake.set()
+        future.set_result(None)
+        self._start_flush()
+
+    # -- shipping ----------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._url, timeout=self._connect_timeout, command_timeout=self._command_timeout
+        )
+        try:
+            await conn.execute(
+                f"CREATE TEMP TABLE devicegate_stage ({_stage_columns()}) ON COMMIT DELETE ROWS"
+            )
+            await self._ensure_partitions(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _ensure_partitions(self, conn: asyncpg.Connection) -> None:
+        try:
+            await conn.execute("SELECT devicegate_ensure_partitions()")
+        except asyncpg.PostgresError as exc:
+            # Two writers creating the same partition race; the loser retries next time.
+            log.warning("devicegate_ensure_partitions failed: %s", exc)
+        self._next_partition_check = time.monotonic() + _PARTITION_CHECK_EVERY
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def _ship_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = _RETRY_MIN
+        while True:
+            if not self._durable:
+                if not self._frames and not self._flushing:
+                    self._drained.set()
+                self._ship_wake.clear()
+                await self._ship_wake.wait()
+                continue
+            if len(self._durable) < self._batch_size and not self._closing:
+                await asyncio.sleep(self._ship_interval)
+            batch = list(islice(self._durable, self._batch_size))
+            try:
+                if self._conn is None:
+                    self._conn = await self._connect()
+                elif time.monotonic() >= self._next_partition_check:
+                    await self._ensure_partitions(self._conn)
+                await self._ship(self._conn, batch)
+            except _DB_ERRORS as exc:
+                self._ship_failures += 1
+                log.warning(
+                    "shipping %d events failed (retry in %.2fs): %s", len(batch), delay, exc
+                )
+                await self._drop_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            delay = _RETRY_MIN
+            await loop.run_in_executor(self._io, self._spool.release, batch[-1][_SEQ])
+            for _ in batch:
+                self._durable.popleft()
+
+    async def _ship(self, conn: asyncpg.Connection, batch: Sequence[Row]) -> None:
+        started = time.monotonic()
+        first, last = batch[0][_SEQ], batch[-1][_SEQ]
+        replay = first <= self._uncertain_seq
+        notice = json.dumps(
+            {"chain_id": self._chain_id, "min_seq": first, "max_seq": last, "count": len(batch)}
+        )
+        try:
+            async with conn.transaction():
+                if replay:
+                    await conn.copy_records_to_table(
+                        "devicegate_stage", records=batch, columns=COLUMNS
+                    )
+                    await conn.execute(_REPLAY)
+                else:
+                    await conn.copy_records_to_table("auth_events", records=batch, columns=COLUMNS)
+                await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, notice)
+        except BaseException:
+            # The commit may have happened (lost reply) or a unique violation says an attempt
+            # we lost track of stored it: retry through the staging table.
+            self._uncertain_seq = max(self._uncertain_seq, last)
+            raise
+        self._shipped += len(batch)
+        self._batches += 1
+        self._last_batch_size = len(batch)
+        self._last_ship_latency = time.monotonic() - started
+
+    # -- metrics -----------------------------------------------------------------------
+
+    @property
+    def chain_id(self) -> str:
+        """The chain this sink appends to (``<chain_id>#<uuid7>`` after a blind start)."""
+        return self._chain_id
+
+    @property
+    def stats(self) -> SinkStats:
+        """A snapshot for metrics."""
+        return SinkStats(
+            chain_id=self._chain_id,
+            head_seq=self._head_seq,
+            queue_depth=len(self._durable) + len(self._frame_rows),
+            spool_bytes=self._spool.bytes,
+            spool_segments=len(self._spool.segments),
+            events_recorded=self._recorded,
+            events_shipped=self._shipped,
+            fsyncs=self._fsyncs,
+            batches=self._batches,
+            ship_failures=self._ship_failures,
+            last_batch_size=self._last_batch_size,
+            last_flush_latency=self._last_flush_latency,
+            last_ship_latency=self._last_ship_latency,
+            database_connected=self._conn is not None,
+            full=self._spool.bytes + self._frame_bytes + self._last_frame > self._max_bytes,
+        )
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:  # rotation falls back to creating the segment itself
+        log.warning("preparing a spare spool segment failed: %s", exc)
+
+
+def _stage_columns() -> str:
+    types = {"id": "uuid", "time": "timestamptz", "detail": "jsonb", "seq": "bigint"}
+    return ", ".join(f"{name} {types.get(name, 'text')}" for name in COLUMNS)

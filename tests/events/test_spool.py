@@ -1,0 +1,162 @@
+"""The spool's record encoding and segment files, without a database."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.events import decode_payload, encode_event
+from gateway.spool import Spool, SpoolError, frame, read_segment
+from schemas.events import GENESIS_HASH, AuthEvent, canonical_bytes, chain_hash
+from tests.events.conftest import make_event
+
+_chars = st.characters(blacklist_characters="\x00")
+_text = st.one_of(st.none(), st.text(_chars, max_size=20))
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(_chars, max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(_chars, max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    device=_text,
+    peer=_text,
+    detail=st.dictionaries(st.text(_chars, max_size=6), _json, max_size=4),
+    seq=st.integers(1, 2**40),
+    moment=st.datetimes(
+        min_value=datetime(1000, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.just(UTC)
+    ),
+    offset=st.integers(-12, 12),
+)
+def test_fast_encoding_is_the_canonical_one(
+    device: str | None,
+    peer: str | None,
+    detail: dict[str, object],
+    seq: int,
+    moment: datetime,
+    offset: int,
+) -> None:
+    event = make_event(
+        device_id=device,
+        peer_address=peer,
+        detail=detail,
+        time=moment.astimezone(timezone(timedelta(hours=offset))),
+    )
+    prev = os.urandom(32)
+    payload, digest, row = encode_event(event, chain_id="gw/w0", seq=seq, prev_digest=prev)
+    chained = event.chained(chain_id="gw/w0", seq=seq, prev_hash=prev.hex())
+    assert payload[64:] == canonical_bytes(chained)
+    assert digest.hex() == chained.hash == chain_hash(prev.hex(), chained)
+    assert decode_payload(payload) == row
+
+
+def test_old_years_fall_back_to_the_reference_encoding() -> None:
+    event = make_event(time=datetime(999, 5, 1, tzinfo=UTC))
+    payload, _, _ = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
+    assert payload[64:] == canonical_bytes(
+        event.chained(chain_id="c", seq=1, prev_hash=GENESIS_HASH)
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"client_id": "a\x00b"}, {"detail": {"k": "\x00"}}, {"detail": {"x": float("nan")}}],
+)
+def test_values_postgresql_refuses_are_refused_up_front(overrides: dict[str, Any]) -> None:
+    # Such an event would be spooled, then block its chain's shipping forever.
+    with pytest.raises(ValueError):
+        encode_event(make_event(**overrides), chain_id="c", seq=1, prev_digest=bytes(32))
+
+
+def _payload(seq: int) -> bytes:
+    event: AuthEvent = make_event(seq)
+    payload, _, _ = encode_event(event, chain_id="c", seq=seq, prev_digest=bytes(32))
+    return payload
+
+
+def _three_records(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    spool = Spool(tmp_path, segment_bytes=1 << 16)
+    spool.open()
+    spool.start_segment("c", 0, GENESIS_HASH)
+    records = [_payload(seq) for seq in (1, 2, 3)]
+    spool.append(b"".join(frame(p) for p in records), 3, records[-1][32:64].hex())
+    spool.close()
+    return next(tmp_path.glob("*.seg")), records
+
+
+def test_segments_are_preallocated(tmp_path: Path) -> None:
+    segment, records = _three_records(tmp_path)
+    assert segment.stat().st_size == 1 << 16
+    _, payloads, _ = read_segment(segment.read_bytes())
+    assert payloads == records
+
+
+def test_a_torn_tail_is_zeroed_and_the_head_recovered(tmp_path: Path) -> None:
+    segment, records = _three_records(tmp_path)
+    _, _, end = read_segment(segment.read_bytes())
+    with segment.open("r+b") as handle:  # kill -9 in the middle of the next append
+        handle.seek(end)
+        handle.write(frame(_payload(4))[:37])
+
+    again = Spool(tmp_path, segment_bytes=1 << 16)
+    recovered = again.open()
+    assert recovered.chain_id == "c"
+    assert recovered.payloads == records
+    assert (recovered.head_seq, recovered.head_hash) == (3, records[-1][32:64].hex())
+    data = segment.read_bytes()
+    assert read_segment(data)[2] == end and not data[end:].strip(b"\0")
+    again.close()
+
+
+def test_a_corrupt_record_ends_the_segment(tmp_path: Path) -> None:
+    segment, records = _three_records(tmp_path)
+    data = bytearray(segment.read_bytes())
+    _, _, end = read_segment(bytes(data))
+    data[end - 5] ^= 0xFF  # a flipped bit in the last record: its CRC no longer matches
+    _, payloads, valid = read_segment(bytes(data))
+    assert payloads == records[:2]
+    assert valid == end - len(frame(records[2]))
+
+
+def test_an_empty_segment_still_names_the_head(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=1 << 20)
+    spool.open()
+    spool.start_segment("c", 41, "ab" * 32)
+    spool.close()
+    again = Spool(tmp_path, segment_bytes=1 << 20)
+    recovered = again.open()
+    assert (recovered.head_seq, recovered.head_hash, recovered.payloads) == (41, "ab" * 32, [])
+    again.close()
+
+
+def test_release_keeps_the_active_segment(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=600)
+    spool.open()
+    spool.start_segment("c", 0, GENESIS_HASH)
+    for seq in range(1, 8):
+        payload = _payload(seq)
+        spool.append(frame(payload), seq, payload[32:64].hex())
+    assert len(spool.segments) > 2
+    spool.release(7)
+    assert [s.base_seq for s in spool.segments] == [7]
+    assert sorted(p.name for p in tmp_path.glob("*.seg")) == [spool.segments[0].path.name]
+    spool.close()
+
+
+def test_the_spool_is_locked_to_one_process(tmp_path: Path) -> None:
+    first = Spool(tmp_path, segment_bytes=1 << 20)
+    first.open()
+    with pytest.raises(SpoolError, match="in use"):
+        Spool(tmp_path, segment_bytes=1 << 20).open()
+    first.close()
