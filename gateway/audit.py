@@ -1,0 +1,63 @@
+"""What the bridge records, and the one interface it records through.
+
+Invariants:
+
+* `EventSink.record` returns once the event is durable; the bridge awaits it before
+  admitting a session, and records every other decision without blocking the packet path.
+* `EventContext` holds what every event of one connection shares (instance, peer, TLS,
+  certificate), so the sans-IO session builds complete `AuthEvent` values itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway.events import EventSink
+from gateway.identity import DeviceIdentity
+from schemas.events import AuthEvent, EventType, Outcome, Reason
+
+__all__ = ["EventContext", "EventSink"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """The fields shared by every event of one device connection."""
+
+    instance: str
+    peer_address: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    identity: DeviceIdentity | None = None
+
+    def with_identity(self, identity: DeviceIdentity) -> EventContext:
+        return replace(self, identity=identity)
+
+    def event(
+        self,
+        type_: EventType,
+        reason: Reason,
+        *,
+        outcome: Outcome | None = None,
+        client_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> AuthEvent:
+        """An event of this connection; outcome defaults from the reason (``ok``: allowed)."""
+        identity = self.identity
+        if outcome is None:
+            outcome = Outcome.ALLOWED if reason is Reason.OK else Outcome.DENIED
+        return AuthEvent(
+            instance=self.instance,
+            type=type_,
+            outcome=outcome,
+            reason=reason,
+            device_id=identity.device_id if identity else None,
+            fleet=identity.fleet if identity else None,
+            cert_serial=identity.serial if identity else None,
+            cert_fingerprint=identity.fingerprint if identity else None,
+            client_id=client_id,
+            peer_address=self.peer_address,
+            tls_version=self.tls_version,
+            tls_cipher=self.tls_cipher,
+            detail=detail or {},
+        )

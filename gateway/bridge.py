@@ -1,0 +1,440 @@
+"""The socket side of one device connection: TLS pump, session actions, upstream.
+
+Invariants:
+
+* This module and `gateway.upstream` hold the only socket code; decisions are made by
+  the sans-IO `gateway.connection.Session` and `gateway.tls.TlsPump`.
+* Ciphertext to the device is written once per event: every action of one input is
+  queued into the pump, then the outgoing BIO is read and written once.
+* A failed handshake is answered with OpenSSL's alert (flushed before closing) and
+  recorded as a ``tls_handshake`` denial with the peer address.
+* Either side closing closes the other. When the device drops without DISCONNECT the
+  upstream is closed without one, so the broker publishes the will.
+* Backpressure both ways: a side whose write buffer is high pauses reading on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from gateway.actions import (
+    Action,
+    Admit,
+    CheckDevice,
+    Close,
+    DialUpstream,
+    Record,
+    ToDevice,
+    ToUpstream,
+)
+from gateway.audit import EventContext, EventSink
+from gateway.connection import Session, State
+from gateway.identity import IdentityError, identity_from_der
+from gateway.mqtt.codec import encode
+from gateway.mqtt.packets import MQTT_5, Disconnect
+from gateway.revocation import DeviceDirectory
+from gateway.tls import TlsFailure, TlsPump
+from gateway.upstream import UpstreamTarget, dial
+from schemas.events import AuthEvent, EventType, Reason
+from schemas.policy import FleetPolicy
+
+__all__ = ["BridgeConfig", "DeviceConnection", "Hub"]
+
+log = logging.getLogger("devicegate.gateway")
+
+LINGER_SECONDS = 2.0
+"""How long a closed connection keeps draining input while the peer reads our last bytes."""
+
+_DISCONNECT_CODES = {
+    Reason.SESSION_TAKEN_OVER: 0x8E,
+    Reason.SERVER_SHUTTING_DOWN: 0x8B,
+    Reason.CERTIFICATE_REVOKED: 0x98,
+    Reason.DEVICE_REVOKED: 0x98,
+    Reason.DEVICE_DISABLED: 0x98,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """What every connection of one gateway shares."""
+
+    instance: str
+    trust_domain: str
+    ssl_context: ssl.SSLContext
+    upstream: UpstreamTarget
+    handshake_timeout: float
+    connect_timeout: float
+    max_packet_size: int
+    dial_timeout: float = 5.0
+
+
+class Hub(Protocol):
+    """The server as a connection sees it."""
+
+    config: BridgeConfig
+    sink: EventSink
+    directory: DeviceDirectory
+
+    def fleet_policy(self, fleet: str) -> FleetPolicy: ...
+
+    def record(self, event: AuthEvent) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+
+    def opened(self, connection: DeviceConnection) -> bool: ...
+
+    def claim(self, connection: DeviceConnection) -> None: ...
+
+    def closed(self, connection: DeviceConnection) -> None: ...
+
+
+def _address(peer: Any) -> str | None:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return None
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device's TCP connection, from accept to close."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.config = hub.config
+        self.pump = TlsPump(self.config.ssl_context)
+        self.context = EventContext(instance=self.config.instance)
+        self.session: Session | None = None
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._device_paused = False
+        self._to_upstream: list[bytes | memoryview] = []
+
+    # --- asyncio.Protocol, device side -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.context = EventContext(
+            instance=self.config.instance,
+            peer_address=_address(transport.get_extra_info("peername")),
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.hub.opened(self):
+            self.closed = True
+            transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self._device_data(data)
+        except Exception:  # a bug must not leave a half-judged session open
+            self._internal_error()
+
+    def _device_data(self, data: bytes) -> None:
+        try:
+            chunks = self.pump.feed(data)
+        except TlsFailure as failure:
+            self._tls_failed(failure)
+            return
+        session = self.session
+        if session is None:
+            if not self.pump.handshake_complete:
+                self._flush()
+                return
+            session = self._start_session()
+            if session is None:
+                return
+        for chunk in chunks:
+            self._run(session.receive_device(chunk))
+            if self.closed:
+                return
+        if self._timer is not None and session.state is not State.AWAIT_CONNECT:
+            self._timer.cancel()
+            self._timer = None
+        if self.pump.eof:
+            self._lost(Reason.CONNECTION_LOST)
+            return
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self.closed:
+            self._lost(Reason.CONNECTION_LOST)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- upstream.UpstreamPeer ---------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.closed or self.session is None:
+            return
+        try:
+            self._run(self.session.receive_upstream(data))
+            self._flush()
+        except Exception:
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        log.exception("internal error; closing the connection (fail closed)")
+        session = self.session
+        if session is not None:
+            event = session.close(Reason.PROTOCOL_ERROR)
+            if event is not None:
+                self.hub.record(event)
+        self._close(Reason.PROTOCOL_ERROR, graceful=False, linger=False)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.upstream = None
+        if self.closed or self.session is None:
+            return
+        if self.session.state is State.AUTHORIZING:
+            self._run(self.session.upstream_failed("the broker closed the connection"))
+            self._flush()
+            return
+        self._lost(Reason.UPSTREAM_CLOSED)
+
+    def pause_device(self) -> None:
+        if self.transport is not None and not self._device_paused:
+            self._device_paused = True
+            self.transport.pause_reading()
+
+    def resume_device(self) -> None:
+        if self.transport is not None and self._device_paused:
+            self._device_paused = False
+            self.transport.resume_reading()
+
+    # --- handshake -------------------------------------------------------------------
+
+    def _tls_context(self) -> EventContext:
+        return EventContext(
+            instance=self.context.instance,
+            peer_address=self.context.peer_address,
+            tls_version=self.pump.version(),
+            tls_cipher=self.pump.cipher(),
+            identity=self.context.identity,
+        )
+
+    def _start_session(self) -> Session | None:
+        self.context = self._tls_context()
+        der = self.pump.peer_certificate()
+        try:
+            if der is None:
+                raise IdentityError("no peer certificate after the handshake")
+            identity = identity_from_der(der, trust_domain=self.config.trust_domain)
+        except IdentityError as exc:
+            self._tls_failed(TlsFailure(exc.reason, str(exc)))
+            return None
+        self.context = self.context.with_identity(identity)
+        self.session = Session(
+            identity=identity,
+            policy=self.hub.fleet_policy(identity.fleet),
+            context=self.context,
+            max_packet_size=self.config.max_packet_size,
+        )
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.config.connect_timeout, self._connect_timeout)
+        return self.session
+
+    def _tls_failed(self, failure: TlsFailure, *, linger: bool = True) -> None:
+        session = self.session
+        if session is not None and session.state is State.ACTIVE:
+            self.hub.record(session.end_event(failure.reason, failure.detail))
+        else:  # refused before admission: the handshake (or the certificate) failed
+            detail: dict[str, object] = {"error": failure.detail}
+            if failure.verify_code is not None:
+                detail["verify_code"] = failure.verify_code
+            event = self._tls_context().event(
+                EventType.TLS_HANDSHAKE, failure.reason, detail=detail
+            )
+            self.hub.record(event)
+        self._close(failure.reason, graceful=False, linger=linger)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self.closed and self.session is None:
+            self._tls_failed(
+                TlsFailure(Reason.HANDSHAKE_TIMEOUT, "no TLS handshake in time"), linger=False
+            )
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        if not self.closed and self.session is not None:
+            self._run(self.session.connect_timed_out())
+            self._flush()
+
+    # --- actions ---------------------------------------------------------------------
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is ToUpstream:
+                assert isinstance(action, ToUpstream)
+                self._to_upstream.append(action.data)
+            elif kind is ToDevice:
+                assert isinstance(action, ToDevice)
+                self.pump.encrypt(action.data)
+            elif kind is Record:
+                assert isinstance(action, Record)
+                self.hub.record(action.event)
+            elif kind is Close:
+                assert isinstance(action, Close)
+                self._close(action.reason, graceful=True)
+                return
+            elif kind is CheckDevice:
+                self.hub.spawn(self._check_device(), "check-device")
+            elif kind is DialUpstream:
+                assert isinstance(action, DialUpstream)
+                self.hub.spawn(self._dial(action.connect), "dial-upstream")
+            elif kind is Admit:
+                assert isinstance(action, Admit)
+                self.hub.spawn(self._admit(action), "admit")
+
+    def _flush(self) -> None:
+        """One write per side for everything queued while handling one input."""
+        out = self.pump.take_outgoing()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        pending = self._to_upstream
+        if pending:
+            self._to_upstream = []
+            if self.upstream is not None:
+                if len(pending) == 1:
+                    self.upstream.write(pending[0])
+                else:
+                    self.upstream.writelines(pending)  # uvloop: one writev, no join
+
+    async def _check_device(self) -> None:
+        session = self.session
+        assert session is not None
+        identity = session.identity
+        try:
+            reason = await self.hub.directory.check(
+                device_id=identity.device_id, fleet=identity.fleet, serial=identity.serial
+            )
+        except Exception:  # fail closed: no state, no admission
+            log.exception("device directory lookup failed")
+            reason = Reason.REVOCATION_STATE_STALE
+        if not self.closed:
+            self._run(session.device_checked(reason))
+            self._flush()
+
+    async def _dial(self, connect: bytes) -> None:
+        session = self.session
+        assert session is not None
+        # Take over before the broker sees the new CONNECT, so the old session is ended by
+        # us (DISCONNECT 0x8E, recorded), not cut by the broker's own takeover.
+        self.hub.claim(self)
+        try:
+            transport, _ = await dial(self.config.upstream, self, within=self.config.dial_timeout)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            if not self.closed:
+                self._run(session.upstream_failed(f"{type(exc).__name__}: {exc}"))
+                self._flush()
+            return
+        if self.closed:
+            transport.close()
+            return
+        self.upstream = transport
+        transport.write(connect)
+
+    async def _admit(self, admit: Admit) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            await self.hub.sink.record(admit.event)
+        except Exception:
+            log.exception("cannot record the connect event; refusing the session")
+            if not self.closed:
+                self._run(session.admission_failed())
+                self._flush()
+            return
+        if self.closed:
+            return
+        self.pump.encrypt(admit.connack)
+        self._run(session.admitted())
+        self._flush()
+
+    # --- ends ------------------------------------------------------------------------
+
+    def _lost(self, reason: Reason, type_: EventType = EventType.SESSION_END) -> None:
+        if self.session is not None:
+            event = self.session.close(reason, type_)
+            if event is not None:
+                self.hub.record(event)
+        gone = reason is Reason.CONNECTION_LOST
+        self._close(reason, graceful=not gone, linger=not gone)
+
+    def kick(self, reason: Reason, *, revoked: bool = False) -> None:
+        """End a session from outside (takeover, shutdown, revocation).
+
+        On MQTT 5 a live session first gets a DISCONNECT with the matching reason code
+        (0x8E taken over, 0x8B shutting down, 0x98 administrative action); on 3.1.1 the
+        connection is just closed. ``revoked`` records ``session_revoked`` instead of
+        ``session_end``.
+        """
+        if self.closed:
+            return
+        session = self.session
+        if session is not None and session.state is State.ACTIVE and session.version == MQTT_5:
+            code = _DISCONNECT_CODES.get(reason, 0x80)
+            self.pump.encrypt(encode(Disconnect(reason_code=code), version=MQTT_5))
+        self._lost(reason, EventType.SESSION_REVOKED if revoked else EventType.SESSION_END)
+
+    def _close(self, reason: Reason, *, graceful: bool, linger: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.session is not None and self.session.state is not State.CLOSED:
+            self.session.state = State.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if graceful and self.pump.handshake_complete:
+            self.pump.close_notify()
+        self._flush()
+        transport = self.transport
+        if transport is not None:
+            if linger and transport.can_write_eof():
+                # Lingering close: send FIN after the last bytes (the CONNACK refusal, the
+                # TLS alert) and keep reading until the peer closes too. Closing with
+                # unread input would send a RST, which can destroy those last bytes
+                # before the peer reads them.
+                transport.write_eof()
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(LINGER_SECONDS, transport.abort)
+            else:
+                transport.close()
+        if self.upstream is not None:
+            # No DISCONNECT is invented here: unless the device sent one, the will fires.
+            self.upstream.close()
+            self.upstream = None
+        self.hub.closed(self)
+        log.debug("connection closed: %s", reason)

@@ -1,0 +1,610 @@
+"""The per-connection MQTT session as a sans-IO state machine: bytes in, actions out.
+
+States: ``AWAIT_CONNECT`` -> ``AUTHORIZING`` (directory check, upstream dial, the broker's
+CONNACK, the durable connect event) -> ``ACTIVE`` -> ``CLOSED``.
+
+Invariants:
+
+* No I/O, no clock, no await: the bridge feeds bytes and outcomes in and executes the
+  returned `gateway.actions` in order.
+* CONNECT is the first packet. Nothing is sent upstream before the device, its
+  certificate, its client id and its will topic are authorised, and the device gets its
+  CONNACK only through `Admit`, i.e. after its connect event is durable.
+* Device-to-broker: every packet is decoded, or recognised by `gateway.fastpath` as one
+  the decoder would accept (so malformed input always closes the session with
+  ``protocol_error``), and judged; runs of allowed packets are forwarded as slices of the
+  received bytes, never re-encoded. Payload bytes are copied at most once, when a frame
+  straddles two TLS records. Only the CONNECT and a partially denied SUBSCRIBE are
+  re-encoded.
+* Decisions are cached per session (topic/filter -> bool); the policy is pure, so a
+  cache entry is valid for the session's life. A PUBLISH to a topic already allowed is
+  recognised from its bytes by `gateway.fastpath` and not decoded at all.
+* v5 topic aliases from the device are resolved before judging: a PUBLISH is authorised
+  against the topic the broker will use. Alias 0 or above the broker's maximum closes with
+  0x94, an unknown alias with 0x82.
+* Broker-to-device bytes go through `gateway.downstream.Downstream` untouched, except
+  the CONNACK (v5 Assigned Client Identifier) and merged SUBACKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from enum import Enum
+from typing import Final
+
+from gateway.actions import (
+    Action,
+    Admit,
+    CheckDevice,
+    Close,
+    DialUpstream,
+    Record,
+    ToDevice,
+    ToUpstream,
+)
+from gateway.audit import EventContext
+from gateway.downstream import Downstream, SubackMerge
+from gateway.fastpath import MORE, allowed_publish_end
+from gateway.identity import DeviceIdentity
+from gateway.mqtt.codec import NEED_DATA, decode, encode, split_frame
+from gateway.mqtt.errors import MalformedPacket, UnsupportedProtocolVersion
+from gateway.mqtt.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    Connack,
+    Connect,
+    Disconnect,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Suback,
+    Subscribe,
+)
+from gateway.mqtt.properties import Properties, PropertyId
+from gateway.policy import Action as PolicyAction
+from gateway.policy import authorize, client_id_allowed
+from schemas.events import AuthEvent, EventType, Outcome, Reason
+from schemas.policy import FleetPolicy
+
+__all__ = ["Session", "State", "connack_code"]
+
+_CACHE_LIMIT: Final = 1024
+_TOPIC_ALIAS_INVALID: Final = 0x94
+_PROTOCOL_ERROR: Final = 0x82
+_BAD_AUTH_METHOD: Final = 0x8C
+# Packet types a client may send after CONNECT (AUTH only on v5).
+_FROM_CLIENT: Final = frozenset({3, 4, 5, 6, 7, 8, 10, 12, 14, 15})
+_PUBLISH, _PUBREL, _SUBSCRIBE, _DISCONNECT, _CONNECT = 3, 6, 8, 14, 1
+
+# CONNACK codes per refusal reason: (MQTT 3.1.1 return code, MQTT 5 reason code).
+_CONNACK: Final = {
+    Reason.CLIENT_ID_MISMATCH: (0x02, 0x85),
+    Reason.UNSUPPORTED_PROTOCOL_VERSION: (0x01, 0x84),
+    Reason.UPSTREAM_UNAVAILABLE: (0x03, 0x88),
+    Reason.REVOCATION_STATE_STALE: (0x03, 0x88),
+    Reason.EVENT_LOG_UNAVAILABLE: (0x03, 0x88),
+    Reason.SERVER_SHUTTING_DOWN: (0x03, 0x88),
+    Reason.TOO_MANY_CONNECTIONS: (0x03, 0x97),
+}
+_NOT_AUTHORIZED: Final = (0x05, 0x87)
+# Session ends that are not the device's fault.
+_NORMAL_ENDS: Final = frozenset(
+    {
+        Reason.CLIENT_DISCONNECTED,
+        Reason.CONNECTION_LOST,
+        Reason.UPSTREAM_CLOSED,
+        Reason.SERVER_SHUTTING_DOWN,
+        Reason.SESSION_TAKEN_OVER,
+    }
+)
+
+
+def connack_code(reason: Reason, version: int) -> int:
+    """The CONNACK code refusing a connection for ``reason`` on ``version``."""
+    v3, v5 = _CONNACK.get(reason, _NOT_AUTHORIZED)
+    return v5 if version == MQTT_5 else v3
+
+
+class State(Enum):
+    AWAIT_CONNECT = "await_connect"
+    AUTHORIZING = "authorizing"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class Session:
+    """One device connection, from its first plaintext byte to its close."""
+
+    def __init__(
+        self,
+        *,
+        identity: DeviceIdentity,
+        policy: FleetPolicy,
+        context: EventContext,
+        max_packet_size: int,
+    ) -> None:
+        self.identity = identity
+        self.policy = policy
+        self.context = context
+        self.max_packet_size = max_packet_size
+        self.state = State.AWAIT_CONNECT
+        self.version = MQTT_3_1_1
+        self.client_id: str | None = None
+        self.connect: Connect | None = None
+        self.downstream = Downstream(MQTT_3_1_1)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.packets_in = 0
+        self.denied = 0
+        self._buf = b""  # before admission: bytes not yet judged
+        self._pending: list[bytes | memoryview] = []  # once active: a partial frame's pieces
+        self._pending_len = 0
+        self._need = 0  # total size of the partial frame, 0 while its header is incomplete
+        self._assign_client_id = False
+        self._upstream_buf = b""
+        self._held_downstream: list[bytes | memoryview] = []
+        self._publish_cache: dict[str, bool] = {}
+        self._raw_allowed: dict[bytes, bool] = {}  # topic bytes -> allowed, for the fast path
+        self.fast_path = True
+        self._subscribe_cache: dict[str, bool] = {}
+        self._aliases: dict[int, str] = {}
+        self._alias_max = 0
+        self._local_qos2: set[int] = set()
+
+    # --- events ----------------------------------------------------------------------
+
+    def _event(
+        self,
+        type_: EventType,
+        reason: Reason,
+        detail: Mapping[str, object] | None = None,
+        outcome: Outcome | None = None,
+    ) -> AuthEvent:
+        return self.context.event(
+            type_, reason, outcome=outcome, client_id=self.client_id, detail=dict(detail or {})
+        )
+
+    def end_event(
+        self,
+        reason: Reason,
+        error: str | None = None,
+        type_: EventType = EventType.SESSION_END,
+    ) -> AuthEvent:
+        """The ``session_end`` (or ``session_revoked``) event of an admitted session."""
+        outcome = Outcome.ALLOWED if reason in _NORMAL_ENDS else Outcome.DENIED
+        detail: dict[str, object] = {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "packets_in": self.packets_in,
+            "packets_out": self.downstream.packets,
+            "denied": self.denied,
+        }
+        if error is not None:
+            detail["error"] = error
+        return self._event(type_, reason, detail, outcome)
+
+    # --- the device's bytes ----------------------------------------------------------
+
+    def receive_device(self, data: bytes) -> list[Action]:
+        """Plaintext from the device."""
+        self.bytes_in += len(data)
+        if self.state is State.ACTIVE:
+            return self._active(data)
+        if self.state is State.AWAIT_CONNECT:
+            return self._await_connect(data)
+        if self.state is State.AUTHORIZING:
+            self._buf += data  # a client may pipeline packets before CONNACK
+            if len(self._buf) > self.max_packet_size:
+                return self._close_before_admission(
+                    Reason.PROTOCOL_ERROR, "too much before CONNACK"
+                )
+        return []
+
+    def _close_before_admission(self, reason: Reason, detail: str) -> list[Action]:
+        self.state = State.CLOSED
+        return [Record(self._event(EventType.CONNECT, reason, {"error": detail})), Close(reason)]
+
+    def _await_connect(self, data: bytes) -> list[Action]:
+        buf = self._buf + data if self._buf else data
+        try:
+            frame = split_frame(buf, self.max_packet_size)
+            if frame is NEED_DATA:
+                self._buf = buf
+                return []
+            if frame[0] != _CONNECT:
+                raise MalformedPacket("the first packet is not CONNECT")
+            result = decode(buf, version=MQTT_3_1_1, max_packet_size=self.max_packet_size)
+        except UnsupportedProtocolVersion as exc:
+            self.state = State.CLOSED
+            version = MQTT_5 if exc.protocol_level > MQTT_5 else MQTT_3_1_1
+            connack = Connack(
+                reason_code=connack_code(Reason.UNSUPPORTED_PROTOCOL_VERSION, version)
+            )
+            detail = {"protocol_name": exc.protocol_name, "protocol_level": exc.protocol_level}
+            event = self._event(EventType.CONNECT, Reason.UNSUPPORTED_PROTOCOL_VERSION, detail)
+            return [
+                Record(event),
+                ToDevice(encode(connack, version=version)),
+                Close(Reason.UNSUPPORTED_PROTOCOL_VERSION),
+            ]
+        except MalformedPacket as exc:
+            return self._close_before_admission(Reason.PROTOCOL_ERROR, exc.reason)
+        if result is NEED_DATA:
+            self._buf = buf
+            return []
+        connect, used = result
+        assert isinstance(connect, Connect)
+        self._buf = buf[used:]
+        self.packets_in += 1
+        return self._on_connect(connect)
+
+    def _refuse(
+        self, reason: Reason, detail: Mapping[str, object] | None = None, code: int | None = None
+    ) -> list[Action]:
+        self.state = State.CLOSED
+        connack = Connack(
+            reason_code=code if code is not None else connack_code(reason, self.version)
+        )
+        return [
+            Record(self._event(EventType.CONNECT, reason, detail)),
+            ToDevice(encode(connack, version=self.version)),
+            Close(reason),
+        ]
+
+    def _on_connect(self, connect: Connect) -> list[Action]:
+        self.state = State.AUTHORIZING
+        self.version = connect.protocol_level
+        self.downstream.version = self.version
+        self.connect = connect
+        device_id = self.identity.device_id
+        client_id = connect.client_id
+        self.client_id = client_id
+        if self.version == MQTT_5 and connect.properties.authentication_method is not None:
+            # Identity comes from the certificate; an AUTH exchange with the broker would
+            # bypass it. 0x8C: Bad authentication method.
+            detail = {"error": "enhanced authentication is not supported"}
+            return self._refuse(Reason.PROTOCOL_ERROR, detail, _BAD_AUTH_METHOD)
+        if not client_id:
+            if self.version == MQTT_3_1_1 and not connect.clean_start:
+                return self._refuse(
+                    Reason.CLIENT_ID_MISMATCH, {"error": "empty client id without clean session"}
+                )
+            self._assign_client_id = self.version == MQTT_5
+            self.client_id = device_id
+        elif not client_id_allowed(self.identity, client_id, self.policy):
+            return self._refuse(Reason.CLIENT_ID_MISMATCH, {"requested": client_id})
+        if connect.will is not None and not self._allowed(PolicyAction.PUBLISH, connect.will.topic):
+            return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": connect.will.topic})
+        return [CheckDevice()]
+
+    def device_checked(self, reason: Reason) -> list[Action]:
+        """The directory's verdict on this device and certificate."""
+        if self.state is not State.AUTHORIZING:
+            return []
+        if reason is not Reason.OK:
+            return self._refuse(reason)
+        assert self.connect is not None and self.client_id is not None
+        upstream_connect = replace(
+            self.connect, client_id=self.client_id, username=self.identity.device_id, password=None
+        )
+        return [DialUpstream(encode(upstream_connect, version=self.version))]
+
+    def upstream_failed(self, detail: str) -> list[Action]:
+        """The broker could not be reached (or closed before its CONNACK)."""
+        if self.state is not State.AUTHORIZING:
+            return []
+        return self._refuse(Reason.UPSTREAM_UNAVAILABLE, {"error": detail})
+
+    def connect_timed_out(self) -> list[Action]:
+        """No complete CONNECT within the connect timeout."""
+        if self.state is not State.AWAIT_CONNECT:
+            return []
+        return self._close_before_admission(Reason.CONNECT_TIMEOUT, "no CONNECT in time")
+
+    # --- the broker's bytes ----------------------------------------------------------
+
+    def receive_upstream(self, data: bytes) -> list[Action]:
+        """Bytes from the broker."""
+        if self.state is State.ACTIVE:
+            try:
+                chunks = self.downstream.feed(data)
+            except MalformedPacket as exc:
+                return self._protocol_close(Reason.UPSTREAM_CLOSED, None, exc.reason)
+            for chunk in chunks:
+                self.bytes_out += len(chunk)
+            return [ToDevice(chunk) for chunk in chunks]
+        if self.state is State.AUTHORIZING:
+            return self._await_connack(data)
+        return []
+
+    def _await_connack(self, data: bytes) -> list[Action]:
+        if self._held_downstream:  # CONNACK already seen: waiting for admission
+            self._held_downstream.append(data)
+            return []
+        buf = self._upstream_buf + data
+        try:
+            result = decode(buf, version=self.version)
+            if result is not NEED_DATA and not isinstance(result[0], Connack):
+                raise MalformedPacket("the broker's first packet is not CONNACK")
+        except MalformedPacket as exc:
+            return self._refuse(Reason.UPSTREAM_UNAVAILABLE, {"error": exc.reason})
+        if result is NEED_DATA:
+            self._upstream_buf = buf
+            return []
+        connack, used = result
+        assert isinstance(connack, Connack)
+        self._upstream_buf = b""
+        rest = buf[used:]
+        if connack.reason_code != 0:
+            self.state = State.CLOSED
+            detail = {"broker_reason_code": connack.reason_code}
+            return [
+                Record(self._event(EventType.CONNECT, Reason.UPSTREAM_UNAVAILABLE, detail)),
+                ToDevice(buf[:used]),
+                Close(Reason.UPSTREAM_UNAVAILABLE),
+            ]
+        if self.version == MQTT_5:
+            self._alias_max = connack.properties.topic_alias_maximum or 0
+            if self._assign_client_id:
+                assert self.client_id is not None
+                props = Properties(
+                    (
+                        *connack.properties.items,
+                        (PropertyId.ASSIGNED_CLIENT_IDENTIFIER, self.client_id),
+                    )
+                )
+                connack = replace(connack, properties=props)
+        connack_bytes = encode(connack, version=self.version)
+        self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
+        info: dict[str, object] = {"protocol_version": self.version}
+        if self.connect is not None:
+            info["clean_start"] = self.connect.clean_start
+            info["keepalive"] = self.connect.keepalive
+        return [Admit(self._event(EventType.CONNECT, Reason.OK, info), connack_bytes)]
+
+    def admitted(self) -> list[Action]:
+        """The connect event is durable and the CONNACK sent: the session is live."""
+        if self.state is not State.AUTHORIZING:
+            return []
+        self.state = State.ACTIVE
+        actions: list[Action] = []
+        held, self._held_downstream = self._held_downstream, []
+        for data in held:
+            if data:
+                actions.extend(self.receive_upstream(bytes(data)))
+        if self._buf and self.state is State.ACTIVE:
+            buf, self._buf = self._buf, b""
+            actions.extend(self._active(buf))
+        return actions
+
+    def admission_failed(self) -> list[Action]:
+        """The connect event could not be stored: refuse (no unrecorded sessions)."""
+        if self.state is not State.AUTHORIZING:
+            return []
+        return self._refuse(Reason.EVENT_LOG_UNAVAILABLE)
+
+    # --- the live session, device to broker -------------------------------------------
+
+    def _protocol_close(self, reason: Reason, v5_code: int | None, detail: str) -> list[Action]:
+        self.state = State.CLOSED
+        actions: list[Action] = [Record(self.end_event(reason, detail))]
+        if v5_code is not None and self.version == MQTT_5:
+            actions.append(ToDevice(encode(Disconnect(reason_code=v5_code), version=MQTT_5)))
+        actions.append(Close(reason))
+        return actions
+
+    def _active(self, data: bytes) -> list[Action]:
+        if not self._pending:
+            return self._scan(data, 0)
+        # A frame straddles the previous input and this one: join just that frame (never
+        # the rest of ``data``), so payload bytes are copied at most once, at record edges.
+        try:
+            cut = self._straddle_cut(data)
+        except MalformedPacket as exc:
+            return self._malformed([], exc)
+        if cut < 0:
+            self._pending.append(data)
+            self._pending_len += len(data)
+            return []
+        frame = b"".join([*self._pending, memoryview(data)[:cut]])
+        self._pending = []
+        self._pending_len = self._need = 0
+        actions = self._scan(frame, 0)
+        if cut < len(data) and self.state is State.ACTIVE:
+            actions.extend(self._scan(data, cut))
+        return actions
+
+    def _straddle_cut(self, data: bytes) -> int:
+        """How many bytes of ``data`` complete the pending frame; -1 if not enough."""
+        if not self._need:
+            first = self._pending[0]
+            head = bytes(first[:5]) if len(first) >= 5 else b"".join(self._pending)[:5]
+            frame = split_frame(head + data[:5], self.max_packet_size)
+            if frame is NEED_DATA:
+                return -1
+            self._need = frame[3]
+        missing = self._need - self._pending_len
+        return missing if missing <= len(data) else -1
+
+    def _malformed(self, actions: list[Action], exc: MalformedPacket) -> list[Action]:
+        reason = Reason.PACKET_TOO_LARGE if exc.v5_reason_code == 0x95 else Reason.PROTOCOL_ERROR
+        actions.extend(self._protocol_close(reason, exc.v5_reason_code, exc.reason))
+        return actions
+
+    def _scan(self, data: bytes, pos: int) -> list[Action]:
+        """Judge the packets of ``data`` from ``pos``; keep a trailing partial frame."""
+        n = len(data)
+        view = memoryview(data)
+        actions: list[Action] = []
+        start = pos  # start of the run of packets forwarded as they are
+        version = self.version
+        v5 = version == MQTT_5
+        limit = self.max_packet_size
+        raw_allowed = self._raw_allowed if self.fast_path else {}
+        try:
+            while pos < n:
+                if data[pos] >> 4 == _PUBLISH:
+                    end = allowed_publish_end(
+                        data, pos, n, v5=v5, max_packet_size=limit, allowed=raw_allowed
+                    )
+                    if end > 0:
+                        self.packets_in += 1
+                        pos = end
+                        continue
+                    if end == MORE:
+                        break
+                result = decode(view[pos:], version=version, max_packet_size=limit)
+                if result is NEED_DATA:
+                    break
+                packet, used = result
+                end = pos + used
+                self.packets_in += 1
+                packet_type = data[pos] >> 4
+                if packet_type not in _FROM_CLIENT:
+                    raise MalformedPacket(
+                        f"packet type {packet_type} from a client", _PROTOCOL_ERROR
+                    )
+                verdict: list[Action] | None = None
+                if packet_type == _PUBLISH:
+                    assert isinstance(packet, Publish)
+                    verdict = self._publish(packet)
+                elif packet_type == _SUBSCRIBE:
+                    assert isinstance(packet, Subscribe)
+                    verdict = self._subscribe(packet)
+                elif packet_type == _PUBREL and self._local_qos2:
+                    assert isinstance(packet, Pubrel)
+                    verdict = self._pubrel(packet)
+                elif packet_type == _DISCONNECT:
+                    actions.append(ToUpstream(view[start:end]))
+                    self.state = State.CLOSED
+                    actions.append(Record(self.end_event(Reason.CLIENT_DISCONNECTED)))
+                    actions.append(Close(Reason.CLIENT_DISCONNECTED))
+                    return actions
+                if verdict is not None:
+                    if start < pos:
+                        actions.append(ToUpstream(view[start:pos]))
+                    actions.extend(verdict)
+                    start = end
+                    if self.state is State.CLOSED:
+                        return actions
+                pos = end
+        except MalformedPacket as exc:
+            if start < pos:
+                actions.append(ToUpstream(view[start:pos]))
+            return self._malformed(actions, exc)
+        if start == 0 and pos == n:
+            actions.append(ToUpstream(data))
+        elif start < pos:
+            actions.append(ToUpstream(view[start:pos]))
+        if pos < n:
+            self._pending = [view[pos:]]
+            self._pending_len = n - pos
+        return actions
+
+    def _allowed(self, action: PolicyAction, topic: str) -> bool:
+        cache = self._publish_cache if action is PolicyAction.PUBLISH else self._subscribe_cache
+        allowed = cache.get(topic)
+        if allowed is None:
+            allowed = authorize(self.identity, action, topic, self.policy).allowed
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[topic] = allowed
+        return allowed
+
+    def _publish(self, packet: Publish) -> list[Action] | None:
+        """None: forward as is. Otherwise what to do instead."""
+        topic = packet.topic
+        if self.version == MQTT_5 and packet.properties:
+            alias = packet.properties.topic_alias
+            if alias is not None:
+                if alias == 0 or alias > self._alias_max:
+                    raise MalformedPacket(f"topic alias {alias} invalid", _TOPIC_ALIAS_INVALID)
+                if topic:
+                    self._aliases[alias] = topic
+                else:
+                    known = self._aliases.get(alias)
+                    if known is None:
+                        raise MalformedPacket(f"unknown topic alias {alias}", _PROTOCOL_ERROR)
+                    topic = known
+        if self._allowed(PolicyAction.PUBLISH, topic):
+            if topic is packet.topic:  # not via an alias: the fast path may skip decoding
+                if len(self._raw_allowed) >= _CACHE_LIMIT:
+                    self._raw_allowed.clear()
+                self._raw_allowed[topic.encode()] = True
+            return None
+        self.denied += 1
+        detail = {"topic": topic, "qos": packet.qos}
+        actions: list[Action] = [
+            Record(self._event(EventType.PUBLISH, Reason.TOPIC_NOT_AUTHORIZED, detail))
+        ]
+        packet_id = packet.packet_id
+        if self.version == MQTT_5:
+            if packet.qos == 1 and packet_id is not None:
+                actions.append(
+                    ToDevice(encode(Puback(packet_id=packet_id, reason_code=0x87), version=MQTT_5))
+                )
+            elif packet.qos == 2 and packet_id is not None:
+                actions.append(
+                    ToDevice(encode(Pubrec(packet_id=packet_id, reason_code=0x87), version=MQTT_5))
+                )
+            return actions
+        if not self.policy.drop_denied_publish_v3:
+            self.state = State.CLOSED  # MQTT-3.3.5-2: close the connection
+            actions.append(Record(self.end_event(Reason.TOPIC_NOT_AUTHORIZED)))
+            actions.append(Close(Reason.TOPIC_NOT_AUTHORIZED))
+            return actions
+        if packet.qos == 1 and packet_id is not None:
+            actions.append(ToDevice(encode(Puback(packet_id=packet_id), version=MQTT_3_1_1)))
+        elif packet.qos == 2 and packet_id is not None:
+            self._local_qos2.add(packet_id)
+            actions.append(ToDevice(encode(Pubrec(packet_id=packet_id), version=MQTT_3_1_1)))
+        return actions
+
+    def _pubrel(self, packet: Pubrel) -> list[Action] | None:
+        if packet.packet_id not in self._local_qos2:
+            return None
+        self._local_qos2.discard(packet.packet_id)
+        return [ToDevice(encode(Pubcomp(packet_id=packet.packet_id), version=self.version))]
+
+    def _subscribe(self, packet: Subscribe) -> list[Action] | None:
+        verdicts = [
+            self._allowed(PolicyAction.SUBSCRIBE, s.topic_filter) for s in packet.subscriptions
+        ]
+        if all(verdicts):
+            return None
+        denied_code = 0x87 if self.version == MQTT_5 else 0x80
+        actions: list[Action] = []
+        for subscription, allowed in zip(packet.subscriptions, verdicts, strict=True):
+            if not allowed:
+                self.denied += 1
+                detail = {"filter": subscription.topic_filter, "qos": subscription.qos}
+                event = self._event(EventType.SUBSCRIBE, Reason.TOPIC_NOT_AUTHORIZED, detail)
+                actions.append(Record(event))
+        if not any(verdicts):
+            codes = (denied_code,) * len(verdicts)
+            suback = Suback(packet_id=packet.packet_id, reason_codes=codes)
+            actions.append(ToDevice(encode(suback, version=self.version)))
+            return actions
+        kept = tuple(
+            s for s, allowed in zip(packet.subscriptions, verdicts, strict=True) if allowed
+        )
+        merge = SubackMerge(tuple(None if allowed else denied_code for allowed in verdicts))
+        self.downstream.merges[packet.packet_id] = merge
+        actions.append(
+            ToUpstream(encode(replace(packet, subscriptions=kept), version=self.version))
+        )
+        return actions
+
+    # --- ends ------------------------------------------------------------------------
+
+    def close(self, reason: Reason, type_: EventType = EventType.SESSION_END) -> AuthEvent | None:
+        """The connection ended from outside (``reason``); the end event, if due.
+
+        Returns None if the session was never admitted or has already recorded its end.
+        """
+        was_active = self.state is State.ACTIVE
+        self.state = State.CLOSED
+        return self.end_event(reason, type_=type_) if was_active else None

@@ -1,0 +1,137 @@
+"""Broker-to-device bytes: passed through untouched, except SUBACKs the gateway must merge.
+
+Decision (issue 4): the broker direction is always frame-split, cheaply. Only the fixed
+header of each frame is read (type and Remaining Length, a few byte reads), the payload
+is skipped by a counter, and a chunk with nothing to rewrite is forwarded as the very
+object that was received. Splitting always, rather than only while a rewrite is pending,
+is what keeps the frame boundaries known at the moment a partially denied SUBSCRIBE
+starts one; it also gives the packet counts for ``session_end``.
+
+Invariants:
+
+* Nothing but a SUBACK whose packet id has a pending merge is ever decoded.
+* Output order equals input order; a held partial frame is never forwarded early.
+* A merged SUBACK has one code per filter of the device's original SUBSCRIBE, the denied
+  codes at their original positions, the broker's codes (and properties) for the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Final
+
+from gateway.mqtt.codec import decode, encode
+from gateway.mqtt.errors import MalformedPacket
+from gateway.mqtt.packets import Suback
+
+__all__ = ["Downstream", "SubackMerge"]
+
+_SUBACK: Final = 9
+_UNSPECIFIED_ERROR_V3: Final = 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class SubackMerge:
+    """How to rebuild one SUBACK: ``None`` where the broker's next code goes."""
+
+    codes: tuple[int | None, ...]
+
+    def apply(self, suback: Suback) -> Suback:
+        broker = iter(suback.reason_codes)
+        merged = tuple(
+            code if code is not None else next(broker, _UNSPECIFIED_ERROR_V3) for code in self.codes
+        )
+        return replace(suback, reason_codes=merged)
+
+
+def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
+    """``(packet_type, total_size)`` of the frame at ``pos``, or None if the header is cut."""
+    if pos + 1 >= n:
+        return None
+    length = 0
+    shift = 0
+    i = pos + 1
+    while True:
+        if i >= n:
+            return None
+        byte = data[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("remaining length longer than 4 bytes")
+    return data[pos] >> 4, i - pos + length
+
+
+class Downstream:
+    """Cuts the broker's byte stream into what the device gets."""
+
+    __slots__ = ("_skip", "_tail", "merges", "packets", "version")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.merges: dict[int, SubackMerge] = {}
+        self.packets = 0
+        self._skip = 0
+        self._tail = b""
+
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
+        """Take broker bytes; return the byte strings to send to the device, in order.
+
+        Raises:
+            MalformedPacket: the broker sent a broken frame header or SUBACK.
+        """
+        n = len(data)
+        skip = self._skip
+        if skip >= n and not self._tail:
+            self._skip = skip - n
+            return [data]
+        if self._tail:
+            data = self._tail + data
+            n = len(data)
+            self._tail = b""
+        pos = min(skip, n)
+        self._skip = 0
+        out: list[bytes | memoryview] = []
+        start = 0
+        merges = self.merges
+        while pos < n:
+            frame = _frame_at(data, pos, n)
+            if frame is None:
+                self._tail = data[pos:]
+                break
+            packet_type, size = frame
+            end = pos + size
+            if packet_type == _SUBACK and merges:
+                if end > n:
+                    self._tail = data[pos:]
+                    break
+                rewritten = self._merge(memoryview(data)[pos:end])
+                if rewritten is not None:
+                    if start < pos:
+                        out.append(memoryview(data)[start:pos])
+                    out.append(rewritten)
+                    start = end
+            self.packets += 1
+            if end > n:
+                self._skip = end - n
+                pos = n
+                break
+            pos = end
+        if start == 0 and pos == n:
+            out.append(data)
+        elif start < pos:
+            out.append(memoryview(data)[start:pos])
+        return out
+
+    def _merge(self, frame: memoryview) -> bytes | None:
+        result = decode(frame, version=self.version)
+        if not isinstance(result, tuple) or not isinstance(result[0], Suback):
+            raise MalformedPacket("broken SUBACK from the broker")
+        suback = result[0]
+        merge = self.merges.pop(suback.packet_id, None)
+        if merge is None:
+            return None
+        return encode(merge.apply(suback), version=self.version)

@@ -1,0 +1,117 @@
+"""The TLS pump without sockets: a client SSLObject and the pump talk through memory."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.tls import TlsFailure, TlsPump, server_context
+from provisioning.ca import CertificateAuthority
+from schemas.events import Reason
+from tests.conftest import Pki
+from tests.gateway.conftest import issue
+
+
+class MemoryClient:
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.done = False
+
+    def step(self) -> bytes:
+        if not self.done:
+            try:
+                self.ssl.do_handshake()
+                self.done = True
+            except ssl.SSLWantReadError:
+                pass
+        return self.outgoing.read()
+
+
+def run(pump: TlsPump, client: MemoryClient, data: bytes = b"") -> tuple[list[bytes], bytes]:
+    """Exchange flights until quiet; return the plaintext the pump got and its last output."""
+    plaintext: list[bytes] = []
+    last = b""
+    for _ in range(10):
+        out = client.step()
+        if client.done and data:
+            client.ssl.write(data)
+            data = b""
+            out += client.outgoing.read()
+        if out:
+            plaintext += pump.feed(out)
+        last = pump.take_outgoing()
+        if not last and not out:
+            break
+        client.incoming.write(last)
+    return plaintext, last
+
+
+def client_context(
+    pki: Pki, tmp_path: Path, version: ssl.TLSVersion, ca: CertificateAuthority | None = None,
+    **validity: datetime,
+) -> ssl.SSLContext:  # fmt: skip
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    context.minimum_version = context.maximum_version = version
+    if ca is not None:
+        cert, key, _ = issue(ca, tmp_path, "dev-1", "plant", **validity)
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_handshake_and_data(pki: Pki, tmp_path: Path, version: ssl.TLSVersion) -> None:
+    pump = TlsPump(server_context(pki.chain, pki.server_cert, pki.server_key))
+    client = MemoryClient(client_context(pki, tmp_path, version, pki.ca))
+    plaintext, _ = run(pump, client, b"hello gateway")
+    assert pump.handshake_complete and b"".join(plaintext) == b"hello gateway"
+    assert pump.version() == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
+    assert pump.peer_certificate() is not None
+    pump.encrypt(memoryview(b"x" * 100_000))
+    client.incoming.write(pump.take_outgoing())
+    received = b""
+    while len(received) < 100_000:
+        received += client.ssl.read(1 << 20)
+    assert received == b"x" * 100_000
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    ("validity", "reason"),
+    [
+        ({}, Reason.NO_CLIENT_CERTIFICATE),
+        ({"not_after": datetime.now(UTC) - timedelta(days=1)}, Reason.CERTIFICATE_EXPIRED),
+        ({"not_before": datetime.now(UTC) + timedelta(days=1)}, Reason.CERTIFICATE_NOT_YET_VALID),
+    ],
+)
+def test_failures_are_classified_and_alerted(
+    pki: Pki, tmp_path: Path, version: ssl.TLSVersion, validity: dict[str, datetime],
+    reason: Reason,
+) -> None:  # fmt: skip
+    pump = TlsPump(server_context(pki.chain, pki.server_cert, pki.server_key))
+    ca = pki.ca if validity else None
+    validity = dict(validity)  # the parameter is shared between runs
+    if validity.get("not_after") and "not_before" not in validity:
+        validity["not_before"] = datetime.now(UTC) - timedelta(days=10)
+    if validity.get("not_before") and "not_after" not in validity:
+        validity["not_after"] = datetime.now(UTC) + timedelta(days=10)
+    client = MemoryClient(client_context(pki, tmp_path, version, ca, **validity))
+    with pytest.raises(TlsFailure) as info:
+        run(pump, client)
+    assert info.value.reason is reason
+    alert = pump.take_outgoing()
+    assert alert[:1] == b"\x15" or version is ssl.TLSVersion.TLSv1_3  # 1.3 encrypts alerts
+    assert alert, "OpenSSL's alert must be left for the caller to flush"
+
+
+def test_plaintext_is_a_protocol_error(pki: Pki) -> None:
+    pump = TlsPump(server_context(pki.chain, pki.server_cert, pki.server_key))
+    with pytest.raises(TlsFailure) as info:
+        pump.feed(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd")
+    assert info.value.reason is Reason.TLS_PROTOCOL_ERROR
