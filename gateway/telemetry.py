@@ -1,0 +1,384 @@
+"""The gateway's metrics and connection spans, kept off the per-packet path.
+
+Invariants:
+
+* Nothing here is called per packet. Message and byte counts are the counters the sans-IO
+  `gateway.connection.Session` already keeps (``packets_in``, ``bytes_in``, ``bytes_out``,
+  ``downstream.packets``); `GatewayMetrics` reads them only when metrics are collected
+  (observable counters): the sessions it tracks plus the totals folded in from ended ones.
+* Per connection: `GatewayMetrics.observe_event` (once per recorded auth event),
+  `session_started` / `session_ended` (admission and close), a `ConnectionTrace` (a few
+  spans), `time_dial` (one histogram record).
+* Collection may run on another thread (the OTLP exporter's): the fold of an ending session
+  and the snapshot of the live ones happen under one lock, so every session is counted
+  either live or folded, never both, and the counters never go down.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.trace import Span, SpanKind, Tracer
+
+from schemas import telemetry as t
+from schemas.events import AuthEvent, EventType, Outcome, Reason
+
+__all__ = [
+    "ConnectionTrace",
+    "GatewayMetrics",
+    "ObservingSink",
+    "SessionCounters",
+    "connection_span",
+    "with_trace_id",
+]
+
+_AUTHZ_CONNECT_REASONS = frozenset({Reason.CLIENT_ID_MISMATCH, Reason.TOPIC_NOT_AUTHORIZED})
+
+
+class _Downstream(Protocol):
+    @property
+    def packets(self) -> int: ...
+
+
+class SessionCounters(Protocol):
+    """What `GatewayMetrics` reads from a session (`gateway.connection.Session` has it)."""
+
+    @property
+    def packets_in(self) -> int: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    @property
+    def downstream(self) -> _Downstream: ...
+
+
+class _SinkStats(Protocol):
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def spool_bytes(self) -> int: ...
+
+
+class GatewayMetrics:
+    """The instruments of one gateway worker and the cheap calls that feed them.
+
+    Args:
+        meter: ``Telemetry.meter``.
+        tracer: ``Telemetry.tracer``.
+    """
+
+    def __init__(self, *, meter: Meter, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self._lock = threading.Lock()
+        self._live: set[SessionCounters] = set()
+        # Totals of ended sessions: packets in, packets out, bytes in, bytes out.
+        self._folded = [0, 0, 0, 0]
+        self._sink_stats: Callable[[], _SinkStats] | None = None
+        self._revocation_age: Callable[[], float | None] | None = None
+
+        # (outcome, reason), (cause,), (action, reason) -> count: a dict increment costs a
+        # fraction of a microsecond, an SDK Counter.add with attributes tens of them.
+        self.handshakes: dict[tuple[str, str], int] = {}
+        self.sessions_ended: dict[str, int] = {}
+        self.authz_denials: dict[tuple[str, str], int] = {}
+        t.instrument(meter, t.HANDSHAKES, [self._observe_handshakes])
+        t.instrument(meter, t.SESSIONS_ENDED, [self._observe_ended])
+        t.instrument(meter, t.AUTHZ_DENIALS, [self._observe_denials])
+        self.dial_duration = t.histogram(meter, t.UPSTREAM_DIAL_DURATION)
+        self.batch_size = t.histogram(meter, t.EVENTS_BATCH_SIZE)
+        self.flush_duration = t.histogram(meter, t.EVENTS_FLUSH_DURATION)
+        t.instrument(meter, t.SESSIONS_ACTIVE, [self._observe_active])
+        t.instrument(meter, t.MESSAGES, [self._observe_messages])
+        t.instrument(meter, t.BYTES, [self._observe_bytes])
+        t.instrument(meter, t.EVENTS_QUEUE_DEPTH, [self._observe_queue])
+        t.instrument(meter, t.EVENTS_SPOOL_BYTES, [self._observe_spool])
+        t.instrument(meter, t.REVOCATION_STATE_AGE, [self._observe_revocation])
+
+    # --- sources read at collection -----------------------------------------------------
+
+    def watch_sink(self, stats: Callable[[], _SinkStats]) -> None:
+        """Read queue depth and spool bytes from ``stats()`` (e.g. ``lambda: sink.stats``)."""
+        self._sink_stats = stats
+
+    def watch_revocation(self, age: Callable[[], float | None]) -> None:
+        """Read the revocation state's age in seconds (``None``: unknown, not reported)."""
+        self._revocation_age = age
+
+    # --- per connection -----------------------------------------------------------------
+
+    def observe_event(self, event: AuthEvent) -> None:
+        """Count what one auth event says: handshakes (admission outcome) and authz denials.
+
+        ``tls_handshake`` and ``connect`` events are the admission decisions: an allowed
+        ``connect`` is the admission, a denied one (or a refused handshake) the refusal.
+        """
+        kind = event.type
+        if kind is EventType.TLS_HANDSHAKE or kind is EventType.CONNECT:
+            key = (event.outcome.value, event.reason.value)
+            self.handshakes[key] = self.handshakes.get(key, 0) + 1
+            if kind is EventType.CONNECT and event.reason in _AUTHZ_CONNECT_REASONS:
+                key = ("connect", event.reason.value)
+                self.authz_denials[key] = self.authz_denials.get(key, 0) + 1
+        elif (kind is EventType.PUBLISH or kind is EventType.SUBSCRIBE) and (
+            event.outcome is Outcome.DENIED
+        ):
+            key = (kind.value, event.reason.value)
+            self.authz_denials[key] = self.authz_denials.get(key, 0) + 1
+
+    def refused(self, reason: Reason) -> None:
+        """A connection refused without an auth event (e.g. too_many_connections at accept)."""
+        key = (Outcome.DENIED.value, reason.value)
+        self.handshakes[key] = self.handshakes.get(key, 0) + 1
+
+    def session_started(self, session: SessionCounters) -> None:
+        """An admitted session: its packets and bytes count from now on (from its start)."""
+        with self._lock:
+            self._live.add(session)
+
+    def session_ended(self, session: SessionCounters, cause: Reason) -> None:
+        """The session is over (idempotent; ignored for a session never started)."""
+        with self._lock:
+            if session not in self._live:
+                return
+            self._live.discard(session)
+            folded = self._folded
+            folded[0] += session.packets_in
+            folded[1] += session.downstream.packets
+            folded[2] += session.bytes_in
+            folded[3] += session.bytes_out
+        self.sessions_ended[cause.value] = self.sessions_ended.get(cause.value, 0) + 1
+
+    @contextmanager
+    def time_dial(self) -> Iterator[None]:
+        """Time the upstream dial: ``with metrics.time_dial(): await dial(...)``."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            self.dial_duration.record(time.perf_counter() - started, {"outcome": outcome})
+
+    def connection(self, *, peer: str | None) -> ConnectionTrace:
+        """Start the span of one connection attempt (see `ConnectionTrace`)."""
+        return ConnectionTrace(self.tracer, peer=peer)
+
+    # --- event sink hooks (once per group commit / per batch) --------------------------
+
+    def flushed(self, seconds: float) -> None:
+        """One spool group commit (write + fdatasync) took ``seconds``."""
+        self.flush_duration.record(seconds)
+
+    def shipped(self, batch_size: int) -> None:
+        """One batch of ``batch_size`` events was committed in PostgreSQL."""
+        self.batch_size.record(batch_size)
+
+    # --- observable callbacks ----------------------------------------------------------
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(packets in, packets out, bytes in, bytes out) of every admitted session so far."""
+        with self._lock:
+            live = list(self._live)
+            p_in, p_out, b_in, b_out = self._folded
+        for session in live:
+            p_in += session.packets_in
+            p_out += session.downstream.packets
+            b_in += session.bytes_in
+            b_out += session.bytes_out
+        return p_in, p_out, b_in, b_out
+
+    def _observe_handshakes(self, options: CallbackOptions) -> Iterable[Observation]:
+        for (outcome, reason), count in dict(self.handshakes).items():
+            yield Observation(count, {"outcome": outcome, "reason": reason})
+
+    def _observe_ended(self, options: CallbackOptions) -> Iterable[Observation]:
+        for cause, count in dict(self.sessions_ended).items():
+            yield Observation(count, {"cause": cause})
+
+    def _observe_denials(self, options: CallbackOptions) -> Iterable[Observation]:
+        for (action, reason), count in dict(self.authz_denials).items():
+            yield Observation(count, {"action": action, "reason": reason})
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(len(self._live))
+
+    def _observe_messages(self, options: CallbackOptions) -> Iterable[Observation]:
+        p_in, p_out, _, _ = self.totals()
+        yield Observation(p_in, {"direction": "in"})
+        yield Observation(p_out, {"direction": "out"})
+
+    def _observe_bytes(self, options: CallbackOptions) -> Iterable[Observation]:
+        _, _, b_in, b_out = self.totals()
+        yield Observation(b_in, {"direction": "in"})
+        yield Observation(b_out, {"direction": "out"})
+
+    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().queue_depth)
+
+    def _observe_spool(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().spool_bytes)
+
+    def _observe_revocation(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._revocation_age is not None:
+            age = self._revocation_age()
+            if age is not None:
+                yield Observation(age)
+
+
+class ObservingSink:
+    """An `gateway.audit.EventSink` that feeds `GatewayMetrics.observe_event`, then delegates.
+
+    Denials are counted before they are stored (so they count even when the spool is full);
+    an allowed ``connect`` only once durable, because admission depends on that.
+    """
+
+    def __init__(self, inner: Any, metrics: GatewayMetrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    async def record(self, event: AuthEvent) -> None:
+        if event.outcome is Outcome.ALLOWED and event.type is EventType.CONNECT:
+            await self.inner.record(event)
+            self.metrics.observe_event(event)
+            return
+        self.metrics.observe_event(event)
+        await self.inner.record(event)
+
+
+# --- spans -------------------------------------------------------------------------------
+
+ATTR_PEER = "devicegate.peer"
+ATTR_DEVICE = "devicegate.device_id"
+ATTR_FLEET = "devicegate.fleet"
+ATTR_OUTCOME = "devicegate.outcome"
+ATTR_REASON = "devicegate.reason"
+
+
+class ConnectionTrace:
+    """The span of one connection attempt, for callback-style code (an asyncio.Protocol).
+
+    The root span ``devicegate.connection`` starts at once, with a ``handshake`` child that
+    ends in `handshake_done` (or `end`). `phase` opens further children (``authorize``,
+    ``upstream_dial``). `decided` sets outcome and reason; `end` adds a ``session_end``
+    event if the session was admitted, and ends everything (idempotent).
+    """
+
+    __slots__ = ("_admitted", "_ctx", "_decided", "_ended", "_handshake", "_tracer", "span")
+
+    def __init__(self, tracer: Tracer, *, peer: str | None) -> None:
+        self._tracer = tracer
+        attributes = {ATTR_PEER: peer} if peer is not None else None
+        self.span: Span = tracer.start_span(
+            "devicegate.connection", kind=SpanKind.SERVER, attributes=attributes
+        )
+        self._ctx = trace.set_span_in_context(self.span)
+        # A sampled-out connection keeps its trace id (for logs and events) but gets no
+        # children: they would cost as much as the root and record nothing.
+        self._handshake: Span | None = (
+            tracer.start_span("handshake", context=self._ctx) if self.span.is_recording() else None
+        )
+        self._admitted = False
+        self._decided = False
+        self._ended = False
+
+    @property
+    def trace_id(self) -> str | None:
+        """32 hex digits, or ``None`` when tracing is disabled."""
+        context = self.span.get_span_context()
+        return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+    def handshake_done(
+        self,
+        *,
+        device_id: str | None = None,
+        fleet: str | None = None,
+        failure: Reason | None = None,
+    ) -> None:
+        """The TLS handshake finished (``failure``: it or the certificate was refused)."""
+        if device_id is not None:
+            self.span.set_attribute(ATTR_DEVICE, device_id)
+        if fleet is not None:
+            self.span.set_attribute(ATTR_FLEET, fleet)
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            if failure is not None:
+                handshake.set_attribute(ATTR_REASON, failure.value)
+            handshake.end()
+        if failure is not None:
+            self.decided(Outcome.DENIED, failure)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[Span]:
+        """A child span, current inside the block: ``with trace.phase("authorize"): ...``."""
+        if not self.span.is_recording():
+            yield self.span
+            return
+        span = self._tracer.start_span(name, context=self._ctx)
+        with trace.use_span(span, end_on_exit=True):
+            yield span
+
+    def decided(self, outcome: Outcome, reason: Reason) -> None:
+        """The admission decision (allowed + ok marks the session admitted)."""
+        self.span.set_attribute(ATTR_OUTCOME, outcome.value)
+        self.span.set_attribute(ATTR_REASON, reason.value)
+        self._admitted = outcome is Outcome.ALLOWED
+        self._decided = True
+
+    def stamp(self, event: AuthEvent) -> AuthEvent:
+        """``event`` with this connection's ``trace_id`` in its detail (before it is chained).
+
+        Also takes the decision from admission events (``tls_handshake``, ``connect``).
+        """
+        if event.type is EventType.CONNECT or event.type is EventType.TLS_HANDSHAKE:
+            self.decided(event.outcome, event.reason)
+        context = self.span.get_span_context()
+        if not context.is_valid:
+            return event
+        return event.model_copy(update={"detail": with_trace_id(event.detail, self.span)})
+
+    def end(self, cause: Reason | None = None) -> None:
+        """The connection is closed; ``cause`` is why (a session-end reason)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._handshake is not None:
+            self._handshake.end()
+            self._handshake = None
+        if cause is not None:
+            if self._admitted:
+                self.span.add_event("session_end", {"cause": cause.value})
+            elif not self._decided:
+                self.decided(Outcome.DENIED, cause)
+        self.span.end()
+
+
+@contextmanager
+def connection_span(tracer: Tracer, *, peer: str | None) -> Iterator[ConnectionTrace]:
+    """`ConnectionTrace` as a context manager (ends on exit, recording an exception)."""
+    conn = ConnectionTrace(tracer, peer=peer)
+    try:
+        yield conn
+    except BaseException as exc:
+        conn.span.record_exception(exc)
+        conn.end(Reason.INTERNAL_ERROR)
+        raise
+    finally:
+        conn.end()
+
+
+def with_trace_id(detail: Mapping[str, Any] | None, span: Span | None = None) -> dict[str, Any]:
+    """A new detail dict with ``trace_id`` of ``span`` (or the current span), if any."""
+    return t.trace_detail(detail, span)
