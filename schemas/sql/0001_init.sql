@@ -43,7 +43,8 @@ CREATE TABLE certificates (
     revocation_reason   text,
     key_type            text NOT NULL,
     pem                 text NOT NULL,
-    issued_at           timestamptz NOT NULL DEFAULT now()
+    issued_at           timestamptz NOT NULL DEFAULT now(),
+    CHECK ((status = 'revoked') = (revoked_at IS NOT NULL))
 );
 CREATE INDEX certificates_device_idx ON certificates (device_id, issued_at DESC);
 CREATE INDEX certificates_not_after_idx ON certificates (not_after) WHERE status = 'active';

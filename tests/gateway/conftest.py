@@ -217,7 +217,8 @@ def make_device(harness: Harness, pki: Pki, tmp_path: Path) -> DeviceFactory:
             )
             harness.execute(
                 "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
-                " not_after, status, key_type, pem) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                " not_after, status, key_type, pem, revoked_at) VALUES ($1, $2, $3, $4, $5, $6,"
+                " $7, $8, CASE WHEN $6 = 'revoked' THEN now() END)",
                 serial,
                 device_id,
                 fp,
