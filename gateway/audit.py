@@ -29,6 +29,8 @@ class EventContext:
     tls_version: str | None = None
     tls_cipher: str | None = None
     identity: DeviceIdentity | None = None
+    proxy: str | None = None
+    """The load balancer's address when ``peer_address`` came from a PROXY v2 header."""
 
     def with_identity(self, identity: DeviceIdentity) -> EventContext:
         return replace(self, identity=identity)
@@ -46,6 +48,8 @@ class EventContext:
         identity = self.identity
         if outcome is None:
             outcome = Outcome.ALLOWED if reason is Reason.OK else Outcome.DENIED
+        if self.proxy is not None:
+            detail = {**(detail or {}), "proxy": self.proxy}
         return AuthEvent(
             instance=self.instance,
             type=type_,

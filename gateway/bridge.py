@@ -20,7 +20,9 @@ import logging
 import socket
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any, Protocol, cast
 
 from gateway.actions import (
@@ -36,8 +38,7 @@ from gateway.actions import (
 from gateway.audit import EventContext, EventSink
 from gateway.connection import Session, State
 from gateway.identity import IdentityError, identity_from_der
-from gateway.mqtt.codec import encode
-from gateway.mqtt.packets import MQTT_5, Disconnect
+from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.tls import TlsFailure, TlsPump
 from gateway.upstream import UpstreamTarget, dial
@@ -50,14 +51,6 @@ log = logging.getLogger("devicegate.gateway")
 
 LINGER_SECONDS = 2.0
 """How long a closed connection keeps draining input while the peer reads our last bytes."""
-
-_DISCONNECT_CODES = {
-    Reason.SESSION_TAKEN_OVER: 0x8E,
-    Reason.SERVER_SHUTTING_DOWN: 0x8B,
-    Reason.CERTIFICATE_REVOKED: 0x98,
-    Reason.DEVICE_REVOKED: 0x98,
-    Reason.DEVICE_DISABLED: 0x98,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +65,8 @@ class BridgeConfig:
     connect_timeout: float
     max_packet_size: int
     dial_timeout: float = 5.0
+    proxy_protocol_from: tuple[IPv4Network | IPv6Network, ...] = ()
+    """Peers that must send a PROXY v2 header (empty: PROXY protocol off)."""
 
 
 class Hub(Protocol):
@@ -89,6 +84,10 @@ class Hub(Protocol):
 
     def opened(self, connection: DeviceConnection) -> bool: ...
 
+    def screen(self, connection: DeviceConnection) -> bool: ...
+
+    def identified(self, connection: DeviceConnection) -> None: ...
+
     def claim(self, connection: DeviceConnection) -> None: ...
 
     def closed(self, connection: DeviceConnection) -> None: ...
@@ -99,6 +98,18 @@ def _address(peer: Any) -> str | None:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return None
+
+
+def _trusted(peer: Any, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    if not (isinstance(peer, tuple) and len(peer) >= 2):
+        return False
+    try:
+        address = ip_address(peer[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 class DeviceConnection(asyncio.Protocol):
@@ -115,18 +126,25 @@ class DeviceConnection(asyncio.Protocol):
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # the certificate's notAfter
         self._device_paused = False
         self._to_upstream: list[bytes | memoryview] = []
+        self._gate: ProxyGate | None = None  # the PROXY v2 stage, before TLS
+        self._barrier: int | None = None  # draining: the PINGRESP count to exceed
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
-        self.context = EventContext(
-            instance=self.config.instance,
-            peer_address=_address(transport.get_extra_info("peername")),
-        )
+        peer = transport.get_extra_info("peername")
+        if peer is None:
+            # Reset before we got to it (HAProxy closes its checks with a RST): nothing to
+            # serve, and no address to record or to judge a PROXY header by.
+            self.closed = True
+            transport.abort()
+            return
+        self.context = EventContext(instance=self.config.instance, peer_address=_address(peer))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -134,6 +152,8 @@ class DeviceConnection(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
+        if self.config.proxy_protocol_from:
+            self._gate = ProxyGate(trusted=_trusted(peer, self.config.proxy_protocol_from))
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
 
@@ -141,9 +161,42 @@ class DeviceConnection(asyncio.Protocol):
         if self.closed:
             return
         try:
+            if self._gate is not None:
+                data = self._proxy_data(data)
+                if not data:
+                    return
             self._device_data(data)
         except Exception:  # a bug must not leave a half-judged session open
             self._internal_error()
+
+    def _proxy_data(self, data: bytes) -> bytes:
+        """The PROXY v2 stage: the bytes for TLS once the header is read, else b""."""
+        assert self._gate is not None
+        try:
+            result = self._gate.feed(data)
+        except ProxyProtocolError as exc:
+            self._proxy_failed(str(exc))
+            return b""
+        if result is None:
+            return b""
+        self._gate = None
+        header, rest = result
+        if header is not None and header.source is not None:
+            # Events name the device's real address, and the proxy it came through.
+            self.context = replace(
+                self.context, peer_address=_address(header.source), proxy=self.context.peer_address
+            )
+            if not self.hub.screen(self):  # the real address is rate limited (recorded)
+                self._close(Reason.RATE_LIMITED, graceful=False, linger=False)
+                return b""
+        return rest
+
+    def _proxy_failed(self, error: str) -> None:
+        detail = {"error": error, "proxy": self.context.peer_address}
+        self.hub.record(
+            self.context.event(EventType.TLS_HANDSHAKE, Reason.PROXY_PROTOCOL_ERROR, detail=detail)
+        )
+        self._close(Reason.PROXY_PROTOCOL_ERROR, graceful=False, linger=False)
 
     def _device_data(self, data: bytes) -> None:
         try:
@@ -179,6 +232,9 @@ class DeviceConnection(asyncio.Protocol):
             self._linger.cancel()
             self._linger = None
         if not self.closed:
+            if self._gate is not None and self._gate.buffered:
+                self._proxy_failed("connection closed inside the PROXY v2 header")
+                return
             self._lost(Reason.CONNECTION_LOST)
 
     def pause_writing(self) -> None:
@@ -197,6 +253,8 @@ class DeviceConnection(asyncio.Protocol):
         try:
             self._run(self.session.receive_upstream(data))
             self._flush()
+            if self._barrier is not None and self.session.downstream.pingresps > self._barrier:
+                self._end_drain()
         except Exception:
             self._internal_error()
 
@@ -225,7 +283,7 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_device(self) -> None:
-        if self.transport is not None and self._device_paused:
+        if self.transport is not None and self._device_paused and self._barrier is None:
             self._device_paused = False
             self.transport.resume_reading()
 
@@ -238,6 +296,7 @@ class DeviceConnection(asyncio.Protocol):
             tls_version=self.pump.version(),
             tls_cipher=self.pump.cipher(),
             identity=self.context.identity,
+            proxy=self.context.proxy,
         )
 
     def _start_session(self) -> Session | None:
@@ -257,10 +316,15 @@ class DeviceConnection(asyncio.Protocol):
             context=self.context,
             max_packet_size=self.config.max_packet_size,
         )
+        self.hub.identified(self)
         if self._timer is not None:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.config.connect_timeout, self._connect_timeout)
+        if identity.not_after is not None:
+            # The session ends with its certificate (UTC wall clock -> loop clock, once).
+            left = (identity.not_after - datetime.now(UTC)).total_seconds()
+            self._expiry = loop.call_later(max(0.0, left), self._certificate_expired)
         return self.session
 
     def _tls_failed(self, failure: TlsFailure, *, linger: bool = True) -> None:
@@ -393,20 +457,56 @@ class DeviceConnection(asyncio.Protocol):
         self._close(reason, graceful=not gone, linger=not gone)
 
     def kick(self, reason: Reason, *, revoked: bool = False) -> None:
-        """End a session from outside (takeover, shutdown, revocation).
+        """End a session from outside (takeover, shutdown, revocation, expiry).
 
-        On MQTT 5 a live session first gets a DISCONNECT with the matching reason code
-        (0x8E taken over, 0x8B shutting down, 0x98 administrative action); on 3.1.1 the
-        connection is just closed. ``revoked`` records ``session_revoked`` instead of
-        ``session_end``.
+        What is recorded and sent is `Session.cut`'s decision: on MQTT 5 a live session
+        first gets a DISCONNECT (0x8E taken over, 0x8B shutting down, 0x98 administrative
+        action, 0x87 certificate expired); on 3.1.1 the connection is just closed.
+        ``revoked`` records ``session_revoked`` instead of ``session_end``. A connection
+        still in its TLS handshake is just closed.
         """
         if self.closed:
             return
+        if self.session is None:
+            self._lost(reason)
+            return
+        self._run(self.session.cut(reason, revoked=revoked))
+        if not self.closed:  # the session had already ended
+            self._close(reason, graceful=True)
+
+    def _certificate_expired(self) -> None:
+        self._expiry = None
+        self.kick(Reason.CERTIFICATE_EXPIRED)
+
+    def drain(self) -> None:
+        """End the session for a shutdown without cutting packets in flight.
+
+        Reads nothing more from the device, sends the broker a PINGREQ and waits for its
+        PINGRESP: the broker answers in order, so every PUBACK/PUBREC/SUBACK for what the
+        device sent so far reaches the device first. Then the session ends like `kick`
+        (DISCONNECT 0x8B on v5). A connection not yet admitted is ended at once.
+        """
         session = self.session
-        if session is not None and session.state is State.ACTIVE and session.version == MQTT_5:
-            code = _DISCONNECT_CODES.get(reason, 0x80)
-            self.pump.encrypt(encode(Disconnect(reason_code=code), version=MQTT_5))
-        self._lost(reason, EventType.SESSION_REVOKED if revoked else EventType.SESSION_END)
+        if self.closed or self._barrier is not None:
+            return
+        if session is None or session.state is not State.ACTIVE or self.upstream is None:
+            self.kick(Reason.SERVER_SHUTTING_DOWN)
+            return
+        if self.transport is not None and not self._device_paused:
+            self._device_paused = True
+            self.transport.pause_reading()
+        self._barrier = session.downstream.pingresps
+        self._flush()
+        self.upstream.write(b"\xc0\x00")  # PINGREQ
+
+    def _end_drain(self) -> None:
+        self._barrier = None
+        if self.transport is not None and self._device_paused:
+            # Closed by the kick below before anything is read: the lingering close
+            # discards the device's unread bytes instead of answering them with a RST.
+            self._device_paused = False
+            self.transport.resume_reading()
+        self.kick(Reason.SERVER_SHUTTING_DOWN)
 
     def _close(self, reason: Reason, *, graceful: bool, linger: bool = True) -> None:
         if self.closed:
@@ -417,6 +517,9 @@ class DeviceConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if graceful and self.pump.handshake_complete:
             self.pump.close_notify()
         self._flush()

@@ -23,7 +23,14 @@ Invariants:
   against the topic the broker will use. Alias 0 or above the broker's maximum closes with
   0x94, an unknown alias with 0x82.
 * Broker-to-device bytes go through `gateway.downstream.Downstream` untouched, except
-  the CONNACK (v5 Assigned Client Identifier) and merged SUBACKs.
+  the CONNACK (v5 Assigned Client Identifier; Maximum Packet Size lowered to the
+  gateway's own limit, so a compliant client never trips it) and merged SUBACKs.
+* Ended from outside (`Session.cut`: takeover, revocation, certificate expiry, shutdown),
+  a session always records why: an admitted one (or one whose connect event is already
+  on its way to the log) its ``session_end`` / ``session_revoked``, with a DISCONNECT on
+  v5 (0x8E taken over, 0x98 administrative action for revocations, 0x87 not authorized
+  for an expired certificate, 0x8B shutting down); one still being authorised a
+  ``connect`` refusal with the same reason, and a refusing CONNACK if its CONNECT came.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ from gateway.policy import authorize, client_id_allowed
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
-__all__ = ["Session", "State", "connack_code"]
+__all__ = ["Session", "State", "connack_code", "disconnect_code"]
 
 _CACHE_LIMIT: Final = 1024
 _TOPIC_ALIAS_INVALID: Final = 0x94
@@ -90,6 +97,19 @@ _CONNACK: Final = {
     Reason.TOO_MANY_CONNECTIONS: (0x03, 0x97),
 }
 _NOT_AUTHORIZED: Final = (0x05, 0x87)
+# MQTT 5 DISCONNECT codes for sessions ended from outside (`Session.cut`).
+_CUT_CODES: Final = {
+    Reason.SESSION_TAKEN_OVER: 0x8E,  # Session taken over
+    Reason.SERVER_SHUTTING_DOWN: 0x8B,  # Server shutting down
+    Reason.CERTIFICATE_REVOKED: 0x98,  # Administrative action
+    Reason.CERTIFICATE_SUPERSEDED: 0x98,
+    Reason.DEVICE_REVOKED: 0x98,
+    Reason.DEVICE_DISABLED: 0x98,
+    # Not authorized: the credential is no longer valid. Not 0x98 (no operator acted) nor
+    # 0xA0 Maximum connect time (a client would just reconnect): the device must renew.
+    Reason.CERTIFICATE_EXPIRED: 0x87,
+}
+_UNSPECIFIED_ERROR: Final = 0x80
 # Session ends that are not the device's fault.
 _NORMAL_ENDS: Final = frozenset(
     {
@@ -106,6 +126,11 @@ def connack_code(reason: Reason, version: int) -> int:
     """The CONNACK code refusing a connection for ``reason`` on ``version``."""
     v3, v5 = _CONNACK.get(reason, _NOT_AUTHORIZED)
     return v5 if version == MQTT_5 else v3
+
+
+def disconnect_code(reason: Reason) -> int:
+    """The MQTT 5 DISCONNECT code ending a live session from outside for ``reason``."""
+    return _CUT_CODES.get(reason, _UNSPECIFIED_ERROR)
 
 
 class State(Enum):
@@ -144,6 +169,7 @@ class Session:
         self._pending_len = 0
         self._need = 0  # total size of the partial frame, 0 while its header is incomplete
         self._assign_client_id = False
+        self._admitting = False  # Admit returned: the connect event is on its way
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
         self._publish_cache: dict[str, bool] = {}
@@ -231,7 +257,10 @@ class Session:
                 Close(Reason.UNSUPPORTED_PROTOCOL_VERSION),
             ]
         except MalformedPacket as exc:
-            return self._close_before_admission(Reason.PROTOCOL_ERROR, exc.reason)
+            reason = (
+                Reason.PACKET_TOO_LARGE if exc.v5_reason_code == 0x95 else Reason.PROTOCOL_ERROR
+            )
+            return self._close_before_admission(reason, exc.reason)
         if result is NEED_DATA:
             self._buf = buf
             return []
@@ -348,17 +377,21 @@ class Session:
             ]
         if self.version == MQTT_5:
             self._alias_max = connack.properties.topic_alias_maximum or 0
+            items = connack.properties.items
+            broker_max = connack.properties.maximum_packet_size
+            if broker_max is None or broker_max > self.max_packet_size:
+                items = (
+                    *(i for i in items if i[0] != PropertyId.MAXIMUM_PACKET_SIZE),
+                    (PropertyId.MAXIMUM_PACKET_SIZE, self.max_packet_size),
+                )
             if self._assign_client_id:
                 assert self.client_id is not None
-                props = Properties(
-                    (
-                        *connack.properties.items,
-                        (PropertyId.ASSIGNED_CLIENT_IDENTIFIER, self.client_id),
-                    )
-                )
-                connack = replace(connack, properties=props)
+                items = (*items, (PropertyId.ASSIGNED_CLIENT_IDENTIFIER, self.client_id))
+            if items is not connack.properties.items:
+                connack = replace(connack, properties=Properties(tuple(items)))
         connack_bytes = encode(connack, version=self.version)
         self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
+        self._admitting = True
         info: dict[str, object] = {"protocol_version": self.version}
         if self.connect is not None:
             info["clean_start"] = self.connect.clean_start
@@ -608,3 +641,28 @@ class Session:
         was_active = self.state is State.ACTIVE
         self.state = State.CLOSED
         return self.end_event(reason, type_=type_) if was_active else None
+
+    def cut(self, reason: Reason, *, revoked: bool = False) -> list[Action]:
+        """End the session from outside: takeover, revocation, expiry, shutdown.
+
+        ``revoked`` records ``session_revoked`` instead of ``session_end``. See the module
+        invariants for what is recorded and sent in each state.
+        """
+        state = self.state
+        if state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        if state is State.ACTIVE or self._admitting:
+            type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
+            actions: list[Action] = [Record(self.end_event(reason, type_=type_))]
+            if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
+                disconnect = Disconnect(reason_code=disconnect_code(reason))
+                actions.append(ToDevice(encode(disconnect, version=MQTT_5)))
+            actions.append(Close(reason))
+            return actions
+        actions = [Record(self._event(EventType.CONNECT, reason))]
+        if state is State.AUTHORIZING:  # its CONNECT came: answer it
+            connack = Connack(reason_code=connack_code(reason, self.version))
+            actions.append(ToDevice(encode(connack, version=self.version)))
+        actions.append(Close(reason))
+        return actions

@@ -27,6 +27,7 @@ from gateway.mqtt.packets import Suback
 __all__ = ["Downstream", "SubackMerge"]
 
 _SUBACK: Final = 9
+_PINGRESP: Final = 13
 _UNSPECIFIED_ERROR_V3: Final = 0x80
 
 
@@ -68,12 +69,13 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
 class Downstream:
     """Cuts the broker's byte stream into what the device gets."""
 
-    __slots__ = ("_skip", "_tail", "merges", "packets", "version")
+    __slots__ = ("_skip", "_tail", "merges", "packets", "pingresps", "version")
 
     def __init__(self, version: int) -> None:
         self.version = version
         self.merges: dict[int, SubackMerge] = {}
         self.packets = 0
+        self.pingresps = 0  # a drain's PINGREQ barrier waits for the next one
         self._skip = 0
         self._tail = b""
 
@@ -104,6 +106,8 @@ class Downstream:
                 break
             packet_type, size = frame
             end = pos + size
+            if packet_type == _PINGRESP:
+                self.pingresps += 1
             if packet_type == _SUBACK and merges:
                 if end > n:
                     self._tail = data[pos:]

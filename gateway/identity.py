@@ -10,7 +10,8 @@ Invariants:
 * Device ids and fleets are ``[a-z0-9][a-z0-9-]*``; a certificate naming anything else is
   refused here, so no wildcard or level separator ever reaches the topic policy.
 * ``serial`` is lowercase hex without leading zeros (the registry's format);
-  ``fingerprint`` is the SHA-256 of the DER, lowercase hex.
+  ``fingerprint`` is the SHA-256 of the DER, lowercase hex; ``not_after`` (UTC) is when
+  the certificate, and so any session on it, ends.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from cryptography import x509
@@ -46,6 +48,7 @@ class DeviceIdentity:
     fleet: str
     serial: str
     fingerprint: str
+    not_after: datetime | None = None
 
 
 def identity_from_der(der: bytes, *, trust_domain: str) -> DeviceIdentity:
@@ -89,4 +92,5 @@ def identity_from_der(der: bytes, *, trust_domain: str) -> DeviceIdentity:
         fleet=fleet,
         serial=format(cert.serial_number, "x"),
         fingerprint=hashlib.sha256(der).hexdigest(),
+        not_after=cert.not_valid_after_utc,
     )

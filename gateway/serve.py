@@ -1,75 +1,180 @@
-"""``devicegate serve gateway``: run the gateway in this process until SIGTERM.
+"""``devicegate serve gateway``: run one gateway worker in this process until SIGTERM.
 
-One process for now (``--workers`` comes later). SIGTERM/SIGINT stop accepting and end
-every session (``server_shutting_down``), flushing the event spool; SIGHUP reloads the
-policy file. Also runnable as ``python -m gateway.serve`` (settings from the environment).
+SIGTERM/SIGINT drain: stop accepting, let the packets in flight finish, end every session
+(DISCONNECT 0x8B on v5, ``server_shutting_down``) within ``Settings.drain_timeout``, then
+flush and ship the event spool. SIGHUP reloads the policy file.
+
+Several workers (``--workers N``) are separate processes started by `gateway.workers`;
+each runs `serve` with its own ``worker_index``: its own SO_REUSEPORT listener on the
+shared address, its own spool (``spool_dir/w<i>``), event chain (``<instance>/w<i>``) and
+database pool.
+
+Also runnable as ``python -m gateway.serve`` (settings from the environment), which the
+supervisor uses for its workers: ``--worker-index I --settings-stdin`` reads the settings
+as one JSON line on stdin and keeps stdin open; its end (the supervisor died) stops the
+worker.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import resource
 import signal
+import sys
 from collections.abc import Callable
 
-import asyncpg
 import uvloop
 
 from gateway.events import SpoolSink
-from gateway.revocation import PostgresDirectory
+from gateway.revocation import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from schemas.settings import Settings, load_settings
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "raise_fd_limit", "serve"]
 
 log = logging.getLogger("devicegate.gateway")
 
 
-async def serve(settings: Settings, *, ready: Callable[[Gateway], None] | None = None) -> None:
-    """Run the gateway until SIGTERM or SIGINT.
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (two sockets per session)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[Gateway], None] | None = None,
+    worker_index: int = 0,
+    reuse_port: bool = False,
+    watch_stdin: bool = False,
+) -> None:
+    """Run one gateway worker until SIGTERM or SIGINT (or stdin's end, if watched).
 
     Args:
         settings: The configuration.
         ready: Called once the listener is up (tests use it to learn the port).
+        worker_index: This worker's number: spool ``w<i>``, chain ``<instance>/w<i>``.
+        reuse_port: Bind with SO_REUSEPORT (several workers share the address).
+        watch_stdin: Stop when stdin reaches its end (the supervisor is gone).
     """
     loop = asyncio.get_running_loop()
     host, port = settings.listen_host_port
     config = config_from_settings(settings)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    worker = f"w{worker_index}"
+    # Revocation state from LISTEN/NOTIFY; until it is current, connections are refused
+    # (revocation_state_stale), so starting while PostgreSQL is away is safe.
+    directory = RevocationCache(
+        database_url=settings.database_url,
+        stale_after=settings.revocation_stale_after.total_seconds(),
+    )
+    await directory.start()
+    if not await directory.wait_current(within=10.0):
+        log.warning("revocation state is not current yet; refusing devices until it is")
     try:
         async with SpoolSink(
             database_url=settings.database_url,
-            spool_dir=settings.spool_dir / "w0",
-            chain_id=f"{settings.instance_id}/w0",
+            spool_dir=settings.spool_dir / worker,
+            chain_id=f"{settings.instance_id}/{worker}",
             max_bytes=settings.spool_max_bytes,
         ) as sink:
             gateway = Gateway(
                 config=config,
                 sink=sink,
-                directory=PostgresDirectory(pool),
+                directory=directory,
                 host=host,
                 port=port,
                 policy_file=settings.policy_file,
                 max_connections=settings.max_connections,
+                reuse_port=reuse_port,
+                failed_handshakes_per_minute=settings.failed_handshakes_per_minute,
             )
             stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
-            async with gateway:
+            if watch_stdin:
+                _watch_stdin(loop, stop)
+            await gateway.start()
+            try:
                 if ready is not None:
                     ready(gateway)
                 await stop.wait()
-                log.info("shutting down")
+                log.info("worker %s draining", worker)
+                await gateway.drain(within=settings.drain_timeout.total_seconds())
+            finally:
+                await gateway.close()
     finally:
-        await pool.close()
+        await directory.close()
+    log.info("worker %s stopped", worker)
 
 
-def main(settings: Settings) -> None:
-    """Run the gateway on uvloop (the ``serve gateway`` command's entry point)."""
-    uvloop.run(serve(settings))
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("the supervisor is gone; stopping")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
+def main(settings: Settings, *, worker_index: int = 0, reuse_port: bool = False) -> None:
+    """Run one worker on uvloop (the ``serve gateway`` command's in-process entry point)."""
+    raise_fd_limit()
+    uvloop.run(serve(settings, worker_index=worker_index, reuse_port=reuse_port))
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.serve")
+    parser.add_argument("--workers", type=int, default=None, help="run N worker processes")
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settings-stdin", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.settings_stdin:
+        settings = Settings(**json.loads(sys.stdin.buffer.readline()))
+    else:
+        settings = load_settings()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s %(name)s[w{args.worker_index or 0}] %(message)s",
+    )
+    if args.worker_index is not None:
+        raise_fd_limit()
+        uvloop.run(
+            serve(
+                settings,
+                worker_index=args.worker_index,
+                reuse_port=True,
+                watch_stdin=args.settings_stdin,
+            )
+        )
+        return 0
+    if args.workers is not None and args.workers != 1:
+        from gateway.workers import supervise
+
+        return supervise(settings, workers=args.workers)
+    main(settings)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    main(load_settings())
+    sys.exit(_cli())

@@ -4,9 +4,23 @@ Invariants:
 
 * One live session per device and client id: a new one, once its CONNECT is authorised
   and before it reaches the broker, kicks the old one
-  (DISCONNECT 0x8E on v5), and both are recorded. Keyed by client id too because a fleet
-  whose policy allows ``{device_id}-*`` deliberately runs several clients per device;
-  under the default policy (client id = device id) this is one session per device.
+  (DISCONNECT 0x8E on v5), and both are recorded (``session_end`` /
+  ``session_taken_over`` for the old, ``connect`` / ``ok`` for the new). Keyed by client
+  id too because a fleet whose policy allows ``{device_id}-*`` deliberately runs several
+  clients per device; under the default policy (client id = device id) this is one
+  session per device. Per worker: a device reconnecting through another worker is
+  taken over by the broker itself (the old session then ends ``upstream_closed``).
+* A live directory (`gateway.revocation.LiveDirectory`, i.e. the revocation cache) is
+  attached on start: its notifications cut sessions through `Gateway.revoke`, found by
+  device id in the `gateway.sessions.SessionRegistry` (no scan of all connections).
+* Refusals at accept cost no TLS work and are recorded as ``tls_handshake`` denials,
+  throttled (`gateway.limits.EventThrottle`: one event per address, or per worker for
+  ``too_many_connections``, per window, counting the refusals in ``detail.refused``): an
+  address whose failed handshakes exhausted its token bucket (``rate_limited``), and any
+  connection beyond ``max_connections``. Every ``tls_handshake`` denial that reaches
+  `Gateway.record` takes a token from its address (except ``proxy_protocol_error``, which
+  names the load balancer, and the accept-time refusals themselves), so no failure
+  path can be forgotten.
 * Events that do not gate admission are recorded in the background; `Gateway.close`
   waits for them, so a clean shutdown loses none.
 * The policy document is swapped atomically on reload; sessions keep the fleet policy
@@ -16,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
@@ -23,20 +38,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gateway.audit import EventSink
+from gateway.audit import EventContext, EventSink
 from gateway.bridge import BridgeConfig, DeviceConnection
+from gateway.identity import DeviceIdentity
+from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
 from gateway.policy import PolicyError, load_policy
-from gateway.revocation import DeviceDirectory
+from gateway.revocation import DeviceDirectory, LiveDirectory
+from gateway.sessions import SessionRegistry
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
 from schemas.errors import DevicegateError
-from schemas.events import AuthEvent, Reason
+from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy, PolicyDocument
 from schemas.settings import Settings
 
 __all__ = ["Gateway", "GatewayConfigError", "config_from_settings"]
 
 log = logging.getLogger("devicegate.gateway")
+
+# tls_handshake denials that are not a failed handshake of the address they name.
+_NOT_FAILURES = frozenset(
+    {Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS, Reason.PROXY_PROTOCOL_ERROR}
+)
+_ALL_ADDRESSES = "*"
 
 
 class GatewayConfigError(DevicegateError):
@@ -65,6 +89,7 @@ def config_from_settings(settings: Settings) -> BridgeConfig:
         handshake_timeout=settings.handshake_timeout.total_seconds(),
         connect_timeout=settings.connect_timeout.total_seconds(),
         max_packet_size=settings.max_packet_size,
+        proxy_protocol_from=tuple(settings.proxy_protocol_from),
     )
 
 
@@ -72,6 +97,9 @@ class Gateway:
     """Accepts devices on ``host:port`` and bridges them to the upstream broker.
 
     Use as ``async with Gateway(...) as gateway:``, or ``await start()`` / ``await close()``.
+
+    ``failed_handshakes_per_minute`` (None: no limit) sizes the per-address token bucket;
+    ``refusal_event_interval`` is the throttle window of accept-time refusal events.
     """
 
     def __init__(
@@ -85,6 +113,9 @@ class Gateway:
         policy: PolicyDocument | None = None,
         policy_file: Path | None = None,
         max_connections: int = 10_000,
+        reuse_port: bool = False,
+        failed_handshakes_per_minute: int | None = None,
+        refusal_event_interval: float = 10.0,
     ) -> None:
         self.config = config
         self.sink = sink
@@ -94,24 +125,47 @@ class Gateway:
         self.policy_file = policy_file
         self.policy = policy if policy is not None else load_policy(policy_file)
         self.max_connections = max_connections
+        self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes share the port
         self.connections: set[DeviceConnection] = set()
-        self._by_device: dict[tuple[str, str | None], DeviceConnection] = {}
+        self.sessions: SessionRegistry[DeviceConnection] = SessionRegistry()
+        self.failures = (
+            FailureLimiter(per_minute=failed_handshakes_per_minute)
+            if failed_handshakes_per_minute
+            else None
+        )
+        self.refusals = EventThrottle(interval=refusal_event_interval)
+        self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._idle: asyncio.Event | None = None  # set when the last connection closes
 
     async def start(self) -> None:
         """Start listening (port 0 picks a free port, see ``self.port``)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: DeviceConnection(self), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: DeviceConnection(self),
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if isinstance(self.directory, LiveDirectory):
+            self.directory.attach(self)
+        self._ticker = loop.create_task(self._report_refusals(), name="refusal-events")
         log.info("gateway listening on %s:%s", self.host, self.port)
 
     async def close(self) -> None:
         """Stop accepting, end every session (server_shutting_down), flush the events."""
         if self._server is not None:
             self._server.close()
+        if isinstance(self.directory, LiveDirectory):
+            self.directory.detach(self)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+            self._record_bursts(self.refusals.flush())
         for connection in list(self.connections):
             connection.kick(Reason.SERVER_SHUTTING_DOWN)
         if self._server is not None:
@@ -119,6 +173,23 @@ class Gateway:
             self._server = None
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def drain(self, *, within: float) -> None:
+        """Graceful shutdown: stop accepting, let in-flight packets finish, then `close`.
+
+        Each live session stops reading, gets the broker's answers to what it already
+        forwarded, then DISCONNECT 0x8B (v5) or a close (see `DeviceConnection.drain`).
+        Sessions still open after ``within`` seconds are ended by `close`.
+        """
+        if self._server is not None:
+            self._server.close()
+        self._idle = asyncio.Event()
+        for connection in list(self.connections):
+            connection.drain()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), within)
+        await self.close()
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -135,22 +206,31 @@ class Gateway:
     def revoke(self, device_id: str, *, reason: Reason, serial: str | None = None) -> int:
         """End the sessions of ``device_id`` (only those on ``serial`` if given).
 
-        The hook for live revocation: each session gets DISCONNECT 0x98 on MQTT 5 (closed on
-        3.1.1) and a ``session_revoked`` event with ``reason``.
+        The hook for live revocation (`gateway.revocation.RevocationListener`): each live
+        session gets DISCONNECT 0x98 on MQTT 5 (closed on 3.1.1) and a ``session_revoked``
+        event with ``reason``; one still being authorised is refused (``connect`` event).
 
         Returns:
             How many connections were ended.
         """
         doomed = [
             connection
-            for connection in self.connections
-            if connection.session is not None
-            and connection.session.identity.device_id == device_id
+            for connection in self.sessions.of_device(device_id)
+            if not connection.closed
+            and connection.session is not None
             and (serial is None or connection.session.identity.serial == serial)
         ]
         for connection in doomed:
             connection.kick(reason, revoked=True)
         return len(doomed)
+
+    def live_identities(self) -> list[DeviceIdentity]:
+        """The identities of every open connection past its handshake."""
+        return [
+            connection.session.identity
+            for connection in self.sessions
+            if connection.session is not None and not connection.closed
+        ]
 
     def reload_policy(self) -> bool:
         """Re-read the policy file (SIGHUP); keep the old policy if the new one is invalid."""
@@ -168,6 +248,13 @@ class Gateway:
         return self.policy.for_fleet(fleet)
 
     def record(self, event: AuthEvent) -> None:
+        if (
+            self.failures is not None
+            and event.type is EventType.TLS_HANDSHAKE
+            and event.outcome is Outcome.DENIED
+            and event.reason not in _NOT_FAILURES
+        ):
+            self.failures.failed(address_key(event.peer_address))
         self.spawn(self._record(event), "record-event")
 
     async def _record(self, event: AuthEvent) -> None:
@@ -182,23 +269,67 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     def opened(self, connection: DeviceConnection) -> bool:
+        """Count a new connection in; False (refusal recorded, throttled) to abort it."""
+        if not self.screen(connection):
+            return False
         if len(self.connections) >= self.max_connections:
+            self._refused(connection, Reason.TOO_MANY_CONNECTIONS, _ALL_ADDRESSES)
             return False
         self.connections.add(connection)
         return True
 
+    def screen(self, connection: DeviceConnection) -> bool:
+        """Whether the connection's address may start a handshake (False: recorded).
+
+        Called at accept, and again once a PROXY v2 header has named the real address.
+        """
+        if self.failures is None:
+            return True
+        key = address_key(connection.context.peer_address)
+        if self.failures.allowed(key):
+            return True
+        self._refused(connection, Reason.RATE_LIMITED, key or _ALL_ADDRESSES)
+        return False
+
+    def _refused(self, connection: DeviceConnection, reason: Reason, key: str) -> None:
+        self._record_bursts(self.refusals.hit(f"{reason} {key}", connection.context.peer_address))
+
+    def _record_bursts(self, bursts: list[Burst]) -> None:
+        for burst in bursts:
+            reason = Reason(burst.key.partition(" ")[0])
+            detail: dict[str, object] = {
+                "refused": burst.count,
+                "window_seconds": self.refusals.interval,
+            }
+            if reason is Reason.TOO_MANY_CONNECTIONS:
+                detail["max_connections"] = self.max_connections
+            elif self.failures is not None:
+                detail["address"] = burst.key.partition(" ")[2]
+                detail["failed_handshakes_per_minute"] = int(self.failures.capacity)
+            context = EventContext(instance=self.config.instance, peer_address=burst.sample)
+            self.record(context.event(EventType.TLS_HANDSHAKE, reason, detail=detail))
+
+    async def _report_refusals(self) -> None:
+        """Record the refusals counted but not yet reported, as their windows close."""
+        while True:
+            await asyncio.sleep(min(1.0, self.refusals.interval))
+            self._record_bursts(self.refusals.due())
+
+    def identified(self, connection: DeviceConnection) -> None:
+        assert connection.session is not None
+        self.sessions.add(connection.session.identity.device_id, connection)
+
     def claim(self, connection: DeviceConnection) -> None:
         assert connection.session is not None
         key = (connection.session.identity.device_id, connection.session.client_id)
-        previous = self._by_device.get(key)
-        self._by_device[key] = connection
-        if previous is not None and previous is not connection:
+        previous = self.sessions.claim(key, connection)
+        if previous is not None:
             previous.kick(Reason.SESSION_TAKEN_OVER)
 
     def closed(self, connection: DeviceConnection) -> None:
         self.connections.discard(connection)
+        if self._idle is not None and not self.connections:
+            self._idle.set()
         session = connection.session
         if session is not None:
-            key = (session.identity.device_id, session.client_id)
-            if self._by_device.get(key) is connection:
-                del self._by_device[key]
+            self.sessions.remove(session.identity.device_id, connection)

@@ -12,6 +12,18 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 
 
+class _TooLong(ValueError):
+    pass
+
+
+def _seconds(seconds: float, text: object) -> timedelta:
+    """``timedelta(seconds=...)``, with ValueError (not OverflowError) when out of range."""
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise _TooLong(f"{text!r} is too long a duration") from None
+
+
 def parse_duration(text: str) -> timedelta:
     """Parse ``1h30m``, ``45s``, ``7d`` or a bare number of seconds.
 
@@ -22,7 +34,9 @@ def parse_duration(text: str) -> timedelta:
     if not cleaned:
         raise ValueError("empty duration")
     try:
-        return timedelta(seconds=float(cleaned))
+        return _seconds(float(cleaned), text)
+    except _TooLong:
+        raise
     except ValueError:
         pass
     seconds = 0.0
@@ -34,7 +48,7 @@ def parse_duration(text: str) -> timedelta:
         position = match.end()
     if position != len(cleaned):
         raise ValueError(f"{text!r} is not a duration (examples: 30s, 10m, 8h, 7d)")
-    return timedelta(seconds=seconds)
+    return _seconds(seconds, text)
 
 
 def format_duration(value: timedelta) -> str:
@@ -51,7 +65,7 @@ def _coerce(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        return _seconds(value, value)
     return value
 
 

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
         description="Name of this gateway instance in events and metrics.",
     )
     workers: int = Field(0, ge=0, description="Gateway worker processes; 0 means one per CPU.")
+    drain_timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="On SIGTERM, how long sessions get to finish the packets in flight.",
+    )
     handshake_timeout: Duration = Field(timedelta(seconds=10), description="TLS handshake limit.")
     connect_timeout: Duration = Field(
         timedelta(seconds=10), description="Time allowed between handshake and CONNECT."

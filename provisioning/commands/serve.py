@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from provisioning.commands.common import context, run
+from provisioning.commands.common import context, fail, run
+from schemas.errors import DevicegateError
 
 group = typer.Typer(help="Run the provisioning service or the MQTT gateway.", no_args_is_help=True)
 
@@ -42,12 +44,37 @@ def gateway(
     policy: Annotated[
         Path | None, typer.Option(help="Topic policy file (env DEVICEGATE_POLICY_FILE).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Worker processes sharing the port with SO_REUSEPORT; 0 = one per CPU "
+            "(env DEVICEGATE_WORKERS). 1 runs in this process.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the mutual-TLS MQTT gateway until SIGTERM (needs no CA key)."""
+    """Run the mutual-TLS MQTT gateway until SIGTERM (needs no CA key).
+
+    SIGTERM drains (in-flight packets finish, sessions end with DISCONNECT 0x8B on MQTT 5,
+    the event spool is shipped) and exits 0; SIGHUP reloads the policy file.
+    """
     # Imported here: the control plane does not load the data plane unless asked to.
-    from gateway.serve import serve
+    from gateway.serve import raise_fd_limit, serve
 
     settings = context(ctx).settings(
-        gateway_listen=listen, upstream_url=upstream, policy_file=policy
+        gateway_listen=listen, upstream_url=upstream, policy_file=policy, workers=workers
     )
-    run(serve(settings))
+    count = settings.workers or os.cpu_count() or 1
+    if count == 1:
+        raise_fd_limit()
+        run(serve(settings))
+        return
+    from gateway.workers import supervise
+
+    try:
+        status = supervise(settings, workers=count)
+    except OSError as exc:
+        fail(f"cannot listen on {settings.gateway_listen}: {exc.strerror or exc}")
+    except DevicegateError as exc:  # the TLS files or the policy file
+        fail(str(exc))
+    raise typer.Exit(status)

@@ -1,0 +1,853 @@
+"""Benchmark: the gateway (``--workers 2``) beside Mosquitto's own mTLS listener.
+
+One run, same PKI (``provisioning.ca.init_pki``), same load generator, on this machine:
+
+- ``handshakes/s``: TLS (device certificate) + CONNECT + CONNACK + close, from
+  ``--procs`` load processes with ``--concurrency`` loops each; the load generator's
+  share of the machine's CPU is printed beside it.
+- ``qos0 msg/s`` and ``qos1 msg/s`` delivered: ``--pairs`` publisher/subscriber pairs
+  (publisher -> broker -> subscriber), through the gateway (upstream: a plain Mosquitto)
+  vs straight to Mosquitto's mTLS listener; counted at the subscribers in a steady window.
+- ``rtt p50/p99``: one client publishes QoS 0 to a topic it subscribes to and waits for it,
+  sequentially.
+- ``KB/session``: RSS delta (``/proc``, summed over the gateway workers) from holding
+  ``--sessions`` idle mTLS sessions, vs Mosquitto's RSS delta for the same.
+
+Targets (issue 6): handshakes >= 1.0x Mosquitto, QoS 0 delivered >= 0.6x direct, added
+p99 <= 0.3 ms, memory per session <= 1.5x Mosquitto. ``make bench`` runs the bounded
+default (about two minutes); ``--full`` holds 10,000 sessions, longer windows.
+
+Usage: .venv/bin/python bench/gateway.py [--full] [--sessions N] [--seconds S]
+       (PostgreSQL from DEVICEGATE_BENCH_ADMIN_URL, default postgres@127.0.0.1/postgres)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from provisioning.ca import DeviceIdentity, SignOptions, fingerprint, init_pki, load_ca
+from schemas.migrate import migrate
+
+ADMIN_URL = os.environ.get(
+    "DEVICEGATE_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+PASSPHRASE = b"bench-passphrase-not-secret"
+TRUST_DOMAIN = "devicegate.local"
+FLEET = "bench"
+ROOT = Path(__file__).resolve().parent.parent
+PAYLOAD = b"x" * 64
+
+
+# --- MQTT 3.1.1 bytes (the load generator writes them directly: it must not be the limit) --
+
+
+def _rl(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n % 128
+        n //= 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def connect_frame(client_id: str, keepalive: int = 600) -> bytes:
+    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive) + _str(client_id)
+    return b"\x10" + _rl(len(body)) + body
+
+
+def publish_frame(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
+    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | qos << 1]) + _rl(len(body)) + body
+
+
+def subscribe_frame(topic: str, qos: int) -> bytes:
+    body = struct.pack("!H", 1) + _str(topic) + bytes([qos])
+    return b"\x82" + _rl(len(body)) + body
+
+
+DISCONNECT = b"\xe0\x00"
+
+
+# --- setup ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    pids: tuple[int, ...]  # processes whose RSS counts
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Env:
+    chain: str
+    devices: tuple[Device, ...]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def make_devices(pki: Path, out: Path, count: int) -> list[tuple[Device, Any]]:
+    ca = load_ca(pki, PASSPHRASE)
+    now = datetime.now(UTC)
+    devices = []
+    for i in range(count):
+        device_id = f"bench-{i:04d}-{secrets.token_hex(2)}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = ca.issue_device_certificate(
+            key.public_key(),
+            DeviceIdentity(device_id, FLEET, TRUST_DOMAIN),
+            SignOptions(not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1)),
+        )
+        cert_path, key_path = out / f"{device_id}.crt", out / f"{device_id}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        devices.append((Device(device_id, str(cert_path), str(key_path)), cert))
+    return devices
+
+
+async def create_database(name: str, devices: list[tuple[Device, Any]]) -> str:
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = ADMIN_URL.rpartition("/")[0] + "/" + name
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        await conn.execute("INSERT INTO fleets (name) VALUES ($1)", FLEET)
+        for device, cert in devices:
+            await conn.execute(
+                "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
+                device.device_id,
+                FLEET,
+            )
+            await conn.execute(
+                "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
+                " not_after, status, key_type, pem) VALUES ($1, $2, $3, $4, $5, 'active',"
+                " 'ec-p256', $6)",
+                format(cert.serial_number, "x"),
+                device.device_id,
+                fingerprint(cert),
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+                cert.public_bytes(serialization.Encoding.PEM).decode(),
+            )
+    finally:
+        await conn.close()
+    return url
+
+
+async def drop_database(name: str) -> None:
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.contextmanager
+def mosquitto(work: Path, port: int, tls: Path | None) -> Iterator[subprocess.Popen[bytes]]:
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        "log_dest none",
+        "max_queued_messages 0",
+        "max_inflight_messages 100",
+        "max_connections -1",
+        "set_tcp_nodelay true",  # as the gateway does; else Nagle adds 40 ms to CONNACK
+    ]
+    if os.geteuid() == 0:  # else it drops to user mosquitto, who cannot read the key
+        lines.append("user root")
+    if tls is not None:
+        lines += [
+            f"cafile {tls / 'chain.pem'}",
+            f"certfile {tls / 'server.crt'}",
+            f"keyfile {tls / 'server.key'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+    config = work / f"mosquitto-{port}.conf"
+    config.write_text("\n".join(lines) + "\n")
+    process = subprocess.Popen(
+        ["mosquitto", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_raise_fd_limit,
+    )
+    try:
+        wait_for_port(port)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def children(pid: int) -> tuple[int, ...]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return tuple(int(p) for p in path.read_text().split())
+
+
+def rss_kb(pids: tuple[int, ...]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+# --- the load generator (each function runs in its own process, on uvloop) ---------------
+
+
+def client_context(env: Env, device: Device) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=env.chain)
+    context.load_cert_chain(device.cert, device.key)
+    return context
+
+
+class Reader(asyncio.Protocol):
+    """Counts bytes and wakes a waiter once ``want`` bytes have arrived."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+        self.want = 0
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and len(self.buf) >= self.want and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+    async def read(self, n: int) -> bytes:
+        if len(self.buf) < n:
+            self.want = n
+            self.waiter = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(self.waiter, 10)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+async def open_mqtt(
+    port: int, context: ssl.SSLContext, client_id: str, protocol: type[Reader] = Reader
+) -> Reader:
+    loop = asyncio.get_running_loop()
+    _, reader = await loop.create_connection(
+        protocol, "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    assert reader.transport is not None
+    reader.transport.write(connect_frame(client_id))
+    connack = await reader.read(4)
+    if connack[3] != 0:
+        raise ConnectionError(f"CONNACK {connack[3]}")
+    return reader
+
+
+def handshake_worker(
+    env: Env, port: int, devices: list[Device], seconds: float, queue: Any
+) -> None:
+    async def loop_one(device: Device, deadline: float, counts: list[int]) -> None:
+        context = client_context(env, device)
+        n = 0
+        while time.monotonic() < deadline:
+            try:
+                reader = await open_mqtt(port, context, f"{device.device_id}-h")
+            except (OSError, ConnectionError, TimeoutError, ssl.SSLError):
+                counts[1] += 1
+                continue
+            assert reader.transport is not None
+            reader.transport.write(DISCONNECT)
+            reader.transport.close()
+            n += 1
+        counts[0] += n
+
+    async def main() -> None:
+        counts = [0, 0]
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(*(loop_one(d, deadline, counts) for d in devices))
+        queue.put((counts[0], counts[1], time.process_time()))
+
+    uvloop.run(main())
+
+
+def hold_worker(
+    env: Env, port: int, device: Device, ids: list[str], queue: Any, release: EventType
+) -> None:
+    _raise_fd_limit()
+
+    async def main() -> None:
+        context = client_context(env, device)
+        gate = asyncio.Semaphore(64)
+        held: list[Reader] = []
+        failed = 0
+
+        async def one(client_id: str) -> None:
+            nonlocal failed
+            async with gate:
+                try:
+                    held.append(await open_mqtt(port, context, client_id))
+                except (OSError, ConnectionError, TimeoutError, ssl.SSLError):
+                    failed += 1
+
+        await asyncio.gather(*(one(i) for i in ids))
+        queue.put((len(held), failed))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, release.wait)
+        for reader in held:
+            assert reader.transport is not None
+            reader.transport.close()
+        await asyncio.sleep(0.2)
+
+    uvloop.run(main())
+
+
+def pair_worker(
+    env: Env,
+    port: int,
+    device: Device,
+    qos: int,
+    seconds: float,
+    warmup: float,
+    queue: Any,
+) -> None:
+    """One publisher and one subscriber on ``devices/<id>/bench``; counts deliveries."""
+
+    async def main() -> None:
+        context = client_context(env, device)
+        topic = f"devices/{device.device_id}/bench"
+        frame = publish_frame(topic, PAYLOAD, qos, 1)
+        frame_len = len(frame)
+        sub = await open_mqtt(port, context, f"{device.device_id}-sub")
+        assert sub.transport is not None
+        sub.transport.write(subscribe_frame(topic, qos))
+        await sub.read(5)  # SUBACK
+        pub = await open_mqtt(port, context, f"{device.device_id}-pub")
+        assert pub.transport is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        window_start, window_end = start + warmup, start + warmup + seconds
+        state = {"received": 0, "in_window": 0, "acked": 0}
+        sub_transport = sub.transport
+
+        def on_sub(data: bytes) -> None:
+            sub.buf += data
+            n = len(sub.buf) // frame_len
+            if not n:
+                return
+            if qos:
+                acks = bytearray()
+                buf = sub.buf
+                offset = frame_len - len(PAYLOAD) - 2
+                for i in range(n):
+                    p = i * frame_len + offset
+                    acks += b"\x40\x02" + buf[p : p + 2]
+                sub_transport.write(bytes(acks))
+            del sub.buf[: n * frame_len]
+            state["received"] += n
+            now = loop.time()
+            if window_start <= now < window_end:
+                state["in_window"] += n
+
+        sub.data_received = on_sub  # type: ignore[method-assign]
+        stop = False
+        if qos == 0:
+            batch = frame * 128
+            pub_transport = pub.transport
+            while loop.time() < window_end:
+                pub_transport.write(batch)
+                if pub_transport.get_write_buffer_size() > 256 * 1024:
+                    await asyncio.sleep(0)
+                    while pub_transport.get_write_buffer_size() > 64 * 1024:  # noqa: ASYNC110
+                        await asyncio.sleep(0.001)
+                else:
+                    await asyncio.sleep(0)
+        else:
+            frames = [publish_frame(topic, PAYLOAD, 1, pid) for pid in range(1, 65536)]
+            next_id = [0]
+            pub_transport = pub.transport
+
+            def send(n: int) -> None:
+                i = next_id[0]
+                chunk = frames[i : i + n]
+                if len(chunk) < n:
+                    chunk += frames[: n - len(chunk)]
+                next_id[0] = (i + n) % len(frames)
+                pub_transport.write(b"".join(chunk))
+
+            def on_pub(data: bytes) -> None:
+                pub.buf += data
+                n = len(pub.buf) // 4
+                del pub.buf[: n * 4]
+                state["acked"] += n
+                if not stop:
+                    send(n)
+
+            pub.data_received = on_pub  # type: ignore[method-assign]
+            send(200)
+            while loop.time() < window_end:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            stop = True
+        queue.put((state["in_window"], seconds))
+        pub.transport.close()
+        sub_transport.close()
+        await asyncio.sleep(0.1)
+
+    uvloop.run(main())
+
+
+def rtt_worker(env: Env, port: int, device: Device, rounds: int, queue: Any) -> None:
+    async def main() -> None:
+        context = client_context(env, device)
+        topic = f"devices/{device.device_id}/rtt"
+        reader = await open_mqtt(port, context, f"{device.device_id}-rtt")
+        assert reader.transport is not None
+        reader.transport.write(subscribe_frame(topic, 0))
+        await reader.read(5)
+        frame = publish_frame(topic, PAYLOAD, 0)
+        samples = []
+        for i in range(rounds + 200):
+            t0 = time.perf_counter()
+            reader.transport.write(frame)
+            await reader.read(len(frame))
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+        reader.transport.close()
+        queue.put(samples)
+
+    uvloop.run(main())
+
+
+# --- the measurements ------------------------------------------------------------------
+
+
+def run_procs(target: Any, args_list: list[tuple[Any, ...]], timeout: float) -> list[Any]:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, queue)) for args in args_list]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(10)
+    return results
+
+
+def measure_handshakes(
+    env: Env, target: Target, procs: int, concurrency: int, seconds: float
+) -> tuple[float, float, int, float]:
+    """Handshakes per second, load generator CPU share, failures, server CPU ms each."""
+    devices = list(env.devices)
+    args = [
+        (env, target.port, devices[i * concurrency : (i + 1) * concurrency], seconds)
+        for i in range(procs)
+    ]
+    cpu = cpu_seconds(target.pids)
+    results = run_procs(handshake_worker, args, seconds + 30)
+    cpu = cpu_seconds(target.pids) - cpu
+    done: int = sum(r[0] for r in results)
+    failed = sum(r[1] for r in results)
+    loadgen_cpu = sum(r[2] for r in results)
+    cores = os.cpu_count() or 1
+    share = float(loadgen_cpu) / (seconds * cores)
+    print(
+        f"{target.name}: {done} handshakes in {seconds:.0f}s, server CPU {cpu:.2f}s "
+        f"({1e3 * cpu / max(done, 1):.2f} ms each), load generator CPU {loadgen_cpu:.2f}s",
+        flush=True,
+    )
+    return done / seconds, share, failed, 1e3 * cpu / max(done, 1)
+
+
+def measure_messages(
+    env: Env, target: Target, qos: int, pairs: int, seconds: float
+) -> tuple[float, float]:
+    """Delivered messages per second, and server CPU microseconds per delivered message."""
+    args = [(env, target.port, env.devices[i], qos, seconds, 0.5) for i in range(pairs)]
+    cpu = cpu_seconds(target.pids)
+    results = run_procs(pair_worker, args, seconds + 60)
+    cpu = cpu_seconds(target.pids) - cpu
+    delivered = float(sum(r[0] for r in results))
+    # The CPU covers the whole run (warm-up and tail too); the count only the window.
+    return delivered / seconds, 1e6 * cpu / max(delivered, 1.0)
+
+
+def measure_rtt(env: Env, target: Target, rounds: int) -> list[float]:
+    (samples,) = run_procs(rtt_worker, [(env, target.port, env.devices[0], rounds)], 120)
+    return list(samples)
+
+
+def median2(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The run with the median rate."""
+    return sorted(runs)[len(runs) // 2]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    samples = sorted(samples)
+    return statistics.median(samples) * 1e3, samples[int(len(samples) * 0.99) - 1] * 1e3
+
+
+def measure_memory(
+    env: Env, target: Target, sessions: int, procs: int, extra: tuple[int, ...] = ()
+) -> tuple[float, int, float]:
+    device = env.devices[-1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    release = ctx.Event()
+    per = sessions // procs
+    ids = [f"{device.device_id}-m{i}" for i in range(per * procs)]
+    time.sleep(0.5)
+    before = rss_kb(target.pids)
+    before_extra = rss_kb(extra) if extra else 0
+    workers = [
+        ctx.Process(
+            target=hold_worker,
+            args=(env, target.port, device, ids[i * per : (i + 1) * per], queue, release),
+        )
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    held = failed = 0
+    for _ in workers:
+        h, f = queue.get(timeout=300)
+        held += h
+        failed += f
+    time.sleep(1.0)
+    after = rss_kb(target.pids)
+    after_extra = rss_kb(extra) if extra else 0
+    release.set()
+    for w in workers:
+        w.join(30)
+    time.sleep(1.0)
+    per_session = (after - before) / max(held, 1)
+    extra_per = (after_extra - before_extra) / max(held, 1)
+    return per_session, held, extra_per
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gateway(
+    work: Path, pki: Path, url: str, upstream: int, workers: int
+) -> Iterator[tuple[Target, subprocess.Popen[bytes]]]:
+    port = free_port()
+    policy = work / "policy.toml"
+    policy.write_text(f'[fleets.{FLEET}]\nclient_ids = ["{{device_id}}-*"]\n')
+    env = {
+        **os.environ,
+        "DEVICEGATE_DATABASE_URL": url,
+        "DEVICEGATE_PKI_DIR": str(pki),
+        "DEVICEGATE_SPOOL_DIR": str(work / "spool"),
+        "DEVICEGATE_INSTANCE_ID": "bench-gw",
+        "DEVICEGATE_POLICY_FILE": str(policy),
+        "DEVICEGATE_MAX_CONNECTIONS": "100000",
+        "DEVICEGATE_DRAIN_TIMEOUT": "5s",
+        "DEVICEGATE_LOG_FORMAT": "text",
+    }
+    command = [
+        str(Path(sys.executable).with_name("devicegate")), "serve", "gateway",
+        "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"mqtt://127.0.0.1:{upstream}",
+    ]  # fmt: skip
+    log = (work / "gateway.log").open("wb")
+    process = subprocess.Popen(command, env=env, stderr=log)
+    try:
+        wait_for_port(port)
+        deadline = time.monotonic() + 20
+        while len(children(process.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        yield Target("gateway", port, children(process.pid)), process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@contextlib.contextmanager
+def profiled(py_spy: str | None, target: Target, work: Path, label: str) -> Iterator[None]:
+    """Sample the gateway workers with py-spy (collapsed stacks) while the block runs."""
+    if py_spy is None:
+        yield
+        return
+    outs = [work / f"profile-{label}-{pid}.txt" for pid in target.pids]
+    procs = [
+        subprocess.Popen(
+            [py_spy, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid, out in zip(target.pids, outs, strict=True)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    print_profile(label, outs)
+
+
+def print_profile(label: str, outs: list[Path], top: int = 18) -> None:
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for out in outs:
+        if not out.exists():
+            continue
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [re.sub(r"\(.*/", "(", re.sub(r":\d+\)", ")", f)) for f in stack.split(";")]
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + n
+    if not total:
+        print(f"profile {label}: no samples")
+        return
+    print(f"\nprofile {label}: {total} samples over the workers; top by own time")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(
+            f"  {100 * n / total:5.1f}% own  {100 * inclusive[frame] / total:5.1f}% incl  {frame}"
+        )
+
+
+FIGURES = ("memory", "handshakes", "qos0", "qos1", "rtt")
+
+
+def fmt_ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base and value == value and base == base else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="10,000 sessions, longer windows")
+    parser.add_argument("--sessions", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None, help="each throughput window")
+    parser.add_argument("--procs", type=int, default=2, help="load generator processes")
+    parser.add_argument("--concurrency", type=int, default=16, help="loops per load process")
+    parser.add_argument("--pairs", type=int, default=4, help="publisher/subscriber pairs")
+    parser.add_argument("--rounds", type=int, default=1000, help="round trips per latency run")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs per figure")
+    parser.add_argument("--workers", type=int, default=2, help="gateway workers")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--py-spy", default=None, help="py-spy binary: profile the workers")
+    parser.add_argument(
+        "--only", default=",".join(FIGURES), help=f"comma-separated subset of {FIGURES}"
+    )
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    sessions = args.sessions or (10_000 if args.full else 2_000)
+    seconds = args.seconds or (8.0 if args.full else 3.0)
+    _raise_fd_limit()
+    if shutil.which("mosquitto") is None:
+        sys.exit("mosquitto not installed")
+
+    work = Path(tempfile.mkdtemp(prefix="devicegate-bench-"))
+    pki = work / "pki"
+    init_pki(pki, passphrase=PASSPHRASE, force=True)
+    (work / "devices").mkdir()
+    count = max(args.procs * args.concurrency, args.pairs) + 1
+    devices = make_devices(pki, work / "devices", count)
+    env = Env(str(pki / "chain.pem"), tuple(d for d, _ in devices))
+    db_name = f"dg_bench_{secrets.token_hex(4)}"
+    url = asyncio.run(create_database(db_name, devices))
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        direct_port, upstream_port = free_port(), free_port()
+        with (
+            mosquitto(work, direct_port, pki) as direct_proc,
+            mosquitto(work, upstream_port, None) as upstream_proc,
+            gateway(work, pki, url, upstream_port, args.workers) as (gw, _),
+        ):
+            direct = Target("mosquitto", direct_port, (direct_proc.pid,))
+            print(f"gateway workers: pids {gw.pids}; load: {args.procs} procs", flush=True)
+
+            nan = float("nan")
+            mem_m = mem_g = mem_up = hs_m = hs_g = share_m = share_g = nan
+            q0_m = q0_g = q1_m = q1_g = p50_m = p50_g = p99_m = p99_g = nan
+            hcpu_m = hcpu_g = q0cpu_m = q0cpu_g = q1cpu_m = q1cpu_g = nan
+            fail_m = fail_g = 0
+            if "memory" in only:
+                mem_m, held_m, _ = measure_memory(env, direct, sessions, args.procs)
+                mem_g, held_g, mem_up = measure_memory(
+                    env, gw, sessions, args.procs, extra=(upstream_proc.pid,)
+                )
+                print(f"memory: held {held_m} (mosquitto) / {held_g} (gateway)", flush=True)
+            # Alternating rounds (mosquitto, gateway, mosquitto, ...), median of each side:
+            # on a shared machine the load of others moves every figure.
+            rounds = range(args.repeat)
+            if "handshakes" in only:
+                hs_ms, hs_gs = [], []
+                for i in rounds:
+                    hs_ms.append(
+                        measure_handshakes(env, direct, args.procs, args.concurrency, seconds)
+                    )
+                    with profiled(args.py_spy if i == 0 else None, gw, work, "handshakes"):
+                        hs_gs.append(
+                            measure_handshakes(env, gw, args.procs, args.concurrency, seconds)
+                        )
+                hs_m, share_m, fail_m, hcpu_m = sorted(hs_ms)[len(hs_ms) // 2]
+                hs_g, share_g, fail_g, hcpu_g = sorted(hs_gs)[len(hs_gs) // 2]
+            if "qos0" in only:
+                q0_ms, q0_gs = [], []
+                for i in rounds:
+                    q0_ms.append(measure_messages(env, direct, 0, args.pairs, seconds))
+                    with profiled(args.py_spy if i == 0 else None, gw, work, "qos0"):
+                        q0_gs.append(measure_messages(env, gw, 0, args.pairs, seconds))
+                (q0_m, q0cpu_m), (q0_g, q0cpu_g) = median2(q0_ms), median2(q0_gs)
+            if "qos1" in only:
+                q1_ms, q1_gs = [], []
+                for _ in rounds:
+                    q1_ms.append(measure_messages(env, direct, 1, args.pairs, seconds))
+                    q1_gs.append(measure_messages(env, gw, 1, args.pairs, seconds))
+                (q1_m, q1cpu_m), (q1_g, q1cpu_g) = median2(q1_ms), median2(q1_gs)
+            if "rtt" in only:
+                rtt_m: list[float] = []
+                rtt_g: list[float] = []
+                for i in rounds:
+                    rtt_m += measure_rtt(env, direct, args.rounds)
+                    with profiled(args.py_spy if i == 0 else None, gw, work, "rtt"):
+                        rtt_g += measure_rtt(env, gw, args.rounds)
+                p50_m, p99_m = percentiles(rtt_m)
+                p50_g, p99_g = percentiles(rtt_g)
+
+        rows = [
+            ("handshakes/s (TLS+CONNECT)", f"{hs_m:,.0f}", f"{hs_g:,.0f}",
+             fmt_ratio(hs_g, hs_m), ">= 1.0x"),
+            ("  server CPU ms/handshake", f"{hcpu_m:.2f}", f"{hcpu_g:.2f}",
+             fmt_ratio(hcpu_g, hcpu_m), ""),
+            ("  load generator CPU share", f"{share_m:.0%}", f"{share_g:.0%}", "", ""),
+            ("  failed attempts", f"{fail_m}", f"{fail_g}", "", ""),
+            ("QoS 0 msgs/s delivered", f"{q0_m:,.0f}", f"{q0_g:,.0f}",
+             fmt_ratio(q0_g, q0_m), ">= 0.6x"),
+            ("  server CPU us/msg", f"{q0cpu_m:.1f}", f"{q0cpu_g:.1f}",
+             fmt_ratio(q0cpu_g, q0cpu_m), "(gateway only)"),
+            ("QoS 1 msgs/s delivered", f"{q1_m:,.0f}", f"{q1_g:,.0f}",
+             fmt_ratio(q1_g, q1_m), ""),
+            ("  server CPU us/msg", f"{q1cpu_m:.1f}", f"{q1cpu_g:.1f}",
+             fmt_ratio(q1cpu_g, q1cpu_m), "(gateway only)"),
+            ("round trip p50 (ms)", f"{p50_m:.3f}", f"{p50_g:.3f}",
+             f"+{p50_g - p50_m:.3f} ms", ""),
+            ("round trip p99 (ms)", f"{p99_m:.3f}", f"{p99_g:.3f}",
+             f"+{p99_g - p99_m:.3f} ms", "<= +0.3 ms"),
+            (f"KB per held session (N={sessions})", f"{mem_m:.1f}", f"{mem_g:.1f}",
+             fmt_ratio(mem_g, mem_m), "<= 1.5x"),
+            ("  + upstream broker KB/session", "", f"{mem_up:.1f}", "", "(not counted)"),
+        ]  # fmt: skip
+        rows = [row for row in rows if "nan" not in row[2]]  # figures left out by --only
+        headers = ("figure", "mosquitto mTLS", f"gateway x{args.workers}", "ratio", "target")
+        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(5)]
+        print()
+        for row in [headers, *rows]:
+            print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+        load = os.getloadavg()[0]
+        print(
+            f"\n(cpus: {os.cpu_count()}, window {seconds:.0f}s x {args.repeat} alternating runs,"
+            f" medians; {args.pairs} pairs; load average at the end {load:.1f})"
+        )
+    finally:
+        asyncio.run(drop_database(db_name))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory: {work}")
+
+
+if __name__ == "__main__":
+    main()

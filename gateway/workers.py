@@ -1,0 +1,246 @@
+"""The multi-process gateway: a supervisor and N SO_REUSEPORT workers.
+
+The supervisor (this module, run by ``devicegate serve gateway --workers N``) starts each
+worker as ``python -m gateway.serve --worker-index I --settings-stdin`` and hands it the
+settings as one JSON line on its stdin. Each worker binds its own listening socket with
+SO_REUSEPORT on the same address (the kernel spreads new connections across them), runs
+its own event loop (uvloop), database pool, spool ``spool_dir/w<I>`` and event chain
+``<instance>/w<I>``. Workers share nothing, so one crashing loses only its own sessions.
+
+Invariants:
+
+* Signals: SIGTERM and SIGINT are forwarded to every worker as SIGTERM, and its stdin is
+  closed: a worker still importing ignores signals and stops on its stdin's end instead.
+  Each drains (stops accepting, finishes packets in flight, ends sessions, ships its
+  spool); the supervisor exits 0 once every worker has exited 0. SIGHUP is forwarded as
+  is (policy reload). Workers still running after ``drain_timeout`` + `SHIP_GRACE` get
+  SIGKILL (their spools are replayed at the next start).
+* A worker that exits while the supervisor is not stopping is restarted with exponential
+  backoff (0.5 s doubling to `MAX_BACKOFF`; reset after `STABLE_AFTER` seconds of life).
+* The supervisor holds the write end of each worker's stdin: if the supervisor dies, even
+  by SIGKILL, the workers see their stdin end and drain.
+* The listen address is checked (and a port 0 resolved) by binding it with SO_REUSEPORT in
+  the supervisor before any worker starts; that socket never listens, so it gets no
+  connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Final
+
+from gateway.policy import load_policy
+from gateway.serve import raise_fd_limit
+from gateway.server import config_from_settings
+from schemas.settings import Settings
+
+__all__ = ["MAX_BACKOFF", "SHIP_GRACE", "STABLE_AFTER", "Supervisor", "supervise"]
+
+log = logging.getLogger("devicegate.gateway.supervisor")
+
+MAX_BACKOFF: Final = 15.0
+STABLE_AFTER: Final = 30.0
+SHIP_GRACE: Final = 15.0
+"""Beyond the drain timeout: time for a worker to flush and ship its spool."""
+_POLL: Final = 0.05
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the worker processes.
+
+    Args:
+        settings: The gateway settings (sent to every worker).
+        workers: How many worker processes.
+        python: The interpreter for the workers (default: this one).
+    """
+
+    def __init__(self, settings: Settings, *, workers: int, python: str = sys.executable) -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.settings = settings
+        self.python = python
+        self.workers = [_Worker(i) for i in range(workers)]
+        self._stopping = False
+        self._hangup = False
+        self._reserved: socket.socket | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit status (0: every worker drained)."""
+        raise_fd_limit()
+        self._reserve_address()
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            while not self._stopping:
+                if self._hangup:
+                    self._hangup = False
+                    self._forward(signal.SIGHUP)
+                self._watch()
+                time.sleep(_POLL)
+            return self._stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._reserved is not None:
+                self._reserved.close()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._hangup = True
+        else:
+            self._stopping = True
+
+    def _reserve_address(self) -> None:
+        host, port = self.settings.listen_host_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        if port == 0:
+            port = sock.getsockname()[1]
+            listen = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            self.settings = self.settings.model_copy(update={"gateway_listen": listen})
+        self._reserved = sock
+
+    @property
+    def port(self) -> int:
+        return self.settings.listen_host_port[1]
+
+    # --- workers ----------------------------------------------------------------------
+
+    def _payload(self) -> bytes:
+        secrets = {"ca_passphrase", "ca_passphrase_file"}  # a gateway needs no CA key
+        data = self.settings.model_dump(mode="json", exclude=secrets)
+        return json.dumps(data).encode() + b"\n"
+
+    def _start(self, worker: _Worker) -> None:
+        command = [
+            self.python, "-m", "gateway.serve",
+            "--worker-index", str(worker.index), "--settings-stdin",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, preexec_fn=_ignore_signals)
+        assert process.stdin is not None
+        process.stdin.write(self._payload())
+        process.stdin.flush()  # and kept open: its end tells the worker we are gone
+        worker.process = process
+        worker.started = time.monotonic()
+        worker.restart_at = None
+        log.info("worker %d started (pid %d)", worker.index, process.pid)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            process = worker.process
+            if process is not None:
+                code = process.poll()
+                if code is None:
+                    continue
+                self._reap(worker, code)
+                if now - worker.started >= STABLE_AFTER:
+                    worker.failures = 0
+                worker.failures += 1
+                delay = min(0.5 * 2 ** (worker.failures - 1), MAX_BACKOFF)
+                worker.restart_at = now + delay
+                log.error(
+                    "worker %d (pid %d) exited with %d; restarting in %.1fs",
+                    worker.index, process.pid, code, delay,
+                )  # fmt: skip
+            elif worker.restart_at is not None and now >= worker.restart_at:
+                self._start(worker)
+
+    def _reap(self, worker: _Worker, code: int) -> None:
+        process = worker.process
+        assert process is not None
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        worker.exit_codes.append(code)
+        worker.process = None
+
+    def _forward(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            for worker in self.workers:  # the level-triggered stop, for workers starting
+                if worker.process is not None and worker.process.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        worker.process.stdin.close()
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    def _stop(self) -> int:
+        log.info("stopping %d workers", len(self.workers))
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_timeout.total_seconds() + SHIP_GRACE
+        status = 0
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                continue
+            try:
+                code = process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not stop in time; killing it", worker.index)
+                process.kill()
+                code = process.wait()
+            self._reap(worker, code)
+            if code != 0:
+                status = 1
+        log.info("all workers stopped (status %d)", status)
+        return status
+
+
+def _ignore_signals() -> None:
+    # In the child before exec (the supervisor is single-threaded): a worker ignores these
+    # until its event loop installs its handlers, so a SIGHUP or SIGTERM that arrives while
+    # it imports does not kill it. A stop is never lost: it also closes the worker's stdin.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def supervise(settings: Settings, *, workers: int) -> int:
+    """Run ``workers`` gateway worker processes until SIGTERM; the exit status.
+
+    ``workers`` 0 means one per CPU. The TLS files and the policy file are checked here
+    first, so a configuration error is one clear message, not workers restarting forever.
+
+    Raises:
+        GatewayConfigError: the TLS files are missing or unusable.
+        PolicyError: the policy file is unreadable or invalid.
+        OSError: the listen address cannot be bound.
+    """
+    config_from_settings(settings)
+    load_policy(settings.policy_file)
+    count = workers or os.cpu_count() or 1
+    return Supervisor(settings, workers=count).run()
