@@ -13,6 +13,7 @@ command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
+command -v chromium >/dev/null || need_apt+=(chromium)   # console browser tests
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
