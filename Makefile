@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench services schemas clean
+.PHONY: demo test lint bench fuzz services schemas clean
+
+FUZZ_SECONDS ?= 60
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,17 +21,20 @@ services:
 	@bash scripts/ensure-services.sh
 
 demo: $(STAMP) services
-	bash scripts/smoke.sh $(BIN)
+	$(BIN)/devicegate demo
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway provisioning schemas tests bench
-	$(BIN)/mypy gateway provisioning schemas
+	$(BIN)/ruff check gateway provisioning schemas tests bench fuzz
+	$(BIN)/mypy gateway provisioning schemas fuzz
 
 bench: $(STAMP) services
 	@for bench in bench/*.py; do echo "== $$bench"; $(BIN)/python $$bench || exit 1; done
+
+fuzz: $(STAMP)
+	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.jsonschema

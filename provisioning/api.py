@@ -26,6 +26,7 @@ from provisioning.http_common import (
     require_admin,
     service,
 )
+from provisioning.telemetry import phase
 from schemas.api import EnrollRequest, EventPage, RenewRequest, TokenCreateRequest
 from schemas.durations import parse_duration
 from schemas.events import EventType, Outcome, Reason
@@ -40,7 +41,8 @@ async def enroll(request: web.Request) -> web.Response:
     """``POST /v1/enroll``: a bootstrap token and a CSR in, a certificate bundle out."""
     async with recording_denials(request, EventType.ENROLL):
         body = parse_model(EnrollRequest, await read_body(request))
-        csr = parse_csr_pem(body.csr)
+        with phase("csr_validation"):
+            csr = parse_csr_pem(body.csr)
     issued = await service(request).enroll(
         token=body.token, csr=csr, hardware_id=body.hardware_id, peer=peer(request)
     )
@@ -51,7 +53,8 @@ async def renew(request: web.Request) -> web.Response:
     """``POST /v1/renew``: the current certificate (TLS) and a CSR in, a new bundle out."""
     async with recording_denials(request, EventType.RENEW):
         body = parse_model(RenewRequest, await read_body(request))
-        csr = parse_csr_pem(body.csr)
+        with phase("csr_validation"):
+            csr = parse_csr_pem(body.csr)
     issued = await service(request).renew(csr=csr, peer=peer(request))
     return json_response(issued.bundle, status=201)
 
@@ -223,7 +226,7 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     except ValueError:
         try:
             return (now or datetime.now(UTC)) - parse_duration(text)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: before year 1
             raise RequestInvalid(f"{text!r} is neither a timestamp nor a duration") from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 

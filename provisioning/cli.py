@@ -5,6 +5,7 @@ Each command group lives in ``provisioning/commands/``; this module only assembl
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,12 @@ import typer
 
 from provisioning.commands import register
 from provisioning.commands.common import Context
+
+
+class LogFormat(StrEnum):
+    json = "json"
+    text = "text"
+
 
 app = typer.Typer(
     name="devicegate",
@@ -35,8 +42,27 @@ def _root(
     pki_dir: Annotated[
         Path | None, typer.Option(help="PKI directory (env DEVICEGATE_PKI_DIR).")
     ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of /metrics, or off (env DEVICEGATE_METRICS_LISTEN); "
+            "gateway worker i serves on PORT + i."
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(help="Log lines: json or text (env DEVICEGATE_LOG_FORMAT)."),
+    ] = None,
 ) -> None:
-    ctx.obj = Context(config, {"database_url": database_url, "pki_dir": pki_dir})
+    ctx.obj = Context(
+        config,
+        {
+            "database_url": database_url,
+            "pki_dir": pki_dir,
+            "metrics_listen": metrics_listen,
+            "log_format": log_format.value if log_format is not None else None,
+        },
+    )
 
 
 register(app)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from provisioning.csr import parse_csr_base64_der
 from provisioning.errors import RequestInvalid, TokenRejected
 from provisioning.http_common import peer, read_body, recording_denials, service
+from provisioning.telemetry import phase
 from schemas.events import EventType, Reason
 
 PKCS7_CERTS = "application/pkcs7-mime; smime-type=certs-only"
@@ -78,7 +79,9 @@ async def simpleenroll(request: web.Request) -> web.Response:
     async with recording_denials(request, EventType.ENROLL):
         _check_content_type(request)
         token = bootstrap_token(request.headers.get("Authorization"))
-        csr = parse_csr_base64_der(await read_body(request))
+        body = await read_body(request)
+        with phase("csr_validation"):
+            csr = parse_csr_base64_der(body)
     issued = await service(request).enroll(
         token=token, csr=csr, hardware_id=None, peer=peer(request)
     )
@@ -88,6 +91,8 @@ async def simpleenroll(request: web.Request) -> web.Response:
 async def simplereenroll(request: web.Request) -> web.Response:
     async with recording_denials(request, EventType.RENEW):
         _check_content_type(request)
-        csr = parse_csr_base64_der(await read_body(request))
+        body = await read_body(request)
+        with phase("csr_validation"):
+            csr = parse_csr_base64_der(body)
     issued = await service(request).renew(csr=csr, peer=peer(request), via="est")
     return _pkcs7_response([issued.certificate], PKCS7_CERTS)

@@ -73,11 +73,24 @@ def parse_model(model: type[M], body: bytes) -> M:
         RequestInvalid: not JSON, or not the model; the detail names the first bad field.
     """
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise RequestInvalid(f"{where}: {first['msg']}") from None
+    if _has_nul(parsed.model_dump()):
+        raise RequestInvalid("text must not contain U+0000 (PostgreSQL cannot store it)")
+    return parsed
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def json_response(model: BaseModel | list[BaseModel], status: int = 200) -> web.Response:
@@ -120,6 +133,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal becomes a problem document; nothing else leaves as an error page."""
+    if "\x00" in request.path or any(_has_nul(item) for item in request.query.items()):
+        return problem_response(Reason.REQUEST_INVALID, "U+0000 in the path or query")
     try:
         return await handler(request)
     except DevicegateError as exc:
@@ -130,6 +145,9 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         if exc.status < 400:
             raise
         return problem_response(reason_for_status(exc.status), exc.reason)
+    except asyncpg.DataError as exc:  # SQLSTATE class 22: a value PostgreSQL refuses
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return problem_response(Reason.REQUEST_INVALID, "a value is out of range or not valid")
     except (
         asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, TimeoutError
     ) as exc:

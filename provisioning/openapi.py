@@ -78,6 +78,9 @@ def _p(name: str) -> dict[str, Any]:
 
 
 _PKCS7 = {"application/pkcs7-mime": {"schema": {"type": "string", "contentEncoding": "base64"}}}
+_PKCS10_BODY = {"required": True, "description": "Base64 of a DER PKCS#10 CSR (RFC 7030).",
+                "content": {"application/pkcs10": {
+                    "schema": {"type": "string", "contentEncoding": "base64"}}}}
 _LIMIT = _q("limit", "Page size (1-1000).", {"type": "integer", "minimum": 1, "maximum": 1000})
 
 
@@ -150,12 +153,12 @@ def document() -> dict[str, Any]:
                     _LIMIT],
         )},
         "/.well-known/est/cacerts": {"get": _op("EST: the CA chain.", content=_PKCS7)},
-        "/.well-known/est/simpleenroll": {"post": _op(
+        "/.well-known/est/simpleenroll": {"post": {**_op(
             "EST: enroll (bootstrap token as Basic password or Bearer).", content=_PKCS7
-        )},
-        "/.well-known/est/simplereenroll": {"post": _op(
+        ), "requestBody": _PKCS10_BODY}},
+        "/.well-known/est/simplereenroll": {"post": {**_op(
             "EST: re-enroll with the current certificate (mutual TLS).", content=_PKCS7
-        )},
+        ), "requestBody": _PKCS10_BODY}},
         "/healthz": {"get": _op("The process is up.")},
         "/readyz": {"get": _op("The database answers and the CA is loaded.")},
     }

@@ -35,6 +35,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.CONFLICT: (409, "Conflict"),
     Reason.BODY_TOO_LARGE: (413, "Request body too large"),
     Reason.UNSUPPORTED_MEDIA_TYPE: (415, "Unsupported media type"),
+    Reason.RATE_LIMITED: (429, "Too many requests"),
     Reason.INTERNAL_ERROR: (500, "Internal error"),
     Reason.SERVICE_UNAVAILABLE: (503, "Service unavailable"),
 }

@@ -21,14 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioning import api, est
+from provisioning import api, console, est, ratelimit
 from provisioning.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
 from provisioning.crl import CrlCache
 from provisioning.db import create_pool
 from provisioning.http_common import CRL, SERVICE, problems_middleware
 from provisioning.openapi import document
 from provisioning.service import ProvisioningService
+from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.settings import Settings
+from schemas.telemetry import Telemetry, configure_logging, serve_metrics, setup_telemetry
 
 log = logging.getLogger("devicegate.provisioning")
 
@@ -53,10 +55,23 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
 
-def build_app(service: ProvisioningService) -> web.Application:
-    """The aiohttp application over a ready service."""
+def build_app(
+    service: ProvisioningService,
+    *,
+    telemetry: Telemetry | None = None,
+    metrics: ProvisioningMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application over a ready service.
+
+    With ``telemetry``, every request gets a span and enrollments are counted in
+    ``metrics`` (`provisioning.telemetry.telemetry_middleware`, outermost, so it sees the
+    final status and problem reason).
+    """
+    middlewares: list[Any] = [problems_middleware]
+    if telemetry is not None:
+        middlewares.insert(0, telemetry_middleware(telemetry, metrics))
     app = web.Application(
-        middlewares=[problems_middleware], client_max_size=service.settings.max_body_bytes
+        middlewares=middlewares, client_max_size=service.settings.max_body_bytes
     )
     app[SERVICE] = service
     app[CRL] = CrlCache(service.ca)
@@ -81,6 +96,8 @@ def build_app(service: ProvisioningService) -> web.Application:
         web.get("/healthz", api.healthz),
         web.get("/readyz", api.readyz),
     ])
+    console.setup(app)  # audit console under /console/ (provisioning/console)
+    ratelimit.setup(app)  # failed bootstrap-token attempts, per address (429)
     return app
 
 
@@ -104,8 +121,23 @@ async def open_service(settings: Settings, *, pool_size: int = 16) -> Provisioni
 async def serve(settings: Settings, *, listen: str | None = None) -> None:
     """Listen until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
     host, _, port = (listen or settings.provisioning_listen).rpartition(":")
-    service = await open_service(settings)
-    runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+    configure_logging(settings.log_format)
+    metrics_at = settings.metrics_host_port
+    telemetry = setup_telemetry(
+        service_name="devicegate-provisioning",
+        instance_id=settings.instance_id,
+        prometheus=metrics_at is not None,
+    )
+    pmetrics = ProvisioningMetrics(meter=telemetry.meter)
+    try:
+        service = await open_service(settings)
+    except BaseException:
+        telemetry.shutdown()
+        raise
+    app = build_app(service, telemetry=telemetry, metrics=pmetrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    metrics_server: asyncio.Server | None = None
+    refresher: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         site = web.TCPSite(
@@ -113,6 +145,10 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
             backlog=1024, shutdown_timeout=10.0,
         )
         await site.start()
+        metrics_server = await _serve_metrics(telemetry, metrics_at)
+        refresher = asyncio.create_task(
+            pmetrics.run_expiring_refresher(service.pool), name="expiring-certificates"
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -121,5 +157,35 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
         await stop.wait()
         print("provisioning shutting down", file=sys.stderr, flush=True)
     finally:
+        if refresher is not None:
+            refresher.cancel()
+            await asyncio.gather(refresher, return_exceptions=True)
+        if metrics_server is not None:
+            metrics_server.close()
+            await metrics_server.wait_closed()
         await runner.cleanup()
         await service.close()
+        telemetry.shutdown()
+
+
+async def _serve_metrics(
+    telemetry: Telemetry, at: tuple[str, int] | None
+) -> asyncio.Server | None:
+    """``GET /metrics`` on ``metrics_listen`` (None: off, or not bindable).
+
+    A port that cannot be bound is logged as an error and the service runs without it
+    (e.g. a gateway on the same host holds the default port).
+    """
+    if at is None:
+        return None
+    try:
+        server = await serve_metrics(telemetry, *at)
+    except OSError as exc:
+        log.error(
+            "metrics not served: cannot listen on %s:%s: %s (DEVICEGATE_METRICS_LISTEN; "
+            "off turns it off)",
+            at[0], at[1], exc.strerror or exc,
+        )  # fmt: skip
+        return None
+    log.info("metrics on http://%s:%s/metrics", at[0], server.sockets[0].getsockname()[1])
+    return server

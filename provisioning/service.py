@@ -31,6 +31,7 @@ from provisioning.csr import AcceptedCsr
 from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken, TokenRejected
 from provisioning.eventlog import EventSpec
 from provisioning.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
+from provisioning.telemetry import annotate, phase
 from provisioning.tokens import TOKEN_PREFIX, secret_hash
 from schemas.api import CertificateBundle, DeviceInfo
 from schemas.errors import DevicegateError
@@ -130,17 +131,20 @@ class ProvisioningService:
             detail["hardware_id"] = hardware_id
         known: dict[str, str | None] = {"device_id": None, "fleet": None}
         try:
-            if not token.startswith(TOKEN_PREFIX):
-                raise TokenRejected("not a devicegate bootstrap token")
-            token_hash = secret_hash(token)
-            usable, existing = await self._lookups(token_hash, hardware_id)
-            known["fleet"] = usable.fleet
-            detail["token_id"] = str(usable.id)
-            if existing is not None:
-                known["device_id"] = existing.device_id
-            issuance = self.enrollment.authorize(token=usable, existing=existing)
+            with phase("token_check"):
+                if not token.startswith(TOKEN_PREFIX):
+                    raise TokenRejected("not a devicegate bootstrap token")
+                token_hash = secret_hash(token)
+                usable, existing = await self._lookups(token_hash, hardware_id)
+                known["fleet"] = usable.fleet
+                detail["token_id"] = str(usable.id)
+                if existing is not None:
+                    known["device_id"] = existing.device_id
+                issuance = self.enrollment.authorize(token=usable, existing=existing)
             known["device_id"] = issuance.identity.device_id
-            certificate, record = self._sign(csr, issuance)
+            annotate(device_id=known["device_id"], fleet=known["fleet"])
+            with phase("signing"):
+                certificate, record = self._sign(csr, issuance)
 
             async def write(conn: Any) -> tuple[None, EventSpec]:
                 event_detail = dict(detail)
@@ -161,15 +165,17 @@ class ProvisioningService:
             # A new device without a hardware id is one statement that refuses (token) only
             # before writing: no savepoint needed. Otherwise a unique violation or a refusal
             # after a write must roll back to the item's savepoint.
-            await self.committer.submit(
-                write, savepoint=issuance.reenroll or hardware_id is not None
-            )
+            with phase("storing"):
+                await self.committer.submit(
+                    write, savepoint=issuance.reenroll or hardware_id is not None
+                )
         except DevicegateError as exc:
             if isinstance(exc, TokenRejected):
                 self._tokens.pop(secret_hash(token), None)
             if isinstance(exc, TokenRejected) and exc.token_id is not None:
                 detail["token_id"] = exc.token_id
                 known["fleet"] = exc.fleet
+            annotate(device_id=known["device_id"], fleet=known["fleet"])
             await self.record_denied(
                 EventType.ENROLL, exc, peer, device_id=known["device_id"], fleet=known["fleet"],
                 detail=detail,
@@ -250,20 +256,25 @@ class ProvisioningService:
             "device_id": None, "fleet": None, "cert_serial": None, "cert_fingerprint": None,
         }
         try:
-            presented = self._verify_presented(peer)
-            known["cert_serial"] = serial_hex(presented.serial_number)
-            known["cert_fingerprint"] = fingerprint(presented)
-            async with self.pool.acquire() as conn:
-                current = await store.certificate_by_fingerprint(conn, fingerprint(presented))
-                if current is None:
-                    raise CertificateRejected(
-                        "certificate was not issued by this service",
-                        reason=Reason.DEVICE_UNKNOWN,
+            with phase("certificate_check"):
+                presented = self._verify_presented(peer)
+                known["cert_serial"] = serial_hex(presented.serial_number)
+                known["cert_fingerprint"] = fingerprint(presented)
+                async with self.pool.acquire() as conn:
+                    current = await store.certificate_by_fingerprint(
+                        conn, fingerprint(presented)
                     )
-                device = await store.get_device(conn, current.device_id)
-            known["device_id"], known["fleet"] = device.device_id, device.fleet
-            issuance = self.renewal.authorize(certificate=current, device=device)
-            certificate, record = self._sign(csr, issuance)
+                    if current is None:
+                        raise CertificateRejected(
+                            "certificate was not issued by this service",
+                            reason=Reason.DEVICE_UNKNOWN,
+                        )
+                    device = await store.get_device(conn, current.device_id)
+                known["device_id"], known["fleet"] = device.device_id, device.fleet
+                issuance = self.renewal.authorize(certificate=current, device=device)
+            annotate(device_id=device.device_id, fleet=device.fleet)
+            with phase("signing"):
+                certificate, record = self._sign(csr, issuance)
 
             async def write(conn: Any) -> tuple[None, EventSpec]:
                 # Decide again on locked rows: a renewal or revocation may have won a race.
@@ -286,8 +297,10 @@ class ProvisioningService:
                     detail={**detail, "previous_serial": locked.serial},
                 )
 
-            await self.committer.submit(write)
+            with phase("storing"):
+                await self.committer.submit(write)
         except DevicegateError as exc:
+            annotate(device_id=known["device_id"], fleet=known["fleet"])
             await self.record_denied(EventType.RENEW, exc, peer, detail=detail, **known)
             raise
         return Issued(certificate, self._bundle(certificate, issuance))

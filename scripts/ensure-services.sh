@@ -14,6 +14,7 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v chromium >/dev/null || need_apt+=(chromium)   # console browser tests
+command -v testssl >/dev/null || need_apt+=(testssl.sh)  # TLS audit tests
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -13,7 +13,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -23,18 +23,12 @@ from provisioning.audit_summary import Summary, summarize
 from provisioning.audit_verify import VerifyReport, verify_chains
 from provisioning.commands.common import context, errors, fail, run
 from provisioning.db import connect
+from provisioning.event_format import FIELDS, csv_cells, record
 from provisioning.event_query import MAX_LIMIT, EventFilter, query_events
 from schemas.durations import parse_duration
 from schemas.events import AuthEvent, EventType, Outcome, Reason, utcnow
 
 group = typer.Typer(help="Query and verify the auth event log.", invoke_without_command=True)
-
-FIELDS = (
-    "id", "time", "type", "outcome", "reason", "device_id", "fleet", "cert_serial",
-    "cert_fingerprint", "client_id", "peer_address", "instance", "tls_version", "tls_cipher",
-    "detail", "chain_id", "seq", "prev_hash", "hash",
-)  # fmt: skip
-"""Field order of ``--format json|csv`` (DESIGN.md, "Auth events")."""
 
 _TABLE = (("time", 23), ("type", 15), ("outcome", 7), ("reason", 24), ("device_id", 20),
           ("peer_address", 21), ("chain", 24))  # fmt: skip
@@ -74,11 +68,6 @@ def _reason(text: str | None) -> str | None:
         fail(f"--reason: unknown reason code {text!r}", 2)
 
 
-def _record(event: AuthEvent) -> dict[str, Any]:
-    dumped = event.model_dump(mode="json")
-    return {name: dumped[name] for name in FIELDS}
-
-
 class _Printer:
     """Writes events in one format, one at a time, flushing so ``--follow`` is live."""
 
@@ -98,17 +87,13 @@ class _Printer:
     def __call__(self, event: AuthEvent) -> None:
         if not self.started:
             self._header()
-        record = _record(event)
         if self.output is Format.json:
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-        elif self.output is Format.csv:
-            record["detail"] = json.dumps(
-                record["detail"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
-            )
-            self._csv.writerow(["" if record[name] is None else record[name] for name in FIELDS])
+            sys.stdout.write(json.dumps(record(event), ensure_ascii=False) + "\n")
+        elif self.output is Format.csv:  # formats shared with the console (event_format)
+            self._csv.writerow(csv_cells(event))
         else:
             cells = {
-                **record,
+                **record(event),
                 "time": event.time.astimezone(UTC).isoformat(timespec="milliseconds")[:23],
                 "chain": f"{event.chain_id}:{event.seq}",
             }

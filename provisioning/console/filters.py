@@ -1,0 +1,53 @@
+"""The event filters of the console's query string: the CLI's filters, the same rules.
+
+``device``, ``type``, ``outcome``, ``reason``, ``peer``, ``since`` and ``until`` (a duration
+ago such as ``10m``, or an ISO 8601 time, UTC when no offset is given), as in
+``devicegate audit``. Empty fields mean "any".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from provisioning.api import parse_time
+from provisioning.errors import RequestInvalid
+from provisioning.event_query import EventFilter
+from schemas.events import EventType, Outcome, Reason
+
+NAMES = ("device", "type", "outcome", "reason", "peer", "since", "until")
+
+
+def _text(query: Mapping[str, str], name: str) -> str | None:
+    value = query.get(name, "").strip()
+    if len(value) > 512:
+        raise RequestInvalid(f"{name} is too long")
+    return value or None
+
+
+def _member(query: Mapping[str, str], name: str, enum: type[EventType | Outcome | Reason]) -> (
+    str | None
+):
+    value = _text(query, name)
+    if value is not None and value not in {member.value for member in enum}:
+        raise RequestInvalid(f"unknown {name} {value!r}")
+    return value
+
+
+def parse(query: Mapping[str, str], *, now: datetime) -> EventFilter:
+    """Raises: RequestInvalid: an unknown type, outcome or reason, or a bad time."""
+    since, until = _text(query, "since"), _text(query, "until")
+    return EventFilter(
+        device_id=_text(query, "device"),
+        since=parse_time(since, now=now) if since else None,
+        until=parse_time(until, now=now) if until else None,
+        type=_member(query, "type", EventType),
+        outcome=_member(query, "outcome", Outcome),
+        reason=_member(query, "reason", Reason),
+        peer=_text(query, "peer"),
+    )
+
+
+def echo(query: Mapping[str, str]) -> dict[str, str]:
+    """The filter fields as given, to carry into links (pages, export, live)."""
+    return {name: query[name].strip() for name in NAMES if query.get(name, "").strip()}

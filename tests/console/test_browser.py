@@ -1,0 +1,223 @@
+"""The console in a real browser against the real provisioning listener and database.
+
+One story, in order: log in, check the overview's counts against the database, filter events
+by reason, export CSV and compare it with ``devicegate audit --format csv``, watch a new
+event arrive in live mode, revoke a real enrolled device (certificate and event checked in
+the database), log out. The live gateway session cut on revocation is the gateway's part and
+is tested there, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from typer.testing import CliRunner
+
+from provisioning import admin
+from provisioning.cli import app as cli_app
+from provisioning.device import KeyType, csr_pem, generate_key
+from schemas.api import TokenCreateRequest
+from tests.console.browser import ARGS, CHROMIUM, SCREENSHOTS, requires_browser, update_screenshots
+from tests.console.conftest import INSTANCE, ConsoleServer
+
+pytestmark = requires_browser
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(
+        ignore_https_errors=True, viewport={"width": 1280, "height": 900}, accept_downloads=True
+    )
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield page
+    await context.close()
+    assert not errors, f"browser errors (CSP violations included): {errors}"
+
+
+async def enroll_device(server: ConsoleServer, tls: Any) -> dict[str, Any]:
+    """A real device, enrolled through the API with a bootstrap token."""
+    conn = await asyncpg.connect(server.database_url)
+    try:
+        token = await admin.create_token(
+            conn, TokenCreateRequest(fleet="browser-fleet"), actor="cli", instance=INSTANCE
+        )
+    finally:
+        await conn.close()
+    body = {"token": token.token, "csr": csr_pem(generate_key(KeyType.P256))}
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
+        http.post(f"{server.url}/v1/enroll", json=body) as response,
+    ):
+        assert response.status == 201, await response.text()
+        bundle: dict[str, Any] = await response.json()
+    return bundle
+
+
+def cli_csv(database_url: str, *args: str) -> str:
+    result = CliRunner().invoke(
+        cli_app, ["--database-url", database_url, "audit", "--format", "csv", *args]
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+async def test_security_team_story(
+    page: Any,
+    console_server: ConsoleServer,
+    console_key: str,
+    tls_context: Any,
+    tmp_path: Path,
+) -> None:
+    base = console_server.url
+    db = await asyncpg.connect(console_server.database_url)
+    try:
+        # --- log in: the console sends us to the login page first -------------------
+        await page.goto(f"{base}/console/")
+        assert "/console/login" in page.url
+        await page.get_by_label("Admin key").fill(console_key)
+        await page.get_by_role("button", name="Log in").click()
+        await page.wait_for_url(f"{base}/console/")
+        assert "dgk_" not in page.url
+
+        # --- overview counts match the database -------------------------------------
+        await page.goto(f"{base}/console/?range=week")
+        window = page.locator("#window")
+        start = datetime.fromisoformat(await window.get_attribute("data-start"))
+        end = datetime.fromisoformat(await window.get_attribute("data-end"))
+        counts = await db.fetchrow(
+            """SELECT count(*) FILTER (WHERE type IN ('tls_handshake', 'connect')
+                                         AND outcome = 'allowed') AS allowed,
+                      count(*) FILTER (WHERE type IN ('tls_handshake', 'connect')
+                                         AND outcome = 'denied') AS denied,
+                      count(*) FILTER (WHERE outcome = 'denied') AS denials,
+                      count(*) AS events
+               FROM auth_events WHERE time >= $1 AND time < $2""",
+            start, end,
+        )  # fmt: skip
+        for name in ("allowed", "denied", "denials", "events"):
+            shown = int(await page.locator(f"#count-{name}").inner_text())
+            assert shown == counts[name], name
+        assert counts["allowed"] > 0 and counts["denied"] > 0
+        top = await db.fetchval(
+            "SELECT reason FROM auth_events WHERE outcome = 'denied' AND time >= $1 "
+            "AND time < $2 GROUP BY reason ORDER BY count(*) DESC, reason LIMIT 1", start, end,
+        )  # fmt: skip
+        first = page.locator("section[aria-labelledby=h-reasons] tbody tr").first
+        assert (await first.locator("td").first.inner_text()) == top
+        if update_screenshots():
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+
+        # --- events filtered by reason ------------------------------------------------
+        await page.get_by_role("link", name="Events").click()
+        await page.get_by_label("Reason").select_option("certificate_expired")
+        await page.get_by_role("button", name="Apply filters").click()
+        await page.wait_for_url("**reason=certificate_expired**")
+        reasons = await page.locator("#events tbody tr td:nth-child(4)").all_inner_texts()
+        assert reasons and set(reasons) == {"certificate_expired"}
+        assert len(reasons) == 100
+
+        # --- CSV export equals the CLI's output for the same filter ------------------
+        await page.get_by_label("Export the newest").fill("250")
+        async with page.expect_download() as info:
+            await page.locator("#export-csv").click()
+        download = await info.value
+        exported = Path(await download.path()).read_text("utf-8")
+        expected = await asyncio.to_thread(
+            cli_csv, console_server.database_url, "--reason", "certificate_expired",
+            "--limit", "250",
+        )  # fmt: skip
+        assert exported == expected
+        assert exported.count("\n") == 251
+
+        # --- live mode: a new event shows within a second ----------------------------
+        await page.goto(f"{base}/console/events")
+        await page.get_by_role("button", name="Start live mode").click()
+        await page.get_by_text("Live: connected").wait_for(timeout=5000)
+        began = time.monotonic()
+        async with db.transaction():
+            await admin.disable_device(db, "dev-00002", actor="live-test", instance=INSTANCE)
+        event_id = await db.fetchval(
+            "SELECT id FROM auth_events WHERE type = 'device_disable' AND device_id = 'dev-00002' "
+            "ORDER BY time DESC LIMIT 1"
+        )
+        await page.locator(f'#events tbody tr[data-id="{event_id}"]').wait_for(timeout=1000)
+        assert time.monotonic() - began < 1.0
+        row = page.locator(f'#events tbody tr[data-id="{event_id}"]')
+        assert "DENIED" not in await row.inner_text() and "device_disable" in await row.inner_text()
+        await page.get_by_role("button", name="Stop live mode").click()
+
+        # --- a real device: open it and revoke it (with the confirmation step) -------
+        bundle = await enroll_device(console_server, tls_context)
+        device_id, serial = bundle["device_id"], bundle["serial"]
+        await page.goto(f"{base}/console/devices/{device_id}")
+        assert await page.locator(f'#certificates tr[data-serial="{serial}"]').count() == 1
+        assert "ACTIVE" in await page.locator("#certificates tbody").inner_text()
+        if update_screenshots():
+            await page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
+        await page.get_by_role("link", name="Revoke").click()
+        assert "/revoke" in page.url
+        await page.get_by_role("button", name="Yes, revoke").click()
+        await page.wait_for_url(f"**/console/devices/{device_id}?done=revoke")
+        await page.get_by_text("Done: revoked.").wait_for()
+        status = await db.fetchval("SELECT status FROM certificates WHERE serial = $1", serial)
+        assert status == "revoked"
+        event = await db.fetchrow(
+            "SELECT * FROM auth_events WHERE type = 'revoke' AND device_id = $1", device_id
+        )
+        assert event is not None and event["outcome"] == "allowed"
+        detail = json.loads(event["detail"])
+        assert detail["actor"] == "security-team" and serial in detail["revoked_serials"]
+        assert "REVOKED" in await page.locator("#certificates tbody").inner_text()
+        timeline = await page.locator("#timeline tbody tr").first.inner_text()
+        assert "revoke" in timeline
+
+        # --- log out ------------------------------------------------------------------
+        await page.get_by_role("button", name="Log out").click()
+        await page.wait_for_url("**/console/login")
+        await page.goto(f"{base}/console/events")
+        assert "/console/login" in page.url
+    finally:
+        await db.close()
+
+
+async def test_narrow_window_and_keyboard(
+    page: Any, console_server: ConsoleServer, console_key: str
+) -> None:
+    """A phone-width window has no horizontal page scroll; Tab reaches the skip link first."""
+    await page.set_viewport_size({"width": 390, "height": 800})
+    await page.goto(f"{console_server.url}/console/login")
+    assert await page.evaluate("document.activeElement.id") == "key"  # autofocus
+    await page.keyboard.type(console_key)
+    await page.keyboard.press("Enter")
+    await page.wait_for_url("**/console/")
+    for path in ("/console/", "/console/events", "/console/devices/dev-00003", "/console/chains"):
+        await page.goto(console_server.url + path)
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, (path, width)
+    await page.goto(f"{console_server.url}/console/")
+    await page.keyboard.press("Tab")
+    focused = await page.evaluate("document.activeElement.textContent")
+    assert focused == "Skip to content"

@@ -1,0 +1,115 @@
+"""Hardening fixtures: a provisioning listener of its own (a tight token-failure limit, so the
+limit is reached in a few requests and summaries come every second), clients that bind other
+loopback source addresses, and the shared fixtures of the provisioning suite."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import uvloop
+from aiohttp import web
+
+from provisioning import admin, ratelimit
+from provisioning.server import build_app, open_service, server_ssl_context
+from schemas.settings import Settings
+from tests.helpers import free_port
+from tests.provisioning.conftest import INSTANCE, Server
+from tests.provisioning.conftest import admin_headers as admin_headers  # fixtures, re-exported
+from tests.provisioning.conftest import client_context as client_context
+from tests.provisioning.conftest import http as http
+from tests.provisioning.conftest import settings as settings
+
+FAILURES = 5  # failed token attempts allowed per address in a burst
+PER = 60.0  # ... earned back over this many seconds
+SUMMARY = 1.0  # at most one rate_limited event per address per second
+IN_FLIGHT = 8  # guarded requests one address may have running at once
+
+
+@pytest.fixture(scope="session")
+def admin_key(database_url: str) -> str:
+    """An admin key of this suite's own (key names are unique in the shared database)."""
+
+    async def create() -> str:
+        conn = await asyncpg.connect(database_url)
+        try:
+            created = await admin.create_admin_key(
+                conn, "hardening", actor="cli", instance=INSTANCE
+            )
+        finally:
+            await conn.close()
+        return created.key
+
+    return asyncio.run(create())
+
+
+@pytest.fixture(scope="session")
+def limiter() -> ratelimit.TokenFailureLimiter:
+    return ratelimit.TokenFailureLimiter(
+        failures=FAILURES, per=PER, summary_interval=SUMMARY, max_in_flight=IN_FLIGHT
+    )
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings, limiter: ratelimit.TokenFailureLimiter) -> Iterator[Server]:
+    """The production app (`build_app`: routes, middlewares, console, limiter) with the real
+    TLS context on its own uvloop thread; only the limiter's numbers are tightened."""
+    port = free_port()
+    loop = uvloop.new_event_loop()
+    started = threading.Event()
+    stop: dict[str, Any] = {}
+
+    async def main() -> None:
+        service = await open_service(settings)
+        app = build_app(service)
+        assert ratelimit.token_rate_limit in app.middlewares  # installed by build_app
+        app[ratelimit.LIMITER] = limiter
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, "127.0.0.1", port, ssl_context=server_ssl_context(settings.pki_dir)
+        )
+        await site.start()
+        stop["event"] = asyncio.Event()
+        stop["loop"] = asyncio.get_running_loop()
+        started.set()
+        await stop["event"].wait()
+        await runner.cleanup()
+        await service.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(15), "provisioning app did not start"
+    yield Server(f"https://127.0.0.1:{port}", port)
+    loop.call_soon_threadsafe(stop["event"].set)
+    thread.join(15)
+
+
+_next_address = iter(range(2, 250))
+
+SessionFactory = Callable[[], aiohttp.ClientSession]
+
+
+@pytest.fixture
+def from_address(client_context: ssl.SSLContext) -> Callable[[], tuple[str, SessionFactory]]:
+    """``address, session = from_address()``: a fresh loopback source (127.0.0.2, .3, ...)
+    and a factory of client sessions bound to it."""
+
+    def make() -> tuple[str, SessionFactory]:
+        address = f"127.0.0.{next(_next_address)}"
+
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                ssl=client_context, force_close=True, local_addr=(address, 0)
+            )
+            return aiohttp.ClientSession(connector=connector)
+
+        return address, session
+
+    return make
