@@ -617,7 +617,14 @@ def measure_memory(
 
 @contextlib.contextmanager
 def gateway(
-    work: Path, pki: Path, url: str, upstream: int, workers: int
+    work: Path,
+    pki: Path,
+    url: str,
+    upstream: int,
+    workers: int,
+    *,
+    name: str = "gateway",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Target, subprocess.Popen[bytes]]]:
     port = free_port()
     policy = work / "policy.toml"
@@ -626,19 +633,22 @@ def gateway(
         **os.environ,
         "DEVICEGATE_DATABASE_URL": url,
         "DEVICEGATE_PKI_DIR": str(pki),
-        "DEVICEGATE_SPOOL_DIR": str(work / "spool"),
-        "DEVICEGATE_INSTANCE_ID": "bench-gw",
+        "DEVICEGATE_SPOOL_DIR": str(work / f"spool-{name}"),
+        "DEVICEGATE_INSTANCE_ID": f"bench-{name}",
         "DEVICEGATE_POLICY_FILE": str(policy),
         "DEVICEGATE_MAX_CONNECTIONS": "100000",
         "DEVICEGATE_DRAIN_TIMEOUT": "5s",
         "DEVICEGATE_LOG_FORMAT": "text",
+        # Any free port per worker (the default 9464 may be taken by a real deployment).
+        "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",
+        **(extra_env or {}),
     }
     command = [
         str(Path(sys.executable).with_name("devicegate")), "serve", "gateway",
         "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
         "--upstream", f"mqtt://127.0.0.1:{upstream}",
     ]  # fmt: skip
-    log = (work / "gateway.log").open("wb")
+    log = (work / f"{name}.log").open("wb")
     process = subprocess.Popen(command, env=env, stderr=log)
     try:
         wait_for_port(port)
@@ -646,7 +656,8 @@ def gateway(
         while len(children(process.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
-        yield Target("gateway", port, children(process.pid)), process
+        # --workers 1 runs in the command's own process.
+        yield Target(name, port, children(process.pid) or (process.pid,)), process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -710,6 +721,97 @@ def print_profile(label: str, outs: list[Path], top: int = 18) -> None:
 FIGURES = ("memory", "handshakes", "qos0", "qos1", "rtt")
 
 
+def metrics_ports(log: Path) -> list[int]:
+    """The /metrics ports the workers logged (``metrics on http://HOST:PORT/metrics``)."""
+    return [int(p) for p in re.findall(r"metrics on http://[^:]+:(\d+)/metrics", log.read_text())]
+
+
+def scrape_handshakes(ports: list[int]) -> int:
+    """Admitted connections counted by every worker (proves telemetry was really on)."""
+    import urllib.request
+
+    total = 0
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for line in text.splitlines():
+            if line.startswith("devicegate_handshakes_total{") and 'reason="ok"' in line:
+                total += int(float(line.rpartition(" ")[2]))
+    return total
+
+
+def telemetry_overhead(
+    args: argparse.Namespace, work: Path, pki: Path, url: str, env: Env, seconds: float
+) -> None:
+    """QoS 0 throughput (and handshakes) through two identical gateways, one run.
+
+    "on": the default configuration (Prometheus /metrics, connection spans sampled out).
+    "off": ``OTEL_SDK_DISABLED=true`` and
+    ``DEVICEGATE_METRICS_LISTEN=off`` (no-op meter and tracer; the per-connection hooks
+    and the per-event log lines still run, as in production with telemetry off). Alternating
+    runs, median of each side.
+    """
+    upstream_port = free_port()
+    off_env = {"OTEL_SDK_DISABLED": "true", "DEVICEGATE_METRICS_LISTEN": "off"}
+    with (
+        mosquitto(work, upstream_port, None),
+        gateway(work, pki, url, upstream_port, args.workers, name="telemetry-on") as (on, _),
+        gateway(
+            work, pki, url, upstream_port, args.workers, name="telemetry-off", extra_env=off_env
+        ) as (off, _),
+    ):
+        ports = metrics_ports(work / "telemetry-on.log")
+        assert len(ports) == args.workers, f"metrics ports logged: {ports}"
+        assert not metrics_ports(work / "telemetry-off.log")
+        q_on, q_off, h_on, h_off = [], [], [], []
+        for i in range(args.repeat):
+            first, second = (on, off) if i % 2 == 0 else (off, on)
+            for target in (first, second):
+                rate = measure_messages(env, target, 0, args.pairs, seconds)
+                (q_on if target is on else q_off).append(rate)
+                print(f"qos0 {target.name}: {rate[0]:,.0f} msgs/s, {rate[1]:.1f} us CPU/msg",
+                      flush=True)  # fmt: skip
+        if "handshakes" in args.only.split(","):
+            for i in range(args.repeat):
+                first, second = (on, off) if i % 2 == 0 else (off, on)
+                for target in (first, second):
+                    got = measure_handshakes(env, target, args.procs, args.concurrency, seconds)
+                    (h_on if target is on else h_off).append((got[0], got[3]))
+        admitted = scrape_handshakes(ports)
+
+    def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+        """The median rate and, on its own, the median CPU per operation."""
+        return statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
+
+    (qr_on, qc_on), (qr_off, qc_off) = medians(q_on), medians(q_off)
+    rows = [
+        ("QoS 0 msgs/s delivered", f"{qr_off:,.0f}", f"{qr_on:,.0f}", fmt_ratio(qr_on, qr_off)),
+        ("  server CPU us/msg", f"{qc_off:.1f}", f"{qc_on:.1f}", fmt_ratio(qc_on, qc_off)),
+    ]
+    if h_on:
+        (hr_on, hc_on), (hr_off, hc_off) = medians(h_on), medians(h_off)
+        rows += [
+            ("handshakes/s", f"{hr_off:,.0f}", f"{hr_on:,.0f}", fmt_ratio(hr_on, hr_off)),
+            ("  server CPU ms/handshake", f"{hc_off:.2f}", f"{hc_on:.2f}",
+             fmt_ratio(hc_on, hc_off)),
+        ]  # fmt: skip
+    headers = ("figure", "telemetry off", "telemetry on", "on/off")
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(4)]
+    print()
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    cost = 1 - qr_on / qr_off if qr_off else float("nan")
+    cpu_cost = qc_on / qc_off - 1 if qc_off else float("nan")
+    print(
+        f"\ntelemetry costs {cost:+.1%} of QoS 0 throughput and {cpu_cost:+.1%} server CPU per"
+        " message (target < 5%; on a shared machine trust the CPU figure more); runs on/off:"
+        f" {[round(r) for r, _ in q_on]} / {[round(r) for r, _ in q_off]};"
+        f" the on gateway's /metrics counted {admitted} admitted connections"
+        f" (cpus: {os.cpu_count()}, {args.workers} workers each, {args.pairs} pairs,"
+        f" window {seconds:.0f}s x {args.repeat}, load average {os.getloadavg()[0]:.1f})"
+    )
+
+
 def fmt_ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base and value == value and base == base else "-"
 
@@ -730,6 +832,12 @@ def main() -> None:
     parser.add_argument(
         "--only", default=",".join(FIGURES), help=f"comma-separated subset of {FIGURES}"
     )
+    parser.add_argument(
+        "--telemetry-overhead",
+        action="store_true",
+        help="instead: QoS 0 (and, with handshakes in --only, handshake) rates through a "
+        "gateway with telemetry on vs off, in the same run; prints the ratio",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     sessions = args.sessions or (10_000 if args.full else 2_000)
@@ -749,6 +857,9 @@ def main() -> None:
     url = asyncio.run(create_database(db_name, devices))
     rows: list[tuple[str, str, str, str, str]] = []
     try:
+        if args.telemetry_overhead:
+            telemetry_overhead(args, work, pki, url, env, seconds)
+            return
         direct_port, upstream_port = free_port(), free_port()
         with (
             mosquitto(work, direct_port, pki) as direct_proc,

@@ -5,7 +5,8 @@ Invariants:
 * `EventSink.record` returns once the event is durable; the bridge awaits it before
   admitting a session, and records every other decision without blocking the packet path.
 * `EventContext` holds what every event of one connection shares (instance, peer, TLS,
-  certificate), so the sans-IO session builds complete `AuthEvent` values itself.
+  certificate, trace id), so the sans-IO session builds complete `AuthEvent` values
+  itself: an event is built once with its trace id, never copied to add it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class EventContext:
     identity: DeviceIdentity | None = None
     proxy: str | None = None
     """The load balancer's address when ``peer_address`` came from a PROXY v2 header."""
+    trace_id: str | None = None
+    """The connection's trace (32 hex digits), put in every event's ``detail.trace_id``."""
 
     def with_identity(self, identity: DeviceIdentity) -> EventContext:
         return replace(self, identity=identity)
@@ -50,6 +53,8 @@ class EventContext:
             outcome = Outcome.ALLOWED if reason is Reason.OK else Outcome.DENIED
         if self.proxy is not None:
             detail = {**(detail or {}), "proxy": self.proxy}
+        if self.trace_id is not None:
+            detail = {**(detail or {}), "trace_id": self.trace_id}
         return AuthEvent(
             instance=self.instance,
             type=type_,

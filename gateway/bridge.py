@@ -11,11 +11,15 @@ Invariants:
 * Either side closing closes the other. When the device drops without DISCONNECT the
   upstream is closed without one, so the broker publishes the will.
 * Backpressure both ways: a side whose write buffer is high pauses reading on the other.
+* Telemetry per connection, never per packet: a `ConnectionTrace` from accept (past the
+  limits) to `_close`, whose trace id is in every event's detail (`EventContext.trace_id`);
+  an admitted session is in `GatewayMetrics`' live set from admission to `_close`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -40,9 +44,10 @@ from gateway.connection import Session, State
 from gateway.identity import IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
+from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
 from gateway.upstream import UpstreamTarget, dial
-from schemas.events import AuthEvent, EventType, Reason
+from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
 __all__ = ["BridgeConfig", "DeviceConnection", "Hub"]
@@ -75,6 +80,7 @@ class Hub(Protocol):
     config: BridgeConfig
     sink: EventSink
     directory: DeviceDirectory
+    metrics: GatewayMetrics
 
     def fleet_policy(self, fleet: str) -> FleetPolicy: ...
 
@@ -89,6 +95,10 @@ class Hub(Protocol):
     def identified(self, connection: DeviceConnection) -> None: ...
 
     def claim(self, connection: DeviceConnection) -> None: ...
+
+    async def announce(self, connection: DeviceConnection) -> None: ...
+
+    def takeover_grace(self, connection: DeviceConnection) -> float: ...
 
     def closed(self, connection: DeviceConnection) -> None: ...
 
@@ -131,6 +141,8 @@ class DeviceConnection(asyncio.Protocol):
         self._to_upstream: list[bytes | memoryview] = []
         self._gate: ProxyGate | None = None  # the PROXY v2 stage, before TLS
         self._barrier: int | None = None  # draining: the PINGRESP count to exceed
+        self.trace: ConnectionTrace | None = None  # from accept (past the limits) to close
+        self._counted = False  # the session is in the metrics' live set
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
@@ -148,10 +160,12 @@ class DeviceConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.hub.opened(self):
+        if not self.hub.opened(self):  # refused (and counted) by the limits
             self.closed = True
             transport.abort()
             return
+        self.trace = trace = self.hub.metrics.connection(peer=self.context.peer_address)
+        self.context = replace(self.context, trace_id=trace.trace_id)
         if self.config.proxy_protocol_from:
             self._gate = ProxyGate(trusted=_trusted(peer, self.config.proxy_protocol_from))
         loop = asyncio.get_running_loop()
@@ -186,6 +200,8 @@ class DeviceConnection(asyncio.Protocol):
             self.context = replace(
                 self.context, peer_address=_address(header.source), proxy=self.context.peer_address
             )
+            if self.trace is not None:
+                self.trace.span.set_attribute(ATTR_PEER, self.context.peer_address or "")
             if not self.hub.screen(self):  # the real address is rate limited (recorded)
                 self._close(Reason.RATE_LIMITED, graceful=False, linger=False)
                 return b""
@@ -275,7 +291,18 @@ class DeviceConnection(asyncio.Protocol):
             self._run(self.session.upstream_failed("the broker closed the connection"))
             self._flush()
             return
+        grace = self.hub.takeover_grace(self)
+        if grace > 0:
+            # Perhaps the broker's own takeover by a session admitted on another worker,
+            # whose notice is on its way: let it name the successor (gateway.takeover).
+            self.pause_device()
+            asyncio.get_running_loop().call_later(grace, self._upstream_gone)
+            return
         self._lost(Reason.UPSTREAM_CLOSED)
+
+    def _upstream_gone(self) -> None:
+        if not self.closed:
+            self._lost(Reason.UPSTREAM_CLOSED)
 
     def pause_device(self) -> None:
         if self.transport is not None and not self._device_paused:
@@ -290,14 +317,7 @@ class DeviceConnection(asyncio.Protocol):
     # --- handshake -------------------------------------------------------------------
 
     def _tls_context(self) -> EventContext:
-        return EventContext(
-            instance=self.context.instance,
-            peer_address=self.context.peer_address,
-            tls_version=self.pump.version(),
-            tls_cipher=self.pump.cipher(),
-            identity=self.context.identity,
-            proxy=self.context.proxy,
-        )
+        return replace(self.context, tls_version=self.pump.version(), tls_cipher=self.pump.cipher())
 
     def _start_session(self) -> Session | None:
         self.context = self._tls_context()
@@ -310,6 +330,8 @@ class DeviceConnection(asyncio.Protocol):
             self._tls_failed(TlsFailure(exc.reason, str(exc)))
             return None
         self.context = self.context.with_identity(identity)
+        if self.trace is not None:
+            self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
         self.session = Session(
             identity=identity,
             policy=self.hub.fleet_policy(identity.fleet),
@@ -338,6 +360,8 @@ class DeviceConnection(asyncio.Protocol):
             event = self._tls_context().event(
                 EventType.TLS_HANDSHAKE, failure.reason, detail=detail
             )
+            if self.trace is not None:
+                self.trace.handshake_done(failure=failure.reason)
             self.hub.record(event)
         self._close(failure.reason, graceful=False, linger=linger)
 
@@ -353,6 +377,12 @@ class DeviceConnection(asyncio.Protocol):
         if not self.closed and self.session is not None:
             self._run(self.session.connect_timed_out())
             self._flush()
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[object]:
+        """A child span of the connection's (``authorize``, ``upstream_dial``)."""
+        if self.trace is None:
+            return contextlib.nullcontext()
+        return self.trace.phase(name)
 
     # --- actions ---------------------------------------------------------------------
 
@@ -400,9 +430,10 @@ class DeviceConnection(asyncio.Protocol):
         assert session is not None
         identity = session.identity
         try:
-            reason = await self.hub.directory.check(
-                device_id=identity.device_id, fleet=identity.fleet, serial=identity.serial
-            )
+            with self._phase("authorize"):
+                reason = await self.hub.directory.check(
+                    device_id=identity.device_id, fleet=identity.fleet, serial=identity.serial
+                )
         except Exception:  # fail closed: no state, no admission
             log.exception("device directory lookup failed")
             reason = Reason.REVOCATION_STATE_STALE
@@ -416,8 +447,15 @@ class DeviceConnection(asyncio.Protocol):
         # Take over before the broker sees the new CONNECT, so the old session is ended by
         # us (DISCONNECT 0x8E, recorded), not cut by the broker's own takeover.
         self.hub.claim(self)
+        # ... and on other workers and instances (through PostgreSQL, gateway.takeover).
+        await self.hub.announce(self)
+        if self.closed:
+            return
         try:
-            transport, _ = await dial(self.config.upstream, self, within=self.config.dial_timeout)
+            with self._phase("upstream_dial"), self.hub.metrics.time_dial():
+                transport, _ = await dial(
+                    self.config.upstream, self, within=self.config.dial_timeout
+                )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if not self.closed:
                 self._run(session.upstream_failed(f"{type(exc).__name__}: {exc}"))
@@ -442,6 +480,12 @@ class DeviceConnection(asyncio.Protocol):
             return
         if self.closed:
             return
+        # Counted live before `admitted` runs: it may end the session at once (bytes the
+        # device pipelined), and `_close` must then find it to fold its counts.
+        self.hub.metrics.session_started(session)
+        self._counted = True
+        if self.trace is not None:
+            self.trace.decided(Outcome.ALLOWED, Reason.OK)
         self.pump.encrypt(admit.connack)
         self._run(session.admitted())
         self._flush()
@@ -456,13 +500,16 @@ class DeviceConnection(asyncio.Protocol):
         gone = reason is Reason.CONNECTION_LOST
         self._close(reason, graceful=not gone, linger=not gone)
 
-    def kick(self, reason: Reason, *, revoked: bool = False) -> None:
+    def kick(
+        self, reason: Reason, *, revoked: bool = False, detail: dict[str, object] | None = None
+    ) -> None:
         """End a session from outside (takeover, shutdown, revocation, expiry).
 
         What is recorded and sent is `Session.cut`'s decision: on MQTT 5 a live session
         first gets a DISCONNECT (0x8E taken over, 0x8B shutting down, 0x98 administrative
         action, 0x87 certificate expired); on 3.1.1 the connection is just closed.
-        ``revoked`` records ``session_revoked`` instead of ``session_end``. A connection
+        ``revoked`` records ``session_revoked`` instead of ``session_end``; ``detail`` is
+        added to that event's detail. A connection
         still in its TLS handshake is just closed.
         """
         if self.closed:
@@ -470,7 +517,7 @@ class DeviceConnection(asyncio.Protocol):
         if self.session is None:
             self._lost(reason)
             return
-        self._run(self.session.cut(reason, revoked=revoked))
+        self._run(self.session.cut(reason, revoked=revoked, detail=detail))
         if not self.closed:  # the session had already ended
             self._close(reason, graceful=True)
 
@@ -540,4 +587,8 @@ class DeviceConnection(asyncio.Protocol):
             self.upstream.close()
             self.upstream = None
         self.hub.closed(self)
+        if self._counted and self.session is not None:
+            self.hub.metrics.session_ended(self.session, reason)
+        if self.trace is not None:
+            self.trace.end(reason)
         log.debug("connection closed: %s", reason)

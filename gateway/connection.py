@@ -642,10 +642,17 @@ class Session:
         self.state = State.CLOSED
         return self.end_event(reason, type_=type_) if was_active else None
 
-    def cut(self, reason: Reason, *, revoked: bool = False) -> list[Action]:
+    def cut(
+        self,
+        reason: Reason,
+        *,
+        revoked: bool = False,
+        detail: Mapping[str, object] | None = None,
+    ) -> list[Action]:
         """End the session from outside: takeover, revocation, expiry, shutdown.
 
-        ``revoked`` records ``session_revoked`` instead of ``session_end``. See the module
+        ``revoked`` records ``session_revoked`` instead of ``session_end``; ``detail`` is
+        added to the end event's detail (e.g. which session took over). See the module
         invariants for what is recorded and sent in each state.
         """
         state = self.state
@@ -654,7 +661,10 @@ class Session:
         self.state = State.CLOSED
         if state is State.ACTIVE or self._admitting:
             type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
-            actions: list[Action] = [Record(self.end_event(reason, type_=type_))]
+            event = self.end_event(reason, type_=type_)
+            if detail:
+                event = event.model_copy(update={"detail": {**event.detail, **detail}})
+            actions: list[Action] = [Record(event)]
             if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
                 disconnect = Disconnect(reason_code=disconnect_code(reason))
                 actions.append(ToDevice(encode(disconnect, version=MQTT_5)))

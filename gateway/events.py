@@ -67,6 +67,7 @@ __all__ = [
     "COLUMNS",
     "EventLogUnavailable",
     "EventSink",
+    "SinkObserver",
     "SinkStats",
     "SpoolSink",
     "encode_event",
@@ -115,6 +116,14 @@ class EventLogUnavailable(DevicegateError):
     """
 
     reason = Reason.EVENT_LOG_UNAVAILABLE
+
+
+class SinkObserver(Protocol):
+    """What `SpoolSink` reports to metrics (`gateway.telemetry.GatewayMetrics` has it)."""
+
+    def flushed(self, seconds: float) -> None: ...
+
+    def shipped(self, batch_size: int) -> None: ...
 
 
 class EventSink(Protocol):
@@ -315,6 +324,8 @@ class SpoolSink:
         drain_timeout: how long `close` keeps shipping before leaving events in the spool.
         connect_timeout: timeout of one connection attempt.
         command_timeout: timeout of one statement (a COPY batch included).
+        metrics: told the duration of each group commit and the size of each shipped batch
+            (`gateway.telemetry.GatewayMetrics`); ``None``: nobody is told.
     """
 
     def __init__(
@@ -332,8 +343,10 @@ class SpoolSink:
         drain_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         command_timeout: float = 30.0,
+        metrics: SinkObserver | None = None,
     ) -> None:
         self._url = database_url
+        self._metrics = metrics
         self._chain_id = chain_id
         self._max_bytes = max_bytes
         self._flush_interval = flush_interval
@@ -612,6 +625,8 @@ class SpoolSink:
             return
         self._fsyncs += 1
         self._last_flush_latency = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.flushed(self._last_flush_latency)
         if self._spool.wants_spare():
             self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
         self._durable.extend(rows)
@@ -707,6 +722,8 @@ class SpoolSink:
         self._batches += 1
         self._last_batch_size = len(batch)
         self._last_ship_latency = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.shipped(len(batch))
 
     # -- metrics -----------------------------------------------------------------------
 

@@ -248,6 +248,7 @@ class RevocationCache:
         self._clock = clock
         self._devices: OrderedDict[str, _Device] = OrderedDict()
         self._listeners: list[RevocationListener] = []
+        self._channels: dict[str, Callable[[str], None]] = {}  # more channels, same LISTEN
         self._current_at: float | None = None
         self._epoch = 0  # bumped by every notification and reload
         self._deferred: list[RevocationNotice] | None = None  # notices seen during a reload
@@ -316,6 +317,24 @@ class RevocationCache:
     def detach(self, listener: RevocationListener) -> None:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
+
+    def also_listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Hand each payload on ``channel`` to ``callback`` too, on the same connection.
+
+        Call before `start`. The channel is listened to from every (re)connection on;
+        notices sent while the connection is down are not replayed (unlike revocations,
+        whose state is reloaded): ``channel`` must carry hints, not state.
+        """
+        self._channels[channel] = callback
+
+    def _on_other(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        callback = self._channels.get(channel)
+        if callback is None:
+            return
+        try:
+            callback(payload)
+        except Exception:  # a broken side channel must not stop revocations
+            log.exception("listener of %s failed", channel)
 
     # --- state -------------------------------------------------------------------------
 
@@ -494,6 +513,8 @@ class RevocationCache:
         self._resync = False
         connection.add_termination_listener(terminated)
         await connection.add_listener(REVOCATION_CHANNEL, self._on_notify)
+        for channel in self._channels:
+            await connection.add_listener(channel, self._on_other)
         while not lost:
             self._resync = False
             as_of = self._clock()

@@ -33,7 +33,10 @@ import uvloop
 from gateway.events import SpoolSink
 from gateway.revocation import RevocationCache
 from gateway.server import Gateway, config_from_settings
+from gateway.takeover import SessionBus
+from gateway.telemetry import GatewayMetrics, ObservingSink
 from schemas.settings import Settings, load_settings
+from schemas.telemetry import Telemetry, configure_logging, serve_metrics, setup_telemetry
 
 __all__ = ["main", "raise_fd_limit", "serve"]
 
@@ -71,25 +74,46 @@ async def serve(
     host, port = settings.listen_host_port
     config = config_from_settings(settings)
     worker = f"w{worker_index}"
+    configure_logging(settings.log_format, fields={"worker": worker_index})
+    metrics_at = settings.metrics_host_port
+    telemetry = setup_telemetry(
+        service_name="devicegate-gateway",
+        instance_id=f"{settings.instance_id}/{worker}",
+        prometheus=metrics_at is not None,
+        worker=worker_index,
+    )
+    metrics = GatewayMetrics(meter=telemetry.meter, tracer=telemetry.tracer)
     # Revocation state from LISTEN/NOTIFY; until it is current, connections are refused
     # (revocation_state_stale), so starting while PostgreSQL is away is safe.
     directory = RevocationCache(
         database_url=settings.database_url,
         stale_after=settings.revocation_stale_after.total_seconds(),
     )
+    metrics.watch_revocation(directory.state_age)
+    # Sessions admitted elsewhere (other workers, other instances) take over ours: heard
+    # on the revocation cache's LISTEN connection.
+    bus = SessionBus(
+        database_url=settings.database_url, instance=settings.instance_id, worker=worker
+    )
+    bus.listen_on(directory)
+    await bus.start()
     await directory.start()
     if not await directory.wait_current(within=10.0):
         log.warning("revocation state is not current yet; refusing devices until it is")
+    metrics_server: asyncio.Server | None = None
     try:
+        metrics_server = await _serve_metrics(telemetry, metrics_at, worker_index)
         async with SpoolSink(
             database_url=settings.database_url,
             spool_dir=settings.spool_dir / worker,
             chain_id=f"{settings.instance_id}/{worker}",
             max_bytes=settings.spool_max_bytes,
+            metrics=metrics,
         ) as sink:
+            metrics.watch_sink(lambda: sink.stats)
             gateway = Gateway(
                 config=config,
-                sink=sink,
+                sink=ObservingSink(sink, metrics),
                 directory=directory,
                 host=host,
                 port=port,
@@ -97,6 +121,8 @@ async def serve(
                 max_connections=settings.max_connections,
                 reuse_port=reuse_port,
                 failed_handshakes_per_minute=settings.failed_handshakes_per_minute,
+                bus=bus,
+                metrics=metrics,
             )
             stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -115,7 +141,37 @@ async def serve(
                 await gateway.close()
     finally:
         await directory.close()
+        await bus.close()
+        if metrics_server is not None:
+            metrics_server.close()
+            await metrics_server.wait_closed()
+        telemetry.shutdown()
     log.info("worker %s stopped", worker)
+
+
+async def _serve_metrics(
+    telemetry: Telemetry, at: tuple[str, int] | None, worker_index: int
+) -> asyncio.Server | None:
+    """``GET /metrics`` of worker ``i`` on port ``P + i`` (None: off, or not bindable).
+
+    A port that cannot be bound is logged as an error and the worker serves devices
+    without it: metrics are not worth refusing devices for (and its scrape target shows
+    ``up == 0``).
+    """
+    if at is None:
+        return None
+    host, port = at[0], at[1] + worker_index if at[1] else 0
+    try:
+        server = await serve_metrics(telemetry, host, port)
+    except OSError as exc:
+        log.error(
+            "metrics not served: cannot listen on %s:%s: %s (DEVICEGATE_METRICS_LISTEN; "
+            "worker i uses its port + i; off turns it off)",
+            host, port, exc.strerror or exc,
+        )  # fmt: skip
+        return None
+    log.info("metrics on http://%s:%s/metrics", host, server.sockets[0].getsockname()[1])
+    return server
 
 
 def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -153,10 +209,7 @@ def _cli(argv: list[str] | None = None) -> int:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
     else:
         settings = load_settings()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s %(name)s[w{args.worker_index or 0}] %(message)s",
-    )
+    configure_logging(settings.log_format, fields={"worker": args.worker_index or 0})
     if args.worker_index is not None:
         raise_fd_limit()
         uvloop.run(

@@ -8,8 +8,11 @@ Invariants:
   ``session_taken_over`` for the old, ``connect`` / ``ok`` for the new). Keyed by client
   id too because a fleet whose policy allows ``{device_id}-*`` deliberately runs several
   clients per device; under the default policy (client id = device id) this is one
-  session per device. Per worker: a device reconnecting through another worker is
-  taken over by the broker itself (the old session then ends ``upstream_closed``).
+  session per device. Across workers and instances the same holds through PostgreSQL:
+  with a `gateway.takeover.SessionBus`, each session is announced before its CONNECT is
+  forwarded, and the worker holding an older session of the pair ends it the same way
+  (``detail.taken_over_by`` names the new session's instance and worker). Without a bus
+  (or while PostgreSQL is away) the broker's own takeover ends it (``upstream_closed``).
 * A live directory (`gateway.revocation.LiveDirectory`, i.e. the revocation cache) is
   attached on start: its notifications cut sessions through `Gateway.revoke`, found by
   device id in the `gateway.sessions.SessionRegistry` (no scan of all connections).
@@ -38,6 +41,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from opentelemetry.metrics import NoOpMeter
+from opentelemetry.trace import NoOpTracer
+
 from gateway.audit import EventContext, EventSink
 from gateway.bridge import BridgeConfig, DeviceConnection
 from gateway.identity import DeviceIdentity
@@ -45,10 +51,13 @@ from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
 from gateway.policy import PolicyError, load_policy
 from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
+from gateway.takeover import Claim, SessionBus
+from gateway.telemetry import GatewayMetrics
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
 from schemas.errors import DevicegateError
 from schemas.events import AuthEvent, EventType, Outcome, Reason
+from schemas.notify import SessionNotice
 from schemas.policy import FleetPolicy, PolicyDocument
 from schemas.settings import Settings
 
@@ -61,6 +70,11 @@ _NOT_FAILURES = frozenset(
     {Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS, Reason.PROXY_PROTOCOL_ERROR}
 )
 _ALL_ADDRESSES = "*"
+
+
+def _unexported_metrics() -> GatewayMetrics:
+    """Metrics on a no-op meter and tracer, for a Gateway built without telemetry (tests)."""
+    return GatewayMetrics(meter=NoOpMeter("devicegate"), tracer=NoOpTracer())
 
 
 class GatewayConfigError(DevicegateError):
@@ -100,6 +114,8 @@ class Gateway:
 
     ``failed_handshakes_per_minute`` (None: no limit) sizes the per-address token bucket;
     ``refusal_event_interval`` is the throttle window of accept-time refusal events.
+    ``metrics`` receives the connection counts and spans (`gateway.telemetry`); without it
+    they go to a no-op meter and tracer (counted, never exported).
     """
 
     def __init__(
@@ -116,8 +132,11 @@ class Gateway:
         reuse_port: bool = False,
         failed_handshakes_per_minute: int | None = None,
         refusal_event_interval: float = 10.0,
+        bus: SessionBus | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else _unexported_metrics()
         self.sink = sink
         self.directory = directory
         self.host = host
@@ -138,6 +157,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None  # set when the last connection closes
+        self.bus = bus  # cross-worker takeover (None: this worker only)
+        self._claims: dict[DeviceConnection, Claim] = {}
 
     async def start(self) -> None:
         """Start listening (port 0 picks a free port, see ``self.port``)."""
@@ -153,6 +174,8 @@ class Gateway:
         self.port = self._server.sockets[0].getsockname()[1]
         if isinstance(self.directory, LiveDirectory):
             self.directory.attach(self)
+        if self.bus is not None:
+            self.bus.attach(self)
         self._ticker = loop.create_task(self._report_refusals(), name="refusal-events")
         log.info("gateway listening on %s:%s", self.host, self.port)
 
@@ -162,6 +185,8 @@ class Gateway:
             self._server.close()
         if isinstance(self.directory, LiveDirectory):
             self.directory.detach(self)
+        if self.bus is not None:
+            self.bus.detach(self)
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -292,6 +317,9 @@ class Gateway:
         return False
 
     def _refused(self, connection: DeviceConnection, reason: Reason, key: str) -> None:
+        # Counted here, once per refused connection; the throttled event summarising the
+        # burst is not counted again (see `gateway.telemetry.GatewayMetrics.observe_event`).
+        self.metrics.refused(reason)
         self._record_bursts(self.refusals.hit(f"{reason} {key}", connection.context.peer_address))
 
     def _record_bursts(self, bursts: list[Burst]) -> None:
@@ -322,9 +350,48 @@ class Gateway:
     def claim(self, connection: DeviceConnection) -> None:
         assert connection.session is not None
         key = (connection.session.identity.device_id, connection.session.client_id)
+        claim = self._claims[connection] = Claim(*key)
         previous = self.sessions.claim(key, connection)
         if previous is not None:
-            previous.kick(Reason.SESSION_TAKEN_OVER)
+            previous.kick(Reason.SESSION_TAKEN_OVER, detail=self._taker(claim.session_id))
+
+    def _taker(
+        self, session_id: str, instance: str | None = None, worker: str | None = None
+    ) -> dict[str, object]:
+        return {
+            "taken_over_by": {
+                "instance": instance or self.config.instance,
+                "worker": worker or (self.bus.worker if self.bus is not None else None),
+                "session_id": session_id,
+            }
+        }
+
+    async def announce(self, connection: DeviceConnection) -> None:
+        """Tell the other workers and instances (see `gateway.takeover`)."""
+        claim = self._claims.get(connection)
+        if self.bus is not None and claim is not None:
+            await self.bus.announce(claim)
+
+    def takeover_grace(self, connection: DeviceConnection) -> float:
+        """Seconds to wait for a takeover notice when the broker closed ``connection``."""
+        claim = self._claims.get(connection)
+        if self.bus is None or claim is None or not claim.seen:
+            return 0.0
+        return self.bus.grace
+
+    def taken_over(self, notice: SessionNotice) -> int:
+        """Another worker admits ``notice``'s session: end ours if it is older."""
+        owner = self.sessions.owner((notice.device_id, notice.client_id))
+        claim = self._claims.get(owner) if owner is not None else None
+        if owner is None or claim is None or owner.closed:
+            return 0
+        if claim.session_id == notice.session_id or not claim.seen:
+            return 0  # ours is the newer one: its announcement is still on its way
+        owner.kick(
+            Reason.SESSION_TAKEN_OVER,
+            detail=self._taker(notice.session_id, notice.instance, notice.worker),
+        )
+        return 1
 
     def closed(self, connection: DeviceConnection) -> None:
         self.connections.discard(connection)
@@ -333,3 +400,6 @@ class Gateway:
         session = connection.session
         if session is not None:
             self.sessions.remove(session.identity.device_id, connection)
+        claim = self._claims.pop(connection, None)
+        if claim is not None and self.bus is not None:
+            self.bus.release(claim)

@@ -6,7 +6,8 @@ Invariants:
   `gateway.connection.Session` already keeps (``packets_in``, ``bytes_in``, ``bytes_out``,
   ``downstream.packets``); `GatewayMetrics` reads them only when metrics are collected
   (observable counters): the sessions it tracks plus the totals folded in from ended ones.
-* Per connection: `GatewayMetrics.observe_event` (once per recorded auth event),
+* Per connection: `GatewayMetrics.observe_event` and `log_event` (once per recorded auth
+  event, in `ObservingSink`),
   `session_started` / `session_ended` (admission and close), a `ConnectionTrace` (a few
   spans), `time_dial` (one histogram record).
 * Collection may run on another thread (the OTLP exporter's): the fold of an ending session
@@ -16,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,10 +37,17 @@ __all__ = [
     "ObservingSink",
     "SessionCounters",
     "connection_span",
+    "log_event",
     "with_trace_id",
 ]
 
 _AUTHZ_CONNECT_REASONS = frozenset({Reason.CLIENT_ID_MISMATCH, Reason.TOPIC_NOT_AUTHORIZED})
+# Accept-time refusals: counted one by one by `GatewayMetrics.refused` when they happen;
+# their events are throttled summaries (``detail.refused`` = how many), not attempts.
+_COUNTED_AT_ACCEPT = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
+
+audit_log = logging.getLogger("devicegate.gateway.audit")
+"""One INFO line per auth event (the decision), with its fields and trace id."""
 
 
 class _Downstream(Protocol):
@@ -124,6 +133,10 @@ class GatewayMetrics:
         ``connect`` is the admission, a denied one (or a refused handshake) the refusal.
         """
         kind = event.type
+        if kind is EventType.TLS_HANDSHAKE and "refused" in event.detail and (
+            event.reason in _COUNTED_AT_ACCEPT
+        ):
+            return  # a throttled summary of refusals already counted by `refused`
         if kind is EventType.TLS_HANDSHAKE or kind is EventType.CONNECT:
             key = (event.outcome.value, event.reason.value)
             self.handshakes[key] = self.handshakes.get(key, 0) + 1
@@ -242,7 +255,8 @@ class ObservingSink:
     """An `gateway.audit.EventSink` that feeds `GatewayMetrics.observe_event`, then delegates.
 
     Denials are counted before they are stored (so they count even when the spool is full);
-    an allowed ``connect`` only once durable, because admission depends on that.
+    an allowed ``connect`` only once durable, because admission depends on that. Each event
+    is also logged once, at INFO on ``devicegate.gateway.audit`` (`log_event`).
     """
 
     def __init__(self, inner: Any, metrics: GatewayMetrics) -> None:
@@ -253,9 +267,36 @@ class ObservingSink:
         if event.outcome is Outcome.ALLOWED and event.type is EventType.CONNECT:
             await self.inner.record(event)
             self.metrics.observe_event(event)
+            log_event(event)
             return
         self.metrics.observe_event(event)
+        log_event(event)
         await self.inner.record(event)
+
+
+def log_event(event: AuthEvent) -> None:
+    """One log line for one auth event: its identifying fields and trace id, never detail.
+
+    The detail is left out (it is in the audit log) except ``trace_id``: nothing that
+    could be a secret. A few microseconds a line; nothing when the logger is above INFO.
+    """
+    if not audit_log.isEnabledFor(logging.INFO):
+        return
+    extra = {
+        "event_id": str(event.id),
+        "type": event.type.value,
+        "outcome": event.outcome.value,
+        "reason": event.reason.value,
+        "device_id": event.device_id,
+        "fleet": event.fleet,
+        "client_id": event.client_id,
+        "cert_serial": event.cert_serial,
+        "peer_address": event.peer_address,
+        "trace_id": event.detail.get("trace_id"),
+    }
+    audit_log.info(
+        "%s %s %s", event.type.value, event.outcome.value, event.reason.value, extra=extra
+    )
 
 
 # --- spans -------------------------------------------------------------------------------

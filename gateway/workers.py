@@ -43,6 +43,7 @@ from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
 from gateway.server import config_from_settings
 from schemas.settings import Settings
+from schemas.telemetry import configure_logging
 
 __all__ = ["MAX_BACKOFF", "SHIP_GRACE", "STABLE_AFTER", "Supervisor", "supervise"]
 
@@ -240,6 +241,7 @@ def supervise(settings: Settings, *, workers: int) -> int:
         PolicyError: the policy file is unreadable or invalid.
         OSError: the listen address cannot be bound.
     """
+    configure_logging(settings.log_format)
     config_from_settings(settings)
     load_policy(settings.policy_file)
     count = workers or os.cpu_count() or 1

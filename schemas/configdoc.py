@@ -34,6 +34,8 @@ FLAGS: dict[str, str] = {
     "policy_file": "serve gateway --policy",
     "workers": "serve gateway --workers",
     "provisioning_listen": "serve provisioning --listen",
+    "metrics_listen": "--metrics-listen",
+    "log_format": "--log-format",
 }
 """Field -> the flag that overrides it (global flags come before the command)."""
 

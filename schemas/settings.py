@@ -25,6 +25,8 @@ from pydantic_settings import (
 from schemas.durations import Duration
 
 ENV_PREFIX = "DEVICEGATE_"
+METRICS_OFF = ("off", "")
+"""``metrics_listen`` values that turn the ``/metrics`` endpoint off."""
 
 
 class ConfigError(Exception):
@@ -109,12 +111,22 @@ class Settings(BaseSettings):
     provisioning_listen: str = Field("0.0.0.0:8443", description="Provisioning HTTPS listener.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body.")
 
-    metrics_listen: str = Field("127.0.0.1:9464", description="Prometheus /metrics listener.")
+    metrics_listen: str = Field(
+        "127.0.0.1:9464",
+        description="Prometheus /metrics listener (gateway worker i: port + i); off: none.",
+    )
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
 
-    @field_validator("gateway_listen", "provisioning_listen", "metrics_listen")
+    @field_validator("gateway_listen", "provisioning_listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
+        return _host_port(value)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str) -> str:
+        if value.strip().lower() in METRICS_OFF:
+            return "off"
         return _host_port(value)
 
     @field_validator("database_url")
@@ -167,6 +179,14 @@ class Settings(BaseSettings):
                 ) from exc
             return text.splitlines()[0].encode() if text else b""
         return None
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served, or ``None`` when ``metrics_listen`` is off."""
+        if self.metrics_listen == "off":
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

@@ -724,8 +724,30 @@ class _TextFormatter(logging.Formatter):
 _HANDLER_MARK = "_devicegate_handler"
 
 
-def configure_logging(fmt: Literal["json", "text"], level: int | str = logging.INFO) -> None:
+class _Fields(logging.Filter):
+    """Adds fixed fields (e.g. ``worker``) to every record the handler writes."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self.fields.items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+def configure_logging(
+    fmt: Literal["json", "text"],
+    level: int | str = logging.INFO,
+    *,
+    fields: Mapping[str, object] | None = None,
+) -> None:
     """Send the root logger's records to stderr in ``fmt`` (``Settings.log_format``).
+
+    ``fields`` are added to every line (a gateway worker adds ``worker``): JSON keys, or
+    ``name[key=value]`` after the logger name in text.
 
     Idempotent: a handler installed by an earlier call is replaced, others are left alone.
     """
@@ -738,6 +760,10 @@ def configure_logging(fmt: Literal["json", "text"], level: int | str = logging.I
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        tag = ",".join(f"{key}={value}" for key, value in (fields or {}).items())
+        name = f"%(name)s[{tag}]" if tag else "%(name)s"
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {name} %(message)s"))
+    if fields:
+        handler.addFilter(_Fields(fields))
     root.addHandler(handler)
     root.setLevel(level)

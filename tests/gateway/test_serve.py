@@ -34,6 +34,7 @@ def served(
         "DEVICEGATE_POLICY_FILE": str(policy),
         "DEVICEGATE_SPOOL_DIR": str(tmp_path / "spool"),
         "DEVICEGATE_INSTANCE_ID": instance,
+        "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
     }
     log = tmp_path / "gateway.log"
     with log.open("wb") as stderr:

@@ -62,6 +62,7 @@ def served(pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path) -> 
         "DEVICEGATE_PKI_DIR": str(pki.directory),
         "DEVICEGATE_SPOOL_DIR": str(tmp_path / "spool"),
         "DEVICEGATE_INSTANCE_ID": instance,
+        "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
         "DEVICEGATE_DRAIN_TIMEOUT": "5s",
         "DEVICEGATE_LOG_FORMAT": "text",
     }
