@@ -7,9 +7,15 @@ import asyncio
 import contextlib
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from schemas.settings import Settings
 
 
 def free_port() -> int:
@@ -112,3 +118,48 @@ class Proxy:
             with contextlib.suppress(Exception):
                 writer.transport.abort()
             self._writers.discard(writer)
+
+
+@contextlib.contextmanager
+def provisioning_server(
+    settings: Settings, *, configure: Callable[[web.Application], None] | None = None
+) -> Iterator[int]:
+    """The production provisioning app (`build_app`) with its real TLS context, on its own
+    uvloop thread so tests may block (curl, openssl, CliRunner) without stalling it.
+
+    Args:
+        settings: the service's settings.
+        configure: called with the app before it starts (tests tighten a limiter there).
+
+    Yields:
+        The loopback port it listens on.
+    """
+    from provisioning.server import build_app, open_service, server_ssl_context
+
+    port = free_port()
+    loop = uvloop.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        service = await open_service(settings)
+        app = build_app(service)
+        if configure is not None:
+            configure(app)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        await runner.setup()
+        ssl_context = server_ssl_context(settings.pki_dir)
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+        started.set()
+        await stop.wait()
+        await runner.cleanup()
+        await service.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(15), "provisioning app did not start"
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)

@@ -13,23 +13,18 @@ import os
 import re
 import secrets
 import ssl
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-import uvloop
-from aiohttp import web
 
 from provisioning import admin
-from provisioning.server import build_app, open_service, server_ssl_context
 from schemas.settings import Settings
 from tests.conftest import Pki, _create_database, _drop_database
 from tests.console.synthetic import load
-from tests.helpers import free_port
+from tests.helpers import provisioning_server
 
 INSTANCE = "console-test"
 EVENTS = int(os.environ.get("DEVICEGATE_CONSOLE_TEST_EVENTS", "100000"))
@@ -74,33 +69,8 @@ class ConsoleServer:
 @pytest.fixture(scope="session")
 def console_server(console_settings: Settings) -> Iterator[ConsoleServer]:
     """The provisioning app (console included) with its real TLS context, on a uvloop thread."""
-    port = free_port()
-    loop = uvloop.new_event_loop()
-    started = threading.Event()
-    stop: dict[str, Any] = {}
-
-    async def main() -> None:
-        service = await open_service(console_settings)
-        runner = web.AppRunner(
-            build_app(service), access_log=None, handle_signals=False, shutdown_timeout=5
-        )
-        await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", port, ssl_context=server_ssl_context(console_settings.pki_dir)
-        )
-        await site.start()
-        stop["event"] = asyncio.Event()
-        started.set()
-        await stop["event"].wait()
-        await runner.cleanup()
-        await service.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(15), "provisioning app did not start"
-    yield ConsoleServer(f"https://127.0.0.1:{port}", port, console_settings.database_url)
-    loop.call_soon_threadsafe(stop["event"].set)
-    thread.join(15)
+    with provisioning_server(console_settings) as port:
+        yield ConsoleServer(f"https://127.0.0.1:{port}", port, console_settings.database_url)
 
 
 @pytest.fixture(scope="session")

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-import uvloop
 from aiohttp import web
 
 from provisioning import admin, ratelimit
-from provisioning.server import build_app, open_service, server_ssl_context
 from schemas.settings import Settings
-from tests.helpers import free_port
+from tests.helpers import provisioning_server
 from tests.provisioning.conftest import INSTANCE, Server
 from tests.provisioning.conftest import admin_headers as admin_headers  # fixtures, re-exported
 from tests.provisioning.conftest import client_context as client_context
@@ -60,35 +56,13 @@ def limiter() -> ratelimit.TokenFailureLimiter:
 def server(settings: Settings, limiter: ratelimit.TokenFailureLimiter) -> Iterator[Server]:
     """The production app (`build_app`: routes, middlewares, console, limiter) with the real
     TLS context on its own uvloop thread; only the limiter's numbers are tightened."""
-    port = free_port()
-    loop = uvloop.new_event_loop()
-    started = threading.Event()
-    stop: dict[str, Any] = {}
 
-    async def main() -> None:
-        service = await open_service(settings)
-        app = build_app(service)
+    def tighten(app: web.Application) -> None:
         assert ratelimit.token_rate_limit in app.middlewares  # installed by build_app
         app[ratelimit.LIMITER] = limiter
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", port, ssl_context=server_ssl_context(settings.pki_dir)
-        )
-        await site.start()
-        stop["event"] = asyncio.Event()
-        stop["loop"] = asyncio.get_running_loop()
-        started.set()
-        await stop["event"].wait()
-        await runner.cleanup()
-        await service.close()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(15), "provisioning app did not start"
-    yield Server(f"https://127.0.0.1:{port}", port)
-    loop.call_soon_threadsafe(stop["event"].set)
-    thread.join(15)
+    with provisioning_server(settings, configure=tighten) as port:
+        yield Server(f"https://127.0.0.1:{port}", port)
 
 
 _next_address = iter(range(2, 250))

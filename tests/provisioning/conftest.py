@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,16 +15,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-import uvloop
-from aiohttp import web
 
 from provisioning import admin
 from provisioning.device import KeyType, csr_pem, generate_key
-from provisioning.server import build_app, open_service, server_ssl_context
 from schemas.api import TokenCreateRequest
 from schemas.settings import Settings
 from tests.conftest import Pki
-from tests.helpers import free_port
+from tests.helpers import provisioning_server
 
 INSTANCE = "test-provisioning"
 
@@ -48,33 +44,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(settings: Settings) -> Iterator[Server]:
-    """The provisioning app with the real TLS context, on its own uvloop thread, so tests
-    may block (curl, openssl, CliRunner) without stalling it."""
-    port = free_port()
-    loop = uvloop.new_event_loop()
-    started = threading.Event()
-    stop: dict[str, Any] = {}
-
-    async def main() -> None:
-        service = await open_service(settings)
-        runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", port, ssl_context=server_ssl_context(settings.pki_dir)
-        )
-        await site.start()
-        stop["event"] = asyncio.Event()
-        started.set()
-        await stop["event"].wait()
-        await runner.cleanup()
-        await service.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(15), "provisioning app did not start"
-    yield Server(f"https://127.0.0.1:{port}", port)
-    loop.call_soon_threadsafe(stop["event"].set)
-    thread.join(15)
+    """The provisioning app with the real TLS context (see `provisioning_server`)."""
+    with provisioning_server(settings) as port:
+        yield Server(f"https://127.0.0.1:{port}", port)
 
 
 @pytest.fixture(scope="session")
