@@ -129,6 +129,7 @@ class CertificateAuthority:
     def __init__(self, signer: Signer, root: x509.Certificate) -> None:
         self.signer = signer
         self.root = root
+        self._issuer_key_id: tuple[x509.Certificate, x509.AuthorityKeyIdentifier] | None = None
 
     @property
     def issuing(self) -> x509.Certificate:
@@ -147,8 +148,12 @@ class CertificateAuthority:
             KeyNotAllowed: the key is of a type devicegate does not certify.
         """
         key_type_name(public_key)
-        issuer_key = self.issuing.public_key()
-        assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+        issuing = self.issuing
+        if self._issuer_key_id is None or self._issuer_key_id[0] is not issuing:
+            issuer_key = issuing.public_key()
+            assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)
+            self._issuer_key_id = (issuing, aki)  # the same for every certificate it signs
         builder = (
             x509.CertificateBuilder()
             .subject_name(
@@ -159,7 +164,7 @@ class CertificateAuthority:
                     ]
                 )
             )
-            .issuer_name(self.issuing.subject)
+            .issuer_name(issuing.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(options.not_before)
@@ -172,9 +177,7 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False
-            )
+            .add_extension(self._issuer_key_id[1], critical=False)
         )
         return self.signer.sign_certificate(builder)
 

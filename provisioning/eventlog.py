@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.events import GENESIS_HASH, AuthEvent, EventType, Outcome, Reason, utcnow
+from schemas.events import (
+    GENESIS_HASH,
+    AuthEvent,
+    EventType,
+    Outcome,
+    Reason,
+    chain_hash,
+    utcnow,
+)
 from schemas.notify import EVENTS_CHANNEL
 
 CHAIN_ID = "provisioning"
@@ -27,17 +35,24 @@ Connection = Any
 
 _LOCK_HEAD = "SELECT seq, hash FROM event_chains WHERE chain_id = $1 FOR UPDATE"
 
-_INSERT = """
-INSERT INTO auth_events (id, time, instance, type, outcome, reason, device_id, fleet,
-    cert_serial, cert_fingerprint, client_id, peer_address, tls_version, tls_cipher,
-    detail, chain_id, seq, prev_hash, hash)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb,
-    $16, $17, $18, $19)
-"""
-
-# One round trip moves the head and queues one notification per event.
-_ADVANCE = """
-WITH head AS (
+# One round trip inserts the events (one array per column, in chain order), moves the head
+# and queues one notification per event, in the same order.
+_APPEND = """
+WITH inserted AS (
+    INSERT INTO auth_events (id, time, instance, type, outcome, reason, device_id, fleet,
+        cert_serial, cert_fingerprint, client_id, peer_address, tls_version, tls_cipher,
+        detail, chain_id, seq, prev_hash, hash)
+    SELECT e.id, e.time, e.instance, e.type, e.outcome, e.reason, e.device_id, e.fleet,
+        e.cert_serial, e.cert_fingerprint, e.client_id, e.peer_address, e.tls_version,
+        e.tls_cipher, e.detail::jsonb, e.chain_id, e.seq, e.prev_hash, e.hash
+    FROM unnest($6::uuid[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
+        $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+        $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bigint[],
+        $23::text[], $24::text[])
+        AS e(id, time, instance, type, outcome, reason, device_id, fleet, cert_serial,
+            cert_fingerprint, client_id, peer_address, tls_version, tls_cipher, detail,
+            chain_id, seq, prev_hash, hash)
+), head AS (
     UPDATE event_chains SET seq = $2, hash = $3, updated_at = now() WHERE chain_id = $1
     RETURNING seq
 )
@@ -103,15 +118,17 @@ async def append_events(conn: Connection, specs: Sequence[EventSpec]) -> list[Au
             tls_version=spec.tls_version,
             tls_cipher=spec.tls_cipher,
             detail=spec.detail,
-        ).chained(chain_id=CHAIN_ID, seq=seq, prev_hash=prev_hash)
-        prev_hash = event.hash or ""
+            chain_id=CHAIN_ID,
+            seq=seq,
+            prev_hash=prev_hash,
+        )
+        # As `AuthEvent.chained`, with one copy: the link fields are set at construction.
+        prev_hash = chain_hash(prev_hash, event)
+        event = event.model_copy(update={"hash": prev_hash})
         events.append(event)
-    if len(events) == 1:
-        await conn.execute(_INSERT, *_row(events[0]))
-    else:
-        await conn.executemany(_INSERT, [_row(event) for event in events])
     notes = [json.dumps({"id": str(e.id), "time": e.time.isoformat()}) for e in events]
-    await conn.execute(_ADVANCE, CHAIN_ID, seq, prev_hash, EVENTS_CHANNEL, notes)
+    columns = [list(column) for column in zip(*(_row(event) for event in events), strict=True)]
+    await conn.execute(_APPEND, CHAIN_ID, seq, prev_hash, EVENTS_CHANNEL, notes, *columns)
     return events
 
 

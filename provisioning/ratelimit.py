@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -76,6 +77,7 @@ class RateLimited(DevicegateError):
     reason = Reason.RATE_LIMITED
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the bucket update
 def address_key(address: str | None) -> str:
     """The bucket an address belongs to: itself for IPv4, its /64 for IPv6."""
     if not address:

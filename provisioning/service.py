@@ -88,15 +88,15 @@ class ProvisioningService:
             **fields,
         )
 
-    def _bundle(self, certificate: x509.Certificate, issuance: Issuance) -> CertificateBundle:
+    def _bundle(self, record: store.NewCertificate, issuance: Issuance) -> CertificateBundle:
         return CertificateBundle(
             device_id=issuance.identity.device_id,
             fleet=issuance.identity.fleet,
-            serial=serial_hex(certificate.serial_number),
-            certificate=to_pem(certificate),
+            serial=record.serial,
+            certificate=record.pem,
             chain=self._chain_pem,
-            not_before=certificate.not_valid_before_utc,
-            not_after=certificate.not_valid_after_utc,
+            not_before=record.not_before,
+            not_after=record.not_after,
         )
 
     def _sign(
@@ -181,7 +181,7 @@ class ProvisioningService:
                 detail=detail,
             )
             raise
-        return Issued(certificate, self._bundle(certificate, issuance))
+        return Issued(certificate, self._bundle(record, issuance))
 
     async def _lookups(
         self, token_hash: bytes, hardware_id: str | None
@@ -303,7 +303,7 @@ class ProvisioningService:
             annotate(device_id=known["device_id"], fleet=known["fleet"])
             await self.record_denied(EventType.RENEW, exc, peer, detail=detail, **known)
             raise
-        return Issued(certificate, self._bundle(certificate, issuance))
+        return Issued(certificate, self._bundle(record, issuance))
 
     def _verify_presented(self, peer: Peer) -> x509.Certificate:
         """The TLS client certificate, checked to be signed by the issuing CA.

@@ -164,8 +164,16 @@ def phase(name: str, *, tracer: Tracer | None = None) -> Iterator[Span]:
     """A child of the current span: ``with phase("signing"): ...`` (see `PHASES`).
 
     Uses ``tracer``, else the one `telemetry_middleware` registered (`use_tracer`), else the
-    global one.
+    global one. Without ``tracer``, inside a span that is not recorded (sampled out: spans
+    are not exported) no child is opened and the current span is yielded: a child of a
+    sampled-out parent is not recorded either, and creating it costs a request real CPU.
     """
+    current = trace.get_current_span()
+    if tracer is None and not current.is_recording() and current.get_span_context().is_valid:
+        # The request span was sampled out (spans not exported): its children would be too,
+        # so opening them buys nothing; logs keep the request's trace id.
+        yield current
+        return
     chosen = tracer or _PHASE_TRACER.get(trace.get_tracer("devicegate.provisioning"))
     with chosen.start_as_current_span(name) as span:
         yield span
