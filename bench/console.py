@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provisioning import admin
 from provisioning.ca import init_pki
-from provisioning.console import queries
+from provisioning.console import activity_cache, overview, queries
 from provisioning.server import build_app, open_service, server_ssl_context
 from schemas.migrate import migrate
 from schemas.settings import Settings
@@ -108,6 +108,8 @@ async def explain(conn: asyncpg.Connection) -> str:
         ("activity, one day of buckets (a cold cache aggregates a day per query)",
          queries._ACTIVITY,
          (*day, timedelta(minutes=30), queries.ORIGIN, list(queries.CONNECTION_TYPES))),
+        ("activity denials, one day of buckets (the second query of each chunk)",
+         queries._DENIALS, (*day, timedelta(minutes=30), queries.ORIGIN)),
         ("activity, newest buckets only (warm cache)", queries._ACTIVITY,
          (now - timedelta(minutes=5), now + timedelta(hours=3), timedelta(hours=3),
           queries.ORIGIN, list(queries.CONNECTION_TYPES))),
@@ -130,7 +132,7 @@ async def explain(conn: asyncpg.Connection) -> str:
     ]
     out = []
     for title, sql, args in plans:
-        if sql is queries._ACTIVITY:  # as the console runs it
+        if sql in (queries._ACTIVITY, queries._DENIALS):  # as the console runs it
             await conn.execute(f"SET work_mem = '{queries.ACTIVITY_WORK_MEM}'")
         else:
             await conn.execute("RESET work_mem")
@@ -171,6 +173,7 @@ async def main() -> None:
             finally:
                 loop.call_soon_threadsafe(state["stop"].set)
                 thread.join(15)
+        await cold_overview(url)
         plans = await explain(conn)
         print("\n== EXPLAIN (ANALYZE) of the main queries\n" + plans)
         if options.explain:
@@ -180,6 +183,32 @@ async def main() -> None:
         admin_conn = await asyncpg.connect(ADMIN_URL)
         await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin_conn.close()
+
+
+async def cold_overview(url: str) -> None:
+    """The overview's cold path alone (what a first view pays if it comes before the startup
+    warm-up is done): a fresh cache per range, day chunks one at a time (as before) and
+    `activity_cache.PARALLEL` at a time (as the console runs them)."""
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=16)
+    parallel = activity_cache.PARALLEL
+    try:
+        async with pool.acquire() as conn:
+            now = await conn.fetchval("SELECT now()")
+        print(f"\n{'cold overview (no cache)':<30} {'serial ms':>10} {'parallel ms':>12}")
+        for key in overview.RANGES:
+            start, end, stride = overview.window(key, now)
+            took = []
+            for at_once in (1, parallel):
+                activity_cache.PARALLEL = at_once
+                began = time.perf_counter()
+                await activity_cache.ActivityCache().window(
+                    pool, start=start, end=end, stride=stride, now=now
+                )
+                took.append((time.perf_counter() - began) * 1000)
+            print(f"{key:<30} {took[0]:>10.1f} {took[1]:>12.1f}")
+    finally:
+        activity_cache.PARALLEL = parallel
+        await pool.close()
 
 
 async def run_pages(port: int, chain: Path, key: str, runs: int) -> None:

@@ -11,7 +11,13 @@ Invariants:
   closed buckets: every entry is recomputed in the background once older than `REFRESH`,
   while the old one keeps serving (stale-while-revalidate), so such events show within
   `REFRESH` and no page waits for the recompute.
-- Only the very first view of a range in a process pays the whole window.
+- Only the very first view of a range in a process pays the whole window, and the console
+  warms every range in the background as soon as it starts (`warm`), so that view usually
+  finds the cache ready; a view arriving meanwhile waits for the warm-up's query (single
+  flight) instead of starting its own.
+- A cold window is aggregated a day per query, up to `PARALLEL` queries at a time on their
+  own connections (a day-query runs on one core: the planner picks no parallel plan for
+  it, and none is possible for the denials' grouping sets).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,8 +34,13 @@ from provisioning.console.queries import ORIGIN, BucketCounts, activity
 
 log = logging.getLogger("devicegate.console")
 
+Window = tuple[datetime, datetime, timedelta]
+"""start, end, stride of a window of buckets."""
+
 SETTLE = timedelta(minutes=2)
 CHUNK = timedelta(days=1)
+PARALLEL = 4
+"""Day-chunk queries run at once for a cold window (each holds a pool connection)."""
 REFRESH = 600.0
 """Seconds after which an entry is recomputed in the background."""
 
@@ -102,12 +114,38 @@ class ActivityCache:
         pool: Any, start: datetime, end: datetime, stride: timedelta
     ) -> dict[datetime, BucketCounts]:
         """Aggregated a day of buckets per query: each stays small enough to hash in memory
-        (a whole week in one query makes PostgreSQL sort a million rows instead)."""
-        out: dict[datetime, BucketCounts] = {}
+        (a whole week in one query makes PostgreSQL sort a million rows instead); the
+        queries of a window run concurrently, `PARALLEL` at a time."""
         chunk = max(1, CHUNK // stride) * stride
-        async with pool.acquire() as conn:
-            while start < end:
-                upto = min(end, start + chunk)
-                out.update(await activity(conn, start=start, end=upto, stride=stride))
-                start = upto
+        spans: list[tuple[datetime, datetime]] = []
+        while start < end:
+            spans.append((start, min(end, start + chunk)))
+            start = spans[-1][1]
+        gate = asyncio.Semaphore(PARALLEL)
+
+        async def one(lo: datetime, hi: datetime) -> dict[datetime, BucketCounts]:
+            async with gate, pool.acquire() as conn:
+                return await activity(conn, start=lo, end=hi, stride=stride)
+
+        out: dict[datetime, BucketCounts] = {}
+        for part in await asyncio.gather(*(one(lo, hi) for lo, hi in spans)):
+            out.update(part)
         return out
+
+
+async def warm(
+    cache: ActivityCache, pool: Any, windows: Callable[[datetime], list[Window]]
+) -> None:
+    """Fill the cache for every window (the overview's ranges) in the background, so the
+    first view of each finds it ready. A failure is logged: views then compute on demand."""
+    try:
+        async with pool.acquire() as conn:
+            now: datetime = await conn.fetchval("SELECT now()")
+        began = time.monotonic()
+        for start, end, stride in windows(now):
+            await cache.window(pool, start=start, end=end, stride=stride, now=now)
+        log.info("console: overview cache warmed in %.1f s", time.monotonic() - began)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("console: warming the overview cache failed")

@@ -7,6 +7,7 @@ anything else gets 401. Refusals render as HTML pages, not problem documents.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import resources
 
@@ -14,10 +15,10 @@ import asyncpg
 from aiohttp import web
 
 from provisioning.console import auth, chains, devices, events, live, overview
-from provisioning.console.activity_cache import ActivityCache
+from provisioning.console.activity_cache import ActivityCache, warm
 from provisioning.console.html import Html, escape, page, tag, url
 from provisioning.console.sessions import COOKIE, attach, load
-from provisioning.console.state import ACTIVITY, CHAINS, LIVE, ChainRuns, LiveStreams
+from provisioning.console.state import ACTIVITY, CHAINS, LIVE, WARMING, ChainRuns, LiveStreams
 from provisioning.db import DatabaseUnavailable
 from provisioning.http_common import SERVICE, Handler
 from provisioning.problems import STATUS
@@ -105,6 +106,19 @@ async def _stop_streams(app: web.Application) -> None:
     app[LIVE].close_all()
 
 
+async def _start_warming(app: web.Application) -> None:
+    """Fill the overview's bucket cache in the background, so the first view is warm."""
+    app[WARMING].append(asyncio.create_task(
+        warm(app[ACTIVITY], app[SERVICE].pool, overview.windows), name="console-activity-warm"
+    ))  # fmt: skip
+
+
+async def _stop_warming(app: web.Application) -> None:
+    for task in app[WARMING]:
+        task.cancel()
+    await asyncio.gather(*app[WARMING], return_exceptions=True)
+
+
 def build(service: ProvisioningService) -> web.Application:
     """The console application over the provisioning service."""
     console = web.Application(middlewares=[_gate])
@@ -113,7 +127,10 @@ def build(service: ProvisioningService) -> web.Application:
     console[CHAINS] = ChainRuns(service.settings.database_url)
     console[ACTIVITY] = ActivityCache()
     console.on_response_prepare.append(_security_headers)
+    console[WARMING] = []
+    console.on_startup.append(_start_warming)
     console.on_shutdown.append(_stop_streams)
+    console.on_shutdown.append(_stop_warming)
     console.add_routes([
         web.get("/", overview.show),
         web.get("/login", auth.login_form),

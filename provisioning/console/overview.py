@@ -52,14 +52,25 @@ def _range_links(current: str) -> Html:
     return Html(f'<nav class="ranges" aria-label="Time range">{join(links, " ")}</nav>')
 
 
+def window(key: str, now: datetime) -> tuple[datetime, datetime, timedelta]:
+    """(start, end, stride) of range ``key`` at ``now``: it ends with the current bucket."""
+    _, span, stride = RANGES[key]
+    end = queries.ORIGIN + ((now - queries.ORIGIN) // stride + 1) * stride
+    return end - span, end, stride
+
+
+def windows(now: datetime) -> list[tuple[datetime, datetime, timedelta]]:
+    """Every range's window, cheapest first (what the console warms at startup)."""
+    return [window(key, now) for key in ("hour", "day", "week")]
+
+
 async def show(request: web.Request) -> web.Response:
     key = request.query.get("range", "day")
     if key not in RANGES:
         raise web.HTTPBadRequest(text="range must be hour, day or week")
-    label, span, stride = RANGES[key]
+    label = RANGES[key][0]
     now = await _with_conn(request, queries.database_now)
-    end = queries.ORIGIN + ((now - queries.ORIGIN) // stride + 1) * stride
-    start = end - span
+    start, end, stride = window(key, now)
     buckets, expiring, heads = await asyncio.gather(
         request.app[ACTIVITY].window(
             request.app[SERVICE].pool, start=start, end=end, stride=stride, now=now

@@ -3,9 +3,10 @@
 Event listings go through `provisioning.event_query`; this module has what it lacks. Each
 query is shaped for an index of ``auth_events`` (docs/console.md has the plans):
 
-- activity: ``time`` range on ``(time DESC, id DESC)``, one pass with three grouping sets
-  (reasons, denied devices, denied peer hosts), buckets by ``date_bin``; closed buckets are
-  cached (`activity_cache`), so a view reads only the newest ones;
+- activity: ``time`` range on ``(time DESC, id DESC)`` grouped by reason, then the denials
+  alone on ``(outcome, time DESC)`` with two grouping sets (devices, peer hosts), buckets by
+  ``date_bin``; closed buckets are cached (`activity_cache`), so a view reads only the
+  newest ones;
 - chain heads: a skip scan (recursive CTE) over ``(chain_id, seq)``: one index probe per
   chain instead of a pass over the table.
 """
@@ -45,25 +46,25 @@ class BucketCounts:
 
 ACTIVITY_WORK_MEM = "64MB"
 
-# One pass over the window, three groupings: by (outcome, reason, admission), and the
-# denials by device and by peer host: the address up to its last ':' ("203.0.113.5:4711",
-# "[2001:db8::1]:4711"), as the gateway and provisioning record it (a string function:
-# three times cheaper than a regular expression here).
+# Two queries per window (cheaper than one pass with three grouping sets over every event:
+# 280 ms instead of 480 ms for a day of a million-event week, docs/console.md): counts by
+# (outcome, reason, admission) over every event, then the denials alone (the
+# (outcome, time DESC) index) by device and by peer host: the address up to its last ':'
+# ("203.0.113.5:4711", "[2001:db8::1]:4711"), as the gateway and provisioning record it (a
+# string function: three times cheaper than a regular expression here).
 _ACTIVITY = """
 SELECT date_bin($3::interval, time, $4::timestamptz) AS bucket,
-       type = ANY($5::text[]) AS connection, outcome, reason,
-       CASE WHEN outcome = 'denied' THEN device_id END AS device,
-       CASE WHEN outcome = 'denied'
-            THEN left(peer_address, -strpos(reverse(peer_address), ':')) END AS peer,
-       GROUPING(type = ANY($5::text[]), outcome, reason) AS by_other,
-       GROUPING(CASE WHEN outcome = 'denied' THEN device_id END) AS by_device,
-       count(*) AS n
+       type = ANY($5::text[]) AS connection, outcome, reason, count(*) AS n
 FROM auth_events WHERE time >= $1 AND time < $2
-GROUP BY GROUPING SETS (
-    (1, 2, 3, 4),
-    (1, 5),
-    (1, 6)
-)
+GROUP BY 1, 2, 3, 4
+"""
+
+_DENIALS = """
+SELECT date_bin($3::interval, time, $4::timestamptz) AS bucket, device_id AS device,
+       left(peer_address, -strpos(reverse(peer_address), ':')) AS peer,
+       GROUPING(device_id) AS by_device, count(*) AS n
+FROM auth_events WHERE outcome = 'denied' AND time >= $1 AND time < $2
+GROUP BY GROUPING SETS ((1, 2), (1, 3))
 """
 
 
@@ -71,19 +72,21 @@ async def activity(
     conn: Connection, *, start: datetime, end: datetime, stride: timedelta
 ) -> dict[datetime, BucketCounts]:
     """Per bucket of ``[start, end)``: counts by admission, outcome and reason, and the
-    denials by device and by peer host."""
-    async with conn.transaction(readonly=True):
-        # Three grouping sets hash in memory; at the default 4 MB they sort on disk.
+    denials by device and by peer host (both queries see one snapshot)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # The grouping sets hash in memory; at the default 4 MB they may sort on disk.
         await conn.execute(f"SET LOCAL work_mem = '{ACTIVITY_WORK_MEM}'")
         rows = await conn.fetch(_ACTIVITY, start, end, stride, ORIGIN, list(CONNECTION_TYPES))
+        denials = await conn.fetch(_DENIALS, start, end, stride, ORIGIN)
     out: dict[datetime, BucketCounts] = {}
     for r in rows:
         counts = out.setdefault(r["bucket"], BucketCounts([], {}, {}))
-        if r["by_other"] == 0:
-            counts.rows.append(
-                ActivityRow(r["bucket"], r["connection"], r["outcome"], r["reason"], r["n"])
-            )
-        elif r["by_device"] == 0:
+        counts.rows.append(
+            ActivityRow(r["bucket"], r["connection"], r["outcome"], r["reason"], r["n"])
+        )
+    for r in denials:
+        counts = out.setdefault(r["bucket"], BucketCounts([], {}, {}))
+        if r["by_device"] == 0:
             if r["device"] is not None:
                 counts.devices[r["device"]] = r["n"]
         elif r["peer"] is not None:

@@ -119,3 +119,5 @@ class ChainRuns:
 LIVE = web.AppKey("console_live", LiveStreams)
 CHAINS = web.AppKey("console_chains", ChainRuns)
 ACTIVITY = web.AppKey("console_activity", ActivityCache)
+WARMING = web.AppKey("console_warming", list[asyncio.Task[None]])
+"""The startup task filling `ACTIVITY` (cancelled at shutdown)."""
