@@ -543,6 +543,7 @@ class DeviceConnection(asyncio.Protocol):
             self._device_paused = True
             self.transport.pause_reading()
         self._barrier = session.downstream.pingresps
+        session.downstream.swallow += 1  # the barrier's answer is not for the device
         self._flush()
         self.upstream.write(b"\xc0\x00")  # PINGREQ
 

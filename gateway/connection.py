@@ -72,7 +72,7 @@ from gateway.mqtt.packets import (
 )
 from gateway.mqtt.properties import Properties, PropertyId
 from gateway.policy import Action as PolicyAction
-from gateway.policy import authorize, client_id_allowed
+from gateway.policy import authorize, client_id_allowed, upstream_client_id
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
@@ -317,7 +317,10 @@ class Session:
             return self._refuse(reason)
         assert self.connect is not None and self.client_id is not None
         upstream_connect = replace(
-            self.connect, client_id=self.client_id, username=self.identity.device_id, password=None
+            self.connect,
+            client_id=upstream_client_id(self.identity.device_id, self.client_id),
+            username=self.identity.device_id,
+            password=None,
         )
         return [DialUpstream(encode(upstream_connect, version=self.version))]
 

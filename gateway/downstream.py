@@ -69,13 +69,14 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
 class Downstream:
     """Cuts the broker's byte stream into what the device gets."""
 
-    __slots__ = ("_skip", "_tail", "merges", "packets", "pingresps", "version")
+    __slots__ = ("_skip", "_tail", "merges", "packets", "pingresps", "swallow", "version")
 
     def __init__(self, version: int) -> None:
         self.version = version
         self.merges: dict[int, SubackMerge] = {}
         self.packets = 0
         self.pingresps = 0  # a drain's PINGREQ barrier waits for the next one
+        self.swallow = 0  # PINGRESPs owed to the gateway's own PINGREQs: not the device's
         self._skip = 0
         self._tail = b""
 
@@ -108,6 +109,11 @@ class Downstream:
             end = pos + size
             if packet_type == _PINGRESP:
                 self.pingresps += 1
+                if self.swallow and end <= n:
+                    self.swallow -= 1
+                    if start < pos:
+                        out.append(memoryview(data)[start:pos])
+                    start = end
             if packet_type == _SUBACK and merges:
                 if end > n:
                     self._tail = data[pos:]

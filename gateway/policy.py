@@ -148,6 +148,18 @@ def authorize(
     return DENIED
 
 
+def upstream_client_id(device_id: str, client_id: str) -> str:
+    """The broker's session key for ``client_id`` of ``device_id``, disjoint per device.
+
+    Device ids are ``[a-z0-9][a-z0-9-]*`` (`gateway.identity`), so ``:`` never occurs in
+    one: a device's own id is kept as is, any other client id becomes
+    ``<device_id>:<client_id>``, which no other device can produce. Without this, a
+    ``{device_id}-*`` template would let device ``x`` take over (and read) the broker
+    session of device ``x-2``.
+    """
+    return client_id if client_id == device_id else f"{device_id}:{client_id}"
+
+
 def client_id_allowed(subject: Subject, client_id: str, policy: FleetPolicy) -> bool:
     """Whether ``client_id`` is one the fleet's ``client_ids`` templates allow.
 

@@ -144,7 +144,8 @@ def test_client_id_binding(version: int, client_id: str, code: int | None) -> No
 
 def test_client_id_prefix_policy() -> None:
     session = new_session(FleetPolicy(client_ids=("{device_id}-*",)))
-    assert admit(session, 4, client_id="d1-sensor").client_id == "d1-sensor"
+    # Admitted, and kept apart from any device whose id is "d1-sensor" at the broker.
+    assert admit(session, 4, client_id="d1-sensor").client_id == "d1:d1-sensor"
 
 
 def test_empty_client_id_v5_is_assigned_in_connack() -> None:
