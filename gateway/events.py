@@ -58,6 +58,7 @@ from typing import Any, Protocol, Self
 
 import asyncpg
 
+from gateway.database import DB_ERRORS
 from gateway.spool import Spool, SpoolError, frame
 from schemas.errors import DevicegateError
 from schemas.events import GENESIS_HASH, AuthEvent, Reason, canonical_bytes, uuid7
@@ -92,7 +93,6 @@ _REPLAY = (
 
 Row = tuple[Any, ...]
 
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _RETRY_MIN = 0.05
 _PARTITION_CHECK_EVERY = 3600.0
 
@@ -479,7 +479,7 @@ class SpoolSink:
     async def _head_from_database(self) -> None:
         try:
             conn = await self._connect()
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._chain_id = f"{self._chain_id}#{uuid7().hex}"
             log.warning(
                 "empty spool and PostgreSQL unreachable (%s): starting new chain %s",
@@ -493,7 +493,7 @@ class SpoolSink:
                 "SELECT seq, hash FROM auth_events WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
                 self._chain_id,
             )
-        except _DB_ERRORS as exc:  # e.g. not migrated yet: the head is unknown, do not guess
+        except DB_ERRORS as exc:  # e.g. not migrated yet: the head is unknown, do not guess
             self._chain_id = f"{self._chain_id}#{uuid7().hex}"
             log.warning("chain head unreadable (%s): starting new chain %s", exc, self._chain_id)
             return
@@ -682,7 +682,12 @@ class SpoolSink:
                 elif time.monotonic() >= self._next_partition_check:
                     await self._ensure_partitions(self._conn)
                 await self._ship(self._conn, batch)
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # close() cancelled us mid-batch and asyncpg's failed ROLLBACK replaced
+                    # the CancelledError: honour the cancellation (the spool keeps the batch).
+                    raise asyncio.CancelledError from exc
                 self._ship_failures += 1
                 log.warning(
                     "shipping %d events failed (retry in %.2fs): %s", len(batch), delay, exc

@@ -56,6 +56,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import asyncpg
 from pydantic import ValidationError
 
+from gateway.database import DB_ERRORS
 from gateway.identity import DeviceIdentity
 from schemas.events import Reason
 from schemas.notify import REVOCATION_CHANNEL, RevocationNotice
@@ -101,7 +102,6 @@ _CUTS: Final = {
     ("certificate", "revoked"): Reason.CERTIFICATE_REVOKED,
     ("certificate", "superseded"): Reason.CERTIFICATE_SUPERSEDED,
 }
-_DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _CERTS_PER_DEVICE: Final = 8
 _LOOKUP_TRIES: Final = 3
 _WARN_EVERY: Final = 10.0
@@ -378,7 +378,7 @@ class RevocationCache:
         self.misses += 1
         try:
             return await self._lookup(device_id, fleet, serial)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self.lookup_failures += 1
             now = self._clock()
             if now - self._warned_at >= _WARN_EVERY:  # an outage must not flood the log

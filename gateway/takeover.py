@@ -41,6 +41,7 @@ from typing import Final, Protocol
 import asyncpg
 from pydantic import ValidationError
 
+from gateway.database import DB_ERRORS
 from schemas.notify import SESSIONS_CHANNEL, SessionNotice
 
 __all__ = ["Claim", "SessionBus", "TakeoverListener"]
@@ -48,7 +49,6 @@ __all__ = ["Claim", "SessionBus", "TakeoverListener"]
 log = logging.getLogger("devicegate.gateway.takeover")
 
 _NOTIFY: Final = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
-_DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(slots=True, eq=False)
@@ -199,7 +199,7 @@ class SessionBus:
                     await pool.execute(_NOTIFY, SESSIONS_CHANNEL, batch)
                 self.announced += len(batch)
                 self._healthy = True
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self.send_failures += 1
                 self._healthy = False
                 log.warning("could not announce %d session(s): %s", len(batch), exc)

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from provisioning import admin, ratelimit
 from schemas.settings import Settings
+from tests.gateway.conftest import harness as harness  # gateway fixtures, re-exported
+from tests.gateway.conftest import make_device as make_device
 from tests.helpers import provisioning_server
 from tests.provisioning.conftest import INSTANCE, Server
 from tests.provisioning.conftest import admin_headers as admin_headers  # fixtures, re-exported

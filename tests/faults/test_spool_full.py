@@ -1,0 +1,128 @@
+"""Issue 5: a gateway whose spool fills while PostgreSQL is unreachable refuses new
+sessions (``event_log_unavailable``: CONNACK 0x03 on MQTT 3.1.1, 0x88 on MQTT 5) rather
+than admit unaudited ones, and admits again once the database is back and the spool has
+drained. Every admitted session's ``connect`` event lands, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pki
+from tests.faults.conftest import (
+    Attempt,
+    Client,
+    ThreadedProxy,
+    connect_events,
+    gateway_process,
+    landed,
+    register_devices,
+    verify,
+    wait_until,
+    xfail_if_sink_died,
+)
+
+SPOOL_MAX_BYTES = 16 * 1024  # four 4 KiB segments: a dozen events or so
+REFUSED = {4: "connack:0x03", 5: "connack:0x88"}
+
+
+def test_full_spool_refuses_then_recovers(
+    pki: Pki, fault_db: str, mosquitto_port: int, tmp_path: Path
+) -> None:
+    (device,) = asyncio.run(register_devices(fault_db, pki, tmp_path, 1))
+    client = Client(device)
+    proxy = ThreadedProxy(fault_db)
+    attempts: list[Attempt] = []
+    try:
+        with gateway_process(
+            pki=pki,
+            database_url=proxy.url,
+            upstream=mosquitto_port,
+            work=tmp_path / "gw",
+            workers=1,
+            env={
+                "DEVICEGATE_SPOOL_MAX_BYTES": str(SPOOL_MAX_BYTES),
+                # The outage must fill the spool before the revocation state goes stale.
+                "DEVICEGATE_REVOCATION_STALE_AFTER": "60s",
+            },
+        ) as served:
+
+            def stored(client_ids: set[str]) -> Callable[[], Awaitable[object]]:
+                return functools.partial(landed, fault_db, served.instance, client_ids)
+
+            async def scenario() -> tuple[list[Attempt], list[Attempt], list[Attempt]]:
+                # The device is admitted (and cached by the revocation cache) while the
+                # database is reachable.
+                warm = await client.attempt(served.port, "warm")
+                attempts.append(warm)
+                assert warm.ok, (warm, served.log_text())
+                assert await wait_until(stored({warm.client_id}), 10)
+
+                proxy.cut()
+                filling: list[Attempt] = []
+                for n in range(100):  # admitted until the spool is full
+                    attempt = await client.attempt(served.port, f"fill{n}", version=4 + n % 2)
+                    filling.append(attempt)
+                    if not attempt.ok:
+                        break
+                refused = [filling[-1]]
+                for n in range(4):  # and refused from then on, on both protocol versions
+                    refused.append(await client.attempt(served.port, f"full{n}", version=4 + n % 2))
+
+                proxy.restore()
+                recovered: list[Attempt] = []
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    attempt = await client.attempt(served.port, f"back{len(recovered)}")
+                    recovered.append(attempt)
+                    if attempt.ok:
+                        break
+                    await asyncio.sleep(0.2)
+                return filling[:-1], refused, recovered
+
+            filling, refused, recovered = asyncio.run(scenario())
+            attempts += filling + refused + recovered
+            log = served.log_text()
+
+            assert filling and all(a.ok for a in filling), Counter(a.outcome for a in filling)
+            assert len(filling) < 50, "the spool never filled"
+            assert [a.outcome for a in refused] == [REFUSED[a.version] for a in refused], log
+            if not (recovered and recovered[-1].ok):
+                xfail_if_sink_died(served.log_text(tail=10**8))
+            assert recovered and recovered[-1].ok, ([a.outcome for a in recovered], log)
+
+            admitted = {a.client_id for a in attempts if a.ok}
+            assert asyncio.run(wait_until(stored(admitted), 20)), log
+            rows = asyncio.run(connect_events(fault_db, served.instance))
+    finally:
+        proxy.close()
+
+    connects = Counter(r["client_id"] for r in rows if r["type"] == "connect")
+    assert all(connects[c] == 1 for c in admitted), connects
+    allowed = {r["client_id"] for r in rows if r["type"] == "connect" and r["outcome"] == "allowed"}
+    assert allowed == admitted  # no refused attempt was recorded as admitted
+
+    report = asyncio.run(verify(fault_db))
+    assert report.ok, report.to_dict()
+
+    # The refusals themselves: each should be recorded (connect, denied,
+    # event_log_unavailable), if only once the spool has room again. The gateway records
+    # a refusal through the same full spool, so today they are lost (logged only).
+    refused_ids = {a.client_id for a in attempts if not a.ok}
+    recorded = {
+        r["client_id"]
+        for r in rows
+        if r["type"] == "connect" and r["reason"] == "event_log_unavailable"
+    }
+    if not refused_ids <= recorded:
+        pytest.xfail(
+            f"{len(refused_ids - recorded)} of {len(refused_ids)} event_log_unavailable "
+            "refusals left no event (the refusal is recorded through the full spool)"
+        )
