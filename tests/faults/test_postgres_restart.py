@@ -33,6 +33,7 @@ from tests.faults.conftest import (
     Client,
     GatewayProcess,
     PostgresCluster,
+    assert_sink_alive,
     connect_events,
     find_cluster,
     gateway_process,
@@ -41,7 +42,6 @@ from tests.faults.conftest import (
     register_devices,
     verify,
     wait_until,
-    xfail_if_sink_died,
 )
 
 DEVICES = 4
@@ -139,7 +139,7 @@ def test_postgres_restart_during_connects(
 
         outcomes = Counter(a.outcome for a in window)
         if set(outcomes) != {"ok"}:
-            xfail_if_sink_died(served.log_text(tail=10**8))
+            assert_sink_alive(served.log_text(tail=10**8))
         assert set(outcomes) == {"ok"}, (outcomes, log)
         during = [a for a in window if outage["down"] <= a.started and a.ended <= outage["up_at"]]
         assert len(during) >= 20, (len(during), outcomes)

@@ -20,13 +20,13 @@ from tests.faults.conftest import (
     Attempt,
     Client,
     ThreadedProxy,
+    assert_sink_alive,
     connect_events,
     gateway_process,
     landed,
     register_devices,
     verify,
     wait_until,
-    xfail_if_sink_died,
 )
 
 SPOOL_MAX_BYTES = 16 * 1024  # four 4 KiB segments: a dozen events or so
@@ -95,7 +95,7 @@ def test_full_spool_refuses_then_recovers(
             assert len(filling) < 50, "the spool never filled"
             assert [a.outcome for a in refused] == [REFUSED[a.version] for a in refused], log
             if not (recovered and recovered[-1].ok):
-                xfail_if_sink_died(served.log_text(tail=10**8))
+                assert_sink_alive(served.log_text(tail=10**8))
             assert recovered and recovered[-1].ok, ([a.outcome for a in recovered], log)
 
             admitted = {a.client_id for a in attempts if a.ok}
