@@ -54,7 +54,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_spec = importlib.util.spec_from_file_location("bench_gateway", ROOT / "bench" / "gateway.py")
+_spec = importlib.util.spec_from_file_location("bench_gateway", ROOT / "bench" / "mqtt_gateway.py")
 assert _spec is not None and _spec.loader is not None
 bg: Any = importlib.util.module_from_spec(_spec)
 sys.modules["bench_gateway"] = bg

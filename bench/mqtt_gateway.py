@@ -17,7 +17,7 @@ Targets (issue 6): handshakes >= 1.0x Mosquitto, QoS 0 delivered >= 0.6x direct,
 p99 <= 0.3 ms, memory per session <= 1.5x Mosquitto. ``make bench`` runs the bounded
 default (about two minutes); ``--full`` holds 10,000 sessions, longer windows.
 
-Usage: .venv/bin/python bench/gateway.py [--full] [--sessions N] [--seconds S]
+Usage: .venv/bin/python bench/mqtt_gateway.py [--full] [--sessions N] [--seconds S]
        (PostgreSQL from DEVICEGATE_BENCH_ADMIN_URL, default postgres@127.0.0.1/postgres)
 """
 
