@@ -75,9 +75,12 @@ async def test_demo_runs_end_to_end(quiet_width: dict[str, str]) -> None:
 
 async def test_demo_cleans_up_on_sigint(quiet_width: dict[str, str]) -> None:
     before = await _demo_databases()
+    # Unbuffered, so the "gateway" line arrives when it is printed: piped output is
+    # block-buffered, and a quiet machine then finishes the demo before the SIGINT lands.
     process = subprocess.Popen(
-        [DEVICEGATE, "demo", "--devices", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=quiet_width,
+        [DEVICEGATE, "demo", "--devices", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**quiet_width, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert process.stdout is not None
     # Interrupt once the stack is up (the gateway line is printed after it is ready).
