@@ -81,6 +81,10 @@ async def test_demo_cleans_up_on_sigint(quiet_width: dict[str, str]) -> None:
         [DEVICEGATE, "demo", "--devices", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**quiet_width, "PYTHONUNBUFFERED": "1"},
+        # A shell without job control starts background jobs (CI runners) with SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt: give the demo the
+        # Ctrl-C a terminal user has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert process.stdout is not None
     # Interrupt once the stack is up (the gateway line is printed after it is ready).
