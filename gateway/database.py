@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Final
 
 import asyncpg
@@ -15,3 +17,19 @@ DB_ERRORS: Final = (
     # found the protocol still consuming the error ("cannot switch to state 15").
     asyncpg.InternalClientError,
 )
+
+
+async def close_quietly(
+    task: asyncio.Task[None] | None, pool: asyncpg.Pool | None, *, grace: float
+) -> None:
+    """Cancel a background task and close its pool, terminating a pool that will not close."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if pool is not None:
+        try:
+            async with asyncio.timeout(grace):
+                await pool.close()
+        except TimeoutError:
+            pool.terminate()

@@ -56,7 +56,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import asyncpg
 from pydantic import ValidationError
 
-from gateway.database import DB_ERRORS
+from gateway.database import DB_ERRORS, close_quietly
 from gateway.identity import DeviceIdentity
 from schemas.events import Reason
 from schemas.notify import REVOCATION_CHANNEL, RevocationNotice
@@ -286,17 +286,8 @@ class RevocationCache:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await pool.close()
-            except TimeoutError:
-                pool.terminate()
+        await close_quietly(task, pool, grace=self.timeout)
 
     async def __aenter__(self) -> RevocationCache:
         await self.start()

@@ -41,7 +41,7 @@ from typing import Final, Protocol
 import asyncpg
 from pydantic import ValidationError
 
-from gateway.database import DB_ERRORS
+from gateway.database import DB_ERRORS, close_quietly
 from schemas.notify import SESSIONS_CHANNEL, SessionNotice
 
 __all__ = ["Claim", "SessionBus", "TakeoverListener"]
@@ -132,17 +132,8 @@ class SessionBus:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await pool.close()
-            except TimeoutError:
-                pool.terminate()
+        await close_quietly(task, pool, grace=self.timeout)
 
     def attach(self, listener: TakeoverListener) -> None:
         self._listeners.append(listener)
