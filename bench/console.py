@@ -4,10 +4,17 @@ Loads a scratch database (created and dropped here) with synthetic devices, cert
 chained events generated in SQL (`tests/console/synthetic.py`: ``generate_series``, no rows
 cross the wire, hashes computed by PostgreSQL so the chains verify), starts the real
 provisioning HTTPS listener on it, logs in to the console and times each page (median and
-worst of ``--runs`` requests after a first, cold one, shown apart: the overview caches
-closed time buckets, so only a process's first view of a range aggregates the whole
-window), then prints the EXPLAIN (ANALYZE) plans of the main queries (``--explain FILE``
-also writes them to a file, for docs/console.md).
+worst of ``--runs`` requests after a first one, shown apart), then prints the EXPLAIN
+(ANALYZE) plans of the main queries (``--explain FILE`` also writes them to a file, for
+docs/console.md).
+
+The overview's day and week read the hourly rollup (`provisioning/console/rollup.py`) plus
+the hours after its last filled one. The rollup is filled once here (timed: what a first
+start after the upgrade does in the background), before the listener starts, so the first
+view of each range is what any newly started replica serves: there is no in-process cache
+and no warm-up. ``cold overview`` then times each range's aggregation on a fresh
+connection, with the rollup and with the events alone (the path before the rollup, and a
+reader's fallback while a prune is not yet applied).
 
 Target: every page well under a second (the chain verification is a background job and is
 timed separately: it rehashes every event of its window).
@@ -42,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provisioning import admin
 from provisioning.ca import init_pki
-from provisioning.console import activity_cache, overview, queries
+from provisioning.console import overview, queries, rollup
 from provisioning.server import build_app, open_service, server_ssl_context
 from schemas.migrate import migrate
 from schemas.settings import Settings
@@ -103,16 +110,25 @@ def serve(settings: Settings, port: int) -> tuple[threading.Thread, Any, dict[st
 
 async def explain(conn: asyncpg.Connection) -> str:
     now = await conn.fetchval("SELECT now()")
-    day = (now - timedelta(days=1), now)
-    plans = [
-        ("activity, one day of buckets (a cold cache aggregates a day per query)",
-         queries._ACTIVITY,
-         (*day, timedelta(minutes=30), queries.ORIGIN, list(queries.CONNECTION_TYPES))),
-        ("activity denials, one day of buckets (the second query of each chunk)",
-         queries._DENIALS, (*day, timedelta(minutes=30), queries.ORIGIN)),
-        ("activity, newest buckets only (warm cache)", queries._ACTIVITY,
-         (now - timedelta(minutes=5), now + timedelta(hours=3), timedelta(hours=3),
-          queries.ORIGIN, list(queries.CONNECTION_TYPES))),
+    upto = await conn.fetchval("SELECT filled_upto FROM auth_event_rollup")
+    week_start, week_end, week_stride = overview.window("week", now)
+    last_hour = (upto - rollup.HOUR, upto)
+    types = list(queries.CONNECTION_TYPES)
+    plans: list[tuple[str, str, tuple[Any, ...]]] = [
+        ("week overview: rollup hours by bucket, admission, outcome, reason",
+         rollup._ROLLUP_ACTIVITY, (week_start, upto, week_stride, queries.ORIGIN)),
+        ("week overview: the hours after the rollup, from the events",
+         queries._ACTIVITY, (upto, week_end, week_stride, queries.ORIGIN, types)),
+        ("week overview: top devices by denials (rollup + newest hours)",
+         rollup._TOP_DENIALS, (True, week_start, upto, week_end, 10)),
+        ("week overview: top peer hosts by denials (rollup + newest hours)",
+         rollup._TOP_DENIALS, (False, week_start, upto, week_end, 10)),
+        ("filler: one hour by admission, outcome, reason (rolled back here)",
+         rollup._INSERT_ACTIVITY, (*last_hour, queries.ORIGIN, types)),
+        ("filler: one hour of denials by device and peer host (rolled back here)",
+         rollup._INSERT_DENIALS, (*last_hour, queries.ORIGIN)),
+        ("filler: late-event check, event totals per hour over 8 days",
+         rollup._EVENT_TOTALS, (upto - rollup.RECONCILE_SPAN, upto, queries.ORIGIN)),
         ("chain heads (skip scan)", queries._CHAIN_HEADS, ()),
         ("expiring certificates", """SELECT c.serial, c.device_id, d.fleet, c.not_after,
             count(*) OVER () AS total FROM certificates c JOIN devices d USING (device_id)
@@ -130,14 +146,25 @@ async def explain(conn: asyncpg.Connection) -> str:
             OR peer_address LIKE '[203.0.113.5]:%') ORDER BY time DESC, id DESC LIMIT 101""",
          ()),
     ]
+    aggregates = (queries._ACTIVITY, rollup._ROLLUP_ACTIVITY, rollup._TOP_DENIALS,
+                  rollup._INSERT_ACTIVITY, rollup._INSERT_DENIALS, rollup._EVENT_TOTALS)
     out = []
     for title, sql, args in plans:
-        if sql in (queries._ACTIVITY, queries._DENIALS):  # as the console runs it
+        if sql in aggregates:  # as the console runs them
             await conn.execute(f"SET work_mem = '{queries.ACTIVITY_WORK_MEM}'")
         else:
             await conn.execute("RESET work_mem")
-        rows = await conn.fetch("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + sql,
-                                *args)  # fmt: skip
+        tx = conn.transaction()
+        await tx.start()
+        try:  # the filler's INSERTs really run under ANALYZE: rolled back
+            if sql in (rollup._INSERT_ACTIVITY, rollup._INSERT_DENIALS):
+                for delete in rollup._DELETE:  # as `fill` rewrites an hour
+                    await conn.execute(delete, *last_hour)
+            rows = await conn.fetch(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) " + sql, *args
+            )
+        finally:
+            await tx.rollback()
         text = "\n".join(r[0] for r in rows)
         text = re.sub(r"auth_events_\d{4}_\d{2}", "auth_events_YYYY_MM", text)
         out.append(f"-- {title}\n{text}\n")
@@ -161,6 +188,12 @@ async def main() -> None:
         await migrate(conn)
         seconds = await load(conn, events=options.events)
         print(f"loaded {options.events:,} events (+ registry, vacuum, analyze) in {seconds:.1f} s")
+        began = time.perf_counter()
+        filled = await rollup.fill(conn)
+        assert filled is not None
+        print(f"rollup backfill, {filled.new_hours} hours (once, in the background at a first "
+              f"start): {time.perf_counter() - began:.2f} s")
+        await conn.execute("VACUUM (ANALYZE) auth_event_hourly, auth_event_hourly_denials")
         key = (await admin.create_admin_key(conn, "bench", actor="cli", instance="bench")).key
         with tempfile.TemporaryDirectory() as pki:
             init_pki(Path(pki), passphrase=PASSPHRASE.encode(), force=True)
@@ -178,6 +211,7 @@ async def main() -> None:
         print("\n== EXPLAIN (ANALYZE) of the main queries\n" + plans)
         if options.explain:
             options.explain.write_text(plans)
+        await late_and_fill(url)  # last: its "one new hour" fills the current hour
         await conn.close()
     finally:
         admin_conn = await asyncpg.connect(ADMIN_URL)
@@ -185,30 +219,45 @@ async def main() -> None:
         await admin_conn.close()
 
 
-async def cold_overview(url: str) -> None:
-    """The overview's cold path alone (what a first view pays if it comes before the startup
-    warm-up is done): a fresh cache per range, day chunks one at a time (as before) and
-    `activity_cache.PARALLEL` at a time (as the console runs them)."""
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=16)
-    parallel = activity_cache.PARALLEL
+async def cold_overview(url: str, runs: int = 3) -> None:
+    """Each range's aggregation on a new connection each time (nothing cached anywhere but
+    PostgreSQL's buffers): with the rollup, as the console runs it, and from the events
+    alone. Median of ``runs``."""
+    print(f"\n{'cold overview (new connection)':<30} {'rollup ms':>10} {'events only ms':>15}")
+    for key in overview.RANGES:
+        took: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(runs):
+            for use_rollup in (True, False):
+                conn = await asyncpg.connect(url)
+                try:
+                    now = await conn.fetchval("SELECT now()")
+                    start, end, stride = overview.window(key, now)
+                    began = time.perf_counter()
+                    await rollup.activity(conn, start=start, end=end, stride=stride,
+                                          use_rollup=use_rollup)  # fmt: skip
+                    took[use_rollup].append((time.perf_counter() - began) * 1000)
+                finally:
+                    await conn.close()
+        print(f"{key:<30} {statistics.median(took[True]):>10.1f} "
+              f"{statistics.median(took[False]):>15.1f}")
+
+
+async def late_and_fill(url: str) -> None:
+    """What the service's filler costs per run: nothing to do, one new hour, and a
+    late-event check over 8 days."""
+    conn = await asyncpg.connect(url)
     try:
-        async with pool.acquire() as conn:
-            now = await conn.fetchval("SELECT now()")
-        print(f"\n{'cold overview (no cache)':<30} {'serial ms':>10} {'parallel ms':>12}")
-        for key in overview.RANGES:
-            start, end, stride = overview.window(key, now)
-            took = []
-            for at_once in (1, parallel):
-                activity_cache.PARALLEL = at_once
-                began = time.perf_counter()
-                await activity_cache.ActivityCache().window(
-                    pool, start=start, end=end, stride=stride, now=now
-                )
-                took.append((time.perf_counter() - began) * 1000)
-            print(f"{key:<30} {took[0]:>10.1f} {took[1]:>12.1f}")
+        hour_later = await conn.fetchval("SELECT now() + interval '1 hour'")
+        for title, options in (
+            ("fill, nothing new", {}),
+            ("fill + late-event check (8 days)", {"reconcile": timedelta(0)}),
+            ("fill, one new hour", {"now": hour_later, "reconcile": timedelta(days=1)}),
+        ):
+            began = time.perf_counter()
+            await rollup.fill(conn, **options)
+            print(f"{title:<40} {(time.perf_counter() - began) * 1000:>8.1f} ms")
     finally:
-        activity_cache.PARALLEL = parallel
-        await pool.close()
+        await conn.close()
 
 
 async def run_pages(port: int, chain: Path, key: str, runs: int) -> None:
@@ -236,7 +285,7 @@ async def run_pages(port: int, chain: Path, key: str, runs: int) -> None:
                 elapsed = (time.perf_counter() - began) * 1000
                 if attempt:
                     times.append(elapsed)
-                else:  # the first: cold caches (the overview's buckets included)
+                else:  # the first: a fresh process's first view of the page
                     first = elapsed
                 size = len(body)
             print(f"{title:<30} {first:>9.1f} {statistics.median(times):>10.1f} "

@@ -14,11 +14,10 @@ from importlib import resources
 import asyncpg
 from aiohttp import web
 
-from provisioning.console import auth, chains, devices, events, live, overview
-from provisioning.console.activity_cache import ActivityCache, warm
+from provisioning.console import auth, chains, devices, events, live, overview, rollup
 from provisioning.console.html import Html, escape, page, tag, url
 from provisioning.console.sessions import COOKIE, attach, load
-from provisioning.console.state import ACTIVITY, CHAINS, LIVE, WARMING, ChainRuns, LiveStreams
+from provisioning.console.state import CHAINS, FILLER, LIVE, ChainRuns, LiveStreams
 from provisioning.db import DatabaseUnavailable
 from provisioning.http_common import SERVICE, Handler
 from provisioning.problems import STATUS
@@ -106,17 +105,17 @@ async def _stop_streams(app: web.Application) -> None:
     app[LIVE].close_all()
 
 
-async def _start_warming(app: web.Application) -> None:
-    """Fill the overview's bucket cache in the background, so the first view is warm."""
-    app[WARMING].append(asyncio.create_task(
-        warm(app[ACTIVITY], app[SERVICE].pool, overview.windows), name="console-activity-warm"
-    ))  # fmt: skip
+async def _start_filler(app: web.Application) -> None:
+    """Keep the overview's hourly rollup filled, in the background (`rollup.run`)."""
+    app[FILLER].append(
+        asyncio.create_task(rollup.run(app[SERVICE].pool), name="console-rollup-filler")
+    )
 
 
-async def _stop_warming(app: web.Application) -> None:
-    for task in app[WARMING]:
+async def _stop_filler(app: web.Application) -> None:
+    for task in app[FILLER]:
         task.cancel()
-    await asyncio.gather(*app[WARMING], return_exceptions=True)
+    await asyncio.gather(*app[FILLER], return_exceptions=True)
 
 
 def build(service: ProvisioningService) -> web.Application:
@@ -125,12 +124,11 @@ def build(service: ProvisioningService) -> web.Application:
     console[SERVICE] = service
     console[LIVE] = LiveStreams()
     console[CHAINS] = ChainRuns(service.settings.database_url)
-    console[ACTIVITY] = ActivityCache()
     console.on_response_prepare.append(_security_headers)
-    console[WARMING] = []
-    console.on_startup.append(_start_warming)
+    console[FILLER] = []
+    console.on_startup.append(_start_filler)
     console.on_shutdown.append(_stop_streams)
-    console.on_shutdown.append(_stop_warming)
+    console.on_shutdown.append(_stop_filler)
     console.add_routes([
         web.get("/", overview.show),
         web.get("/login", auth.login_form),

@@ -11,16 +11,16 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from provisioning.console import chart, queries
+from provisioning.console import chart, queries, rollup
 from provisioning.console.html import Html, join, page, render, segment, tag, url, when
-from provisioning.console.state import ACTIVITY
 from provisioning.http_common import SERVICE
 
 T = TypeVar("T")
 
+# Day and week strides are whole hours, so they read the hourly rollup (`rollup`).
 RANGES: dict[str, tuple[str, timedelta, timedelta]] = {
     "hour": ("last hour", timedelta(hours=1), timedelta(minutes=1)),
-    "day": ("last day", timedelta(days=1), timedelta(minutes=30)),
+    "day": ("last day", timedelta(days=1), timedelta(hours=1)),
     "week": ("last week", timedelta(days=7), timedelta(hours=3)),
 }
 EXPIRY_WINDOW = timedelta(days=7)
@@ -59,11 +59,6 @@ def window(key: str, now: datetime) -> tuple[datetime, datetime, timedelta]:
     return end - span, end, stride
 
 
-def windows(now: datetime) -> list[tuple[datetime, datetime, timedelta]]:
-    """Every range's window, cheapest first (what the console warms at startup)."""
-    return [window(key, now) for key in ("hour", "day", "week")]
-
-
 async def show(request: web.Request) -> web.Response:
     key = request.query.get("range", "day")
     if key not in RANGES:
@@ -71,19 +66,13 @@ async def show(request: web.Request) -> web.Response:
     label = RANGES[key][0]
     now = await _with_conn(request, queries.database_now)
     start, end, stride = window(key, now)
-    buckets, expiring, heads = await asyncio.gather(
-        request.app[ACTIVITY].window(
-            request.app[SERVICE].pool, start=start, end=end, stride=stride, now=now
-        ),
+    counted, expiring, heads = await asyncio.gather(
+        _with_conn(request, lambda c: rollup.activity(c, start=start, end=end, stride=stride)),
         _with_conn(request, lambda c: queries.expiring_certificates(
             c, within=EXPIRY_WINDOW, limit=EXPIRY_SHOWN)),
         _with_conn(request, queries.chain_heads),
     )  # fmt: skip
-    rows = [row for counts in buckets.values() for row in counts.rows]
-    devices, peers = Counter[str](), Counter[str]()
-    for counts in buckets.values():
-        devices.update(counts.devices)
-        peers.update(counts.peers)
+    rows = counted.rows
     slots = chart.buckets(start, end, stride)
     data = chart.series(rows, slots)
     allowed = sum(r.count for r in rows if r.connection and r.outcome == "allowed")
@@ -111,11 +100,11 @@ async def show(request: web.Request) -> web.Response:
             lambda r: url("/console/events", reason=r, outcome="denied", since=since),
         ),
         devices=_ranked(
-            _top(devices), "device",
+            counted.devices, "device",
             lambda d: url(f"/console/devices/{segment(d)}"),
         ),
         peers=_ranked(
-            _top(peers), "peer host",
+            counted.peers, "peer host",
             lambda p: url("/console/events", peer=p, outcome="denied", since=since),
         ),
         expiring=_expiring(*expiring),

@@ -3,10 +3,9 @@
 Event listings go through `provisioning.event_query`; this module has what it lacks. Each
 query is shaped for an index of ``auth_events`` (docs/console.md has the plans):
 
-- activity: ``time`` range on ``(time DESC, id DESC)`` grouped by reason, then the denials
-  alone on ``(outcome, time DESC)`` with two grouping sets (devices, peer hosts), buckets by
-  ``date_bin``; closed buckets are cached (`activity_cache`), so a view reads only the
-  newest ones;
+- live activity: ``time`` range on ``(time DESC, id DESC)`` grouped by reason, buckets by
+  ``date_bin``; a day or week view reads only the hours after the rollup's last filled one
+  this way (`rollup`);
 - chain heads: a skip scan (recursive CTE) over ``(chain_id, seq)``: one index probe per
   chain instead of a pass over the table.
 """
@@ -35,23 +34,12 @@ class ActivityRow:
     count: int
 
 
-@dataclass(slots=True)
-class BucketCounts:
-    """What the overview needs of one time bucket; buckets add up (`merge`)."""
-
-    rows: list[ActivityRow]
-    devices: dict[str, int]
-    peers: dict[str, int]
-
-
 ACTIVITY_WORK_MEM = "64MB"
+"""For the aggregates: the grouping sets hash in memory; at the default 4 MB they may sort on
+disk."""
 
-# Two queries per window (cheaper than one pass with three grouping sets over every event:
-# 280 ms instead of 480 ms for a day of a million-event week, docs/console.md): counts by
-# (outcome, reason, admission) over every event, then the denials alone (the
-# (outcome, time DESC) index) by device and by peer host: the address up to its last ':'
-# ("203.0.113.5:4711", "[2001:db8::1]:4711"), as the gateway and provisioning record it (a
-# string function: three times cheaper than a regular expression here).
+# Counts by (bucket, admission, outcome, reason) of the events in [$1, $2): the newest hour
+# of a day or week view (older hours come from the rollup, `rollup`), or the whole last hour.
 _ACTIVITY = """
 SELECT date_bin($3::interval, time, $4::timestamptz) AS bucket,
        type = ANY($5::text[]) AS connection, outcome, reason, count(*) AS n
@@ -59,39 +47,18 @@ FROM auth_events WHERE time >= $1 AND time < $2
 GROUP BY 1, 2, 3, 4
 """
 
-_DENIALS = """
-SELECT date_bin($3::interval, time, $4::timestamptz) AS bucket, device_id AS device,
-       left(peer_address, -strpos(reverse(peer_address), ':')) AS peer,
-       GROUPING(device_id) AS by_device, count(*) AS n
-FROM auth_events WHERE outcome = 'denied' AND time >= $1 AND time < $2
-GROUP BY GROUPING SETS ((1, 2), (1, 3))
-"""
 
-
-async def activity(
+async def live_activity(
     conn: Connection, *, start: datetime, end: datetime, stride: timedelta
-) -> dict[datetime, BucketCounts]:
-    """Per bucket of ``[start, end)``: counts by admission, outcome and reason, and the
-    denials by device and by peer host (both queries see one snapshot)."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # The grouping sets hash in memory; at the default 4 MB they may sort on disk.
-        await conn.execute(f"SET LOCAL work_mem = '{ACTIVITY_WORK_MEM}'")
-        rows = await conn.fetch(_ACTIVITY, start, end, stride, ORIGIN, list(CONNECTION_TYPES))
-        denials = await conn.fetch(_DENIALS, start, end, stride, ORIGIN)
-    out: dict[datetime, BucketCounts] = {}
-    for r in rows:
-        counts = out.setdefault(r["bucket"], BucketCounts([], {}, {}))
-        counts.rows.append(
-            ActivityRow(r["bucket"], r["connection"], r["outcome"], r["reason"], r["n"])
-        )
-    for r in denials:
-        counts = out.setdefault(r["bucket"], BucketCounts([], {}, {}))
-        if r["by_device"] == 0:
-            if r["device"] is not None:
-                counts.devices[r["device"]] = r["n"]
-        elif r["peer"] is not None:
-            counts.peers[r["peer"]] = r["n"]
-    return out
+) -> list[ActivityRow]:
+    """Counts per bucket of ``[start, end)`` by admission, outcome and reason, from the
+    events themselves (the caller sets the transaction and ``work_mem``)."""
+    if start >= end:
+        return []
+    rows = await conn.fetch(_ACTIVITY, start, end, stride, ORIGIN, list(CONNECTION_TYPES))
+    return [
+        ActivityRow(r["bucket"], r["connection"], r["outcome"], r["reason"], r["n"]) for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """What the console keeps in memory per process: open live streams, verification runs, and
-(`ACTIVITY`) the overview's closed buckets.
+the rollup filler's task.
 
-Sessions are not here: they live in PostgreSQL (`provisioning.console.sessions`).
+Sessions and the overview's hourly rollup are not here: they live in PostgreSQL
+(`provisioning.console.sessions`, `provisioning.console.rollup`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from datetime import datetime
 from aiohttp import web
 
 from provisioning.audit_verify import VerifyReport, verify_chains
-from provisioning.console.activity_cache import ActivityCache
 from provisioning.db import connect
 
 log = logging.getLogger("devicegate.console")
@@ -118,6 +118,5 @@ class ChainRuns:
 
 LIVE = web.AppKey("console_live", LiveStreams)
 CHAINS = web.AppKey("console_chains", ChainRuns)
-ACTIVITY = web.AppKey("console_activity", ActivityCache)
-WARMING = web.AppKey("console_warming", list[asyncio.Task[None]])
-"""The startup task filling `ACTIVITY` (cancelled at shutdown)."""
+FILLER = web.AppKey("console_filler", list[asyncio.Task[None]])
+"""The task filling the overview's rollup (`rollup.run`, cancelled at shutdown)."""

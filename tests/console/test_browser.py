@@ -2,34 +2,48 @@
 
 One story, in order: log in, check the overview's counts against the database, filter events
 by reason, export CSV and compare it with ``devicegate audit --format csv``, watch a new
-event arrive in live mode, revoke a real enrolled device (certificate and event checked in
-the database), log out. The live gateway session cut on revocation is the gateway's part and
-is tested there, not here.
+event arrive in live mode, then revoke a real enrolled device while it is connected over
+mutual TLS to a real gateway (beside the provisioning service, on the same database, bridging
+to a real Mosquitto) with a paho MQTT v5 client and a second tab shows the events page in
+live mode: the session is cut with DISCONNECT 0x98 and the ``revoke`` event shows in the
+live tab, both within a second of the confirming click; log out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import paho.mqtt.client as paho
 import pytest
+from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from provisioning import admin
 from provisioning.cli import app as cli_app
 from provisioning.device import KeyType, csr_pem, generate_key
 from schemas.api import TokenCreateRequest
+from tests.conftest import Pki
 from tests.console.browser import ARGS, CHROMIUM, SCREENSHOTS, requires_browser, update_screenshots
 from tests.console.conftest import INSTANCE, ConsoleServer
+from tests.gateway.clients import client_context
+from tests.gateway.conftest import Device, Harness
+from tests.gateway.live import Live, live_gateway
 
 pytestmark = requires_browser
+
+CUT_WITHIN = 1.0
+"""Seconds from the confirming click to the session cut and to the live row (issue 9)."""
+ADMINISTRATIVE_ACTION = 0x98
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +70,50 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     assert not errors, f"browser errors (CSP violations included): {errors}"
 
 
-async def enroll_device(server: ConsoleServer, tls: Any) -> dict[str, Any]:
-    """A real device, enrolled through the API with a bootstrap token."""
+@pytest.fixture
+def gateway(pki: Pki, console_server: ConsoleServer, mosquitto_port: int) -> Iterator[Live]:
+    """A real gateway on the console's database (revocations by LISTEN/NOTIFY), bridging to
+    the session's Mosquitto."""
+    harness = Harness(pki, console_server.database_url, mosquitto_port)
+    try:
+        with live_gateway(harness) as live:
+            yield live
+    finally:
+        harness.close()
+
+
+class MqttSession:
+    """A paho MQTT v5 client connected as ``device`` (its own network thread); records when
+    and with which reason code the server ended the session."""
+
+    def __init__(self, device: Device, port: int) -> None:
+        self.connacks: queue.Queue[int] = queue.Queue()
+        self.ended = threading.Event()
+        self.ended_at = 0.0
+        self.reason: int | None = None
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=paho.MQTTv5
+        )
+        self.client.tls_set_context(client_context(device, device.chain))
+        self.client.on_connect = lambda c, u, flags, rc, props: self.connacks.put(rc.value)
+        self.client.on_disconnect = self._on_disconnect
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.ended_at = time.monotonic()
+        self.reason = rc.value
+        self.ended.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def enroll_device(
+    server: ConsoleServer, tls: Any, directory: Path, chain: Path
+) -> tuple[dict[str, Any], Device]:
+    """A real device, enrolled through the API with a bootstrap token; its files written."""
     conn = await asyncpg.connect(server.database_url)
     try:
         token = await admin.create_token(
@@ -65,14 +121,23 @@ async def enroll_device(server: ConsoleServer, tls: Any) -> dict[str, Any]:
         )
     finally:
         await conn.close()
-    body = {"token": token.token, "csr": csr_pem(generate_key(KeyType.P256))}
+    key = generate_key(KeyType.P256)
+    body = {"token": token.token, "csr": csr_pem(key)}
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
         http.post(f"{server.url}/v1/enroll", json=body) as response,
     ):
         assert response.status == 201, await response.text()
         bundle: dict[str, Any] = await response.json()
-    return bundle
+    cert, key_file = directory / "device.crt", directory / "device.key"
+    cert.write_text(bundle["certificate"])
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+    device = Device(bundle["device_id"], bundle["fleet"], cert, key_file, chain, bundle["serial"],
+                    "")  # fmt: skip
+    return bundle, device
 
 
 def cli_csv(database_url: str, *args: str) -> str:
@@ -89,6 +154,8 @@ async def test_security_team_story(
     console_key: str,
     tls_context: Any,
     tmp_path: Path,
+    pki: Pki,
+    gateway: Live,
 ) -> None:
     base = console_server.url
     db = await asyncpg.connect(console_server.database_url)
@@ -169,19 +236,63 @@ async def test_security_team_story(
         assert "DENIED" not in await row.inner_text() and "device_disable" in await row.inner_text()
         await page.get_by_role("button", name="Stop live mode").click()
 
-        # --- a real device: open it and revoke it (with the confirmation step) -------
-        bundle = await enroll_device(console_server, tls_context)
+        # --- a real device, connected through the gateway: revoke it from the console --
+        bundle, device = await enroll_device(console_server, tls_context, tmp_path, pki.chain)
         device_id, serial = bundle["device_id"], bundle["serial"]
-        await page.goto(f"{base}/console/devices/{device_id}")
-        assert await page.locator(f'#certificates tr[data-serial="{serial}"]').count() == 1
-        assert "ACTIVE" in await page.locator("#certificates tbody").inner_text()
-        if update_screenshots():
-            await page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
-        await page.get_by_role("link", name="Revoke").click()
-        assert "/revoke" in page.url
-        await page.get_by_role("button", name="Yes, revoke").click()
+        session = await asyncio.to_thread(MqttSession, device, gateway.port)
+        try:
+            assert await asyncio.to_thread(session.connacks.get, timeout=10) == 0
+            watcher = await page.context.new_page()  # a second tab, same login, in live mode
+            await watcher.goto(f"{base}/console/events")
+            await watcher.get_by_role("button", name="Start live mode").click()
+            await watcher.get_by_text("Live: connected").wait_for(timeout=5000)
+
+            await page.goto(f"{base}/console/devices/{device_id}")
+            assert await page.locator(f'#certificates tr[data-serial="{serial}"]').count() == 1
+            assert "ACTIVE" in await page.locator("#certificates tbody").inner_text()
+            if update_screenshots():
+                await page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
+            await page.get_by_role("link", name="Revoke").click()
+            assert "/revoke" in page.url
+            assert not session.ended.is_set()
+            clicked = time.monotonic()
+            await page.get_by_role("button", name="Yes, revoke").click()
+
+            revoke_id = None
+            while revoke_id is None and time.monotonic() - clicked < CUT_WITHIN:
+                revoke_id = await db.fetchval(
+                    "SELECT id FROM auth_events WHERE type = 'revoke' AND device_id = $1",
+                    device_id,
+                )
+                await asyncio.sleep(0.005)
+            assert revoke_id is not None, "no revoke event stored within a second"
+            remaining = max(0.0, CUT_WITHIN - (time.monotonic() - clicked))
+            live_row = watcher.locator(f'#events tbody tr[data-id="{revoke_id}"]')
+            await live_row.wait_for(timeout=remaining * 1000 + 1)
+            shown_after = time.monotonic() - clicked
+            assert "revoke" in await live_row.inner_text()
+
+            assert await asyncio.to_thread(session.ended.wait, 5), "the session was not cut"
+            cut_after = session.ended_at - clicked
+            print(f"revoke click -> DISCONNECT {cut_after * 1000:.0f} ms, "
+                  f"-> live row {shown_after * 1000:.0f} ms")  # fmt: skip
+            assert session.reason == ADMINISTRATIVE_ACTION
+            assert cut_after < CUT_WITHIN and shown_after < CUT_WITHIN
+            await watcher.close()
+        finally:
+            await asyncio.to_thread(session.close)
         await page.wait_for_url(f"**/console/devices/{device_id}?done=revoke")
         await page.get_by_text("Done: revoked.").wait_for()
+        ended = None
+        for _ in range(100):  # the gateway's own event, through its sink
+            ended = await db.fetchrow(
+                "SELECT outcome, reason FROM auth_events WHERE type = 'session_revoked' "
+                "AND device_id = $1", device_id,
+            )  # fmt: skip
+            if ended is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert ended is not None and ended["outcome"] == "denied"
         status = await db.fetchval("SELECT status FROM certificates WHERE serial = $1", serial)
         assert status == "revoked"
         event = await db.fetchrow(
