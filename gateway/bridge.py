@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -156,16 +155,17 @@ class DeviceConnection(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
-        self.context = EventContext(instance=self.config.instance, peer_address=_address(peer))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: asyncio and uvloop set it on every TCP transport already.
+        address = _address(peer)
+        self.context = EventContext(instance=self.config.instance, peer_address=address)
         if not self.hub.opened(self):  # refused (and counted) by the limits
             self.closed = True
             transport.abort()
             return
-        self.trace = trace = self.hub.metrics.connection(peer=self.context.peer_address)
-        self.context = replace(self.context, trace_id=trace.trace_id)
+        self.trace = trace = self.hub.metrics.connection(peer=address)
+        self.context = EventContext(
+            instance=self.config.instance, peer_address=address, trace_id=trace.trace_id
+        )
         if self.config.proxy_protocol_from:
             self._gate = ProxyGate(trusted=_trusted(peer, self.config.proxy_protocol_from))
         loop = asyncio.get_running_loop()
@@ -320,16 +320,19 @@ class DeviceConnection(asyncio.Protocol):
         return replace(self.context, tls_version=self.pump.version(), tls_cipher=self.pump.cipher())
 
     def _start_session(self) -> Session | None:
-        self.context = self._tls_context()
         der = self.pump.peer_certificate()
         try:
             if der is None:
                 raise IdentityError("no peer certificate after the handshake")
             identity = identity_from_der(der, trust_domain=self.config.trust_domain)
         except IdentityError as exc:
+            self.context = self._tls_context()
             self._tls_failed(TlsFailure(exc.reason, str(exc)))
             return None
-        self.context = self.context.with_identity(identity)
+        pump = self.pump
+        self.context = replace(
+            self.context, tls_version=pump.version(), tls_cipher=pump.cipher(), identity=identity
+        )
         if self.trace is not None:
             self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
         self.session = Session(

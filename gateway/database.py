@@ -19,6 +19,15 @@ DB_ERRORS: Final = (
 )
 
 
+async def keep_session(connection: asyncpg.Connection) -> None:
+    """A pool ``reset`` for pools that only run single statements (no LISTEN, SET or locks).
+
+    asyncpg still rolls back a stray transaction before calling it; what it skips is the
+    default reset query (``UNLISTEN *; RESET ALL; ...``), a round trip on every release
+    that such a pool does not need: the session bus releases once per announced batch.
+    """
+
+
 async def close_quietly(
     task: asyncio.Task[None] | None, pool: asyncpg.Pool | None, *, grace: float
 ) -> None:

@@ -2,8 +2,11 @@
 
 Invariants:
 
-* The certificate is parsed once per connection, from the DER the TLS layer verified; the
-  chain has already been checked by OpenSSL, this module only reads who it speaks for.
+* The certificate is read from the DER the TLS layer verified; the chain (and its
+  validity period) has already been checked by OpenSSL for this connection, this module
+  only reads who it speaks for. That reading is a pure function of the DER bytes and the
+  trust domain, so it is cached (bounded LRU keyed by the exact bytes: devices reconnect
+  with the same certificate); revocation and the notAfter timer stay per connection.
 * Subject CN = device id, and exactly one SAN URI
   ``spiffe://<trust-domain>/fleet/<fleet>/device/<device-id>`` naming the same device in
   our trust domain; anything else is ``certificate_invalid``.
@@ -20,6 +23,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Final
 
 from cryptography import x509
@@ -51,19 +55,29 @@ class DeviceIdentity:
     not_after: datetime | None = None
 
 
+_CACHED_CERTIFICATES: Final = 1024  # about 1 MB at most: DER + identity per entry
+
+
 def identity_from_der(der: bytes, *, trust_domain: str) -> DeviceIdentity:
-    """Read the device identity of a verified client certificate.
+    """Read the device identity of a verified client certificate (cached per DER).
 
     Args:
         der: The peer certificate, DER encoded.
         trust_domain: The SPIFFE trust domain our CA issues in.
 
     Returns:
-        The identity.
+        The identity (immutable; the same object for the same certificate).
 
     Raises:
-        IdentityError: CN and SAN disagree, the SAN is missing, foreign or malformed.
+        IdentityError: CN and SAN disagree, the SAN is missing, foreign or malformed
+            (not cached: a refused certificate is read again each time).
     """
+    return _identity(der, trust_domain)
+
+
+@lru_cache(maxsize=_CACHED_CERTIFICATES)
+def _identity(der: bytes, trust_domain: str) -> DeviceIdentity:
+    """`identity_from_der` without the cache."""
     try:
         cert = x509.load_der_x509_certificate(der)
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

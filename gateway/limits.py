@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 __all__ = ["Burst", "EventThrottle", "FailureLimiter", "address_key"]
@@ -44,6 +45,11 @@ def address_key(peer_address: str | None) -> str | None:
         host = host[1 : host.find("]")] if "]" in host else host[1:]
     elif host.count(":") == 1:
         host = host.rpartition(":")[0]
+    return _host_key(host)
+
+
+@lru_cache(maxsize=4096)  # every connection asks; parsing an address costs more than this
+def _host_key(host: str) -> str | None:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

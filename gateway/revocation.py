@@ -56,7 +56,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 import asyncpg
 from pydantic import ValidationError
 
-from gateway.database import DB_ERRORS, close_quietly
+from gateway.database import DB_ERRORS, close_quietly, keep_session
 from gateway.identity import DeviceIdentity
 from schemas.events import Reason
 from schemas.notify import REVOCATION_CHANNEL, RevocationNotice
@@ -271,7 +271,7 @@ class RevocationCache:
         if self._task is not None:
             return
         self._pool = await asyncpg.create_pool(
-            self.database_url, min_size=0, max_size=4, timeout=self.timeout
+            self.database_url, min_size=0, max_size=4, timeout=self.timeout, reset=keep_session
         )
         self._task = asyncio.get_running_loop().create_task(
             self._listen_forever(), name="revocation-listen"

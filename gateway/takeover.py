@@ -41,7 +41,7 @@ from typing import Final, Protocol
 import asyncpg
 from pydantic import ValidationError
 
-from gateway.database import DB_ERRORS, close_quietly
+from gateway.database import DB_ERRORS, close_quietly, keep_session
 from schemas.notify import SESSIONS_CHANNEL, SessionNotice
 
 __all__ = ["Claim", "SessionBus", "TakeoverListener"]
@@ -126,7 +126,7 @@ class SessionBus:
         if self._task is not None:
             return
         self._pool = await asyncpg.create_pool(
-            self.database_url, min_size=0, max_size=1, timeout=self.timeout
+            self.database_url, min_size=0, max_size=1, timeout=self.timeout, reset=keep_session
         )
         self._task = asyncio.get_running_loop().create_task(self._send_forever(), name="announce")
 

@@ -82,3 +82,16 @@ def test_wrong_identities_are_certificate_invalid(cn: str | None, uris: list[str
 def test_garbage_is_certificate_invalid() -> None:
     with pytest.raises(IdentityError):
         identity_from_der(b"\x30\x03\x02\x01\x00", trust_domain=DOMAIN)
+
+
+def test_identity_is_cached_per_certificate_and_trust_domain() -> None:
+    der = _cert("dev-7", ["spiffe://devicegate.local/fleet/plant/device/dev-7"])
+    first = identity_from_der(der, trust_domain=DOMAIN)
+    # A fresh bytes object with the same content (as each handshake gives): same reading.
+    assert identity_from_der(bytes(bytearray(der)), trust_domain=DOMAIN) is first
+    # The cache is keyed by the trust domain too: a foreign domain is still refused.
+    with pytest.raises(IdentityError):
+        identity_from_der(der, trust_domain="elsewhere.example")
+    # A different certificate of the same device is read on its own (its serial).
+    other = _cert("dev-7", ["spiffe://devicegate.local/fleet/plant/device/dev-7"])
+    assert identity_from_der(other, trust_domain=DOMAIN).serial != first.serial

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import socket
+
 from gateway.mqtt import Connack, Publish, Suback, Subscribe, Subscription
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
@@ -20,3 +22,28 @@ def test_raw_round_trip(harness: Harness, make_device: DeviceFactory) -> None:
         assert isinstance(message, Publish) and message.payload == b"hi"
     rows = harness.wait_events(device_id=device.device_id, type="connect")
     assert rows[0]["outcome"] == "allowed"
+
+
+def test_both_sockets_of_a_session_have_nodelay(
+    harness: Harness, make_device: DeviceFactory
+) -> None:
+    """The bridge relies on the event loop for TCP_NODELAY (else Nagle delays CONNACKs)."""
+    device = make_device()
+    with RawClient(harness.port, device, device.chain) as client:
+        assert client.connect(device.device_id) == Connack(reason_code=0)
+
+        async def flags() -> list[tuple[int, int]]:
+            found = []
+            for connection in harness.gateway.connections:
+                assert connection.transport is not None and connection.upstream is not None
+                found.append(
+                    tuple(
+                        transport.get_extra_info("socket").getsockopt(
+                            socket.IPPROTO_TCP, socket.TCP_NODELAY
+                        )
+                        for transport in (connection.transport, connection.upstream)
+                    )
+                )
+            return found
+
+        assert [bool(a) and bool(b) for a, b in harness.call(flags())] == [True]
