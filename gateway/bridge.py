@@ -346,11 +346,24 @@ class DeviceConnection(asyncio.Protocol):
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.config.connect_timeout, self._connect_timeout)
-        if identity.not_after is not None:
-            # The session ends with its certificate (UTC wall clock -> loop clock, once).
-            left = (identity.not_after - datetime.now(UTC)).total_seconds()
-            self._expiry = loop.call_later(max(0.0, left), self._certificate_expired)
+        self.arm_expiry()
         return self.session
+
+    def arm_expiry(self) -> None:
+        """(Re)arm the timer that ends the session at its certificate's notAfter.
+
+        Validity is wall-clock time and loop timers run on the monotonic clock, so the hub
+        calls this again for every session when the wall clock steps (NTP, a resumed VM).
+        """
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        session = self.session
+        if self.closed or session is None or session.identity.not_after is None:
+            return
+        left = (session.identity.not_after - datetime.now(UTC)).total_seconds()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(max(0.0, left), self._certificate_expired)
 
     def _tls_failed(self, failure: TlsFailure, *, linger: bool = True) -> None:
         session = self.session

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +71,9 @@ _NOT_FAILURES = frozenset(
     {Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS, Reason.PROXY_PROTOCOL_ERROR}
 )
 _ALL_ADDRESSES = "*"
+CLOCK_STEP = 1.0
+"""Seconds the wall clock may move against the monotonic clock per tick before it counts
+as a step (NTP slews far slower than this)."""
 
 
 def _unexported_metrics() -> GatewayMetrics:
@@ -338,10 +342,19 @@ class Gateway:
             self.record(context.event(EventType.TLS_HANDSHAKE, reason, detail=detail))
 
     async def _report_refusals(self) -> None:
-        """Record the refusals counted but not yet reported, as their windows close."""
+        """Record the refusals counted but not yet reported, as their windows close; and
+        re-arm every session's notAfter timer when the wall clock steps."""
+        offset = time.time() - time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.refusals.interval))
             self._record_bursts(self.refusals.due())
+            previous, offset = offset, time.time() - time.monotonic()
+            if abs(offset - previous) > CLOCK_STEP:
+                log.warning(
+                    "wall clock stepped %+.1f s: re-arming certificate expiries", offset - previous
+                )
+                for connection in list(self.sessions):
+                    connection.arm_expiry()
 
     def identified(self, connection: DeviceConnection) -> None:
         assert connection.session is not None
