@@ -17,6 +17,9 @@ Invariants:
 * The server context: TLS 1.2+ (1.3 preferred), ECDHE + AEAD suites only on 1.2, a client
   certificate required and verified against ``chain.pem``, no session tickets (every
   connection presents and proves its certificate), no renegotiation, no compression.
+  Every certificate in ``chain.pem`` is a trust anchor (``VERIFY_X509_PARTIAL_CHAIN``): a
+  device chain ends at the issuing CA the operator configured, so OpenSSL does not verify
+  the root's signature on that CA again in every handshake (~0.2 ms of ~1.1 ms).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def server_context(chain: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.num_tickets = 0
     context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.load_verify_locations(cafile=str(chain))
     context.load_cert_chain(str(cert), str(key))
     return context
