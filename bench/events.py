@@ -10,6 +10,9 @@ Prints, from one run against a scratch database (created and dropped here):
 - ``sink-paced``: ``record`` latency at a steady rate (an admission storm, not a flood):
   what a CONNECT waits before its CONNACK.
 
+The sink rows also print this process's CPU time per event (event loop and spool threads,
+not PostgreSQL's): unlike rates, it stays comparable on a busy machine.
+
 Targets: sink >= 0.8x copy; record p99 <= 5 ms. Runs in about 30 s.
 
 Usage: .venv/bin/python bench/events.py [--events 30000] [--producers 200] [--rate 2000]
@@ -139,7 +142,7 @@ def fsync_floor(directory: Path, count: int = 400) -> list[float]:
 
 async def bench_sink(
     url: str, spool_dir: Path, events: list[AuthEvent], producers: int, ship_interval: float
-) -> tuple[float, list[float], Any]:
+) -> tuple[float, list[float], Any, float]:
     latencies: list[float] = []
     queue = iter(events)
     async with SpoolSink(
@@ -153,15 +156,17 @@ async def bench_sink(
                 latencies.append(time.perf_counter() - began)
 
         started = time.perf_counter()
+        cpu = time.process_time()
         await asyncio.gather(*(produce() for _ in range(producers)))
         await sink.close()  # returns once everything is committed (or drain_timeout)
         elapsed = time.perf_counter() - started
-    return len(events) / elapsed, latencies, sink.stats
+        cpu = time.process_time() - cpu
+    return len(events) / elapsed, latencies, sink.stats, cpu / len(events)
 
 
 async def bench_paced(
     url: str, spool_dir: Path, events: list[AuthEvent], rate: float, ship_interval: float
-) -> tuple[list[float], Any]:
+) -> tuple[list[float], Any, float]:
     latencies: list[float] = []
     async with SpoolSink(
         database_url=url, spool_dir=spool_dir, chain_id="bench/paced", ship_interval=ship_interval
@@ -174,6 +179,7 @@ async def bench_paced(
 
         tasks = []
         started = time.perf_counter()
+        cpu = time.process_time()
         for index, event in enumerate(events):
             due = started + index / rate
             delay = due - time.perf_counter()
@@ -181,7 +187,8 @@ async def bench_paced(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(event)))
         await asyncio.gather(*tasks)
-    return latencies, sink.stats
+        cpu = time.process_time() - cpu
+    return latencies, sink.stats, cpu / len(events)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -204,13 +211,13 @@ async def main(args: argparse.Namespace) -> None:
         chained_rate = await bench_copy_chained(conn, events)
         await conn.execute("TRUNCATE auth_events")
         with tempfile.TemporaryDirectory(dir=args.spool_dir) as spool:
-            sink_rate, latencies, stats = await bench_sink(
+            sink_rate, latencies, stats, sink_cpu = await bench_sink(
                 url, Path(spool) / "flood", events, args.producers, args.ship_interval
             )
             stored = await conn.fetchval("SELECT count(*) FROM auth_events")
             await conn.execute("TRUNCATE auth_events")
             paced_count = int(args.rate * args.paced_seconds)
-            paced, paced_stats = await bench_paced(
+            paced, paced_stats, paced_cpu = await bench_paced(
                 url, Path(spool) / "paced", make_events(paced_count), args.rate, args.ship_interval
             )
             floor = fsync_floor(Path(spool))
@@ -228,13 +235,15 @@ async def main(args: argparse.Namespace) -> None:
             f"{'sink':<12} {sink_rate:>10.0f} {sink_rate / copy_rate:>7.2f}x   "
             f"p50 {percentile(latencies, 0.5) * ms:.2f} ms, "
             f"p99 {percentile(latencies, 0.99) * ms:.2f} ms "
-            f"({args.producers} producers; {stats.fsyncs} fsyncs, {stats.batches} batches)"
+            f"({args.producers} producers; {stats.fsyncs} fsyncs, {stats.batches} batches; "
+            f"CPU {sink_cpu * 1e6:.0f} us/event)"
         )
         print(
             f"{'sink-paced':<12} {args.rate:>10.0f} {'':>8}   "
             f"p50 {percentile(paced, 0.5) * ms:.2f} ms, p99 {percentile(paced, 0.99) * ms:.2f} ms, "
             f"max {max(paced) * ms:.2f} ms, mean {statistics.fmean(paced) * ms:.2f} ms "
-            f"({len(paced)} records; {paced_stats.fsyncs} fsyncs)"
+            f"({len(paced)} records; {paced_stats.fsyncs} fsyncs; "
+            f"CPU {paced_cpu * 1e6:.0f} us/event)"
         )
         print(
             f"{'fdatasync':<12} {'':>10} {'':>8}   p50 {percentile(floor, 0.5) * ms:.2f} ms, "

@@ -21,11 +21,22 @@ Invariants:
   after a restart, or whose commit outcome is unknown) goes through a staging table and
   ``INSERT ... ON CONFLICT DO NOTHING``; a batch never tried before is COPYed straight in.
 - A spool segment is deleted only after every event in it is committed.
-- When the spool reaches ``max_bytes`` (PostgreSQL away for long), `record` raises
-  `EventLogUnavailable`: the gateway refuses new sessions rather than admit unaudited ones.
-  It accepts events again as soon as shipping frees space.
-- An fsync failure is fatal for the sink (the page cache state is unknown afterwards): every
-  later `record` raises `EventLogUnavailable`.
+- Bounded spool, refusals still recorded: an *admission* (an allowed ``connect``) is refused
+  with `EventLogUnavailable` once the spool would grow past ``max_bytes - reserve_bytes``,
+  or while its filesystem is out of space (a spare segment could not be made); every other
+  event (the refusal that follows, denials, session ends) may use the reserve up to
+  ``max_bytes``. The gateway thus refuses new sessions rather than admit unaudited ones,
+  and the refusals themselves are in the log. It admits again as soon as shipping (or the
+  disk) frees space.
+- Loss is recorded: a non-admission event refused for lack of space is counted, and the
+  first write that succeeds afterwards carries one ``events_lost`` event (reason
+  ``event_log_unavailable``) with the count by type and reason and the first and last
+  time. The count lives in memory: a worker killed while it is non-zero loses it.
+- No space on the disk (ENOSPC) is not fatal: the group whose write failed is refused (its
+  seqs are reused, nothing of it is durable) and later groups are tried again. Any other
+  write or fsync failure is fatal for the sink (the page cache state is unknown
+  afterwards): every later `record` raises `EventLogUnavailable`, and every `record`
+  waiting for a flush is woken with it (also when the shipping task dies).
 
 Chain identity across restarts: the chain id is given by the caller (one per worker, stable
 across restarts, e.g. ``<instance>/w<N>``). At start the head comes from the spool (each
@@ -45,7 +56,7 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,9 +70,17 @@ from typing import Any, Protocol, Self
 import asyncpg
 
 from gateway.database import DB_ERRORS
-from gateway.spool import Spool, SpoolError, frame
+from gateway.spool import Spool, SpoolError, SpoolFull, frame
 from schemas.errors import DevicegateError
-from schemas.events import GENESIS_HASH, AuthEvent, Reason, canonical_bytes, uuid7
+from schemas.events import (
+    GENESIS_HASH,
+    AuthEvent,
+    EventType,
+    Outcome,
+    Reason,
+    canonical_bytes,
+    uuid7,
+)
 from schemas.notify import EVENTS_CHANNEL
 
 __all__ = [
@@ -84,6 +103,12 @@ COLUMNS = (
 """auth_events columns in the order of the COPY rows built here."""
 _SEQ = COLUMNS.index("seq")
 _HASH = COLUMNS.index("hash")
+_TIME = COLUMNS.index("time")
+_INSTANCE = COLUMNS.index("instance")
+_TYPE = COLUMNS.index("type")
+_OUTCOME = COLUMNS.index("outcome")
+_REASON = COLUMNS.index("reason")
+_DETAIL = COLUMNS.index("detail")
 _COLUMN_LIST = ", ".join(COLUMNS)
 # Built from the constant column names above, nothing from outside.
 _REPLAY = (
@@ -94,6 +119,7 @@ _REPLAY = (
 Row = tuple[Any, ...]
 
 _RETRY_MIN = 0.05
+_HEADER_SLACK = 512  # at least a segment header's size (magic, length, chain JSON)
 _PARTITION_CHECK_EVERY = 3600.0
 
 
@@ -153,7 +179,10 @@ class SinkStats:
         last_flush_latency: seconds of the last write + fdatasync.
         last_ship_latency: seconds of the last committed batch.
         database_connected: whether the shipping connection is up.
-        full: whether an event like the last one would exceed ``max_bytes``.
+        full: whether an admission like the last event would be refused (spool at its
+            soft limit ``max_bytes - reserve_bytes``, or its disk out of space).
+        events_lost: non-admission events refused for lack of space and not yet recorded
+            in an ``events_lost`` event.
     """
 
     chain_id: str
@@ -171,6 +200,7 @@ class SinkStats:
     last_ship_latency: float
     database_connected: bool
     full: bool
+    events_lost: int = 0
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -310,6 +340,9 @@ class SpoolSink:
         chain_id: the chain this worker appends to; keep it stable across restarts.
         max_bytes: spool size on disk (segments are preallocated) at which `record`
             raises `EventLogUnavailable`; ``Settings.spool_max_bytes``.
+        reserve_bytes: the top of ``max_bytes`` that admissions may not use, kept for the
+            refusals and other events that follow (default: an eighth of ``max_bytes``, at
+            least one segment, at most a quarter).
         flush_interval: minimum seconds between two fsyncs. 0 (the default) is back-to-back
             group commit: an idle sink answers in one fsync, and under load every event
             recorded while one fsync runs shares the next. A few ms trades latency for
@@ -335,6 +368,7 @@ class SpoolSink:
         spool_dir: Path,
         chain_id: str,
         max_bytes: int = 256 * 1024 * 1024,
+        reserve_bytes: int | None = None,
         flush_interval: float = 0.0,
         ship_interval: float = 0.025,
         batch_size: int = 5000,
@@ -358,6 +392,11 @@ class SpoolSink:
         self._command_timeout = command_timeout
         if segment_bytes is None:
             segment_bytes = min(max(max_bytes // 8, 4096), 4 * 1024 * 1024)
+        if reserve_bytes is None:
+            reserve_bytes = min(max(segment_bytes, max_bytes // 8), max_bytes // 4)
+        self._admit_bytes = max_bytes - reserve_bytes  # the soft limit, for admissions
+        # The most `_footprint` can add to the spool's bytes (two groups, two rotations).
+        self._two_rotations = 2 * (segment_bytes + _HEADER_SLACK)
         self._spool = Spool(spool_dir, segment_bytes=segment_bytes)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicegate-spool")
         # Preallocates the next segment while the current one fills (see Spool.prepare_spare).
@@ -369,7 +408,13 @@ class SpoolSink:
         self._frames: list[bytes] = []
         self._frame_rows: list[Row] = []
         self._frame_bytes = 0
+        self._inflight_bytes = 0  # handed to the I/O thread, not yet appended
         self._flush_future: _SharedFuture | None = None
+        # The head as of the last successful append: where a failed (no space) group's
+        # seqs roll back to.
+        self._durable_seq = 0
+        self._durable_digest = self._head_digest
+        self._lost = _Lost()
         self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
         self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
 
@@ -445,14 +490,26 @@ class SpoolSink:
             )
         else:
             await self._head_from_database()
-        await loop.run_in_executor(
-            self._io,
-            self._spool.start_segment,
-            self._chain_id,
-            self._head_seq,
-            self._head_digest.hex(),
-        )
+        try:
+            await loop.run_in_executor(
+                self._io,
+                self._spool.start_segment,
+                self._chain_id,
+                self._head_seq,
+                self._head_digest.hex(),
+            )
+        except SpoolFull as exc:
+            if not self._spool.segments:
+                await self._abandon_start()
+                raise EventLogUnavailable(f"event spool unavailable: {exc}") from exc
+            # Carry on in the newest segment; admissions wait until the disk has room.
+            log.warning("event spool disk full at start: appending to the newest segment")
+            await loop.run_in_executor(self._io, self._spool.resume, self._chain_id)
+        except (SpoolError, OSError) as exc:
+            await self._abandon_start()
+            raise EventLogUnavailable(f"event spool unavailable: {exc}") from exc
         self._spool.set_head(self._head_digest.hex())
+        self._durable_seq, self._durable_digest = self._head_seq, self._head_digest
         self._started = True
         self._tasks = [
             asyncio.create_task(self._ship_loop(), name=f"spool-ship:{self._chain_id}"),
@@ -463,6 +520,11 @@ class SpoolSink:
             self._ship_wake.set()
         else:
             self._drained.set()
+
+    async def _abandon_start(self) -> None:
+        await self._drop_connection()
+        await asyncio.get_running_loop().run_in_executor(self._io, self._spool.close)
+        self._shutdown_threads()
 
     def _shutdown_threads(self) -> None:
         self._prep.shutdown(wait=False)
@@ -475,6 +537,7 @@ class SpoolSink:
         if exc is not None:  # a bug: refuse events rather than pile them up unshipped
             log.critical("event sink task %s died: %r", task.get_name(), exc)
             self._failed = exc
+            self._start_flush()  # wakes the records waiting for a flush, with the failure
 
     async def _head_from_database(self) -> None:
         try:
@@ -509,8 +572,12 @@ class SpoolSink:
         """
         if self._closing:
             return
+        if self._started and self._failed is None and self._lost.count:
+            self._record_loss()
         self._closing = True
         if self._started:
+            if self._lost.count:
+                log.error("closing with the loss of %d events unrecorded", self._lost.count)
             for pending in (self._in_flight, self._flush_future):  # the last groups
                 if pending is not None:
                     await asyncio.gather(asyncio.shield(pending), return_exceptions=True)
@@ -547,21 +614,47 @@ class SpoolSink:
         The event's own chain fields, if any, are ignored: this sink assigns them.
 
         Raises:
-            EventLogUnavailable: the spool is full, failed, or the sink is not running.
+            EventLogUnavailable: the spool is full (an admission: at its soft limit or out
+                of disk space; any other event: at ``max_bytes``), failed, or the sink is
+                not running.
         """
         if self._failed is not None:
             raise EventLogUnavailable(f"event spool failed: {self._failed}")
         if not self._started or self._closing:
             raise EventLogUnavailable("event sink is not running")
+        if self._lost.count:
+            self._record_loss()
+        # Identity checks: the model holds enum members (`_is_admission` for rows).
+        admission = event.type is EventType.CONNECT and event.outcome is Outcome.ALLOWED
+        await self._append(event, admission)
+
+    def _append(self, event: AuthEvent, admission: bool, *, loss: bool = False) -> _SharedFuture:
+        """Chain and gather ``event`` for the next flush; the future that flush resolves.
+
+        ``loss``: ``event`` is the ``events_lost`` event; while the disk is full it only
+        goes where no new segment is needed (other events probe whether space is back).
+        """
         seq = self._head_seq + 1
         payload, digest, row = encode_event(
             event, chain_id=self._chain_id, seq=seq, prev_digest=self._head_digest
         )
         framed = frame(payload)
-        self._last_frame = len(framed)
-        if self._spool.bytes + self._frame_bytes + len(framed) > self._max_bytes:
+        size = self._last_frame = len(framed)
+        spool = self._spool
+        if (  # the usual case skips the exact check: far below the soft limit, disk fine
+            spool.no_space
+            or spool.bytes + self._inflight_bytes + self._frame_bytes + size + self._two_rotations
+            > self._admit_bytes
+        ) and (
+            self._refuses(size, admission)
+            or (loss and spool.no_space and self._footprint(size) > spool.bytes)
+        ):
+            if not (admission or loss):  # an admission's loss is its refusal's event
+                self._lost.add(row)
+            if admission and spool.no_space:
+                raise EventLogUnavailable("event spool disk is full; refusing new sessions")
             raise EventLogUnavailable(
-                f"event spool full ({self._spool.bytes} bytes, limit {self._max_bytes}); "
+                f"event spool full ({spool.bytes} bytes, limit {self._max_bytes}); "
                 "PostgreSQL unreachable?"
             )
         self._head_seq = seq
@@ -574,7 +667,46 @@ class SpoolSink:
         if future is None:
             future = self._flush_future = _SharedFuture()
             self._start_flush()
-        await future
+        return future
+
+    def _refuses(self, size: int, admission: bool) -> bool:
+        """Whether a frame of ``size`` bytes must be refused (see the module invariants)."""
+        if admission:
+            if self._spool.no_space:
+                return True
+            limit = self._admit_bytes
+        else:
+            limit = self._max_bytes
+        return self._footprint(size) > limit
+
+    def _footprint(self, extra: int) -> int:
+        """Spool bytes on disk once the flush in flight, the gathered frames and ``extra``
+        bytes are appended: each group fills the active segment or begins the next one
+        (a group never straddles two segments)."""
+        spool = self._spool
+        total = spool.bytes
+        if not spool.segments:
+            return total + extra
+        active = spool.segments[-1]
+        room = active.allocated - active.size
+        for group in (self._inflight_bytes, self._frame_bytes + extra):
+            if group <= room:
+                room -= group
+            else:
+                grown = max(spool.segment_bytes, group + _HEADER_SLACK)
+                total += grown
+                room = grown - group - _HEADER_SLACK
+        return total
+
+    def _record_loss(self) -> None:
+        """Gather one ``events_lost`` event for the events lost so far, if it fits now."""
+        lost = self._lost
+        try:
+            future = self._append(lost.event(self._chain_id), False, loss=True)
+        except EventLogUnavailable:
+            return  # still no room: keep counting
+        self._lost = _Lost()
+        future.add_done_callback(functools.partial(_loss_recorded, lost.count))
 
     def _start_flush(self) -> None:
         """Hand the gathered frames to the I/O thread, unless a flush is already running.
@@ -582,10 +714,14 @@ class SpoolSink:
         Called by the first `record` of a group and when a flush completes, so the next
         group is written as soon as the disk is free, without a task switch in between:
         an idle sink answers in one fsync, and under load the events of one group are
-        encoded while the previous group is being fsynced.
+        encoded while the previous group is being fsynced. Once the sink has failed, it
+        fails the gathered group instead (nothing else would wake its callers).
         """
         future = self._flush_future
-        if self._flushing or future is None or self._failed is not None:
+        if self._flushing or future is None:
+            return
+        if self._failed is not None:
+            self._drop_gathered(EventLogUnavailable(f"event spool failed: {self._failed}"))
             return
         loop = asyncio.get_running_loop()
         wait = self._last_flush_start + self._flush_interval - time.monotonic()
@@ -594,6 +730,7 @@ class SpoolSink:
                 self._flush_timer = loop.call_later(wait, self._flush_timer_fired)
             return
         frames, rows = self._frames, self._frame_rows
+        self._inflight_bytes = self._frame_bytes
         self._frames, self._frame_rows, self._frame_bytes = [], [], 0
         self._flush_future = None
         self._drained.clear()
@@ -609,20 +746,39 @@ class SpoolSink:
         self._flush_timer = None
         self._start_flush()
 
+    def _drop_gathered(self, error: EventLogUnavailable) -> list[Row]:
+        """Fail the group gathering for the next flush; returns its rows."""
+        rows = self._frame_rows
+        future, self._flush_future = self._flush_future, None
+        self._frames, self._frame_rows, self._frame_bytes = [], [], 0
+        self._recorded -= len(rows)  # they were never recorded after all
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        _fail(future, error)
+        self._ship_wake.set()  # the ship loop re-checks whether everything is drained
+        return rows
+
     def _flushed(
         self, rows: list[Row], future: _SharedFuture, started: float, written: asyncio.Future[None]
     ) -> None:
         self._flushing = False
+        self._inflight_bytes = 0
         exc = written.exception()
+        if isinstance(exc, SpoolFull):
+            self._roll_back(rows, future, exc)
+            return
         if exc is not None:
             log.critical("event spool write failed, refusing further events: %s", exc)
             self._failed = exc
             # Fail this group and the one gathering behind it: nobody flushes them now.
-            for waiting in (future, self._flush_future):
-                if waiting is not None and not waiting.done():
-                    waiting.set_exception(EventLogUnavailable(f"event spool write failed: {exc}"))
-                    waiting.exception()  # retrieved: nobody may be waiting on it
+            error = EventLogUnavailable(f"event spool write failed: {exc}")
+            self._recorded -= len(rows)
+            _fail(future, error)
+            self._drop_gathered(error)
             return
+        self._durable_seq = rows[-1][_SEQ]
+        self._durable_digest = bytes.fromhex(rows[-1][_HASH])
         self._fsyncs += 1
         self._last_flush_latency = time.monotonic() - started
         if self._metrics is not None:
@@ -633,6 +789,21 @@ class SpoolSink:
         self._ship_wake.set()
         future.set_result(None)
         self._start_flush()
+
+    def _roll_back(self, rows: list[Row], future: _SharedFuture, exc: SpoolFull) -> None:
+        """The disk had no room for this group: nothing of it is durable. Refuse it and
+        the group chained behind it, and continue the chain from the last durable record."""
+        error = EventLogUnavailable(f"event spool out of disk space: {exc}")
+        lost = rows + self._drop_gathered(error)
+        self._recorded -= len(rows)
+        _fail(future, error)
+        self._head_seq, self._head_digest = self._durable_seq, self._durable_digest
+        for row in lost:
+            if not _is_admission(row[_TYPE], row[_OUTCOME]):
+                self._lost.add(row)
+        log.warning("event spool out of disk space: %d events refused", len(lost))
+        if self._spool.wants_spare():  # the disk may have room again by the next group
+            self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
 
     # -- shipping ----------------------------------------------------------------------
 
@@ -700,6 +871,8 @@ class SpoolSink:
             await loop.run_in_executor(self._io, self._spool.release, batch[-1][_SEQ])
             for _ in batch:
                 self._durable.popleft()
+            if self._lost.count and self._failed is None and not self._closing:
+                self._record_loss()  # shipping made room: record what was lost meanwhile
 
     async def _ship(self, conn: asyncpg.Connection, batch: Sequence[Row]) -> None:
         started = time.monotonic()
@@ -755,14 +928,85 @@ class SpoolSink:
             last_flush_latency=self._last_flush_latency,
             last_ship_latency=self._last_ship_latency,
             database_connected=self._conn is not None,
-            full=self._spool.bytes + self._frame_bytes + self._last_frame > self._max_bytes,
+            full=self._refuses(self._last_frame, True),
+            events_lost=self._lost.count,
         )
 
 
 def _log_failure(future: concurrent.futures.Future[None]) -> None:
     exc = future.exception()
-    if exc is not None:  # rotation falls back to creating the segment itself
+    if isinstance(exc, SpoolFull):  # admissions stop until a spare can be made again
+        log.warning("spool disk full: %s", exc)
+    elif exc is not None:  # rotation falls back to creating the segment itself
         log.warning("preparing a spare spool segment failed: %s", exc)
+
+
+def _is_admission(type_: str, outcome: str) -> bool:
+    """An allowed ``connect``: the one event the gateway can still refuse instead."""
+    return type_ == EventType.CONNECT and outcome == Outcome.ALLOWED
+
+
+def _fail(future: asyncio.Future[None] | None, error: BaseException) -> None:
+    if future is not None and not future.done():
+        future.set_exception(error)
+        future.exception()  # retrieved: nobody may be waiting on it
+
+
+def _loss_recorded(count: int, future: asyncio.Future[None]) -> None:
+    # Nobody awaits this future; when it fails, `SpoolSink._roll_back` re-counted the loss.
+    if not future.cancelled() and future.exception() is None:
+        log.warning("recorded the loss of %d events (the spool was full)", count)
+
+
+class _Lost:
+    """Events refused for lack of space since the last ``events_lost`` event."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        self.count = 0  # counts.total(), kept: `record` reads it on every call
+        self.first: datetime | None = None
+        self.last: datetime | None = None
+        self.instance: str | None = None
+
+    def add(self, row: Row) -> None:
+        """Count a refused event (an ``events_lost`` event whose write failed: its counts)."""
+        self.instance = row[_INSTANCE]
+        if row[_TYPE] == EventType.EVENTS_LOST:
+            detail = json.loads(row[_DETAIL])
+            for item in detail["lost"]:
+                self.counts[(item["type"], item["outcome"], item["reason"])] += item["count"]
+                self.count += item["count"]
+            self._saw(datetime.fromisoformat(detail["first"]))
+            self._saw(datetime.fromisoformat(detail["last"]))
+            return
+        self.counts[(str(row[_TYPE]), str(row[_OUTCOME]), str(row[_REASON]))] += 1
+        self.count += 1
+        self._saw(row[_TIME])
+
+    def _saw(self, moment: datetime) -> None:
+        if self.first is None or moment < self.first:
+            self.first = moment
+        if self.last is None or moment > self.last:
+            self.last = moment
+
+    def event(self, chain_id: str) -> AuthEvent:
+        """The ``events_lost`` event recording these counts."""
+        assert self.first is not None and self.last is not None
+        return AuthEvent(
+            instance=self.instance or chain_id.rpartition("/")[0] or chain_id,
+            type=EventType.EVENTS_LOST,
+            outcome=Outcome.DENIED,
+            reason=Reason.EVENT_LOG_UNAVAILABLE,
+            detail={
+                "count": self.count,
+                "first": self.first.isoformat(),
+                "last": self.last.isoformat(),
+                "lost": [
+                    {"type": t, "outcome": o, "reason": r, "count": n}
+                    for (t, o, r), n in sorted(self.counts.items())
+                ],
+            },
+        )
 
 
 def _stage_columns() -> str:

@@ -21,9 +21,17 @@ Invariants:
 - Segments are preallocated with zeros (``segment_bytes``) when created, so appends
   overwrite allocated blocks and ``fdatasync`` flushes data only: no file-size change, no
   filesystem journal commit per group commit (on ext4: 0.2 ms instead of 4 ms).
-- Recovery stops at the first record whose length is zero or whose CRC is wrong (a torn
-  write from ``kill -9`` or power loss mid-append) and zeroes the bytes after it. Only
-  unacknowledged records can be torn, because acknowledgement waits for the fsync.
+- Recovery stops at the first record whose length is zero, whose CRC is wrong (a torn
+  write from ``kill -9`` or power loss mid-append) or whose ``prev_hash`` is not the hash
+  before it (a stale frame of an append that failed and was overwritten), and zeroes the
+  bytes after it. A segment whose header starts below its predecessor's last record
+  cuts those records off (an append that failed after a partial write, then rotation).
+  Only unacknowledged records can be dropped, because acknowledgement waits for the fsync.
+- No space (ENOSPC, EDQUOT) is not fatal: an append or rotation that hits it raises
+  `SpoolFull`, leaves the segment list and the active segment as they were (a new file
+  that could not be completed is removed) and sets `Spool.no_space` until a new segment
+  file is made again. Other errors, and any ``fdatasync`` failure, propagate as
+  ``OSError``.
 - Segments are deleted only through `Spool.release`, which the sink calls after the records
   up to a seq are committed in PostgreSQL.
 - Not thread-safe: the sink calls every method from one I/O thread, in order.
@@ -32,12 +40,14 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,10 +60,20 @@ _HEADER_LEN = struct.Struct("<I")
 FRAME = struct.Struct("<II")
 """Record frame: payload length, CRC-32 of the payload."""
 _MAX_RECORD = 16 * 1024 * 1024  # anything larger is corruption, not an event
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SPARE_RETRY = 0.2  # seconds between attempts to make a spare while the disk is full
 
 
 class SpoolError(Exception):
     """The spool directory cannot be used (locked by another process, other chain, I/O)."""
+
+
+class SpoolFull(SpoolError):
+    """No space left on the spool's filesystem: nothing of the failed append is durable."""
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in _NO_SPACE
 
 
 def frame(payload: bytes) -> bytes:
@@ -116,6 +136,10 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
 def read_segment(data: bytes) -> tuple[dict[str, object], list[bytes], int]:
     """Parse a segment's bytes: (header, payloads, offset just past the last valid record).
 
+    A valid record has its length, its CRC, and a payload whose first 32 bytes (the
+    ``prev_hash``) are the hash of the record before it (the header's ``base_hash`` for
+    the first one).
+
     Raises:
         SpoolError: the header itself is unreadable (not a spool segment).
     """
@@ -132,14 +156,19 @@ def read_segment(data: bytes) -> tuple[dict[str, object], list[bytes], int]:
         raise SpoolError("unreadable segment header")
     payloads: list[bytes] = []
     offset = end
+    try:
+        head = bytes.fromhex(str(header.get("base_hash", "")))
+    except ValueError as exc:
+        raise SpoolError(f"unreadable segment header: {exc}") from exc
     while offset + FRAME.size <= len(data):
         length, crc = FRAME.unpack_from(data, offset)
         start = offset + FRAME.size
-        if length == 0 or length > _MAX_RECORD or start + length > len(data):
+        if length < 64 or length > _MAX_RECORD or start + length > len(data):
             break
         payload = data[start : start + length]
-        if zlib.crc32(payload) != crc:
+        if zlib.crc32(payload) != crc or payload[:32] != head:
             break
+        head = payload[32:64]
         payloads.append(payload)
         offset = start + length
     return header, payloads, offset
@@ -167,6 +196,9 @@ class Spool:
         self._spare_lock = threading.Lock()
         self._spare: tuple[int, Path, int] | None = None
         self._preparing = False
+        self.no_space = False
+        """The filesystem refused space since a new segment file was last made."""
+        self._spare_failed_at = -_SPARE_RETRY
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -216,6 +248,23 @@ class Spool:
             chain_id = seg_chain
             base_seq = int(str(header["base_seq"]))
             base_hash = str(header["base_hash"])
+            if head_seq is not None and base_seq < head_seq:
+                # Records of an append that failed (no space) after a partial write: the
+                # next segment began at the head before them, so they were never acked.
+                cut = head_seq - base_seq
+                previous = self.segments[-1]
+                if cut > previous.last_seq - previous.base_seq:
+                    raise SpoolError(f"spool segment {path} starts before its predecessor")
+                log.warning("spool segment %s: dropping %d unacknowledged records", path, cut)
+                del payloads[len(payloads) - cut :]
+                previous.last_seq = head_seq = base_seq
+                head_hash = (
+                    payloads[-1][32:64].hex()
+                    if previous.last_seq > previous.base_seq
+                    else previous.base_hash
+                )
+            if head_hash is not None and head_seq == base_seq and base_hash != head_hash:
+                raise SpoolError(f"spool segment {path} does not continue the chain")
             last_seq = base_seq + len(records)
             self.segments.append(Segment(path, base_seq, base_hash, last_seq, valid, len(data)))
             self.bytes += len(data)
@@ -247,45 +296,58 @@ class Spool:
 
         Uses the spare segment when `prepare_spare` has made one: then only the header is
         written (data, no metadata), which keeps rotation off the latency of ``record``.
+
+        Raises:
+            SpoolFull: no space for the new segment; the active one stays as it was.
         """
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
         self._chain_id = chain_id
         last = self.segments[-1] if self.segments else None
         if last is not None and last.last_seq == base_seq and last.base_seq == base_seq:
             # A restart after a clean shutdown: the empty segment already names this head.
-            self._fd = os.open(last.path, os.O_WRONLY)
+            if self._fd is None:
+                self._fd = os.open(last.path, os.O_WRONLY)
             return
         header = _header(chain_id, base_seq, base_hash)
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None and spare[2] >= len(header):
             fd, path, allocated = spare
-            _write_at(fd, header, 0)
-            os.fdatasync(fd)
+            try:
+                _write_at(fd, header, 0)
+                os.fdatasync(fd)
+            except BaseException:
+                os.close(fd)
+                path.unlink()
+                raise
         else:
             if spare is not None:
                 os.close(spare[0])
+                spare[1].unlink()
             path = self.directory / self._reserve_name()
             allocated = max(self.segment_bytes, len(header))
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            _write_at(fd, header + bytes(allocated - len(header)), 0)
-            os.fsync(fd)
-            _fsync_dir(self.directory)
+            fd = self._create(path, header + bytes(allocated - len(header)))
+        if self._fd is not None:
+            os.close(self._fd)
         self._fd = fd
         self.segments.append(Segment(path, base_seq, base_hash, base_seq, len(header), allocated))
         self.bytes += allocated
 
+    def resume(self, chain_id: str) -> None:
+        """Append to the newest segment instead of beginning one: a start with no space
+        for a new segment. `open` left it valid up to its last record, zeros after."""
+        self._chain_id = chain_id
+        if self._fd is None:
+            self._fd = os.open(self.segments[-1].path, os.O_WRONLY)
+
     def wants_spare(self) -> bool:
-        """Whether the active segment is half full and no spare is ready or being made."""
+        """Whether no spare is ready or being made, and the active segment is half full or
+        the disk was full (then at most every ``_SPARE_RETRY`` seconds: it may have room)."""
         active = self.segments[-1] if self.segments else None
-        return (
-            active is not None
-            and self._spare is None
-            and not self._preparing
-            and active.size * 2 >= active.allocated
-        )
+        if active is None or self._spare is not None or self._preparing:
+            return False
+        if self.no_space:
+            return time.monotonic() - self._spare_failed_at >= _SPARE_RETRY
+        return active.size * 2 >= active.allocated
 
     def prepare_spare(self) -> None:
         """Preallocate the next segment file (zero header), from a thread of its own.
@@ -298,15 +360,33 @@ class Spool:
             self._preparing = True
             path = self.directory / self._reserve_name()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            _write_at(fd, bytes(self.segment_bytes), 0)
-            os.fsync(fd)
-            _fsync_dir(self.directory)
+            fd = self._create(path, bytes(self.segment_bytes))
+        except SpoolFull:
+            self._spare_failed_at = time.monotonic()
+            raise
         finally:
             with self._spare_lock:
                 self._preparing = False
         with self._spare_lock:
             self._spare = (fd, path, self.segment_bytes)
+
+    def _create(self, path: Path, data: bytes) -> int:
+        """A new durable file holding ``data``; on failure none (SpoolFull: no space)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_at(fd, data, 0)
+            os.fsync(fd)
+            _fsync_dir(self.directory)
+        except BaseException as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if isinstance(exc, OSError) and _no_space(exc):
+                self.no_space = True
+                raise SpoolFull(f"no space for a spool segment in {self.directory}") from exc
+            raise
+        self.no_space = False
+        return fd
 
     def _reserve_name(self) -> str:
         # Segment files sort by this counter; their headers say which seqs they hold.
@@ -318,13 +398,27 @@ class Spool:
 
         Rotates to a new segment first when the active one is full, so a record never
         straddles two files.
+
+        Raises:
+            SpoolFull: no space (for the next segment, or for a group larger than a
+                segment); the spool is unchanged and the caller's chain head must go
+                back to the last appended record.
+            OSError: anything else, ``fdatasync`` failures included: fatal.
         """
         active = self.segments[-1]
         if active.size + len(data) > active.allocated and active.last_seq > active.base_seq:
             self.start_segment(self._chain_id, active.last_seq, self._head_hash)
             active = self.segments[-1]
         assert self._fd is not None
-        _write_at(self._fd, data, active.size)
+        try:
+            _write_at(self._fd, data, active.size)
+        except OSError as exc:
+            if not _no_space(exc):
+                raise
+            # Whatever was written past ``size`` is unacknowledged: the next append
+            # overwrites it, and recovery drops it (prev_hash or header check).
+            self.no_space = True
+            raise SpoolFull(f"no space for spool records in {self.directory}") from exc
         os.fdatasync(self._fd)
         active.last_seq = last_seq
         active.size += len(data)
@@ -353,6 +447,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 segment.path.unlink()
             freed += segment.allocated
+        self.bytes -= freed
         active = self.segments[-1] if self.segments else None
         if (
             active is not None
@@ -361,11 +456,14 @@ class Spool:
             and active.last_seq > active.base_seq
         ):
             # Fully shipped and big enough: begin a fresh segment so this one can go.
-            self.start_segment(self._chain_id, active.last_seq, self._head_hash)
+            try:
+                self.start_segment(self._chain_id, active.last_seq, self._head_hash)
+            except SpoolFull:
+                return freed  # no room for a fresh one: keep appending to this one
             self.segments.remove(active)
             active.path.unlink()
+            self.bytes -= active.allocated
             freed += active.allocated
-        self.bytes -= freed
         return freed
 
     def __iter__(self) -> Iterator[Segment]:

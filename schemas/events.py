@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time as _time
 import uuid
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ class EventType(StrEnum):
     TOKEN = "token"
     ADMIN = "admin"
     AUDIT_PRUNE = "audit_prune"
+    EVENTS_LOST = "events_lost"
+    """A gateway worker's count of events it could not store (spool full)."""
 
 
 class Outcome(StrEnum):
@@ -129,13 +132,36 @@ _CHAINED_FIELDS = (
 )
 
 
+_uuid7_lock = threading.Lock()
+_uuid7_last = (0, 0)  # (millis, rand_a) of this process's last clock-read uuid7
+
+
 def uuid7(now_ns: int | None = None) -> uuid.UUID:
-    """A time-ordered UUID (RFC 9562 version 7): 48-bit Unix milliseconds, then randomness."""
-    millis = (now_ns if now_ns is not None else _time.time_ns()) // 1_000_000
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit Unix milliseconds, then randomness.
+
+    Read from the clock (no ``now_ns``), ids never go back within a process, even when the
+    wall clock is stepped back (NTP, a resumed VM): a millisecond not after the last one
+    reuses it and counts up in ``rand_a`` (RFC 9562 6.2, method 1), moving on to the next
+    millisecond when the 12 bits run out. ``rand_b`` stays random, so ids are unique.
+    """
+    global _uuid7_last
     rand = int.from_bytes(os.urandom(10))
+    if now_ns is not None:
+        millis, rand_a = now_ns // 1_000_000, (rand >> 62) & 0xFFF
+    else:
+        # A new millisecond starts its count at a random value with the top bit clear,
+        # leaving at least 2048 ids of room before it has to borrow the next millisecond.
+        millis, rand_a = _time.time_ns() // 1_000_000, (rand >> 62) & 0x7FF
+        with _uuid7_lock:
+            last_millis, last_a = _uuid7_last
+            if millis <= last_millis:
+                millis, rand_a = last_millis, last_a + 1
+                if rand_a > 0xFFF:
+                    millis, rand_a = millis + 1, 0
+            _uuid7_last = (millis, rand_a)
     value = (millis & (2**48 - 1)) << 80
     value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a
+    value |= rand_a << 64
     value |= 0b10 << 62  # variant
     value |= rand & (2**62 - 1)  # rand_b
     return uuid.UUID(int=value)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,3 +87,48 @@ async def proxy_to() -> AsyncIterator[Callable[[str], Any]]:
 
 def spool(tmp_path: Path, name: str = "w0") -> Path:
     return tmp_path / "spool" / name
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``path``: a filesystem that really runs out of
+    space (ENOSPC). Skips the test when mounting is impossible (not root, no
+    CAP_SYS_ADMIN, e.g. an unprivileged container)."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command: cannot make a tiny filesystem for a real ENOSPC")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real ENOSPC: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10, check=False)
+
+
+def fill(directory: Path, *, leave: int = 0) -> Path:
+    """Fill ``directory``'s filesystem with a filler file until ENOSPC, then give back
+    ``leave`` bytes; returns the filler (delete it to free the space)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    size = 0
+    try:
+        for _ in range(1 << 20):  # bounded: a tmpfs of at most 4 GiB
+            try:
+                size += os.write(fd, bytes(4096))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+        else:
+            raise AssertionError(f"{directory} never ran out of space")
+        os.ftruncate(fd, max(size - leave, 0))
+    finally:
+        os.close(fd)
+    return filler
