@@ -15,6 +15,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v chromium >/dev/null || need_apt+=(chromium)   # console browser tests
 command -v testssl >/dev/null || need_apt+=(testssl.sh)  # TLS audit tests
+command -v faketime >/dev/null || need_apt+=(faketime)   # clock-jump fault test
+command -v cc >/dev/null || need_apt+=(gcc)              # its libfaketime sleep shim
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
