@@ -83,9 +83,9 @@ class Hub(Protocol):
 
     def fleet_policy(self, fleet: str) -> FleetPolicy: ...
 
-    def record(self, event: AuthEvent) -> None: ...
+    def record(self, event: AuthEvent) -> asyncio.Task[None]: ...
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
     def opened(self, connection: DeviceConnection) -> bool: ...
 
@@ -141,7 +141,8 @@ class DeviceConnection(asyncio.Protocol):
         self._gate: ProxyGate | None = None  # the PROXY v2 stage, before TLS
         self._barrier: int | None = None  # draining: the PINGRESP count to exceed
         self.trace: ConnectionTrace | None = None  # from accept (past the limits) to close
-        self._counted = False  # the session is in the metrics' live set
+        self._admitted = False  # CONNACKed, and in the metrics' live set
+        self._held = False  # closed, but the socket waits for the refusal's event
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
@@ -209,10 +210,10 @@ class DeviceConnection(asyncio.Protocol):
 
     def _proxy_failed(self, error: str) -> None:
         detail = {"error": error, "proxy": self.context.peer_address}
-        self.hub.record(
+        recorded = self.hub.record(
             self.context.event(EventType.TLS_HANDSHAKE, Reason.PROXY_PROTOCOL_ERROR, detail=detail)
         )
-        self._close(Reason.PROXY_PROTOCOL_ERROR, graceful=False, linger=False)
+        self._close(Reason.PROXY_PROTOCOL_ERROR, graceful=False, linger=False, after=recorded)
 
     def _device_data(self, data: bytes) -> None:
         try:
@@ -378,7 +379,8 @@ class DeviceConnection(asyncio.Protocol):
             )
             if self.trace is not None:
                 self.trace.handshake_done(failure=failure.reason)
-            self.hub.record(event)
+            self._close(failure.reason, graceful=False, linger=linger, after=self.hub.record(event))
+            return
         self._close(failure.reason, graceful=False, linger=linger)
 
     def _handshake_timeout(self) -> None:
@@ -403,6 +405,7 @@ class DeviceConnection(asyncio.Protocol):
     # --- actions ---------------------------------------------------------------------
 
     def _run(self, actions: list[Action]) -> None:
+        recorded: asyncio.Task[None] | None = None
         for action in actions:
             kind = type(action)
             if kind is ToUpstream:
@@ -413,10 +416,13 @@ class DeviceConnection(asyncio.Protocol):
                 self.pump.encrypt(action.data)
             elif kind is Record:
                 assert isinstance(action, Record)
-                self.hub.record(action.event)
+                recorded = self.hub.record(action.event)
             elif kind is Close:
                 assert isinstance(action, Close)
-                self._close(action.reason, graceful=True)
+                # A refusal (never admitted) waits for its event; an admitted session's
+                # end does not hold its DISCONNECT back from the broker.
+                held = recorded if not self._admitted else None
+                self._close(action.reason, graceful=True, after=held)
                 return
             elif kind is CheckDevice:
                 self.hub.spawn(self._check_device(), "check-device")
@@ -429,8 +435,10 @@ class DeviceConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         """One write per side for everything queued while handling one input."""
+        if self._held:
+            return
         out = self.pump.take_outgoing()
-        if out and self.transport is not None:
+        if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
         pending = self._to_upstream
         if pending:
@@ -499,7 +507,7 @@ class DeviceConnection(asyncio.Protocol):
         # Counted live before `admitted` runs: it may end the session at once (bytes the
         # device pipelined), and `_close` must then find it to fold its counts.
         self.hub.metrics.session_started(session)
-        self._counted = True
+        self._admitted = True
         if self.trace is not None:
             self.trace.decided(Outcome.ALLOWED, Reason.OK)
         self.pump.encrypt(admit.connack)
@@ -572,7 +580,17 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self.kick(Reason.SERVER_SHUTTING_DOWN)
 
-    def _close(self, reason: Reason, *, graceful: bool, linger: bool = True) -> None:
+    def _close(
+        self,
+        reason: Reason,
+        *,
+        graceful: bool,
+        linger: bool = True,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
+        """End the connection; with ``after`` (the decision's event being recorded), the
+        last bytes go out and the socket closes only once that event is on disk, as a
+        CONNACK waits for its connect event: no refusal without its record."""
         if self.closed:
             return
         self.closed = True
@@ -584,11 +602,19 @@ class DeviceConnection(asyncio.Protocol):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if after is not None and not after.done():
+            self._held = True
+            after.add_done_callback(lambda _: self._shut(reason, graceful=graceful, linger=linger))
+            return
+        self._shut(reason, graceful=graceful, linger=linger)
+
+    def _shut(self, reason: Reason, *, graceful: bool, linger: bool) -> None:
+        self._held = False
         if graceful and self.pump.handshake_complete:
             self.pump.close_notify()
         self._flush()
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not transport.is_closing():
             if linger and transport.can_write_eof():
                 # Lingering close: send FIN after the last bytes (the CONNACK refusal, the
                 # TLS alert) and keep reading until the peer closes too. Closing with
@@ -604,7 +630,7 @@ class DeviceConnection(asyncio.Protocol):
             self.upstream.close()
             self.upstream = None
         self.hub.closed(self)
-        if self._counted and self.session is not None:
+        if self._admitted and self.session is not None:
             self.hub.metrics.session_ended(self.session, reason)
         if self.trace is not None:
             self.trace.end(reason)

@@ -276,7 +276,7 @@ class Gateway:
     def fleet_policy(self, fleet: str) -> FleetPolicy:
         return self.policy.for_fleet(fleet)
 
-    def record(self, event: AuthEvent) -> None:
+    def record(self, event: AuthEvent) -> asyncio.Task[None]:
         if (
             self.failures is not None
             and event.type is EventType.TLS_HANDSHAKE
@@ -284,7 +284,7 @@ class Gateway:
             and event.reason not in _NOT_FAILURES
         ):
             self.failures.failed(address_key(event.peer_address))
-        self.spawn(self._record(event), "record-event")
+        return self.spawn(self._record(event), "record-event")
 
     async def _record(self, event: AuthEvent) -> None:
         try:
@@ -292,10 +292,11 @@ class Gateway:
         except Exception:
             log.exception("could not record %s event %s", event.type, event.id)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def opened(self, connection: DeviceConnection) -> bool:
         """Count a new connection in; False (refusal recorded, throttled) to abort it."""

@@ -33,10 +33,13 @@ class PgSink:
         self.head = GENESIS_HASH
         self.lock = asyncio.Lock()
         self.fail = False
+        self.delay = 0.0  # seconds each record takes before its INSERT (a slow disk)
 
     async def record(self, event: AuthEvent) -> None:
         if self.fail:
             raise RuntimeError("event log unavailable (test switch)")
+        if self.delay:
+            await asyncio.sleep(self.delay)
         async with self.lock:
             linked = event.chained(chain_id=self.chain_id, seq=self.seq + 1, prev_hash=self.head)
             await self.pool.execute(
