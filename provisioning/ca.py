@@ -14,8 +14,10 @@ Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC). Issuance 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,9 +30,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.signer import CAPrivateKey, FileSigner, Signer, signature_hash
+from provisioning.leaf_der import LeafTemplate, key_class, signature_algorithm_of, spki_der
+from provisioning.signer import CAPrivateKey, FileSigner, RawSigner, Signer, signature_hash
 from schemas.errors import DevicegateError
 from schemas.events import Reason
+
+log = logging.getLogger(__name__)
 
 ROOT_CERT = "root-ca.crt"
 ROOT_KEY = "root-ca.key"
@@ -123,6 +128,13 @@ def to_pem(*certificates: x509.Certificate) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
 
 
+def der_to_pem(der: bytes) -> str:
+    """A DER certificate as `to_pem` writes it (64-character lines), without re-encoding it."""
+    text = base64.b64encode(der).decode()
+    lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
+
+
 class CertificateAuthority:
     """Issues device certificates and CRLs with a `Signer` for the issuing CA."""
 
@@ -130,6 +142,7 @@ class CertificateAuthority:
         self.signer = signer
         self.root = root
         self._issuer_key_id: tuple[x509.Certificate, x509.AuthorityKeyIdentifier] | None = None
+        self._template: tuple[x509.Certificate, LeafTemplate] | None = None
 
     @property
     def issuing(self) -> x509.Certificate:
@@ -144,17 +157,36 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A client certificate for ``identity`` over ``public_key``.
 
+        Encoded from the CA's template (`provisioning.leaf_der`) once the template has been
+        shown to produce the builder's exact TBSCertificate for this class of key; the
+        first certificate of each class is built by the builder and used as that proof.
+
         Raises:
             KeyNotAllowed: the key is of a type devicegate does not certify.
         """
         key_type_name(public_key)
-        issuing = self.issuing
-        if self._issuer_key_id is None or self._issuer_key_id[0] is not issuing:
-            issuer_key = issuing.public_key()
-            assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)
-            self._issuer_key_id = (issuing, aki)  # the same for every certificate it signs
-        builder = (
+        serial = x509.random_serial_number()
+        kind = key_class(public_key)
+        template = self._template
+        if template is not None and template[0] is self.issuing and template[1].verified.get(kind):
+            tbs = template[1].tbs(
+                serial=serial, not_before=options.not_before, not_after=options.not_after,
+                device_id=identity.device_id, fleet=identity.fleet,
+                spiffe_id=identity.spiffe_id, spki=spki_der(public_key), kind=kind,
+            )
+            if tbs is not None:
+                return x509.load_der_x509_certificate(template[1].certificate(tbs))
+        certificate = self.signer.sign_certificate(
+            self._builder(public_key, identity, options, serial)
+        )
+        self._learn_template(certificate, public_key, identity, kind)
+        return certificate
+
+    def _builder(
+        self, public_key: DevicePublicKey, identity: DeviceIdentity, options: SignOptions,
+        serial: int,
+    ) -> x509.CertificateBuilder:
+        return (
             x509.CertificateBuilder()
             .subject_name(
                 x509.Name(
@@ -164,9 +196,9 @@ class CertificateAuthority:
                     ]
                 )
             )
-            .issuer_name(issuing.subject)
+            .issuer_name(self.issuing.subject)
             .public_key(public_key)
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial)
             .not_valid_before(options.not_before)
             .not_valid_after(options.not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -177,9 +209,59 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._issuer_key_id[1], critical=False)
+            .add_extension(self._authority_key_id(), critical=False)
         )
-        return self.signer.sign_certificate(builder)
+
+    def _authority_key_id(self) -> x509.AuthorityKeyIdentifier:
+        issuing = self.issuing
+        if self._issuer_key_id is None or self._issuer_key_id[0] is not issuing:
+            issuer_key = issuing.public_key()
+            assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)
+            self._issuer_key_id = (issuing, aki)  # the same for every certificate it signs
+        return self._issuer_key_id[1]
+
+    def _learn_template(
+        self, built: x509.Certificate, public_key: DevicePublicKey, identity: DeviceIdentity,
+        kind: str,
+    ) -> None:
+        """Compare the template's encoding of ``built``'s inputs with ``built`` itself; use
+        the template for this key class only if they are identical."""
+        signer = self.signer
+        if not isinstance(signer, RawSigner):
+            return
+        issuing = self.issuing
+        if self._template is None or self._template[0] is not issuing:
+            template = LeafTemplate(
+                signature_algorithm=signature_algorithm_of(
+                    built.public_bytes(serialization.Encoding.DER)
+                ),
+                issuer=issuing.subject.public_bytes(),
+                basic_constraints=x509.BasicConstraints(ca=False, path_length=None).public_bytes(),
+                key_usage={k: v.public_bytes() for k, v in _KEY_USAGE_BY_CLASS.items()},
+                extended_key_usage=x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH]
+                ).public_bytes(),
+                authority_key_id=self._authority_key_id().public_bytes(),
+                sign=signer.sign_bytes,
+            )
+            self._template = (issuing, template)
+        template = self._template[1]
+        if kind in template.verified:
+            return
+        tbs = template.tbs(
+            serial=built.serial_number, not_before=built.not_valid_before_utc,
+            not_after=built.not_valid_after_utc, device_id=identity.device_id,
+            fleet=identity.fleet, spiffe_id=identity.spiffe_id, spki=spki_der(public_key),
+            kind=kind,
+        )
+        if tbs is None:
+            return  # an input outside the template: decide on the next certificate
+        same = tbs == built.tbs_certificate_bytes
+        if not same:
+            log.warning("device certificate template differs from the builder's encoding "
+                        "for %s keys; issuing with the builder", kind)
+        template.verified[kind] = same
 
     def build_crl(
         self,
@@ -206,19 +288,23 @@ class CertificateAuthority:
         return self.signer.sign_crl(builder)
 
 
-def _leaf_key_usage(public_key: DevicePublicKey) -> x509.KeyUsage:
-    # RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
+def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
+        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
     )
+
+
+# RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
+_KEY_USAGE_BY_CLASS = {
+    "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
+}
+"""A device certificate's key usage per `provisioning.leaf_der.key_class`."""
+
+
+def _leaf_key_usage(public_key: DevicePublicKey) -> x509.KeyUsage:
+    return _KEY_USAGE_BY_CLASS[key_class(public_key)]
 
 
 # --- the PKI directory -------------------------------------------------------------------

@@ -1,3 +1,4 @@
+# ruff: noqa: S608 - f-strings here only splice constant column lists; values are $n.
 """Appending provisioning's auth events to their hash chain, inside the caller's transaction.
 
 Invariants:
@@ -7,6 +8,11 @@ Invariants:
 - Lock order is "rows of the change first, chain head last" everywhere, so writers that
   touch the same device cannot deadlock with each other over the head.
 - Event times are taken after the lock is held, so times along the chain never go back.
+  A writer that knows the head it committed last (`ChainHead`, the group committer) may
+  skip the locking read: it chains onto that head (times not before its last event's) and
+  moves the head only if it is still that head, checked by the UPDATE under the row lock
+  (no event is inserted otherwise); if another writer moved it, the locked path runs in
+  the same transaction.
 - ``pg_notify(EVENTS_CHANNEL, ...)`` is queued in the same transaction: listeners hear only
   about committed events.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from schemas.events import (
@@ -35,29 +42,70 @@ Connection = Any
 
 _LOCK_HEAD = "SELECT seq, hash FROM event_chains WHERE chain_id = $1 FOR UPDATE"
 
-# One round trip inserts the events (one array per column, in chain order), moves the head
-# and queues one notification per event, in the same order.
-_APPEND = """
-WITH inserted AS (
-    INSERT INTO auth_events (id, time, instance, type, outcome, reason, device_id, fleet,
-        cert_serial, cert_fingerprint, client_id, peer_address, tls_version, tls_cipher,
-        detail, chain_id, seq, prev_hash, hash)
-    SELECT e.id, e.time, e.instance, e.type, e.outcome, e.reason, e.device_id, e.fleet,
-        e.cert_serial, e.cert_fingerprint, e.client_id, e.peer_address, e.tls_version,
-        e.tls_cipher, e.detail::jsonb, e.chain_id, e.seq, e.prev_hash, e.hash
-    FROM unnest($6::uuid[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
-        $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
-        $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bigint[],
-        $23::text[], $24::text[])
-        AS e(id, time, instance, type, outcome, reason, device_id, fleet, cert_serial,
-            cert_fingerprint, client_id, peer_address, tls_version, tls_cipher, detail,
-            chain_id, seq, prev_hash, hash)
-), head AS (
-    UPDATE event_chains SET seq = $2, hash = $3, updated_at = now() WHERE chain_id = $1
+_EVENT_COLUMNS = (
+    "id", "time", "instance", "type", "outcome", "reason", "device_id", "fleet",
+    "cert_serial", "cert_fingerprint", "client_id", "peer_address", "tls_version",
+    "tls_cipher", "detail", "chain_id", "seq", "prev_hash", "hash",
+)
+_EVENT_TYPES = (
+    "uuid", "timestamptz", "text", "text", "text", "text", "text", "text", "text", "text",
+    "text", "text", "text", "text", "text", "text", "bigint", "text", "text",
+)
+
+
+def insert_events_sql(first: int, *, gate: str) -> str:
+    """``INSERT INTO auth_events`` of the arrays `event_arrays` returns, bound from ``$first``
+    on, inserting only ``WHERE`` ``gate`` holds (for a CTE of a larger statement)."""
+    columns = ", ".join(_EVENT_COLUMNS)
+    selected = ", ".join(
+        f"e.{name}::jsonb" if name == "detail" else f"e.{name}" for name in _EVENT_COLUMNS
+    )
+    arrays = ", ".join(f"${first + i}::{kind}[]" for i, kind in enumerate(_EVENT_TYPES))
+    return (
+        f"INSERT INTO auth_events ({columns}) SELECT {selected} "
+        f"FROM unnest({arrays}) AS e({columns}) WHERE {gate}"
+    )
+
+
+def event_arrays(events: Sequence[AuthEvent]) -> list[list[Any]]:
+    """The events as one array per column, in chain order (for `insert_events_sql`)."""
+    return [list(column) for column in zip(*(_row(event) for event in events), strict=True)]
+
+
+def event_notes(events: Sequence[AuthEvent]) -> list[str]:
+    """The ``EVENTS_CHANNEL`` payload of each event, in chain order."""
+    return [json.dumps({"id": str(e.id), "time": e.time.isoformat()}) for e in events]
+
+
+# One round trip moves the head, inserts the events and queues one notification per event,
+# in chain order. With an expected head ($6, $7) nothing happens unless the head is still
+# that one: then no row comes back.
+_APPEND = f"""
+WITH head AS (
+    UPDATE event_chains SET seq = $2, hash = $3, updated_at = now()
+    WHERE chain_id = $1 AND ($6::bigint IS NULL OR (seq = $6 AND hash = $7))
     RETURNING seq
+), inserted AS (
+    {insert_events_sql(8, gate="EXISTS (SELECT FROM head)")}
 )
 SELECT pg_notify($4, note) FROM head, unnest($5::text[]) AS note
 """
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The provisioning chain's head after a committed append: its seq, hash and the time
+    of its last event."""
+
+    seq: int
+    hash: str
+    time: datetime
+
+    @classmethod
+    def after(cls, events: Sequence[AuthEvent]) -> ChainHead:
+        last = events[-1]
+        assert last.seq is not None and last.hash is not None
+        return cls(last.seq, last.hash, last.time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +136,27 @@ def _row(event: AuthEvent) -> tuple[Any, ...]:
     )
 
 
-async def append_events(conn: Connection, specs: Sequence[EventSpec]) -> list[AuthEvent]:
-    """Chain and insert ``specs`` in order on the provisioning chain; returns them as stored."""
+def chain_events(specs: Sequence[EventSpec], after: ChainHead) -> list[AuthEvent]:
+    """``specs`` chained onto ``after`` (for a writer that moves the head itself, with the
+    same check `append_events` makes: only if the head is still ``after``)."""
+    return _chain(specs, after.seq, after.hash, not_before=after.time)
+
+
+async def append_events(
+    conn: Connection, specs: Sequence[EventSpec], *, expect: ChainHead | None = None
+) -> list[AuthEvent]:
+    """Chain and insert ``specs`` in order on the provisioning chain; returns them as stored.
+
+    Args:
+        expect: the head this writer committed last, if it knows it: then the head is not
+            read first (one round trip less) unless another writer has moved it since.
+    """
     if not specs:
         return []
+    if expect is not None:
+        events = _chain(specs, expect.seq, expect.hash, not_before=expect.time)
+        if await _write(conn, events, expect=expect):
+            return events
     head = await conn.fetchrow(_LOCK_HEAD, CHAIN_ID)
     if head is None:
         await conn.execute(
@@ -100,12 +165,22 @@ async def append_events(conn: Connection, specs: Sequence[EventSpec]) -> list[Au
             CHAIN_ID, GENESIS_HASH,
         )
         head = await conn.fetchrow(_LOCK_HEAD, CHAIN_ID)
-    seq, prev_hash = head["seq"], head["hash"]
+    events = _chain(specs, head["seq"], head["hash"])
+    await _write(conn, events, expect=None)
+    return events
+
+
+def _chain(
+    specs: Sequence[EventSpec], seq: int, prev_hash: str, *, not_before: datetime | None = None
+) -> list[AuthEvent]:
     events: list[AuthEvent] = []
     for spec in specs:
         seq += 1
+        now = utcnow()
+        if not_before is not None and now < not_before:  # the clock went back: keep order
+            now = not_before
         event = AuthEvent(
-            time=utcnow(),
+            time=now,
             instance=spec.instance,
             type=spec.type,
             outcome=spec.outcome,
@@ -124,12 +199,20 @@ async def append_events(conn: Connection, specs: Sequence[EventSpec]) -> list[Au
         )
         # As `AuthEvent.chained`, with one copy: the link fields are set at construction.
         prev_hash = chain_hash(prev_hash, event)
-        event = event.model_copy(update={"hash": prev_hash})
-        events.append(event)
-    notes = [json.dumps({"id": str(e.id), "time": e.time.isoformat()}) for e in events]
-    columns = [list(column) for column in zip(*(_row(event) for event in events), strict=True)]
-    await conn.execute(_APPEND, CHAIN_ID, seq, prev_hash, EVENTS_CHANNEL, notes, *columns)
+        events.append(event.model_copy(update={"hash": prev_hash}))
     return events
+
+
+async def _write(conn: Connection, events: list[AuthEvent], *, expect: ChainHead | None) -> bool:
+    """Insert ``events`` and move the head to the last; False (nothing written) when
+    ``expect`` is given and the head is no longer that one."""
+    last = events[-1]
+    status = await conn.execute(
+        _APPEND, CHAIN_ID, last.seq, last.hash, EVENTS_CHANNEL, event_notes(events),
+        expect.seq if expect is not None else None, expect.hash if expect is not None else None,
+        *event_arrays(events),
+    )
+    return bool(status != "SELECT 0")
 
 
 async def append_event(

@@ -6,7 +6,9 @@ Invariants:
   run in a savepoint of a group-committed transaction (`provisioning.committer`) together
   with its chained event; a refusal inside rolls all of them back, the token use included.
   A new device's writes are one statement (`store.enroll_new_device`): the token use is the
-  row that the device and certificate inserts select from.
+  row that the device and certificate inserts select from. A batch of new devices without
+  hardware ids on one token may be one statement with their events
+  (`store.enroll_new_devices_chained`): it spends a use per device, or writes nothing.
 - A caller learns of success only after COMMIT.
 - Every refusal is recorded as a denied event, after the rollback of its writes.
 - The device row is locked (``FOR UPDATE``) before a renewal or re-enrollment touches its
@@ -16,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -23,19 +26,20 @@ from typing import Any
 import asyncpg
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from provisioning import store
-from provisioning.ca import CertificateAuthority, fingerprint, serial_hex, to_pem
-from provisioning.committer import Committer
+from provisioning.ca import CertificateAuthority, der_to_pem, fingerprint, serial_hex
+from provisioning.committer import Committer, Merge
 from provisioning.csr import AcceptedCsr
 from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken, TokenRejected
-from provisioning.eventlog import EventSpec
+from provisioning.eventlog import ChainHead, EventSpec
 from provisioning.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
 from provisioning.telemetry import annotate, phase
 from provisioning.tokens import TOKEN_PREFIX, secret_hash
 from schemas.api import CertificateBundle, DeviceInfo
 from schemas.errors import DevicegateError
-from schemas.events import EventType, Outcome, Reason
+from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.notify import RevocationNotice
 from schemas.settings import Settings
 
@@ -105,14 +109,15 @@ class ProvisioningService:
         certificate = self.ca.issue_device_certificate(
             csr.public_key, issuance.identity, issuance.options
         )
+        der = certificate.public_bytes(serialization.Encoding.DER)  # once, for both below
         record = store.NewCertificate(
             serial=serial_hex(certificate.serial_number),
             device_id=issuance.identity.device_id,
-            fingerprint_sha256=fingerprint(certificate),
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),  # as `ca.fingerprint`
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
             key_type=csr.key_type,
-            pem=to_pem(certificate),
+            pem=der_to_pem(der),
         )
         return certificate, record
 
@@ -146,6 +151,14 @@ class ProvisioningService:
             with phase("signing"):
                 certificate, record = self._sign(csr, issuance)
 
+            def allowed(event_detail: dict[str, Any]) -> EventSpec:
+                return self._event(
+                    EventType.ENROLL, Outcome.ALLOWED, Reason.OK, peer,
+                    device_id=record.device_id, fleet=issuance.identity.fleet,
+                    cert_serial=record.serial, cert_fingerprint=record.fingerprint_sha256,
+                    detail=event_detail,
+                )
+
             async def write(conn: Any) -> tuple[None, EventSpec]:
                 event_detail = dict(detail)
                 if issuance.reenroll:
@@ -155,20 +168,20 @@ class ProvisioningService:
                     await store.insert_certificate(conn, record)
                 else:
                     await self._enroll_new(conn, token_hash, hardware_id, record)
-                return None, self._event(
-                    EventType.ENROLL, Outcome.ALLOWED, Reason.OK, peer,
-                    device_id=record.device_id, fleet=issuance.identity.fleet,
-                    cert_serial=record.serial, cert_fingerprint=record.fingerprint_sha256,
-                    detail=event_detail,
-                )
+                return None, allowed(event_detail)
 
             # A new device without a hardware id is one statement that refuses (token) only
-            # before writing: no savepoint needed. Otherwise a unique violation or a refusal
+            # before writing: no savepoint needed, and a batch of them on one token can be
+            # one statement with their events. Otherwise a unique violation or a refusal
             # after a write must roll back to the item's savepoint.
+            simple = not issuance.reenroll and hardware_id is None
+            merge = (
+                Merge(key=("enroll", token_hash), payload=(token_hash, record), result=None,
+                      spec=allowed(dict(detail)), run=self._enroll_merged)
+                if simple else None
+            )
             with phase("storing"):
-                await self.committer.submit(
-                    write, savepoint=issuance.reenroll or hardware_id is not None
-                )
+                await self.committer.submit(write, savepoint=not simple, merge=merge)
         except DevicegateError as exc:
             if isinstance(exc, TokenRejected):
                 self._tokens.pop(secret_hash(token), None)
@@ -207,6 +220,17 @@ class ProvisioningService:
                 else None
             )
         return usable, existing
+
+    @staticmethod
+    async def _enroll_merged(
+        conn: Any, payloads: list[Any], specs: list[EventSpec], expect: ChainHead
+    ) -> list[AuthEvent] | None:
+        """`Merge.run` for new devices without a hardware id: payloads are (token hash,
+        certificate record), one token hash (it is the merge key)."""
+        return await store.enroll_new_devices_chained(
+            conn, token_hash=payloads[0][0], certs=[record for _, record in payloads],
+            specs=specs, expect=expect,
+        )
 
     async def _enroll_new(
         self, conn: Any, token_hash: bytes, hardware_id: str | None, record: store.NewCertificate

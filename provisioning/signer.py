@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,6 +28,17 @@ class Signer(Protocol):
         ...
 
 
+@runtime_checkable
+class RawSigner(Protocol):
+    """A `Signer` that can also sign arbitrary bytes (a DER TBSCertificate) with its key, so
+    that device certificates can be encoded from a template (`provisioning.leaf_der`)
+    instead of a builder. Optional: without it the builder path is used."""
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        """The signature over ``data``, as it goes into a certificate's signatureValue."""
+        ...
+
+
 CAPrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -45,6 +56,7 @@ class FileSigner:
         self._key = private_key
         self._certificate = certificate
         self._hash = signature_hash(private_key)
+        self._ecdsa = ec.ECDSA(self._hash) if self._hash is not None else None
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -52,6 +64,12 @@ class FileSigner:
 
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         return builder.sign(self._key, self._hash)
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return self._key.sign(data)
+        assert self._ecdsa is not None  # EC keys always have a hash (`signature_hash`)
+        return self._key.sign(data, self._ecdsa)
 
     def sign_crl(
         self, builder: x509.CertificateRevocationListBuilder

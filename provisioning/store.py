@@ -8,17 +8,20 @@ caller (`provisioning.service`) decides what is atomic. Rows come back as schema
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from provisioning import eventlog
 from provisioning.errors import NotFound, TokenRejected
+from provisioning.eventlog import ChainHead, EventSpec
 from provisioning.tokens import REFUSAL_REASON, token_state
 from schemas.api import AdminKeyInfo, CertificateInfo, DeviceInfo, TokenInfo
-from schemas.events import Reason
-from schemas.notify import REVOCATION_CHANNEL, RevocationNotice
+from schemas.events import AuthEvent, Reason
+from schemas.notify import EVENTS_CHANNEL, REVOCATION_CHANNEL, RevocationNotice
 
 Connection = Any
 """An asyncpg connection or pool proxy (asyncpg ships no type information)."""
@@ -205,6 +208,86 @@ async def enroll_new_device(
         raise await _refuse_token(conn, token_hash)
     assert row["serial"] == cert.serial
     return UsableToken(row["id"], row["fleet"], row["allow_reenroll"])
+
+
+_HEAD_MOVED = "devicegate: provisioning chain head moved; token"
+
+# One statement, hence its own transaction when run outside one: either every device of the
+# batch is enrolled and its event appended, or nothing is written (see the guard).
+_ENROLL_CHAINED = f"""
+WITH token AS (
+    UPDATE bootstrap_tokens SET uses_left = uses_left - $2
+    WHERE token_hash = $1 AND uses_left >= $2 AND revoked_at IS NULL AND expires_at > now()
+    RETURNING id, fleet
+), head AS (
+    UPDATE event_chains SET seq = $4, hash = $5, updated_at = now()
+    WHERE chain_id = $3 AND seq = $6 AND hash = $7 AND EXISTS (SELECT FROM token)
+    RETURNING seq
+), device AS (
+    INSERT INTO devices (device_id, fleet, hardware_id, token_id)
+    SELECT d.device_id, token.fleet, NULL, token.id
+    FROM token, head, unnest($10::text[]) AS d(device_id)
+    RETURNING device_id
+), certificate AS (
+    INSERT INTO certificates
+        (serial, device_id, fingerprint_sha256, not_before, not_after, key_type, pem)
+    SELECT c.serial, c.device_id, c.fingerprint, c.not_before, c.not_after, c.key_type, c.pem
+    FROM unnest($11::text[], $10::text[], $12::text[], $13::timestamptz[], $14::timestamptz[],
+                $15::text[], $16::text[])
+        AS c(serial, device_id, fingerprint, not_before, not_after, key_type, pem)
+    JOIN device USING (device_id)
+    RETURNING serial
+), inserted AS (
+    {eventlog.insert_events_sql(17, gate="EXISTS (SELECT FROM head)")}
+), notified AS (
+    SELECT pg_notify($8, note) FROM head, unnest($9::text[]) AS note
+)
+SELECT (SELECT count(*) FROM notified) AS notified,
+    -- Uses spent but the head had moved: fail the statement, so that they are not spent.
+    -- (The text comes from a row, so the planner cannot fold the cast into an error.)
+    CASE WHEN EXISTS (SELECT FROM token) AND NOT EXISTS (SELECT FROM head)
+         THEN CAST((SELECT '{_HEAD_MOVED} ' || id::text FROM token LIMIT 1) AS integer)
+    END AS guard
+"""
+
+
+async def enroll_new_devices_chained(
+    conn: Connection,
+    *,
+    token_hash: bytes,
+    certs: Sequence[NewCertificate],
+    specs: Sequence[EventSpec],
+    expect: ChainHead,
+) -> list[AuthEvent] | None:
+    """Enroll several new devices (no hardware id) with one token and append their events,
+    in one statement: all of it, or nothing.
+
+    The token must have a use for every device (else nothing is spent: the caller then
+    enrolls them one by one, `enroll_new_device`, to refuse exactly the ones left over), and
+    the provisioning chain's head must still be ``expect`` (the events are chained onto it;
+    if it moved, the statement fails after the token's row was locked and changes nothing).
+    Lock order as everywhere: the token row first, the chain head last. Run it outside a
+    transaction (it is one) or at the start of one that is rolled back on None.
+
+    Returns:
+        The events as stored, or None when nothing was written.
+    """
+    events = eventlog.chain_events(specs, expect)
+    last = events[-1]
+    try:
+        notified = await conn.fetchval(
+            _ENROLL_CHAINED, token_hash, len(certs), eventlog.CHAIN_ID, last.seq, last.hash,
+            expect.seq, expect.hash, EVENTS_CHANNEL, eventlog.event_notes(events),
+            [c.device_id for c in certs], [c.serial for c in certs],
+            [c.fingerprint_sha256 for c in certs], [c.not_before for c in certs],
+            [c.not_after for c in certs], [c.key_type for c in certs], [c.pem for c in certs],
+            *eventlog.event_arrays(events),
+        )
+    except asyncpg.InvalidTextRepresentationError as exc:
+        if _HEAD_MOVED in str(exc):
+            return None  # the statement failed: nothing of it was written
+        raise
+    return events if notified == len(events) else None
 
 
 # --- devices ---------------------------------------------------------------------------

@@ -135,6 +135,8 @@ def annotate(span: Span | None = None, **attributes: str | None) -> None:
     Any other key is dropped (with a debug log), so a token or key cannot be attached.
     """
     target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():  # sampled out: every attribute would be dropped anyway
+        return
     for key, value in attributes.items():
         name = _ALLOWED_ATTRIBUTES.get(key)
         if name is None or t.is_sensitive_key(key):
