@@ -36,7 +36,8 @@ from typing import Any
 
 import asyncpg
 
-from gateway.events import COLUMNS, SpoolSink, encode_event
+from gateway.event_codec import COLUMNS, encode_event
+from gateway.events import SpoolSink
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.migrate import migrate
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.events import decode_payload, encode_event
+from gateway.event_codec import decode_payload, encode_event
 from gateway.spool import Spool, SpoolError, SpoolFull, frame, read_segment
 from schemas.events import GENESIS_HASH, AuthEvent, canonical_bytes, chain_hash
 from tests.events.conftest import fill, make_event, tmpfs

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway.events import decode_payload
+from gateway.event_codec import decode_payload
 from gateway.mqtt import (
     Connack,
     Disconnect,
