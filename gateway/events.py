@@ -170,6 +170,8 @@ class SinkStats:
             soft limit ``max_bytes - reserve_bytes``, or its disk out of space).
         events_lost: non-admission events refused for lack of space and not yet recorded
             in an ``events_lost`` event.
+        events_lost_total: events refused for lack of space since the sink started
+            (admissions excluded: their refusal is recorded instead).
     """
 
     chain_id: str
@@ -188,6 +190,7 @@ class SinkStats:
     database_connected: bool
     full: bool
     events_lost: int = 0
+    events_lost_total: int = 0
 
 
 # -- the sink ------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class SpoolSink:
         self._durable_seq = 0
         self._durable_digest = self._head_digest
         self._lost = _Lost()
+        self._lost_total = 0
         self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
         self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
 
@@ -519,7 +523,7 @@ class SpoolSink:
             or (loss and spool.no_space and self._footprint(size) > spool.bytes)
         ):
             if not (admission or loss):  # an admission's loss is its refusal's event
-                self._lost.add(row)
+                self._lost_total += self._lost.add(row)
             if admission and spool.no_space:
                 raise EventLogUnavailable("event spool disk is full; refusing new sessions")
             raise EventLogUnavailable(
@@ -669,7 +673,7 @@ class SpoolSink:
         self._head_seq, self._head_digest = self._durable_seq, self._durable_digest
         for row in lost:
             if not _is_admission(row[_TYPE], row[_OUTCOME]):
-                self._lost.add(row)
+                self._lost_total += self._lost.add(row)
         log.warning("event spool out of disk space: %d events refused", len(lost))
         if self._spool.wants_spare():  # the disk may have room again by the next group
             self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
@@ -799,6 +803,7 @@ class SpoolSink:
             database_connected=self._conn is not None,
             full=self._refuses(self._last_frame, True),
             events_lost=self._lost.count,
+            events_lost_total=self._lost_total,
         )
 
 
@@ -837,8 +842,9 @@ class _Lost:
         self.last: datetime | None = None
         self.instance: str | None = None
 
-    def add(self, row: Row) -> None:
-        """Count a refused event (an ``events_lost`` event whose write failed: its counts)."""
+    def add(self, row: Row) -> int:
+        """Count a refused event (an ``events_lost`` event whose write failed: its counts);
+        returns how many events are newly lost (0 for such a re-counted summary)."""
         self.instance = row[_INSTANCE]
         if row[_TYPE] == EventType.EVENTS_LOST:
             detail = json.loads(row[_DETAIL])
@@ -847,10 +853,11 @@ class _Lost:
                 self.count += item["count"]
             self._saw(datetime.fromisoformat(detail["first"]))
             self._saw(datetime.fromisoformat(detail["last"]))
-            return
+            return 0
         self.counts[(str(row[_TYPE]), str(row[_OUTCOME]), str(row[_REASON]))] += 1
         self.count += 1
         self._saw(row[_TIME])
+        return 1
 
     def _saw(self, moment: datetime) -> None:
         if self.first is None or moment < self.first:

@@ -78,6 +78,9 @@ class _SinkStats(Protocol):
     @property
     def spool_bytes(self) -> int: ...
 
+    @property
+    def events_lost_total(self) -> int: ...
+
 
 class GatewayMetrics:
     """The instruments of one gateway worker and the cheap calls that feed them.
@@ -112,12 +115,14 @@ class GatewayMetrics:
         t.instrument(meter, t.BYTES, [self._observe_bytes])
         t.instrument(meter, t.EVENTS_QUEUE_DEPTH, [self._observe_queue])
         t.instrument(meter, t.EVENTS_SPOOL_BYTES, [self._observe_spool])
+        t.instrument(meter, t.EVENTS_LOST, [self._observe_lost])
         t.instrument(meter, t.REVOCATION_STATE_AGE, [self._observe_revocation])
 
     # --- sources read at collection -----------------------------------------------------
 
     def watch_sink(self, stats: Callable[[], _SinkStats]) -> None:
-        """Read queue depth and spool bytes from ``stats()`` (e.g. ``lambda: sink.stats``)."""
+        """Read queue depth, spool bytes and lost events from ``stats()`` (e.g.
+        ``lambda: sink.stats``)."""
         self._sink_stats = stats
 
     def watch_revocation(self, age: Callable[[], float | None]) -> None:
@@ -243,6 +248,10 @@ class GatewayMetrics:
     def _observe_spool(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._sink_stats is not None:
             yield Observation(self._sink_stats().spool_bytes)
+
+    def _observe_lost(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().events_lost_total)
 
     def _observe_revocation(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._revocation_age is not None:

@@ -168,6 +168,11 @@ EVENTS_SPOOL_BYTES = MetricSpec(
     "devicegate.events.spool.bytes", "observable_gauge", "By",
     "Bytes of event spool segments on local disk.",
 )  # fmt: skip
+EVENTS_LOST = MetricSpec(
+    "devicegate.events.lost", "observable_counter", "{event}",
+    "Auth events refused for lack of spool space (each later summarised in an events_lost "
+    "event).",
+)  # fmt: skip
 EVENTS_BATCH_SIZE = MetricSpec(
     "devicegate.events.batch.size", "histogram", "{event}",
     "Events per batch shipped to PostgreSQL.", (), BATCH_BUCKETS,
@@ -197,9 +202,9 @@ CERTIFICATES_EXPIRING = MetricSpec(
 
 METRICS: Final = (
     HANDSHAKES, SESSIONS_ACTIVE, SESSIONS_ENDED, MESSAGES, BYTES, AUTHZ_DENIALS,
-    UPSTREAM_DIAL_DURATION, EVENTS_QUEUE_DEPTH, EVENTS_SPOOL_BYTES, EVENTS_BATCH_SIZE,
-    EVENTS_FLUSH_DURATION, REVOCATION_STATE_AGE, ENROLLMENTS, ENROLLMENT_DURATION,
-    CERTIFICATES_EXPIRING,
+    UPSTREAM_DIAL_DURATION, EVENTS_QUEUE_DEPTH, EVENTS_SPOOL_BYTES, EVENTS_LOST,
+    EVENTS_BATCH_SIZE, EVENTS_FLUSH_DURATION, REVOCATION_STATE_AGE, ENROLLMENTS,
+    ENROLLMENT_DURATION, CERTIFICATES_EXPIRING,
 )  # fmt: skip
 """Every instrument devicegate exports."""
 

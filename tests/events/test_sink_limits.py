@@ -90,12 +90,14 @@ async def test_refusals_use_the_reserve_and_a_loss_is_itself_recorded(
             with pytest.raises(EventLogUnavailable):
                 await sink.record(_refusal(events, index))
         assert sink.stats.events_lost == 6  # the one that ended the loop, and these five
+        assert sink.stats.events_lost_total == 6
 
         await proxy.restore()
         await _drained(sink)
         last = events(5000)
         await sink.record(last)  # admitted again once shipping made room
         assert sink.stats.events_lost == 0
+        assert sink.stats.events_lost_total == 6  # a running total: recording it clears nothing
     rows = await _rows(db, chain)
     stored = [str(r["id"]) for r in rows if r["type"] != "events_lost"]
     assert stored == [str(e.id) for e in [*admitted, *refusals, last]]
@@ -138,6 +140,7 @@ async def test_a_full_disk_refuses_admissions_keeps_refusals_and_recovers(
             with pytest.raises(EventLogUnavailable, match="disk is full"):
                 await sink.record(events(3000))  # an admission: refused, not counted
             assert sink.stats.events_lost == lost and sink.stats.full
+            assert sink.stats.events_lost_total == lost  # the admission is not a loss
 
             filler.unlink()
             later = _refusal(events, 4000)

@@ -44,6 +44,7 @@ class MemorySink:
 class Stats:
     queue_depth: int
     spool_bytes: int
+    events_lost_total: int = 0
 
 
 def _event(type_: EventType, reason: Reason, outcome: Outcome | None = None) -> AuthEvent:
@@ -145,14 +146,16 @@ async def test_dial_sink_and_revocation_instruments(
     assert harness.points("devicegate.events.flush.duration") == {(): (2, pytest.approx(0.006))}
     assert harness.points("devicegate.events.batch.size") == {(): (1, 100)}
     assert harness.points("devicegate.events.queue.depth") == {}  # no sink watched yet
-    metrics.watch_sink(lambda: Stats(queue_depth=12, spool_bytes=4096))
+    metrics.watch_sink(lambda: Stats(queue_depth=12, spool_bytes=4096, events_lost_total=3))
     metrics.watch_revocation(lambda: 3.5)
     assert harness.points("devicegate.events.queue.depth") == {(): 12}
     assert harness.points("devicegate.events.spool.bytes") == {(): 4096}
+    assert harness.points("devicegate.events.lost") == {(): 3}
     assert harness.points("devicegate.revocation.state.age") == {(): 3.5}
     text = harness.telemetry.prometheus_text()
     assert "devicegate_events_flush_duration_seconds_count 2\n" in text
     assert "devicegate_revocation_state_age_seconds 3.5\n" in text
+    assert "devicegate_events_lost_total 3\n" in text
 
 
 def test_connection_span_tree_and_trace_id_in_detail(

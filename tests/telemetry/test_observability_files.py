@@ -63,6 +63,7 @@ def test_alert_rules_use_only_contract_metrics() -> None:
     assert {rule["alert"] for rule in rules} == {
         "DevicegateHandshakeFailureSpike",
         "DevicegateEventSpoolGrowing",
+        "DevicegateAuthEventsLost",
         "DevicegateRevocationStateStale",
         "DevicegateCertificatesExpiring",
     }

@@ -84,7 +84,8 @@ def test_prometheus_names_of_the_contract() -> None:
         "devicegate_events_batch_size_count",
     )
     assert all(spec.name.startswith("devicegate.") for spec in t.METRICS)
-    assert len(names) == len(t.METRICS) == 15
+    assert names["devicegate.events.lost"] == ("devicegate_events_lost_total",)
+    assert len(names) == len(t.METRICS) == 16
 
 
 def test_every_contract_instrument_renders_under_its_prometheus_name() -> None:

@@ -515,6 +515,7 @@ def test_metrics_endpoint_of_a_running_gateway(
     (age,) = family(samples, "devicegate_revocation_state_age_seconds").values()
     assert 0 <= age < 30
     assert family(samples, "devicegate_events_spool_bytes")
+    assert family(samples, "devicegate_events_lost_total") == {(): 0}  # nothing was lost
     assert family(samples, "devicegate_events_flush_duration_seconds_count")[()] >= 1
 
     # One JSON log line per decision, carrying the event's trace id.
