@@ -438,7 +438,7 @@ class DeviceConnection(asyncio.Protocol):
         if self._held:
             return
         out = self.pump.take_outgoing()
-        if out and self.transport is not None and not self.transport.is_closing():
+        if out and self.transport is not None:
             self.transport.write(out)
         pending = self._to_upstream
         if pending:
@@ -610,10 +610,14 @@ class DeviceConnection(asyncio.Protocol):
 
     def _shut(self, reason: Reason, *, graceful: bool, linger: bool) -> None:
         self._held = False
-        if graceful and self.pump.handshake_complete:
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            # The device hung up while its refusal's event was being recorded: nothing
+            # more reaches it (and writing to a closed uvloop transport raises).
+            self.pump.take_outgoing()
+        elif graceful and self.pump.handshake_complete:
             self.pump.close_notify()
         self._flush()
-        transport = self.transport
         if transport is not None and not transport.is_closing():
             if linger and transport.can_write_eof():
                 # Lingering close: send FIN after the last bytes (the CONNACK refusal, the

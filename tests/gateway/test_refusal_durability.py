@@ -9,6 +9,7 @@ waiting, so a gateway that closed first and recorded later fails them.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gateway.mqtt import Connect
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
@@ -61,3 +63,20 @@ def test_tls_refusal_is_recorded_before_the_socket_closes(slow_sink: Harness, pk
         raw.close()
     rows = slow_sink.events(after=mark, type="tls_handshake")  # at once: no polling
     assert [(r["outcome"], r["reason"]) for r in rows] == [("denied", "no_client_certificate")]
+
+
+def test_a_device_gone_during_the_hold_is_still_recorded_and_harmless(
+    slow_sink: Harness, make_device: DeviceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    device, other = make_device("durable-gone"), make_device("durable-else")
+    mark = slow_sink.mark()
+    with RawClient(slow_sink.port, device, device.chain) as client:
+        client.send(Connect(protocol_level=4, client_id=other.device_id))
+        time.sleep(SLOW / 3)  # the refusal is being recorded; hang up before it goes out
+    with caplog.at_level(logging.ERROR):
+        rows = slow_sink.wait_events(after=mark, type="connect", timeout=5)
+        time.sleep(0.1)  # the held close runs once the record completes
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("denied", "client_id_mismatch")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    with RawClient(slow_sink.port, device, device.chain) as client:  # the gateway serves on
+        assert client.connect(device.device_id).reason_code == 0
