@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -138,37 +139,51 @@ async def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def register_device(
+    conn: asyncpg.Connection,
+    pki: Pki,
+    directory: Path,
+    device_id: str,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> Device:
+    """One device of fleet `FLEET` with a certificate from the test CA, registered active
+    (validity as `tests.gateway.conftest.issue` defaults it, unless given)."""
+    cert_path, key_path, cert = issue(
+        pki.ca, directory, device_id, FLEET, not_before=not_before, not_after=not_after
+    )
+    serial, fp = format(cert.serial_number, "x"), fingerprint(cert)
+    await conn.execute("INSERT INTO fleets (name) VALUES ($1) ON CONFLICT DO NOTHING", FLEET)
+    await conn.execute(
+        "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
+        device_id,
+        FLEET,
+    )
+    await conn.execute(
+        "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
+        " not_after, status, key_type, pem) VALUES ($1, $2, $3, $4, $5, 'active',"
+        " 'ec-p256', $6)",
+        serial,
+        device_id,
+        fp,
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+        cert_path.read_text(),
+    )
+    return Device(device_id, FLEET, cert_path, key_path, pki.chain, serial, fp)
+
+
 async def register_devices(url: str, pki: Pki, directory: Path, count: int) -> list[Device]:
     """``count`` devices of fleet `FLEET` with certificates from the test CA, registered."""
-    devices = []
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("INSERT INTO fleets (name) VALUES ($1) ON CONFLICT DO NOTHING", FLEET)
-        for n in range(count):
-            device_id = f"fault{n}-{secrets.token_hex(3)}"
-            cert_path, key_path, cert = issue(pki.ca, directory, device_id, FLEET)
-            serial = format(cert.serial_number, "x")
-            fp = fingerprint(cert)
-            await conn.execute(
-                "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
-                device_id,
-                FLEET,
-            )
-            await conn.execute(
-                "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
-                " not_after, status, key_type, pem) VALUES ($1, $2, $3, $4, $5, 'active',"
-                " 'ec-p256', $6)",
-                serial,
-                device_id,
-                fp,
-                cert.not_valid_before_utc,
-                cert.not_valid_after_utc,
-                cert_path.read_text(),
-            )
-            devices.append(Device(device_id, FLEET, cert_path, key_path, pki.chain, serial, fp))
+        return [
+            await register_device(conn, pki, directory, f"fault{n}-{secrets.token_hex(3)}")
+            for n in range(count)
+        ]
     finally:
         await conn.close()
-    return devices
 
 
 # --- the gateway as operators run it -------------------------------------------------
@@ -295,6 +310,18 @@ class Client:
         return Attempt(
             client_id, self.device.device_id, version, outcome, started, time.monotonic()
         )
+
+    async def until_admitted(self, port: int, *, within: float = 30.0) -> list[Attempt]:
+        """Attempts (``back<n>``) every 0.2 s until one is admitted or ``within`` seconds
+        pass: the recovery after a fault. The last one is the admitted one, if any."""
+        attempts: list[Attempt] = []
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            attempts.append(await self.attempt(port, f"back{len(attempts)}"))
+            if attempts[-1].ok:
+                break
+            await asyncio.sleep(0.2)
+        return attempts
 
     async def _attempt(
         self, port: int, client_id: str, version: int, hold: float, timeout: float

@@ -42,11 +42,10 @@ import asyncpg
 import pytest
 
 from gateway.mqtt import NEED_DATA, Connack, Connect, Disconnect, Pingreq, Pingresp, decode, encode
-from provisioning.ca import fingerprint, load_ca
+from provisioning.ca import load_ca
 from tests.conftest import PASSPHRASE, Pki
 from tests.faults.conftest import (
     DEVICEGATE,
-    FLEET,
     Attempt,
     Client,
     GatewayProcess,
@@ -55,12 +54,13 @@ from tests.faults.conftest import (
     gateway_process,
     landed,
     query,
+    register_device,
     run_bounded,
     verify,
     wait_until,
 )
 from tests.gateway.clients import client_context
-from tests.gateway.conftest import Device, issue
+from tests.gateway.conftest import Device
 
 STEP = 600  # seconds: well inside the certificates' validity, far past every timeout
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,30 +188,14 @@ async def _register(
     url: str, pki: Pki, directory: Path, name: str, *, not_after: datetime
 ) -> Device:
     """A device of `FLEET` whose certificate is valid from an hour ago to ``not_after``."""
-    device_id = f"{name}-{os.urandom(3).hex()}"
-    not_before = datetime.now(UTC) - timedelta(hours=1)
-    cert_path, key_path, cert = issue(
-        pki.ca, directory, device_id, FLEET, not_before=not_before, not_after=not_after
-    )
-    serial, fp = format(cert.serial_number, "x"), fingerprint(cert)
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("INSERT INTO fleets (name) VALUES ($1) ON CONFLICT DO NOTHING", FLEET)
-        await conn.execute(
-            "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
-            device_id,
-            FLEET,
-        )
-        await conn.execute(
-            "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
-            " not_after, status, key_type, pem) VALUES ($1, $2, $3, $4, $5, 'active',"
-            " 'ec-p256', $6)",
-            serial, device_id, fp, cert.not_valid_before_utc, cert.not_valid_after_utc,
-            cert_path.read_text(),
+        return await register_device(
+            conn, pki, directory, f"{name}-{os.urandom(3).hex()}",
+            not_before=datetime.now(UTC) - timedelta(hours=1), not_after=not_after,
         )  # fmt: skip
     finally:
         await conn.close()
-    return Device(device_id, FLEET, cert_path, key_path, pki.chain, serial, fp)
 
 
 class LiveSession:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -78,14 +77,7 @@ def test_a_full_spool_disk_refuses_then_recovers(
                 refused.append(await client.attempt(served.port, f"full{n}", version=4 + n % 2))
 
             filler.unlink()
-            recovered: list[Attempt] = []
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                attempt = await client.attempt(served.port, f"back{len(recovered)}")
-                recovered.append(attempt)
-                if attempt.ok:
-                    break
-                await asyncio.sleep(0.2)
+            recovered = await client.until_admitted(served.port)
             for n in range(3):  # and stays open
                 recovered.append(await client.attempt(served.port, f"after{n}"))
             return filling, refused, recovered

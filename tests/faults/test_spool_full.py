@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -77,14 +76,7 @@ def test_full_spool_refuses_then_recovers(
                     refused.append(await client.attempt(served.port, f"full{n}", version=4 + n % 2))
 
                 proxy.restore()
-                recovered: list[Attempt] = []
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    attempt = await client.attempt(served.port, f"back{len(recovered)}")
-                    recovered.append(attempt)
-                    if attempt.ok:
-                        break
-                    await asyncio.sleep(0.2)
+                recovered = await client.until_admitted(served.port)
                 return filling[:-1], refused, recovered
 
             filling, refused, recovered = asyncio.run(scenario())
