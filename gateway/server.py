@@ -180,7 +180,7 @@ class Gateway:
             self.directory.attach(self)
         if self.bus is not None:
             self.bus.attach(self)
-        self._ticker = loop.create_task(self._report_refusals(), name="refusal-events")
+        self._ticker = loop.create_task(self._tick(), name="gateway-tick")
         log.info("gateway listening on %s:%s", self.host, self.port)
 
     async def close(self) -> None:
@@ -342,7 +342,7 @@ class Gateway:
             context = EventContext(instance=self.config.instance, peer_address=burst.sample)
             self.record(context.event(EventType.TLS_HANDSHAKE, reason, detail=detail))
 
-    async def _report_refusals(self) -> None:
+    async def _tick(self) -> None:
         """Record the refusals counted but not yet reported, as their windows close; and
         re-arm every session's notAfter timer when the wall clock steps."""
         offset = time.time() - time.monotonic()
