@@ -121,7 +121,9 @@ async def test_a_full_disk_refuses_admissions_keeps_refusals_and_recovers(
             spool_dir=fs / "s",
             chain_id=chain,
             max_bytes=1024 * 1024,  # never reached: the disk is full first
-            segment_bytes=4096,
+            # The spare is attempted (and fails) once the active segment is half full: 16 KiB
+            # leaves ~10 records of room for that thread's verdict; 4 KiB left ~2, a race.
+            segment_bytes=16 * 1024,
         )
         async with sink:
             first = events(0)
@@ -154,7 +156,7 @@ async def test_a_full_disk_refuses_admissions_keeps_refusals_and_recovers(
         assert sink.stats.events_lost == 0
         # A restart on the same spool continues the chain.
         async with SpoolSink(
-            database_url=database_url, spool_dir=fs / "s", chain_id=chain, segment_bytes=4096
+            database_url=database_url, spool_dir=fs / "s", chain_id=chain, segment_bytes=16 * 1024
         ) as again:
             final = events(9000)
             await again.record(final)
