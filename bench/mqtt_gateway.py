@@ -68,6 +68,7 @@ TRUST_DOMAIN = "devicegate.local"
 FLEET = "bench"
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"x" * 64
+LOADGEN_SOURCE = ROOT / "bench" / "loadgen" / "handshake.c"
 
 
 # --- MQTT 3.1.1 bytes (the load generator writes them directly: it must not be the limit) --
@@ -127,6 +128,7 @@ class Device:
 class Env:
     chain: str
     devices: tuple[Device, ...]
+    handshake_loadgen: Path | None = None  # the C generator; None: the Python one
 
 
 def free_port() -> int:
@@ -275,6 +277,13 @@ def cpu_seconds(pids: tuple[int, ...]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used (all cores; /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the load generator (each function runs in its own process, on uvloop) ---------------
@@ -630,18 +639,67 @@ def run_procs(target: Any, args_list: list[tuple[Any, ...]], timeout: float) -> 
     return results
 
 
+def build_handshake_loadgen(work: Path) -> Path | None:
+    """Compile bench/loadgen/handshake.c; None (use `handshake_worker`) if it can't be."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("no C compiler: the handshake load generator is the Python one", flush=True)
+        return None
+    binary = work / "handshake"
+    built = subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(LOADGEN_SOURCE), "-lssl", "-lcrypto"],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        reason = (built.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"C load generator not built ({reason}; libssl-dev missing?): using the "
+              "Python one", flush=True)  # fmt: skip
+        return None
+    return binary
+
+
+def run_handshake_loadgen(
+    binary: Path, port: int, groups: list[list[Device]], seconds: float
+) -> list[tuple[int, int, float]]:
+    """One C generator process per group of devices: (done, failed, CPU seconds) each."""
+    procs = []
+    for index, group in enumerate(groups):
+        listing = binary.parent / f"handshake-devices-{index}.txt"
+        listing.write_text("".join(f"{d.cert} {d.key} {d.device_id}-h\n" for d in group))
+        procs.append(
+            subprocess.Popen(
+                [str(binary), str(port), str(seconds), str(listing)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"handshake load generator exited {proc.returncode}")
+        done, failed, cpu = out.split()
+        results.append((int(done), int(failed), float(cpu)))
+    return results
+
+
 def measure_handshakes(
     env: Env, target: Target, procs: int, concurrency: int, seconds: float
-) -> tuple[float, float, int, float]:
-    """Handshakes per second, load generator CPU share, failures, server CPU ms each."""
+) -> tuple[float, float, int, float, float]:
+    """Handshakes per second, load generator CPU share, failures, server CPU ms each, and
+    the whole machine's CPU ms each (generator, server, upstream broker, PostgreSQL...)."""
     devices = list(env.devices)
-    args = [
-        (env, target.port, devices[i * concurrency : (i + 1) * concurrency], seconds)
-        for i in range(procs)
-    ]
+    groups = [devices[i * concurrency : (i + 1) * concurrency] for i in range(procs)]
+    machine = machine_busy_seconds()
     cpu = cpu_seconds(target.pids)
-    results = run_procs(handshake_worker, args, seconds + 30)
+    if env.handshake_loadgen is not None:
+        results = run_handshake_loadgen(env.handshake_loadgen, target.port, groups, seconds)
+    else:
+        args = [(env, target.port, group, seconds) for group in groups]
+        results = run_procs(handshake_worker, args, seconds + 30)
     cpu = cpu_seconds(target.pids) - cpu
+    machine = machine_busy_seconds() - machine
     done: int = sum(r[0] for r in results)
     failed = sum(r[1] for r in results)
     loadgen_cpu = sum(r[2] for r in results)
@@ -649,10 +707,12 @@ def measure_handshakes(
     share = float(loadgen_cpu) / (seconds * cores)
     print(
         f"{target.name}: {done} handshakes in {seconds:.0f}s, server CPU {cpu:.2f}s "
-        f"({1e3 * cpu / max(done, 1):.2f} ms each), load generator CPU {loadgen_cpu:.2f}s",
+        f"({1e3 * cpu / max(done, 1):.2f} ms each), load generator CPU {loadgen_cpu:.2f}s, "
+        f"machine CPU {machine:.2f}s",
         flush=True,
     )
-    return done / seconds, share, failed, 1e3 * cpu / max(done, 1)
+    each = 1e3 / max(done, 1)
+    return done / seconds, share, failed, cpu * each, machine * each
 
 
 def measure_messages(
@@ -679,8 +739,8 @@ def median2(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def handshake_medians(
-    runs: list[tuple[float, float, int, float]],
-) -> tuple[float, float, int, float]:
+    runs: list[tuple[float, float, int, float, float]],
+) -> tuple[float, float, int, float, float]:
     """Each column's own median (rate, load share, CPU per handshake); failures summed.
 
     The CPU per handshake of the median-rate run alone swings with whatever else ran then.
@@ -690,6 +750,7 @@ def handshake_medians(
         statistics.median(r[1] for r in runs),
         sum(r[2] for r in runs),
         statistics.median(r[3] for r in runs),
+        statistics.median(r[4] for r in runs),
     )
 
 
@@ -956,6 +1017,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per figure")
     parser.add_argument("--workers", type=int, default=2, help="gateway workers")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--loadgen",
+        choices=("c", "python"),
+        default="c",
+        help="handshake load generator: bench/loadgen/handshake.c (compiled here; falls back "
+        "to the Python one if it cannot be) or the Python `handshake_worker`",
+    )
     parser.add_argument("--py-spy", default=None, help="py-spy binary: profile the workers")
     parser.add_argument(
         "--only", default=",".join(FIGURES), help=f"comma-separated subset of {FIGURES}"
@@ -980,7 +1048,8 @@ def main() -> None:
     (work / "devices").mkdir()
     count = max(args.procs * args.concurrency, args.pairs) + 1
     devices = make_devices(pki, work / "devices", count)
-    env = Env(str(pki / "chain.pem"), tuple(d for d, _ in devices))
+    loadgen = build_handshake_loadgen(work) if args.loadgen == "c" else None
+    env = Env(str(pki / "chain.pem"), tuple(d for d, _ in devices), loadgen)
     db_name = f"dg_bench_{secrets.token_hex(4)}"
     url = asyncio.run(create_database(db_name, devices))
     rows: list[tuple[str, str, str, str, str]] = []
@@ -995,12 +1064,14 @@ def main() -> None:
             gateway(work, pki, url, upstream_port, args.workers) as (gw, _),
         ):
             direct = Target("mosquitto", direct_port, (direct_proc.pid,))
-            print(f"gateway workers: pids {gw.pids}; load: {args.procs} procs", flush=True)
+            generator = "C" if env.handshake_loadgen else "Python"
+            print(f"gateway workers: pids {gw.pids}; load: {args.procs} procs "
+                  f"({generator} handshake generator)", flush=True)  # fmt: skip
 
             nan = float("nan")
             mem_m = mem_g = mem_up = hs_m = hs_g = share_m = share_g = nan
             q0_m = q0_g = q1_m = q1_g = p50_m = p50_g = p99_m = p99_g = nan
-            hcpu_m = hcpu_g = q0cpu_m = q0cpu_g = q1cpu_m = q1cpu_g = nan
+            hcpu_m = hcpu_g = mcpu_m = mcpu_g = q0cpu_m = q0cpu_g = q1cpu_m = q1cpu_g = nan
             fail_m = fail_g = 0
             if "memory" in only:
                 mem_m, held_m, _ = measure_memory(env, direct, sessions, args.procs)
@@ -1021,8 +1092,8 @@ def main() -> None:
                         hs_gs.append(
                             measure_handshakes(env, gw, args.procs, args.concurrency, seconds)
                         )
-                hs_m, share_m, fail_m, hcpu_m = handshake_medians(hs_ms)
-                hs_g, share_g, fail_g, hcpu_g = handshake_medians(hs_gs)
+                hs_m, share_m, fail_m, hcpu_m, mcpu_m = handshake_medians(hs_ms)
+                hs_g, share_g, fail_g, hcpu_g, mcpu_g = handshake_medians(hs_gs)
             if "qos0" in only:
                 q0_ms, q0_gs = [], []
                 for i in rounds:
@@ -1051,6 +1122,8 @@ def main() -> None:
              fmt_ratio(hs_g, hs_m), ">= 1.0x"),
             ("  server CPU ms/handshake", f"{hcpu_m:.2f}", f"{hcpu_g:.2f}",
              fmt_ratio(hcpu_g, hcpu_m), ""),
+            ("  machine CPU ms/handshake", f"{mcpu_m:.2f}", f"{mcpu_g:.2f}",
+             fmt_ratio(mcpu_g, mcpu_m), "(all processes)"),
             ("  load generator CPU share", f"{share_m:.0%}", f"{share_g:.0%}", "", ""),
             ("  failed attempts (all runs)", f"{fail_m}", f"{fail_g}", "", ""),
             ("QoS 0 msgs/s delivered", f"{q0_m:,.0f}", f"{q0_g:,.0f}",
