@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
@@ -74,34 +73,6 @@ def _stamp(moment: datetime) -> str:
     return f"{prefix}.{moment.microsecond:06d}Z"
 
 
-def _canonical(event: AuthEvent, chain_id: str, seq: int, detail: str) -> bytes:
-    """`schemas.events.canonical_bytes` of ``event`` chained at (chain_id, seq), fast.
-
-    The sink's hot path: byte-for-byte the same output (a test checks it against
-    `canonical_bytes`), keys written in sorted order by hand, without copying the model.
-    """
-    values = event.__dict__  # pydantic keeps field values here; read only
-    moment: datetime = values["time"]
-    if moment.tzinfo is None:
-        raise ValueError("event time must be timezone-aware")
-    if moment.tzinfo is not UTC:
-        moment = moment.astimezone(UTC)
-    if moment.year < 1000:  # isoformat pads the year, strftime does not: use the reference
-        linked = event.model_copy(update={"chain_id": chain_id, "seq": seq})
-        return canonical_bytes(linked)
-    return (
-        f'{{"cert_fingerprint":{_text(values["cert_fingerprint"])},'
-        f'"cert_serial":{_text(values["cert_serial"])},"chain_id":{_text(chain_id)},'
-        f'"client_id":{_text(values["client_id"])},"detail":{detail},'
-        f'"device_id":{_text(values["device_id"])},"fleet":{_text(values["fleet"])},'
-        f'"id":"{values["id"]}","instance":{_text(values["instance"])},'
-        f'"outcome":{_text(values["outcome"])},"peer_address":{_text(values["peer_address"])},'
-        f'"reason":{_text(values["reason"])},"seq":{seq},"time":"{_stamp(moment)}",'
-        f'"tls_cipher":{_text(values["tls_cipher"])},'
-        f'"tls_version":{_text(values["tls_version"])},"type":{_text(values["type"])}}}'
-    ).encode()
-
-
 def encode_event(
     event: AuthEvent, *, chain_id: str, seq: int, prev_digest: bytes
 ) -> tuple[bytes, bytes, Row]:
@@ -115,21 +86,65 @@ def encode_event(
     Raises:
         ValueError: a value PostgreSQL would refuse (NaN in detail, NUL in a string), or a
             naive time.
+
+    The sink's hot path: the canonical JSON is `schemas.events.canonical_bytes` of the
+    chained event byte for byte (a test checks it), keys written in sorted order by hand,
+    without copying the model.
     """
-    detail = _json(event.detail) if event.detail else "{}"
-    values = event.__dict__
-    if "\\u0000" in detail or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS):
-        # PostgreSQL text cannot hold NUL: such an event could never be shipped.
+    values = event.__dict__  # pydantic keeps field values here; read only
+    moment: datetime = values["time"]
+    if moment.tzinfo is None:
+        raise ValueError("event time must be timezone-aware")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    detail = _json(values["detail"]) if values["detail"] else "{}"
+    event_id = str(values["id"])
+    if moment.year < 1000:  # isoformat pads the year, strftime does not: use the reference
+        linked = event.model_copy(update={"chain_id": chain_id, "seq": seq})
+        text = canonical_bytes(linked).decode()
+    else:
+        known = _encoded
+        cert_fingerprint, cert_serial, client_id, device_id, fleet, instance = (
+            values["cert_fingerprint"], values["cert_serial"], values["client_id"],
+            values["device_id"], values["fleet"], values["instance"],
+        )  # fmt: skip
+        outcome, peer_address, reason, tls_cipher, tls_version, type_ = (
+            values["outcome"], values["peer_address"], values["reason"],
+            values["tls_cipher"], values["tls_version"], values["type"],
+        )  # fmt: skip
+        text = (
+            f'{{"cert_fingerprint":{known.get(cert_fingerprint) or _text(cert_fingerprint)},'
+            f'"cert_serial":{known.get(cert_serial) or _text(cert_serial)},'
+            f'"chain_id":{known.get(chain_id) or _text(chain_id)},'
+            f'"client_id":{known.get(client_id) or _text(client_id)},"detail":{detail},'
+            f'"device_id":{known.get(device_id) or _text(device_id)},'
+            f'"fleet":{known.get(fleet) or _text(fleet)},"id":"{event_id}",'
+            f'"instance":{known.get(instance) or _text(instance)},'
+            f'"outcome":{known.get(outcome) or _text(outcome)},'
+            f'"peer_address":{known.get(peer_address) or _text(peer_address)},'
+            f'"reason":{known.get(reason) or _text(reason)},"seq":{seq},'
+            f'"time":"{_stamp(moment)}",'
+            f'"tls_cipher":{known.get(tls_cipher) or _text(tls_cipher)},'
+            f'"tls_version":{known.get(tls_version) or _text(tls_version)},'
+            f'"type":{known.get(type_) or _text(type_)}}}'
+        )
+    # JSON writes a NUL as \u0000, so one scan of the text finds every candidate; the
+    # exact check runs only then. PostgreSQL text cannot hold NUL: such an event could
+    # never be shipped.
+    if "\\u0000" in text and (
+        "\\u0000" in detail or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS)
+    ):
         raise ValueError("event fields must not contain NUL characters")
-    body = _canonical(event, chain_id, seq, detail)
+    body = text.encode()
     hasher = hashlib.sha256(prev_digest)  # = schemas.events.chain_hash, without a re-encode
     hasher.update(body)
     digest = hasher.digest()
-    row = (
-        event.id, event.time, event.instance, str(event.type), str(event.outcome),
-        str(event.reason), event.device_id, event.fleet, event.cert_serial,
-        event.cert_fingerprint, event.client_id, event.peer_address, event.tls_version,
-        event.tls_cipher, detail, chain_id, seq, prev_digest.hex(), digest.hex(),
+    row = (  # the id as text: a row of str, int and datetime is not tracked by the GC
+        event_id, values["time"], values["instance"], str(values["type"]),
+        str(values["outcome"]), str(values["reason"]), values["device_id"], values["fleet"],
+        values["cert_serial"], values["cert_fingerprint"], values["client_id"],
+        values["peer_address"], values["tls_version"], values["tls_cipher"], detail, chain_id,
+        seq, prev_digest.hex(), digest.hex(),
     )  # fmt: skip
     return prev_digest + digest + body, digest, row
 
@@ -138,7 +153,7 @@ def decode_payload(payload: bytes) -> Row:
     """The COPY row of a spooled payload (see `encode_event`)."""
     values = json.loads(payload[64:])
     return (
-        uuid.UUID(values["id"]), datetime.fromisoformat(values["time"]), values["instance"],
+        values["id"], datetime.fromisoformat(values["time"]), values["instance"],
         values["type"], values["outcome"], values["reason"], values["device_id"],
         values["fleet"], values["cert_serial"], values["cert_fingerprint"],
         values["client_id"], values["peer_address"], values["tls_version"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.event_codec import decode_payload, encode_event
+from gateway.event_codec import COLUMNS, decode_payload, encode_event
 from gateway.spool import Spool, SpoolError, SpoolFull, frame, read_segment
 from schemas.events import GENESIS_HASH, AuthEvent, canonical_bytes, chain_hash
 from tests.events.conftest import fill, make_event, tmpfs
@@ -85,6 +86,25 @@ def test_values_postgresql_refuses_are_refused_up_front(overrides: dict[str, Any
     # Such an event would be spooled, then block its chain's shipping forever.
     with pytest.raises(ValueError):
         encode_event(make_event(**overrides), chain_id="c", seq=1, prev_digest=bytes(32))
+
+
+def test_escaped_nul_text_is_not_a_nul() -> None:
+    # The text "\\u0000" (a backslash, then u0000) is fine for PostgreSQL: only a real NUL
+    # is refused, although both look alike in the JSON the refusal check scans first.
+    event = make_event(client_id="a\\u0000b", peer_address="\\u0000")
+    payload, _, row = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
+    assert row[COLUMNS.index("client_id")] == "a\\u0000b"
+    assert decode_payload(payload) == row
+
+
+def test_rows_hold_no_objects_the_gc_tracks() -> None:
+    # Every spooled row waits in memory until PostgreSQL commits it: rows of atoms (str,
+    # int, datetime) drop out of the GC's generations instead of being walked by every
+    # collection while they wait.
+    event = make_event()
+    _, _, row = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
+    assert [type(v).__name__ for v in row if gc.is_tracked(v)] == []
+    assert row[COLUMNS.index("id")] == str(event.id)
 
 
 def _payload(seq: int, prev: bytes = bytes(32)) -> bytes:
