@@ -266,7 +266,7 @@ def test_counters_spans_and_trace_ids(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="devicegate.gateway.audit")
+    caplog.set_level(logging.DEBUG, logger="devicegate.gateway.audit")
     script = Script(
         admitted=make_device(pki, tmp_path, database_url),
         mismatched=make_device(pki, tmp_path, database_url),
@@ -365,9 +365,13 @@ def test_counters_spans_and_trace_ids(
     batches = harness.points("devicegate.events.batch.size")[()]
     assert batches[1] == len(rows)  # every event shipped, counted once in some batch
 
-    # One log line per decision, with the event's fields and its trace id.
+    # One log line per decision, with the event's fields and its trace id: denials at
+    # INFO, allowed decisions (admission, normal session end) at DEBUG.
     lines = [r for r in caplog.records if r.name == "devicegate.gateway.audit"]
     assert len(lines) == len(rows)
+    for record in lines:
+        denied = record.__dict__["outcome"] == "denied"
+        assert record.levelno == (logging.INFO if denied else logging.DEBUG)
     logged = {(r.__dict__["type"], r.__dict__["reason"]): r.__dict__ for r in lines}
     line = logged[("connect", "client_id_mismatch")]
     assert line["device_id"] == script.mismatched.device_id
@@ -518,12 +522,14 @@ def test_metrics_endpoint_of_a_running_gateway(
     assert family(samples, "devicegate_events_lost_total") == {(): 0}  # nothing was lost
     assert family(samples, "devicegate_events_flush_duration_seconds_count")[()] >= 1
 
-    # One JSON log line per decision, carrying the event's trace id.
+    # One JSON log line per denial (INFO; allowed decisions are DEBUG, below the default
+    # level), carrying the event's trace id.
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     audit = [line for line in lines if line["logger"] == "devicegate.gateway.audit"]
-    assert len(audit) == len(rows)
+    denied = [r for r in rows if r["outcome"] == "denied"]
+    assert len(audit) == len(denied) < len(rows)
     assert all(line["worker"] == 0 for line in lines)
-    trace_ids = {json.loads(r["detail"])["trace_id"] for r in rows}
+    trace_ids = {json.loads(r["detail"])["trace_id"] for r in denied}
     assert {line["trace_id"] for line in audit} == trace_ids
     (refusal,) = [line for line in audit if line["reason"] == "client_id_mismatch"]
     assert refusal["level"] == "info" and refusal["outcome"] == "denied"
