@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -74,7 +75,9 @@ async def serve(
     host, port = settings.listen_host_port
     config = config_from_settings(settings)
     worker = f"w{worker_index}"
-    configure_logging(settings.log_format, fields={"worker": worker_index})
+    configure_logging(
+        settings.log_format, settings.log_level.upper(), fields={"worker": worker_index}
+    )
     metrics_at = settings.metrics_host_port
     telemetry = setup_telemetry(
         service_name="devicegate-gateway",
@@ -131,6 +134,10 @@ async def serve(
             if watch_stdin:
                 _watch_stdin(loop, stop)
             await gateway.start()
+            # Everything built so far (modules, settings, telemetry, pools) lives as long
+            # as the worker: keep it out of the cyclic collector's full passes, which would
+            # otherwise traverse it again and again while connections churn.
+            gc.freeze()
             try:
                 if ready is not None:
                     ready(gateway)
@@ -209,7 +216,9 @@ def _cli(argv: list[str] | None = None) -> int:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
     else:
         settings = load_settings()
-    configure_logging(settings.log_format, fields={"worker": args.worker_index or 0})
+    configure_logging(
+        settings.log_format, settings.log_level.upper(), fields={"worker": args.worker_index or 0}
+    )
     if args.worker_index is not None:
         raise_fd_limit()
         uvloop.run(

@@ -241,7 +241,7 @@ def supervise(settings: Settings, *, workers: int) -> int:
         PolicyError: the policy file is unreadable or invalid.
         OSError: the listen address cannot be bound.
     """
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level.upper())
     config_from_settings(settings)
     load_policy(settings.policy_file)
     count = workers or os.cpu_count() or 1

@@ -20,6 +20,13 @@ class LogFormat(StrEnum):
     text = "text"
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 app = typer.Typer(
     name="devicegate",
     help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.",
@@ -53,6 +60,10 @@ def _root(
         LogFormat | None,
         typer.Option(help="Log lines: json or text (env DEVICEGATE_LOG_FORMAT)."),
     ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(help="Lowest level logged (env DEVICEGATE_LOG_LEVEL)."),
+    ] = None,
 ) -> None:
     ctx.obj = Context(
         config,
@@ -61,6 +72,7 @@ def _root(
             "pki_dir": pki_dir,
             "metrics_listen": metrics_listen,
             "log_format": log_format.value if log_format is not None else None,
+            "log_level": log_level.value if log_level is not None else None,
         },
     )
 

@@ -76,32 +76,32 @@ def build_app(
     middlewares: list[Any] = [problems_middleware]
     if telemetry is not None:
         middlewares.insert(0, telemetry_middleware(telemetry, metrics))
-    app = web.Application(
-        middlewares=middlewares, client_max_size=service.settings.max_body_bytes
-    )
+    app = web.Application(middlewares=middlewares, client_max_size=service.settings.max_body_bytes)
     app[SERVICE] = service
     app[CRL] = CrlCache(service.ca)
-    app.add_routes([
-        web.post("/v1/enroll", api.enroll),
-        web.post("/v1/renew", api.renew),
-        web.get("/v1/crl", api.get_crl),
-        web.get("/v1/tokens", api.list_tokens),
-        web.post("/v1/tokens", api.create_token),
-        web.get("/v1/tokens/{token_id}", api.get_token),
-        web.post("/v1/tokens/{token_id}/revoke", api.revoke_token),
-        web.get("/v1/devices", api.list_devices),
-        web.get("/v1/devices/{device_id}", api.show_device),
-        web.post(r"/v1/devices/{device_id}/{action:disable|enable|revoke}", api.device_action),
-        web.get("/v1/certificates", api.list_certificates),
-        web.post("/v1/certificates/{serial}/revoke", api.revoke_certificate),
-        web.get("/v1/events", api.list_events),
-        web.get("/.well-known/est/cacerts", est.cacerts),
-        web.post("/.well-known/est/simpleenroll", est.simpleenroll),
-        web.post("/.well-known/est/simplereenroll", est.simplereenroll),
-        web.get("/openapi.json", _openapi),
-        web.get("/healthz", api.healthz),
-        web.get("/readyz", api.readyz),
-    ])
+    app.add_routes(
+        [
+            web.post("/v1/enroll", api.enroll),
+            web.post("/v1/renew", api.renew),
+            web.get("/v1/crl", api.get_crl),
+            web.get("/v1/tokens", api.list_tokens),
+            web.post("/v1/tokens", api.create_token),
+            web.get("/v1/tokens/{token_id}", api.get_token),
+            web.post("/v1/tokens/{token_id}/revoke", api.revoke_token),
+            web.get("/v1/devices", api.list_devices),
+            web.get("/v1/devices/{device_id}", api.show_device),
+            web.post(r"/v1/devices/{device_id}/{action:disable|enable|revoke}", api.device_action),
+            web.get("/v1/certificates", api.list_certificates),
+            web.post("/v1/certificates/{serial}/revoke", api.revoke_certificate),
+            web.get("/v1/events", api.list_events),
+            web.get("/.well-known/est/cacerts", est.cacerts),
+            web.post("/.well-known/est/simpleenroll", est.simpleenroll),
+            web.post("/.well-known/est/simplereenroll", est.simplereenroll),
+            web.get("/openapi.json", _openapi),
+            web.get("/healthz", api.healthz),
+            web.get("/readyz", api.readyz),
+        ]
+    )
     console.setup(app)  # audit console under /console/ (provisioning/console)
     ratelimit.setup(app)  # failed bootstrap-token attempts, per address (429)
     return app
@@ -127,7 +127,7 @@ async def open_service(settings: Settings, *, pool_size: int = 16) -> Provisioni
 async def serve(settings: Settings, *, listen: str | None = None) -> None:
     """Listen until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
     host, _, port = (listen or settings.provisioning_listen).rpartition(":")
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level.upper())
     metrics_at = settings.metrics_host_port
     telemetry = setup_telemetry(
         service_name="devicegate-provisioning",
@@ -147,8 +147,12 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
     try:
         await runner.setup()
         site = web.TCPSite(
-            runner, host.strip("[]"), int(port), ssl_context=server_ssl_context(settings.pki_dir),
-            backlog=1024, shutdown_timeout=10.0,
+            runner,
+            host.strip("[]"),
+            int(port),
+            ssl_context=server_ssl_context(settings.pki_dir),
+            backlog=1024,
+            shutdown_timeout=10.0,
         )
         await site.start()
         # What start-up allocated (modules, the app, the CA, the pool) lives as long as the
@@ -177,9 +181,7 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
         telemetry.shutdown()
 
 
-async def _serve_metrics(
-    telemetry: Telemetry, at: tuple[str, int] | None
-) -> asyncio.Server | None:
+async def _serve_metrics(telemetry: Telemetry, at: tuple[str, int] | None) -> asyncio.Server | None:
     """``GET /metrics`` on ``metrics_listen`` (None: off, or not bindable).
 
     A port that cannot be bound is logged as an error and the service runs without it

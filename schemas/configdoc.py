@@ -36,6 +36,7 @@ FLAGS: dict[str, str] = {
     "provisioning_listen": "serve provisioning --listen",
     "metrics_listen": "--metrics-listen",
     "log_format": "--log-format",
+    "log_level": "--log-level",
 }
 """Field -> the flag that overrides it (global flags come before the command)."""
 

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         description="Prometheus /metrics listener (gateway worker i: port + i); off: none.",
     )
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info",
+        description="Lowest level logged; debug adds the gateway's line per admission and "
+        "session end (denials are logged at info).",
+    )
 
     @field_validator("gateway_listen", "provisioning_listen")
     @classmethod

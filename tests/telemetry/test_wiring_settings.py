@@ -1,5 +1,5 @@
-"""The switches: metrics_listen off / any port, --metrics-listen and --log-format, and a
-metrics port that cannot be bound."""
+"""The switches: metrics_listen off / any port, --metrics-listen, --log-format and
+--log-level, and a metrics port that cannot be bound."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gateway.serve import _serve_metrics
 from provisioning.cli import app
 from provisioning.commands.common import Context
 from schemas.settings import ConfigError, Settings, load_settings
-from schemas.telemetry import setup_telemetry
+from schemas.telemetry import configure_logging, setup_telemetry
 
 
 @pytest.mark.parametrize("value", ["off", "OFF", "", " off "])
@@ -43,12 +43,36 @@ def test_global_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(Context, "settings", capture)
     result = CliRunner().invoke(
-        app, ["--metrics-listen", "off", "--log-format", "text", "serve", "provisioning"]
+        app,
+        [
+            *("--metrics-listen", "off", "--log-format", "text", "--log-level", "debug"),
+            *("serve", "provisioning"),
+        ],
     )
     assert result.exit_code == 0, result.output
-    assert (seen[0].metrics_listen, seen[0].log_format) == ("off", "text")
+    assert (seen[0].metrics_listen, seen[0].log_format, seen[0].log_level) == (
+        "off",
+        "text",
+        "debug",
+    )
     bad = CliRunner().invoke(app, ["--log-format", "xml", "serve", "provisioning"])
     assert bad.exit_code == 2
+
+
+def test_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().log_level == "info"
+    monkeypatch.setenv("DEVICEGATE_LOG_LEVEL", "verbose")
+    with pytest.raises(ConfigError, match="DEVICEGATE_LOG_LEVEL"):
+        load_settings()
+    monkeypatch.setenv("DEVICEGATE_LOG_LEVEL", "debug")
+    settings = load_settings()
+    root = logging.getLogger()
+    before = root.level
+    try:
+        configure_logging(settings.log_format, settings.log_level.upper())
+        assert logging.getLogger("devicegate.gateway.audit").isEnabledFor(logging.DEBUG)
+    finally:
+        configure_logging("text", before)
 
 
 async def test_a_taken_metrics_port_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
