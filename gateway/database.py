@@ -24,14 +24,18 @@ async def keep_session(connection: asyncpg.Connection) -> None:
 
     asyncpg still rolls back a stray transaction before calling it; what it skips is the
     default reset query (``UNLISTEN *; RESET ALL; ...``), a round trip on every release
-    that such a pool does not need: the session bus releases once per announced batch.
+    that such a pool does not need: the revocation cache's lookups release once each.
     """
 
 
 async def close_quietly(
-    task: asyncio.Task[None] | None, pool: asyncpg.Pool | None, *, grace: float
+    task: asyncio.Task[None] | None,
+    pool: asyncpg.Pool | asyncpg.Connection | None,
+    *,
+    grace: float,
 ) -> None:
-    """Cancel a background task and close its pool, terminating a pool that will not close."""
+    """Cancel a background task and close its pool (or connection), terminating one that
+    will not close."""
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -4,6 +4,9 @@ gateway, and the order of delivery decides which of two racing sessions survives
 from __future__ import annotations
 
 import asyncio
+import time
+
+import asyncpg
 
 from gateway.takeover import Claim, SessionBus
 from schemas.notify import SESSIONS_CHANNEL, SessionNotice
@@ -81,5 +84,87 @@ def test_an_announcement_that_never_comes_back_counts_as_seen() -> None:
         idle = SessionBus(database_url="postgresql://unused", instance="gw-a", worker="w0")
         other = Claim("d2", "c")
         assert not await idle.announce(other) and other.seen
+
+    asyncio.run(run())
+
+
+class Listening:
+    """A real LISTEN on the sessions channel, handing each notice to the buses."""
+
+    def __init__(self) -> None:
+        self.buses: list[SessionBus] = []
+
+    def also_listen(self, channel: str, callback: object) -> None:
+        assert channel == SESSIONS_CHANNEL
+
+    def deliver(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        for bus in self.buses:
+            bus._on_notice(payload)
+
+
+def test_claims_close_together_share_one_round_trip(database_url: str) -> None:
+    """On a busy bus, announcements within ``coalesce`` of the first go out in one pg_notify
+    transaction, and every one of them still comes back (is seen) before its CONNECT would
+    be sent. On a quiet bus a lone announcement does not wait for company."""
+
+    async def run() -> None:
+        listening = Listening()
+        listener = await asyncpg.connect(database_url)
+        await listener.add_listener(SESSIONS_CHANNEL, listening.deliver)
+        bus = SessionBus(
+            database_url=database_url, instance="gw-a", worker="w0", wait=5.0, coalesce=0.3
+        )
+        bus.listen_on(listening)
+        listening.buses.append(bus)
+        await bus.start()
+        try:
+            began = time.monotonic()
+            assert await bus.announce(Claim("lone", "lone"))  # quiet: sent at once
+            assert time.monotonic() - began < 0.25, "a lone claim waited for company"
+            assert (bus.announced, bus.round_trips) == (1, 1)
+            claims = [Claim(f"d{i}", f"d{i}") for i in range(3)]
+            waiting = []
+            for claim in claims:  # busy now; 30 ms apart: all inside the first one's 300 ms
+                waiting.append(asyncio.create_task(bus.announce(claim)))
+                await asyncio.sleep(0.03)
+            assert await asyncio.gather(*waiting) == [True, True, True]
+            assert all(claim.seen for claim in claims)
+            assert (bus.announced, bus.round_trips) == (4, 2)
+        finally:
+            await bus.close()
+            await listener.close()
+
+    asyncio.run(run())
+
+
+def test_a_lost_sending_connection_is_replaced(database_url: str) -> None:
+    """The bus's own connection killed by the server: a later announcement reconnects and
+    comes back (one sent on the dead connection is lost, its wait bounded by ``wait``)."""
+
+    async def run() -> None:
+        listening = Listening()
+        listener = await asyncpg.connect(database_url)
+        await listener.add_listener(SESSIONS_CHANNEL, listening.deliver)
+        bus = SessionBus(
+            database_url=database_url, instance="gw-a", worker="w0", wait=1.0, coalesce=0.0
+        )
+        bus.listen_on(listening)
+        listening.buses.append(bus)
+        await bus.start()
+        try:
+            assert await bus.announce(Claim("d1", "d1"))
+            assert bus._conn is not None
+            pid = bus._conn.get_server_pid()
+            await listener.execute("SELECT pg_terminate_backend($1)", pid)
+            for _ in range(50):  # the first send after the kill may fail (and be retried)
+                if await bus.announce(Claim("d2", "d2")):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no announcement came back after the connection died")
+            assert bus._conn is not None and bus._conn.get_server_pid() != pid
+        finally:
+            await bus.close()
+            await listener.close()
 
     asyncio.run(run())
