@@ -53,6 +53,8 @@ __all__ = ["BridgeConfig", "DeviceConnection", "Hub"]
 
 log = logging.getLogger("devicegate.gateway")
 
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
 LINGER_SECONDS = 2.0
 """How long a closed connection keeps draining input while the peer reads our last bytes."""
 
@@ -331,8 +333,15 @@ class DeviceConnection(asyncio.Protocol):
             self._tls_failed(TlsFailure(exc.reason, str(exc)))
             return None
         pump = self.pump
-        self.context = replace(
-            self.context, tls_version=pump.version(), tls_cipher=pump.cipher(), identity=identity
+        context = self.context
+        self.context = EventContext(  # not dataclasses.replace: this runs per connection
+            instance=context.instance,
+            peer_address=context.peer_address,
+            tls_version=pump.version(),
+            tls_cipher=pump.cipher(),
+            identity=identity,
+            proxy=context.proxy,
+            trace_id=context.trace_id,
         )
         if self.trace is not None:
             self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
@@ -398,9 +407,10 @@ class DeviceConnection(asyncio.Protocol):
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager[object]:
         """A child span of the connection's (``authorize``, ``upstream_dial``)."""
-        if self.trace is None:
-            return contextlib.nullcontext()
-        return self.trace.phase(name)
+        trace = self.trace
+        if trace is None or not trace.recording:
+            return _NO_SPAN  # sampled out: no child spans, not even a generator to run
+        return trace.phase(name)
 
     # --- actions ---------------------------------------------------------------------
 
@@ -461,9 +471,15 @@ class DeviceConnection(asyncio.Protocol):
         except Exception:  # fail closed: no state, no admission
             log.exception("device directory lookup failed")
             reason = Reason.REVOCATION_STATE_STALE
-        if not self.closed:
-            self._run(session.device_checked(reason))
-            self._flush()
+        if self.closed:
+            return
+        actions = session.device_checked(reason)
+        if len(actions) == 1 and type(actions[0]) is DialUpstream:
+            # Authorised: this task goes on to dial (one task per connection, not two).
+            await self._dial(actions[0].connect)
+            return
+        self._run(actions)
+        self._flush()
 
     async def _dial(self, connect: bytes) -> None:
         session = self.session
