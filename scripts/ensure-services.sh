@@ -17,6 +17,7 @@ command -v chromium >/dev/null || need_apt+=(chromium)   # console browser tests
 command -v testssl >/dev/null || need_apt+=(testssl.sh)  # TLS audit tests
 command -v faketime >/dev/null || need_apt+=(faketime)   # clock-jump fault test
 command -v cc >/dev/null || need_apt+=(gcc)              # its libfaketime sleep shim
+[ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)  # bench/loadgen/handshake.c
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
