@@ -479,6 +479,11 @@ class SpoolSink:
         await loop.run_in_executor(self._io, self._spool.close)
         self._io.shutdown(wait=True)
 
+    async def drained(self) -> None:
+        """Return once every event recorded so far is committed in PostgreSQL (the sink
+        stays open; a partial batch still waits ``ship_interval`` for company first)."""
+        await self._drained.wait()
+
     # -- recording ---------------------------------------------------------------------
 
     async def record(self, event: AuthEvent) -> None:

@@ -52,6 +52,20 @@ async def test_every_recorded_event_lands_once_and_the_chain_verifies(
     assert any(chain in notice for notice in notices)
 
 
+async def test_drained_returns_once_everything_recorded_is_committed(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path, events: Callable[..., AuthEvent]
+) -> None:
+    chain = f"gw-drained/{uuid7().hex[:8]}"
+    async with SpoolSink(
+        database_url=database_url, spool_dir=tmp_path / "s", chain_id=chain, ship_interval=0.2
+    ) as sink:
+        for round_ in range(3):
+            await asyncio.gather(*(sink.record(events(round_ * 100 + i)) for i in range(100)))
+            await sink.drained()  # the partial batch waited 0.2 s for company, then shipped
+            assert len(await _stored(db, chain)) == (round_ + 1) * 100
+            assert sink.stats.queue_depth == 0
+
+
 async def test_concurrent_records_share_few_fsyncs(
     database_url: str, tmp_path: Path, events: Callable[..., AuthEvent]
 ) -> None:
