@@ -1,10 +1,13 @@
-"""The session bus without a database: its own notices mark claims seen, others' reach the
-gateway, and the order of delivery decides which of two racing sessions survives."""
+"""The session bus: its own notices mark claims seen, others' reach the gateway, and the
+order of delivery decides which of two racing sessions survives (without a database);
+batched announcements and a replaced sending connection (against the real PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -102,22 +105,34 @@ class Listening:
             bus._on_notice(payload)
 
 
+@contextlib.asynccontextmanager
+async def listening_bus(
+    database_url: str, *, wait: float, coalesce: float
+) -> AsyncIterator[tuple[SessionBus, asyncpg.Connection]]:
+    """A started bus that hears its own notices through a real LISTEN; and that connection."""
+    listening = Listening()
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(SESSIONS_CHANNEL, listening.deliver)
+    bus = SessionBus(
+        database_url=database_url, instance="gw-a", worker="w0", wait=wait, coalesce=coalesce
+    )
+    bus.listen_on(listening)
+    listening.buses.append(bus)
+    await bus.start()
+    try:
+        yield bus, listener
+    finally:
+        await bus.close()
+        await listener.close()
+
+
 def test_claims_close_together_share_one_round_trip(database_url: str) -> None:
     """On a busy bus, announcements within ``coalesce`` of the first go out in one pg_notify
     transaction, and every one of them still comes back (is seen) before its CONNECT would
     be sent. On a quiet bus a lone announcement does not wait for company."""
 
     async def run() -> None:
-        listening = Listening()
-        listener = await asyncpg.connect(database_url)
-        await listener.add_listener(SESSIONS_CHANNEL, listening.deliver)
-        bus = SessionBus(
-            database_url=database_url, instance="gw-a", worker="w0", wait=5.0, coalesce=0.3
-        )
-        bus.listen_on(listening)
-        listening.buses.append(bus)
-        await bus.start()
-        try:
+        async with listening_bus(database_url, wait=5.0, coalesce=0.3) as (bus, _):
             began = time.monotonic()
             assert await bus.announce(Claim("lone", "lone"))  # quiet: sent at once
             assert time.monotonic() - began < 0.25, "a lone claim waited for company"
@@ -130,9 +145,6 @@ def test_claims_close_together_share_one_round_trip(database_url: str) -> None:
             assert await asyncio.gather(*waiting) == [True, True, True]
             assert all(claim.seen for claim in claims)
             assert (bus.announced, bus.round_trips) == (4, 2)
-        finally:
-            await bus.close()
-            await listener.close()
 
     asyncio.run(run())
 
@@ -142,16 +154,7 @@ def test_a_lost_sending_connection_is_replaced(database_url: str) -> None:
     comes back (one sent on the dead connection is lost, its wait bounded by ``wait``)."""
 
     async def run() -> None:
-        listening = Listening()
-        listener = await asyncpg.connect(database_url)
-        await listener.add_listener(SESSIONS_CHANNEL, listening.deliver)
-        bus = SessionBus(
-            database_url=database_url, instance="gw-a", worker="w0", wait=1.0, coalesce=0.0
-        )
-        bus.listen_on(listening)
-        listening.buses.append(bus)
-        await bus.start()
-        try:
+        async with listening_bus(database_url, wait=1.0, coalesce=0.0) as (bus, listener):
             assert await bus.announce(Claim("d1", "d1"))
             assert bus._conn is not None
             pid = bus._conn.get_server_pid()
@@ -163,8 +166,5 @@ def test_a_lost_sending_connection_is_replaced(database_url: str) -> None:
             else:
                 raise AssertionError("no announcement came back after the connection died")
             assert bus._conn is not None and bus._conn.get_server_pid() != pid
-        finally:
-            await bus.close()
-            await listener.close()
 
     asyncio.run(run())
