@@ -40,7 +40,7 @@ from gateway.actions import (
 )
 from gateway.audit import EventContext, EventSink
 from gateway.connection import Session, State
-from gateway.identity import IdentityError, identity_from_der
+from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
@@ -319,8 +319,8 @@ class DeviceConnection(asyncio.Protocol):
 
     # --- handshake -------------------------------------------------------------------
 
-    def _tls_context(self) -> EventContext:
-        return replace(self.context, tls_version=self.pump.version(), tls_cipher=self.pump.cipher())
+    def _tls_context(self, identity: DeviceIdentity | None = None) -> EventContext:
+        return self.context.with_tls(self.pump.version(), self.pump.cipher(), identity)
 
     def _start_session(self) -> Session | None:
         der = self.pump.peer_certificate()
@@ -332,17 +332,7 @@ class DeviceConnection(asyncio.Protocol):
             self.context = self._tls_context()
             self._tls_failed(TlsFailure(exc.reason, str(exc)))
             return None
-        pump = self.pump
-        context = self.context
-        self.context = EventContext(  # not dataclasses.replace: this runs per connection
-            instance=context.instance,
-            peer_address=context.peer_address,
-            tls_version=pump.version(),
-            tls_cipher=pump.cipher(),
-            identity=identity,
-            proxy=context.proxy,
-            trace_id=context.trace_id,
-        )
+        self.context = self._tls_context(identity)
         if self.trace is not None:
             self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
         self.session = Session(
@@ -471,15 +461,9 @@ class DeviceConnection(asyncio.Protocol):
         except Exception:  # fail closed: no state, no admission
             log.exception("device directory lookup failed")
             reason = Reason.REVOCATION_STATE_STALE
-        if self.closed:
-            return
-        actions = session.device_checked(reason)
-        if len(actions) == 1 and type(actions[0]) is DialUpstream:
-            # Authorised: this task goes on to dial (one task per connection, not two).
-            await self._dial(actions[0].connect)
-            return
-        self._run(actions)
-        self._flush()
+        if not self.closed:
+            self._run(session.device_checked(reason))
+            self._flush()
 
     async def _dial(self, connect: bytes) -> None:
         session = self.session
