@@ -7,19 +7,33 @@ Invariants:
   compares them), so both planes and `devicegate audit verify` agree on every hash.
 - The spool keeps ``prev_digest || digest || canonical JSON``; `decode_payload` rebuilds the
   COPY row from it exactly, so a replayed event is the event that was hashed.
+- `encode_event` runs the C accelerator (``gateway/_event_codec.c``, built on install when a
+  compiler is there) and falls back to `encode_event_python` for what the accelerator
+  leaves to it, or when it is not built; both give the same bytes (a test compares them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from schemas.events import AuthEvent, canonical_bytes
 
-__all__ = ["COLUMNS", "Row", "decode_payload", "encode_event"]
+_Encoder = Callable[[dict[str, Any], str, int, bytes], tuple[bytes, bytes, tuple[Any, ...]] | None]
+_encode_c: _Encoder | None
+try:
+    from gateway._event_codec import encode as _encode_c
+except ImportError:  # built without a C compiler: the Python path does all of it
+    _encode_c = None
+
+__all__ = ["ACCELERATED", "COLUMNS", "Row", "decode_payload", "encode_event", "encode_event_python"]
+
+ACCELERATED = _encode_c is not None
+"""Whether `encode_event` has its C accelerator (the gateway warns at start when not)."""
 
 COLUMNS = (
     "id", "time", "instance", "type", "outcome", "reason", "device_id", "fleet",
@@ -74,6 +88,18 @@ def _stamp(moment: datetime) -> str:
 
 
 def encode_event(
+    event: AuthEvent, *, chain_id: str, seq: int, prev_digest: bytes
+) -> tuple[bytes, bytes, Row]:
+    """Chain ``event`` after ``prev_digest``: see `encode_event_python`, which this is, in C
+    for the common case (UTC time, a detail of str/int/bool/None/dict/list)."""
+    if _encode_c is not None:
+        encoded = _encode_c(event.__dict__, chain_id, seq, prev_digest)
+        if encoded is not None:
+            return encoded
+    return encode_event_python(event, chain_id=chain_id, seq=seq, prev_digest=prev_digest)
+
+
+def encode_event_python(
     event: AuthEvent, *, chain_id: str, seq: int, prev_digest: bytes
 ) -> tuple[bytes, bytes, Row]:
     """Chain ``event`` after ``prev_digest``.
@@ -132,7 +158,7 @@ def encode_event(
     # exact check runs only then. PostgreSQL text cannot hold NUL: such an event could
     # never be shipped.
     if "\\u0000" in text and (
-        "\\u0000" in detail or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS)
+        _holds_nul(values["detail"]) or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS)
     ):
         raise ValueError("event fields must not contain NUL characters")
     body = text.encode()
@@ -147,6 +173,17 @@ def encode_event(
         seq, prev_digest.hex(), digest.hex(),
     )  # fmt: skip
     return prev_digest + digest + body, digest, row
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string anywhere in a JSON value (keys included) holds a NUL."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def decode_payload(payload: bytes) -> Row:

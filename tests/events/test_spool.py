@@ -1,110 +1,15 @@
-"""The spool's record encoding and segment files, without a database."""
+"""The spool's segment files, without a database (the record encoding: test_event_codec.py)."""
 
 from __future__ import annotations
 
-import gc
-import os
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from gateway.event_codec import COLUMNS, decode_payload, encode_event
+from gateway.event_codec import encode_event
 from gateway.spool import Spool, SpoolError, SpoolFull, frame, read_segment
-from schemas.events import GENESIS_HASH, AuthEvent, canonical_bytes, chain_hash
+from schemas.events import GENESIS_HASH, AuthEvent
 from tests.events.conftest import fill, make_event, tmpfs
-
-# Lone surrogates cannot be UTF-8 and never reach an event (the codec refuses them);
-# test_surrogates_are_refused covers them.
-_chars = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
-_text = st.one_of(st.none(), st.text(_chars, max_size=20))
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(_chars, max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=3)
-        | st.dictionaries(st.text(_chars, max_size=5), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    device=_text,
-    peer=_text,
-    detail=st.dictionaries(st.text(_chars, max_size=6), _json, max_size=4),
-    seq=st.integers(1, 2**40),
-    moment=st.datetimes(
-        min_value=datetime(1000, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.just(UTC)
-    ),
-    offset=st.integers(-12, 12),
-)
-def test_fast_encoding_is_the_canonical_one(
-    device: str | None,
-    peer: str | None,
-    detail: dict[str, object],
-    seq: int,
-    moment: datetime,
-    offset: int,
-) -> None:
-    event = make_event(
-        device_id=device,
-        peer_address=peer,
-        detail=detail,
-        time=moment.astimezone(timezone(timedelta(hours=offset))),
-    )
-    prev = os.urandom(32)
-    payload, digest, row = encode_event(event, chain_id="gw/w0", seq=seq, prev_digest=prev)
-    chained = event.chained(chain_id="gw/w0", seq=seq, prev_hash=prev.hex())
-    assert payload[64:] == canonical_bytes(chained)
-    assert digest.hex() == chained.hash == chain_hash(prev.hex(), chained)
-    assert decode_payload(payload) == row
-
-
-def test_surrogates_are_refused() -> None:
-    event = make_event(detail={"\ud800": None})
-    with pytest.raises(ValueError):
-        encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
-
-
-def test_old_years_fall_back_to_the_reference_encoding() -> None:
-    event = make_event(time=datetime(999, 5, 1, tzinfo=UTC))
-    payload, _, _ = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
-    assert payload[64:] == canonical_bytes(
-        event.chained(chain_id="c", seq=1, prev_hash=GENESIS_HASH)
-    )
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [{"client_id": "a\x00b"}, {"detail": {"k": "\x00"}}, {"detail": {"x": float("nan")}}],
-)
-def test_values_postgresql_refuses_are_refused_up_front(overrides: dict[str, Any]) -> None:
-    # Such an event would be spooled, then block its chain's shipping forever.
-    with pytest.raises(ValueError):
-        encode_event(make_event(**overrides), chain_id="c", seq=1, prev_digest=bytes(32))
-
-
-def test_escaped_nul_text_is_not_a_nul() -> None:
-    # The text "\\u0000" (a backslash, then u0000) is fine for PostgreSQL: only a real NUL
-    # is refused, although both look alike in the JSON the refusal check scans first.
-    event = make_event(client_id="a\\u0000b", peer_address="\\u0000")
-    payload, _, row = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
-    assert row[COLUMNS.index("client_id")] == "a\\u0000b"
-    assert decode_payload(payload) == row
-
-
-def test_rows_hold_no_objects_the_gc_tracks() -> None:
-    # Every spooled row waits in memory until PostgreSQL commits it: rows of atoms (str,
-    # int, datetime) drop out of the GC's generations instead of being walked by every
-    # collection while they wait.
-    event = make_event()
-    _, _, row = encode_event(event, chain_id="c", seq=1, prev_digest=bytes(32))
-    assert [type(v).__name__ for v in row if gc.is_tracked(v)] == []
-    assert row[COLUMNS.index("id")] == str(event.id)
 
 
 def _payload(seq: int, prev: bytes = bytes(32)) -> bytes:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes sure the install can build devicegate's C accelerator (gateway/_event_codec.c): a C
+# compiler and the headers of the Python that installs it. Installs what is missing with
+# apt-get when running as root; otherwise says what to install. Never fails: the
+# accelerator is optional (without it the event encoder runs in Python, and
+# tests/events/test_event_codec.py says so).
+# Usage: scripts/ensure-build-tools.sh [PYTHON]
+set -uo pipefail
+
+python="${1:-python3}"
+include=$("$python" -c 'import sysconfig; print(sysconfig.get_path("include"))')
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
+[ -e "$include/Python.h" ] || need_apt+=(python3-dev)
+
+((${#need_apt[@]})) || exit 0
+if [[ $(id -u) -ne 0 ]]; then
+    echo "warning: cannot build gateway/_event_codec.c; install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
+    exit 0
+fi
+echo "installing ${need_apt[*]} with apt-get"
+export DEBIAN_FRONTEND=noninteractive
+{ apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null; } \
+    || echo "warning: apt-get could not install ${need_apt[*]}" >&2
+exit 0
