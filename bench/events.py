@@ -39,7 +39,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.event_codec import COLUMNS, encode_event
+from gateway.event_codec import ACCELERATED, COLUMNS, encode_event
 from gateway.events import SpoolSink
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.migrate import migrate
@@ -212,7 +212,8 @@ async def main(args: argparse.Namespace) -> None:
         # start-up state is (gc.freeze in its worker), so no collection walks them.
         gc.freeze()
         print(f"{args.events} events, {len(COLUMNS)} columns, 6 indexes + PK, PostgreSQL "
-              f"{conn.get_server_version().major}, {os.cpu_count()} CPUs")  # fmt: skip
+              f"{conn.get_server_version().major}, {os.cpu_count()} CPUs, event encoder "
+              f"{'in C' if ACCELERATED else 'in Python (C accelerator not built)'}")  # fmt: skip
 
         insert_rate = await bench_insert(conn, rows, seconds=args.insert_seconds)
         await conn.execute("TRUNCATE auth_events")
