@@ -248,7 +248,7 @@ def supervise(settings: Settings, *, workers: int) -> int:
     if not event_codec.ACCELERATED:
         log.warning(
             "the auth event encoder runs in Python (gateway._event_codec is not built): "
-            "each event costs about twice the CPU; reinstall with a C compiler at hand"
+            "each event costs about 1.5x the CPU; reinstall with a C compiler at hand"
         )
     count = workers or os.cpu_count() or 1
     return Supervisor(settings, workers=count).run()
