@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from schemas.events import AuthEvent, canonical_bytes
+from schemas.events import AuthEvent, canonical_bytes, holds_nul
 
 _Encoder = Callable[[dict[str, Any], str, int, bytes], tuple[bytes, bytes, tuple[Any, ...]] | None]
 _encode_c: _Encoder | None
@@ -157,9 +157,7 @@ def encode_event_python(
     # JSON writes a NUL as \u0000, so one scan of the text finds every candidate; the
     # exact check runs only then. PostgreSQL text cannot hold NUL: such an event could
     # never be shipped.
-    if "\\u0000" in text and (
-        _holds_nul(values["detail"]) or any("\x00" in (values[name] or "") for name in _TEXT_FIELDS)
-    ):
+    if "\\u0000" in text and holds_nul([values[name] for name in ("detail", *_TEXT_FIELDS)]):
         raise ValueError("event fields must not contain NUL characters")
     body = text.encode()
     hasher = hashlib.sha256(prev_digest)  # = schemas.events.chain_hash, without a re-encode
@@ -173,17 +171,6 @@ def encode_event_python(
         seq, prev_digest.hex(), digest.hex(),
     )  # fmt: skip
     return prev_digest + digest + body, digest, row
-
-
-def _holds_nul(value: Any) -> bool:
-    """Whether a string anywhere in a JSON value (keys included) holds a NUL."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    return False
 
 
 def decode_payload(payload: bytes) -> Row:

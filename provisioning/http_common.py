@@ -18,7 +18,7 @@ from provisioning.errors import RequestInvalid, Unauthorized
 from provisioning.problems import problem_response, reason_for_status
 from provisioning.service import Peer, ProvisioningService
 from schemas.errors import DevicegateError
-from schemas.events import EventType, Reason
+from schemas.events import EventType, Reason, holds_nul
 
 log = logging.getLogger("devicegate.provisioning")
 
@@ -80,19 +80,9 @@ def parse_model(model: type[M], body: bytes) -> M:
         raise RequestInvalid(f"{where}: {first['msg']}") from None
     # In valid JSON a U+0000 can only be the escape \u0000 (a raw control character is
     # refused by the parser), so a body without one needs no walk over the parsed model.
-    if b"\\u0000" in body and _has_nul(parsed.model_dump()):
+    if b"\\u0000" in body and holds_nul(parsed.model_dump()):
         raise RequestInvalid("text must not contain U+0000 (PostgreSQL cannot store it)")
     return parsed
-
-
-def _has_nul(value: object) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def json_response(model: BaseModel | list[BaseModel], status: int = 200) -> web.Response:
@@ -135,7 +125,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal becomes a problem document; nothing else leaves as an error page."""
-    if "\x00" in request.path or any(_has_nul(item) for item in request.query.items()):
+    if "\x00" in request.path or any(holds_nul(item) for item in request.query.items()):
         return problem_response(Reason.REQUEST_INVALID, "U+0000 in the path or query")
     try:
         return await handler(request)

@@ -209,6 +209,18 @@ def _canonical_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def holds_nul(value: Any) -> bool:
+    """Whether a string anywhere in a JSON value (keys included) holds U+0000, which
+    PostgreSQL's text and jsonb cannot store."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(item) for item in value)
+    return False
+
+
 def canonical_bytes(event: AuthEvent) -> bytes:
     """The exact bytes that are hashed for ``event``: sorted, compact JSON of its fields."""
     values: dict[str, Any] = {}
