@@ -215,7 +215,11 @@ static PyObject *hex_text(const unsigned char *bytes, Py_ssize_t size) {
 /* The 16 bytes of a uuid.UUID (its `int`), big-endian. */
 static int uuid_bytes(PyObject *uuid, unsigned char out[16]) {
     PyObject *number = PyObject_GetAttr(uuid, str_int);
-    if (number == NULL) return -1;
+    if (number == NULL) { /* not a uuid.UUID: Python's str() of it decides */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        return NOT_HANDLED;
+    }
     int status = -1;
     if (PyLong_Check(number)) {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -270,7 +274,11 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
         PyDateTime_GET_YEAR(moment) < 1000)
         Py_RETURN_NONE;
     long long seq_value = PyLong_AsLongLong(seq);
-    if (seq_value == -1 && PyErr_Occurred()) return NULL;
+    if (seq_value == -1 && PyErr_Occurred()) { /* beyond 64 bits: Python writes it */
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
 
     unsigned char id_bytes[16];
     int status = uuid_bytes(id, id_bytes);
