@@ -1,8 +1,10 @@
-"""Write seed inputs for the harnesses: valid MQTT packets and PROXY v2 headers.
+"""Write seed inputs for the harnesses: valid MQTT packets, PROXY v2 headers, and byte
+strings for the event encoder's FuzzedDataProvider.
 
-Each seed starts with a few bytes the harness's FuzzedDataProvider turns into its
-parameters (version, limit, cut), then the stream. Usage: ``python fuzz/seeds.py DIR``
-(writes DIR/codec/* and DIR/proxy/*; existing files are kept).
+Each codec and proxy seed starts with a few bytes the harness's FuzzedDataProvider turns
+into its parameters (version, limit, cut), then the stream. Usage:
+``python fuzz/seeds.py DIR`` (writes DIR/codec/*, DIR/proxy/* and DIR/event_codec/*;
+existing files are kept).
 """
 
 from __future__ import annotations
@@ -74,8 +76,23 @@ def proxy_seeds() -> list[bytes]:
     return [params + header + b"\x16\x03\x01" for header in headers]
 
 
+def event_seeds() -> list[bytes]:
+    """The event harness reads every field from the provider, so any bytes make an event:
+    an empty input (every field at its minimum) and a few deterministic pseudo-random
+    streams of growing length, long enough to reach nested details and every field."""
+    seeds = [b""]
+    for length in (16, 64, 256, 1024):
+        stream = b"".join(
+            hashlib.sha256(f"event-{length}-{block}".encode()).digest()
+            for block in range(length // 32 + 1)
+        )
+        seeds.append(stream[:length])
+    return seeds
+
+
 def main(directory: str) -> None:
-    for name, seeds in (("codec", mqtt_seeds()), ("proxy", proxy_seeds())):
+    harnesses = (("codec", mqtt_seeds()), ("proxy", proxy_seeds()), ("event_codec", event_seeds()))
+    for name, seeds in harnesses:
         target = Path(directory) / name
         target.mkdir(parents=True, exist_ok=True)
         for seed in seeds:

@@ -37,7 +37,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_there_are_harnesses() -> None:
-    assert {"fuzz_codec", "fuzz_proxy"} <= set(HARNESSES)
+    assert {"fuzz_codec", "fuzz_event_codec", "fuzz_proxy"} <= set(HARNESSES)
 
 
 @pytest.mark.parametrize("name", HARNESSES)
