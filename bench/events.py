@@ -192,7 +192,9 @@ async def bench_paced(
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(event)))
-        await asyncio.gather(*tasks)
+        # Only the unfinished ones: gathering all 8,000 would stall the loop ~25 ms and
+        # charge that to the last records' latency.
+        await asyncio.gather(*(task for task in tasks if not task.done()))
         cpu = time.process_time() - cpu
     return latencies, sink.stats, cpu / len(events)
 
