@@ -13,7 +13,9 @@ Invariants:
   the order the frames are written, so the spool is a prefix-closed copy of the chain.
 - `record` returns only after the fsync covering its frame; concurrent calls share one
   fsync (group commit): while one fsync runs, new events gather for the next (optionally
-  spaced ``flush_interval`` apart).
+  spaced ``flush_interval`` apart). The gathering group is queued to the I/O thread with
+  its first event and sealed by the thread when its write begins, so the thread goes from
+  one fsync to the next without a trip through the event loop.
 - Only fsynced events are shipped: an event in PostgreSQL is always also in the spool (or
   already released), so a restarted worker resumes its chain from the spool tail and never
   reuses a seq that PostgreSQL holds.
@@ -53,6 +55,8 @@ import concurrent.futures
 import functools
 import json
 import logging
+import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -110,6 +114,13 @@ _HEADER_SLACK = 512  # at least a segment header's size (magic, length, chain JS
 _PARTITION_CHECK_EVERY = 3600.0
 
 
+_OPEN, _SEALED, _DROPPED = range(3)  # a group's state (see `_Group`)
+
+
+class _Refused(Exception):
+    """The I/O thread did not write a group: one before it, which it was chained on, failed."""
+
+
 class _SharedFuture(asyncio.Future[None]):
     """The flush future every `SpoolSink.record` of one group commit awaits.
 
@@ -120,6 +131,28 @@ class _SharedFuture(asyncio.Future[None]):
 
     def cancel(self, msg: Any = None) -> bool:
         return False
+
+
+class _Group:
+    """Frames gathered for one write + fdatasync, and the future their `record` calls await.
+
+    Queued to the I/O thread as soon as its first frame is gathered. Frames join it while it
+    is ``_OPEN``; the I/O thread seals it when its write begins (``_SEALED``), after which
+    new frames start the next group. The event loop may drop an open group (``_DROPPED``)
+    when the sink fails; the thread then skips it. ``state`` changes under the sink's seal
+    lock. ``epoch``: a group is written only if no earlier group of its epoch failed.
+    """
+
+    __slots__ = ("epoch", "frames", "future", "rows", "size", "state", "written")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.frames: list[bytes] = []
+        self.rows: list[Row] = []
+        self.size = 0
+        self.future = _SharedFuture()
+        self.state = _OPEN
+        self.written = False  # set by the I/O thread once the spool holds it
 
 
 class EventLogUnavailable(DevicegateError):
@@ -267,7 +300,8 @@ class SpoolSink:
         if reserve_bytes is None:
             reserve_bytes = min(max(segment_bytes, max_bytes // 8), max_bytes // 4)
         self._admit_bytes = max_bytes - reserve_bytes  # the soft limit, for admissions
-        # The most `_footprint` can add to the spool's bytes (two groups, two rotations).
+        # The most `_footprint` can add to the spool's bytes (two groups, two rotations): at
+        # most one group is being written and one gathering (a dropped one does not count).
         self._two_rotations = 2 * (segment_bytes + _HEADER_SLACK)
         self._spool = Spool(spool_dir, segment_bytes=segment_bytes)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devicegate-spool")
@@ -276,12 +310,15 @@ class SpoolSink:
 
         self._head_seq = 0
         self._head_digest = bytes.fromhex(GENESIS_HASH)
-        # Frames appended since the last flush, their rows, and the future they wait on.
-        self._frames: list[bytes] = []
-        self._frame_rows: list[Row] = []
-        self._frame_bytes = 0
-        self._inflight_bytes = 0  # handed to the I/O thread, not yet appended
-        self._flush_future: _SharedFuture | None = None
+        # Groups queued to the I/O thread whose outcome the loop has not handled yet, oldest
+        # first; the last may be the open one new frames join.
+        self._unwritten: deque[_Group] = deque()
+        self._unwritten_bytes = 0
+        self._open: _Group | None = None
+        self._seal = threading.Lock()  # guards `_Group.state`, shared with the I/O thread
+        self._epoch = 0  # advanced by each roll-back: groups chained on a failed one are refused
+        self._refused_epoch = -1  # I/O thread: groups of this epoch or older are not written
+        self._last_write = 0.0  # I/O thread: when the last write began (``flush_interval``)
         # The head as of the last successful append: where a failed (no space) group's
         # seqs roll back to.
         self._durable_seq = 0
@@ -291,18 +328,14 @@ class SpoolSink:
         self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
         self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
 
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self._in_flight: asyncio.Future[None] | None = None  # the write + fsync running
         self._ship_wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._conn: asyncpg.Connection | None = None
         self._started = False
         self._closing = False
-        self._flushing = False  # a write + fsync is running in the I/O thread
         self._last_frame = 0  # size of the last frame: "full" means the next one won't fit
         self._failed: BaseException | None = None
-        self._last_flush_start = 0.0
         self._next_partition_check = 0.0
 
         self._recorded = 0
@@ -410,7 +443,8 @@ class SpoolSink:
         if exc is not None:  # a bug: refuse events rather than pile them up unshipped
             log.critical("event sink task %s died: %r", task.get_name(), exc)
             self._failed = exc
-            self._start_flush()  # wakes the records waiting for a flush, with the failure
+            # Wake the records waiting for the gathering group, with the failure.
+            self._drop_open(EventLogUnavailable(f"event spool failed: {exc}"))
 
     async def _head_from_database(self) -> None:
         try:
@@ -451,9 +485,8 @@ class SpoolSink:
         if self._started:
             if self._lost.count:
                 log.error("closing with the loss of %d events unrecorded", self._lost.count)
-            for pending in (self._in_flight, self._flush_future):  # the last groups
-                if pending is not None:
-                    await asyncio.gather(asyncio.shield(pending), return_exceptions=True)
+            pending = [group.future for group in self._unwritten]  # the last groups
+            await asyncio.gather(*map(asyncio.shield, pending), return_exceptions=True)
             drained = True
             try:
                 await asyncio.wait_for(self._drained.wait(), self._drain_timeout)
@@ -463,8 +496,6 @@ class SpoolSink:
                     "closing with %d events not shipped; they stay in the spool",
                     len(self._durable),
                 )
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -521,8 +552,7 @@ class SpoolSink:
         spool = self._spool
         if (  # the usual case skips the exact check: far below the soft limit, disk fine
             spool.no_space
-            or spool.bytes + self._inflight_bytes + self._frame_bytes + size + self._two_rotations
-            > self._admit_bytes
+            or spool.bytes + self._unwritten_bytes + size + self._two_rotations > self._admit_bytes
         ) and (
             self._refuses(size, admission)
             or (loss and spool.no_space and self._footprint(size) > spool.bytes)
@@ -537,15 +567,26 @@ class SpoolSink:
             )
         self._head_seq = seq
         self._head_digest = digest
-        self._frames.append(framed)
-        self._frame_rows.append(row)
-        self._frame_bytes += len(framed)
         self._recorded += 1
-        future = self._flush_future
-        if future is None:
-            future = self._flush_future = _SharedFuture()
-            self._start_flush()
-        return future
+        self._unwritten_bytes += size
+        group = self._open
+        if group is not None:
+            with self._seal:
+                if group.state is _OPEN:
+                    group.frames.append(framed)
+                    group.rows.append(row)
+                    group.size += size
+                    return group.future
+        # No group is gathering (or the I/O thread just sealed it): begin the next one.
+        group = self._open = _Group(self._epoch)
+        group.frames.append(framed)
+        group.rows.append(row)
+        group.size = size
+        self._unwritten.append(group)
+        self._drained.clear()
+        written = asyncio.get_running_loop().run_in_executor(self._io, self._write, group)
+        written.add_done_callback(functools.partial(self._written, group))
+        return group.future
 
     def _refuses(self, size: int, admission: bool) -> bool:
         """Whether a frame of ``size`` bytes must be refused (see the module invariants)."""
@@ -558,16 +599,23 @@ class SpoolSink:
         return self._footprint(size) > limit
 
     def _footprint(self, extra: int) -> int:
-        """Spool bytes on disk once the flush in flight, the gathered frames and ``extra``
-        bytes are appended: each group fills the active segment or begins the next one
-        (a group never straddles two segments)."""
+        """Spool bytes on disk once the groups not yet written and ``extra`` bytes are
+        appended: each group fills the active segment or begins the next one (a group
+        never straddles two segments). ``extra`` joins the open group, if there is one."""
         spool = self._spool
         total = spool.bytes
         if not spool.segments:
             return total + extra
         active = spool.segments[-1]
         room = active.allocated - active.size
-        for group in (self._inflight_bytes, self._frame_bytes + extra):
+        # A group the thread has written is in `spool.bytes` already (it sets `written`
+        # after the spool's counters), and a dropped one will never be written.
+        sizes = [g.size for g in self._unwritten if not g.written and g.state is not _DROPPED]
+        if sizes and self._open is not None and self._open.state is _OPEN:
+            sizes[-1] += extra
+        else:
+            sizes.append(extra)
+        for group in sizes:
             if group <= room:
                 room -= group
             else:
@@ -586,102 +634,115 @@ class SpoolSink:
         self._lost = _Lost()
         future.add_done_callback(functools.partial(_loss_recorded, lost.count))
 
-    def _start_flush(self) -> None:
-        """Hand the gathered frames to the I/O thread, unless a flush is already running.
+    def _write(self, group: _Group) -> float:
+        """In the I/O thread: seal ``group``, append it to the spool and fdatasync; returns
+        the seconds the write took.
 
-        Called by the first `record` of a group and when a flush completes, so the next
-        group is written as soon as the disk is free, without a task switch in between:
-        an idle sink answers in one fsync, and under load the events of one group are
-        encoded while the previous group is being fsynced. Once the sink has failed, it
-        fails the gathered group instead (nothing else would wake its callers).
+        Raises:
+            _Refused: an earlier group of its epoch failed, so its frames are chained on
+                records that are not on disk; nothing is written.
+            SpoolFull, OSError: as `Spool.append`.
         """
-        future = self._flush_future
-        if self._flushing or future is None:
-            return
-        if self._failed is not None:
-            self._drop_gathered(EventLogUnavailable(f"event spool failed: {self._failed}"))
-            return
-        loop = asyncio.get_running_loop()
-        wait = self._last_flush_start + self._flush_interval - time.monotonic()
-        if wait > 0:
-            if self._flush_timer is None:
-                self._flush_timer = loop.call_later(wait, self._flush_timer_fired)
-            return
-        frames, rows = self._frames, self._frame_rows
-        self._inflight_bytes = self._frame_bytes
-        self._frames, self._frame_rows, self._frame_bytes = [], [], 0
-        self._flush_future = None
-        self._drained.clear()
-        self._flushing = True
-        started = self._last_flush_start = time.monotonic()
-        written = loop.run_in_executor(
-            self._io, self._spool.append, b"".join(frames), rows[-1][_SEQ], rows[-1][_HASH]
-        )
-        self._in_flight = written
-        written.add_done_callback(functools.partial(self._flushed, rows, future, started))
+        if self._flush_interval:
+            wait = self._last_write + self._flush_interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        with self._seal:
+            if group.state is _DROPPED:
+                return 0.0
+            group.state = _SEALED
+        if group.epoch <= self._refused_epoch:
+            raise _Refused
+        started = self._last_write = time.monotonic()
+        last = group.rows[-1]
+        try:
+            self._spool.append(b"".join(group.frames), last[_SEQ], last[_HASH])
+        except SpoolFull:
+            self._refused_epoch = group.epoch
+            raise
+        except BaseException:
+            self._refused_epoch = sys.maxsize  # fatal: nothing is written after it
+            raise
+        group.written = True
+        return time.monotonic() - started
 
-    def _flush_timer_fired(self) -> None:
-        self._flush_timer = None
-        self._start_flush()
-
-    def _drop_gathered(self, error: EventLogUnavailable) -> list[Row]:
-        """Fail the group gathering for the next flush; returns its rows."""
-        rows = self._frame_rows
-        future, self._flush_future = self._flush_future, None
-        self._frames, self._frame_rows, self._frame_bytes = [], [], 0
-        self._recorded -= len(rows)  # they were never recorded after all
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        _fail(future, error)
-        self._ship_wake.set()  # the ship loop re-checks whether everything is drained
-        return rows
-
-    def _flushed(
-        self, rows: list[Row], future: _SharedFuture, started: float, written: asyncio.Future[None]
-    ) -> None:
-        self._flushing = False
-        self._inflight_bytes = 0
+    def _written(self, group: _Group, written: asyncio.Future[float]) -> None:
+        """In the loop, in queue order: settle ``group``'s records after its write."""
+        assert self._unwritten[0] is group
+        self._unwritten.popleft()
+        self._unwritten_bytes -= group.size
+        if self._open is group:
+            self._open = None
+        self._ship_wake.set()  # new rows to ship, or the ship loop re-checks `drained`
+        if group.state is _DROPPED:
+            return  # its records were failed when it was dropped
         exc = written.exception()
-        if isinstance(exc, SpoolFull):
-            self._roll_back(rows, future, exc)
-            return
-        if exc is not None:
+        rows = group.rows
+        if exc is None:
+            self._durable_seq = rows[-1][_SEQ]
+            self._durable_digest = bytes.fromhex(rows[-1][_HASH])
+            self._fsyncs += 1
+            self._last_flush_latency = written.result()
+            if self._metrics is not None:
+                self._metrics.flushed(self._last_flush_latency)
+            if self._spool.wants_spare():
+                self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
+            self._durable.extend(rows)
+            group.future.set_result(None)
+        elif isinstance(exc, SpoolFull):
+            self._roll_back(group, exc)
+        elif isinstance(exc, _Refused) and self._failed is None:
+            self._lose(group, EventLogUnavailable("event spool out of disk space"))
+        elif isinstance(exc, _Refused):
+            error = EventLogUnavailable(f"event spool write failed: {self._failed}")
+            self._fail_group(group, error)
+        else:
             log.critical("event spool write failed, refusing further events: %s", exc)
             self._failed = exc
-            # Fail this group and the one gathering behind it: nobody flushes them now.
-            error = EventLogUnavailable(f"event spool write failed: {exc}")
-            self._recorded -= len(rows)
-            _fail(future, error)
-            self._drop_gathered(error)
-            return
-        self._durable_seq = rows[-1][_SEQ]
-        self._durable_digest = bytes.fromhex(rows[-1][_HASH])
-        self._fsyncs += 1
-        self._last_flush_latency = time.monotonic() - started
-        if self._metrics is not None:
-            self._metrics.flushed(self._last_flush_latency)
-        if self._spool.wants_spare():
-            self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
-        self._durable.extend(rows)
-        self._ship_wake.set()
-        future.set_result(None)
-        self._start_flush()
+            # The group gathering behind it is refused by the I/O thread (see `_write`).
+            self._fail_group(group, EventLogUnavailable(f"event spool write failed: {exc}"))
 
-    def _roll_back(self, rows: list[Row], future: _SharedFuture, exc: SpoolFull) -> None:
-        """The disk had no room for this group: nothing of it is durable. Refuse it and
-        the group chained behind it, and continue the chain from the last durable record."""
+    def _roll_back(self, group: _Group, exc: SpoolFull) -> None:
+        """The disk had no room for ``group``: nothing of it is durable. Refuse it and the
+        group chained behind it, and continue the chain from the last durable record."""
         error = EventLogUnavailable(f"event spool out of disk space: {exc}")
-        lost = rows + self._drop_gathered(error)
-        self._recorded -= len(rows)
-        _fail(future, error)
+        self._epoch += 1  # the groups queued behind it are refused by the I/O thread
         self._head_seq, self._head_digest = self._durable_seq, self._durable_digest
-        for row in lost:
-            if not _is_admission(row[_TYPE], row[_OUTCOME]):
-                self._lost_total += self._lost.add(row)
-        log.warning("event spool out of disk space: %d events refused", len(lost))
+        self._lose(group, error)
+        refused = len(group.rows)
+        behind = self._open
+        if behind is not None and self._drop_open(error):
+            self._count_lost(behind.rows)
+            refused += len(behind.rows)
+        log.warning("event spool out of disk space: %d events refused", refused)
         if self._spool.wants_spare():  # the disk may have room again by the next group
             self._prep.submit(self._spool.prepare_spare).add_done_callback(_log_failure)
+
+    def _drop_open(self, error: EventLogUnavailable) -> bool:
+        """Fail the gathering group unless the I/O thread has sealed it; True if dropped."""
+        group, self._open = self._open, None
+        if group is None:
+            return False
+        with self._seal:
+            if group.state is not _OPEN:
+                return False  # sealed: its write (or refusal) settles it
+            group.state = _DROPPED
+        self._fail_group(group, error)
+        return True
+
+    def _fail_group(self, group: _Group, error: EventLogUnavailable) -> None:
+        self._recorded -= len(group.rows)  # they were never recorded after all
+        _fail(group.future, error)
+
+    def _lose(self, group: _Group, error: EventLogUnavailable) -> None:
+        """Refuse ``group`` for lack of space, counting its events as lost."""
+        self._fail_group(group, error)
+        self._count_lost(group.rows)
+
+    def _count_lost(self, rows: list[Row]) -> None:
+        for row in rows:
+            if not _is_admission(row[_TYPE], row[_OUTCOME]):  # an admission's refusal is logged
+                self._lost_total += self._lost.add(row)
 
     # -- shipping ----------------------------------------------------------------------
 
@@ -717,7 +778,7 @@ class SpoolSink:
         delay = _RETRY_MIN
         while True:
             if not self._durable:
-                if not self._frames and not self._flushing:
+                if not self._unwritten:
                     self._drained.set()
                 self._ship_wake.clear()
                 await self._ship_wake.wait()
@@ -794,7 +855,7 @@ class SpoolSink:
         return SinkStats(
             chain_id=self._chain_id,
             head_seq=self._head_seq,
-            queue_depth=len(self._durable) + len(self._frame_rows),
+            queue_depth=len(self._durable) + sum(len(group.rows) for group in self._unwritten),
             spool_bytes=self._spool.bytes,
             spool_segments=len(self._spool.segments),
             events_recorded=self._recorded,
@@ -832,7 +893,7 @@ def _fail(future: asyncio.Future[None] | None, error: BaseException) -> None:
 
 
 def _loss_recorded(count: int, future: asyncio.Future[None]) -> None:
-    # Nobody awaits this future; when it fails, `SpoolSink._roll_back` re-counted the loss.
+    # Nobody awaits this future; when it fails, `SpoolSink._lose` re-counted the loss.
     if not future.cancelled() and future.exception() is None:
         log.warning("recorded the loss of %d events (the spool was full)", count)
 

@@ -174,6 +174,49 @@ async def test_a_full_disk_refuses_admissions_keeps_refusals_and_recovers(
     assert (await verify_chains(db, chain_id=chain)).ok
 
 
+async def test_concurrent_records_on_a_full_disk_keep_the_chain_whole(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path, events: Callable[..., AuthEvent]
+) -> None:
+    """Groups queued behind one that fails for lack of space are chained on it: they are
+    refused too (counted as lost), and the chain goes on from the last durable record."""
+    chain = f"gw-enospc-burst/{uuid7().hex[:8]}"
+    with tmpfs(tmp_path / "fs", 128 * 1024) as fs:
+        async with SpoolSink(
+            database_url=database_url, spool_dir=fs / "s", chain_id=chain, segment_bytes=16 * 1024
+        ) as sink:
+            await sink.record(events(0))
+            filler = fill(fs)
+            burst = [_refusal(events, i) for i in range(1, 401)]
+            results: dict[int, BaseException | None] = {}
+
+            async def one(index: int) -> None:
+                try:
+                    results[index] = await sink.record(burst[index])
+                except EventLogUnavailable as exc:
+                    results[index] = exc
+
+            tasks = []
+            for index in range(len(burst)):  # spread out, so groups queue behind groups
+                tasks.append(asyncio.create_task(one(index)))
+                await asyncio.sleep(0.0002)
+            await asyncio.gather(*tasks)
+            kept = [burst[i] for i in sorted(results) if results[i] is None]
+            refused = [r for r in results.values() if r is not None]
+            assert kept and refused, "the burst should overflow the active segment"
+            assert sink.stats.events_lost_total == len(refused)
+            filler.unlink()
+            later = _refusal(events, 1000)
+            await sink.record(later)  # after the events_lost event
+            await _drained(sink)
+    rows = await _rows(db, chain)
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    stored = [str(r["id"]) for r in rows if r["type"] != "events_lost"]
+    assert sorted(stored[1:-1]) == sorted(str(e.id) for e in kept)
+    assert stored[-1] == str(later.id)
+    assert sum(summary["count"] for summary in _lost(rows)) == len(refused)
+    assert (await verify_chains(db, chain_id=chain)).ok
+
+
 async def test_a_restart_on_a_full_disk_replays_the_spool_and_refuses_only_admissions(
     database_url: str,
     db: asyncpg.Connection,
@@ -242,18 +285,18 @@ async def test_a_dead_shipping_task_wakes_every_waiting_record(
         await sink.record(events(0))  # flushed at once; shipping it will kill the task
         waiting = asyncio.ensure_future(sink.record(events(1)))
         for _ in range(200):  # until it waits for the next flush, due 3 s from now
-            if sink._flush_future is not None:
+            if sink._open is not None:
                 break
             await asyncio.sleep(0.01)
-        assert sink._flush_future is not None and not waiting.done()
+        assert sink._open is not None and not waiting.done()
         started = time.monotonic()
         gate.set()
         # asyncio.wait, not wait_for: a record waiting for a flush cannot be cancelled.
         done, _ = await asyncio.wait({waiting}, timeout=5)
         if not done:
-            stuck = sink._flush_future  # wake it ourselves, or the test itself never ends
-            if stuck is not None and not stuck.done():
-                stuck.set_exception(RuntimeError("woken by the test"))
+            stuck = sink._open  # wake it ourselves, or the test itself never ends
+            if stuck is not None and not stuck.future.done():
+                stuck.future.set_exception(RuntimeError("woken by the test"))
             pytest.fail("record() still waits for a flush that nobody will run")
         with pytest.raises(EventLogUnavailable, match="shipping bug"):
             waiting.result()
