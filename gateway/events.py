@@ -154,6 +154,11 @@ class _Group:
         self.state = _OPEN
         self.written = False  # set by the I/O thread once the spool holds it
 
+    def add(self, framed: bytes, row: Row) -> None:
+        self.frames.append(framed)
+        self.rows.append(row)
+        self.size += len(framed)
+
 
 class EventLogUnavailable(DevicegateError):
     """The event cannot be made durable (spool full, disk failure, sink closed).
@@ -573,15 +578,11 @@ class SpoolSink:
         if group is not None:
             with self._seal:
                 if group.state is _OPEN:
-                    group.frames.append(framed)
-                    group.rows.append(row)
-                    group.size += size
+                    group.add(framed, row)
                     return group.future
         # No group is gathering (or the I/O thread just sealed it): begin the next one.
         group = self._open = _Group(self._epoch)
-        group.frames.append(framed)
-        group.rows.append(row)
-        group.size = size
+        group.add(framed, row)
         self._unwritten.append(group)
         self._drained.clear()
         written = asyncio.get_running_loop().run_in_executor(self._io, self._write, group)
