@@ -15,6 +15,8 @@ Invariants:
   at ``per_minute / 60`` per second; each failed handshake takes one; an address with less
   than one token is refused at accept until the bucket refills. Refusals take no token
   (they cost no TLS work), so a refused address is let in again at the refill rate.
+  Each worker process has its own limiter; the workers of one instance share the budget
+  by charging one another's failures too (`gateway.failure_channel`).
 * `EventThrottle` lets at most one event per key through per ``interval`` seconds and
   counts the rest; `EventThrottle.due` hands the counts of closed windows back, so every
   refusal is accounted for in some event (``refused`` in its detail) without one event per
@@ -98,12 +100,12 @@ class FailureLimiter:
             return True
         return self._tokens(key, self._clock()) >= 1.0
 
-    def failed(self, key: str | None) -> None:
-        """One failed handshake from ``key``."""
-        if key is None:
+    def failed(self, key: str | None, count: int = 1) -> None:
+        """``count`` failed handshakes from ``key`` (here, or on a sibling worker)."""
+        if key is None or count < 1:
             return
         now = self._clock()
-        tokens = max(0.0, self._tokens(key, now) - 1.0)
+        tokens = max(0.0, self._tokens(key, now) - count)
         self._buckets[key] = (tokens, now)
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_keys:

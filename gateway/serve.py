@@ -7,7 +7,9 @@ flush and ship the event spool. SIGHUP reloads the policy file.
 Several workers (``--workers N``) are separate processes started by `gateway.workers`;
 each runs `serve` with its own ``worker_index``: its own SO_REUSEPORT listener on the
 shared address, its own spool (``spool_dir/w<i>``), event chain (``<instance>/w<i>``) and
-database pool.
+database pool. They share one budget of failed handshakes per address: each tells the
+others its failures over the datagram sockets the supervisor hands it
+(`gateway.failure_channel`, ``--failure-inbox FD --failure-outbox FD ...``).
 
 Also runnable as ``python -m gateway.serve`` (settings from the environment), which the
 supervisor uses for its workers: ``--worker-index I --settings-stdin`` reads the settings
@@ -32,6 +34,7 @@ from collections.abc import Callable
 import uvloop
 
 from gateway.events import SpoolSink
+from gateway.failure_channel import ChannelFds, FailureChannel
 from gateway.revocation import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from gateway.takeover import SessionBus
@@ -61,6 +64,7 @@ async def serve(
     worker_index: int = 0,
     reuse_port: bool = False,
     watch_stdin: bool = False,
+    failure_fds: ChannelFds | None = None,
 ) -> None:
     """Run one gateway worker until SIGTERM or SIGINT (or stdin's end, if watched).
 
@@ -70,6 +74,8 @@ async def serve(
         worker_index: This worker's number: spool ``w<i>``, chain ``<instance>/w<i>``.
         reuse_port: Bind with SO_REUSEPORT (several workers share the address).
         watch_stdin: Stop when stdin reaches its end (the supervisor is gone).
+        failure_fds: This worker's ends of the supervisor's failure mesh (None: no
+            siblings).
     """
     loop = asyncio.get_running_loop()
     host, port = settings.listen_host_port
@@ -126,6 +132,7 @@ async def serve(
                 failed_handshakes_per_minute=settings.failed_handshakes_per_minute,
                 bus=bus,
                 metrics=metrics,
+                failure_channel=FailureChannel.from_fds(failure_fds) if failure_fds else None,
             )
             stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -211,6 +218,10 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="run N worker processes")
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings-stdin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--failure-inbox", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--failure-outbox", type=int, action="append", default=[], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.settings_stdin:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
@@ -227,6 +238,11 @@ def _cli(argv: list[str] | None = None) -> int:
                 worker_index=args.worker_index,
                 reuse_port=True,
                 watch_stdin=args.settings_stdin,
+                failure_fds=(
+                    ChannelFds(args.failure_inbox, tuple(args.failure_outbox))
+                    if args.failure_inbox is not None
+                    else None
+                ),
             )
         )
         return 0

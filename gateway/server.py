@@ -23,7 +23,9 @@ Invariants:
   connection beyond ``max_connections``. Every ``tls_handshake`` denial that reaches
   `Gateway.record` takes a token from its address (except ``proxy_protocol_error``, which
   names the load balancer, and the accept-time refusals themselves), so no failure
-  path can be forgotten.
+  path can be forgotten. With a `gateway.failure_channel.FailureChannel` (several
+  workers), each such failure is also sent to the sibling workers, which charge it too:
+  the budget is the instance's, while the check at accept stays a local lookup.
 * Events that do not gate admission are recorded in the background; `Gateway.close`
   waits for them, so a clean shutdown loses none.
 * The policy document is swapped atomically on reload; sessions keep the fleet policy
@@ -47,6 +49,7 @@ from opentelemetry.trace import NoOpTracer
 
 from gateway.audit import EventContext, EventSink
 from gateway.bridge import BridgeConfig, DeviceConnection
+from gateway.failure_channel import FailureChannel
 from gateway.identity import DeviceIdentity
 from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
 from gateway.policy import PolicyError, load_policy
@@ -118,6 +121,8 @@ class Gateway:
 
     ``failed_handshakes_per_minute`` (None: no limit) sizes the per-address token bucket;
     ``refusal_event_interval`` is the throttle window of accept-time refusal events.
+    ``failure_channel`` shares the failed handshakes with the sibling workers (None: this
+    worker is the whole instance); the gateway starts and closes it.
     ``metrics`` receives the connection counts and spans (`gateway.telemetry`); without it
     they go to a no-op meter and tracer (counted, never exported).
     """
@@ -138,6 +143,7 @@ class Gateway:
         refusal_event_interval: float = 10.0,
         bus: SessionBus | None = None,
         metrics: GatewayMetrics | None = None,
+        failure_channel: FailureChannel | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else _unexported_metrics()
@@ -156,6 +162,7 @@ class Gateway:
             if failed_handshakes_per_minute
             else None
         )
+        self.failure_channel = failure_channel
         self.refusals = EventThrottle(interval=refusal_event_interval)
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,6 +187,8 @@ class Gateway:
             self.directory.attach(self)
         if self.bus is not None:
             self.bus.attach(self)
+        if self.failure_channel is not None and self.failures is not None:
+            self.failure_channel.start(self.failures)
         self._ticker = loop.create_task(self._tick(), name="gateway-tick")
         log.info("gateway listening on %s:%s", self.host, self.port)
 
@@ -195,6 +204,8 @@ class Gateway:
             self._ticker.cancel()
             self._ticker = None
             self._record_bursts(self.refusals.flush())
+        if self.failure_channel is not None:
+            self.failure_channel.close()
         for connection in list(self.connections):
             connection.kick(Reason.SERVER_SHUTTING_DOWN)
         if self._server is not None:
@@ -283,7 +294,10 @@ class Gateway:
             and event.outcome is Outcome.DENIED
             and event.reason not in _NOT_FAILURES
         ):
-            self.failures.failed(address_key(event.peer_address))
+            key = address_key(event.peer_address)
+            self.failures.failed(key)
+            if self.failure_channel is not None and key is not None:
+                self.failure_channel.failed(key)
         return self.spawn(self._record(event), "record-event")
 
     async def _record(self, event: AuthEvent) -> None:

@@ -5,7 +5,9 @@ worker as ``python -m gateway.serve --worker-index I --settings-stdin`` and hand
 settings as one JSON line on its stdin. Each worker binds its own listening socket with
 SO_REUSEPORT on the same address (the kernel spreads new connections across them), runs
 its own event loop (uvloop), database pool, spool ``spool_dir/w<I>`` and event chain
-``<instance>/w<I>``. Workers share nothing, so one crashing loses only its own sessions.
+``<instance>/w<I>``. Workers share no memory, so one crashing loses only its own sessions;
+they share the failed-handshake budget by telling one another their failures over
+datagram socketpairs this supervisor makes and keeps (`gateway.failure_channel.Mesh`).
 
 Invariants:
 
@@ -40,6 +42,7 @@ from types import FrameType
 from typing import Final
 
 from gateway import event_codec
+from gateway.failure_channel import Mesh
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
 from gateway.server import config_from_settings
@@ -85,6 +88,7 @@ class Supervisor:
         self._stopping = False
         self._hangup = False
         self._reserved: socket.socket | None = None
+        self._mesh: Mesh | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -92,6 +96,8 @@ class Supervisor:
         """Run until SIGTERM/SIGINT; return the exit status (0: every worker drained)."""
         raise_fd_limit()
         self._reserve_address()
+        if len(self.workers) > 1:  # one worker has no siblings to share failures with
+            self._mesh = Mesh(len(self.workers))
         previous = {
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -111,6 +117,8 @@ class Supervisor:
                 signal.signal(sig, handler)
             if self._reserved is not None:
                 self._reserved.close()
+            if self._mesh is not None:
+                self._mesh.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -151,7 +159,14 @@ class Supervisor:
             self.python, "-m", "gateway.serve",
             "--worker-index", str(worker.index), "--settings-stdin",
         ]  # fmt: skip
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, preexec_fn=_ignore_signals)
+        pass_fds: tuple[int, ...] = ()
+        if self._mesh is not None:
+            fds = self._mesh.fds(worker.index)
+            command += fds.args()
+            pass_fds = fds.pass_fds
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, preexec_fn=_ignore_signals, pass_fds=pass_fds
+        )
         assert process.stdin is not None
         process.stdin.write(self._payload())
         process.stdin.flush()  # and kept open: its end tells the worker we are gone

@@ -93,7 +93,12 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(10_000, ge=1, description="Connections per worker.")
     failed_handshakes_per_minute: int = Field(
-        30, ge=1, description="Failed handshakes allowed per peer address per minute."
+        30,
+        ge=1,
+        description=(
+            "Failed handshakes allowed per peer address per minute, for the whole gateway"
+            " instance (all its workers)."
+        ),
     )
     revocation_stale_after: Duration = Field(
         timedelta(seconds=30),

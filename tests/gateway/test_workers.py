@@ -1,11 +1,15 @@
 """``devicegate serve gateway --workers 2``: both workers serve, a dead one is restarted,
-SIGTERM drains without cutting a packet in flight, exits 0, and the spool is shipped."""
+SIGTERM drains without cutting a packet in flight, exits 0, and the spool is shipped; the
+failed-handshake budget of an address is the instance's, not each worker's."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -301,3 +305,64 @@ def test_a_bad_configuration_fails_once_with_a_clear_message(tmp_path: Path) -> 
     )
     assert result.exit_code == 1
     assert "devicegate ca init" in result.output
+
+
+FAILED_HANDSHAKES_PER_MINUTE = 30  # the documented default (Settings)
+NOT_FAILURES = ("rate_limited", "too_many_connections", "proxy_protocol_error")
+
+
+def _handshake_without_certificate(port: int, chain: Path) -> None:
+    """A TLS client with no certificate: refused (no_client_certificate), or at accept."""
+    context = ssl.create_default_context(cafile=str(chain))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        contextlib.suppress(ssl.SSLError, ConnectionError),
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.recv(1) == b""
+
+
+def _wait_listening(served: Served, times: int) -> None:
+    """Until the log says ``times`` times that a worker listens (starts and restarts)."""
+    deadline = time.monotonic() + 20
+    while served.log.read_text().count("gateway listening on") < times:
+        assert time.monotonic() < deadline, served.log.read_text()
+        time.sleep(0.05)
+
+
+def test_failed_handshakes_share_one_budget_per_instance(
+    served: Served, harness: Harness, pki: Pki
+) -> None:
+    # A restarted worker is on the mesh again (the supervisor kept its sockets).
+    _wait_listening(served, 2)
+    (victim, _) = served.workers()
+    os.kill(victim, signal.SIGKILL)
+    _wait_listening(served, 3)
+    assert victim not in served.workers()
+    # 80 failed handshakes from 127.0.0.1, one after another, spread by the kernel over both
+    # workers: with a budget per worker about 60 would be let through, per instance 30
+    # (plus what the bucket refills meanwhile, 0.5 a second, and a few in flight between
+    # workers).
+    attempts = 80
+    started = time.monotonic()
+    for _ in range(attempts):
+        _handshake_without_certificate(served.port, pki.chain)
+    elapsed = time.monotonic() - started
+    served.process.send_signal(signal.SIGTERM)  # drains: the refusal counts are recorded
+    assert served.process.wait(30) == 0, served.log.read_text()
+    rows = harness.query(
+        "SELECT chain_id, reason, detail FROM auth_events"
+        " WHERE instance = $1 AND type = 'tls_handshake' AND outcome = 'denied'",
+        served.instance,
+    )
+    failed = [r for r in rows if r["reason"] not in NOT_FAILURES]
+    limited = [r for r in rows if r["reason"] == "rate_limited"]
+    refused = sum(json.loads(r["detail"])["refused"] for r in limited)
+    wanted = {f"{served.instance}/w0", f"{served.instance}/w1"}
+    assert {r["chain_id"] for r in failed} == wanted  # both workers let some through
+    assert {r["chain_id"] for r in limited} == wanted  # and both refused some
+    assert {json.loads(r["detail"])["address"] for r in limited} == {"127.0.0.1"}
+    assert len(failed) + refused >= attempts  # every attempt is accounted for
+    budget = FAILED_HANDSHAKES_PER_MINUTE
+    refill = elapsed * budget / 60
+    assert budget <= len(failed) <= budget + refill + 3, (len(failed), refused, elapsed)
