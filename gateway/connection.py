@@ -241,6 +241,7 @@ class Session:
         error: str | None = None,
         type_: EventType = EventType.SESSION_END,
     ) -> AuthEvent:
+        """The ``session_end`` (or ``session_revoked``) event alone: see `end_events`."""
         outcome = Outcome.ALLOWED if reason in _NORMAL_ENDS else Outcome.DENIED
         detail: dict[str, object] = {
             "bytes_in": self.bytes_in,

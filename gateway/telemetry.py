@@ -313,9 +313,10 @@ def log_event(event: AuthEvent) -> None:
     """One log line for one auth event: its identifying fields and trace id, never detail.
 
     The detail is left out (it is in the audit log) except ``trace_id`` and the ``count``
-    of denials one event stands for: nothing that could be a secret. Denials are logged at INFO, allowed decisions (admissions, normal
-    session ends) at DEBUG: two INFO lines per connection cost about a tenth of a
-    gateway's CPU per handshake, and the audit log already holds every event durably.
+    of denials one event stands for: nothing that could be a secret. Denials are logged
+    at INFO, allowed decisions (admissions, normal session ends) at DEBUG: two INFO lines
+    per connection cost about a tenth of a gateway's CPU per handshake, and the audit log
+    already holds every event durably.
     Nothing is done when the logger is above the line's level.
     """
     level = logging.INFO if event.outcome is Outcome.DENIED else logging.DEBUG
