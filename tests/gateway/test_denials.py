@@ -21,8 +21,11 @@ from gateway.denials import (
     sample,
 )
 from gateway.mqtt import Disconnect, Puback, Publish, Suback, Subscribe, Subscription, encode
+from gateway.server import config_from_settings
 from schemas.events import AuthEvent, EventType, Outcome, Reason, canonical_bytes
 from schemas.policy import FleetPolicy
+from schemas.settings import ConfigError, Settings, load_settings
+from tests.conftest import Pki
 from tests.gateway.test_connection import ID, MINE, OTHER, admit, device_bytes, upstream_bytes
 
 LIMITS = DenialLimits(per_window=100, events_per_window=10, window=60.0)
@@ -322,3 +325,14 @@ def test_no_count_is_ever_lost(seed: int) -> None:
             else "filters"
         )
         assert event.detail[key]  # every event names what was denied
+
+
+def test_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
+    assert DenialLimits() == config_from_settings(Settings(pki_dir=pki.directory)).denials
+    monkeypatch.setenv("DEVICEGATE_DENIALS_PER_WINDOW", "5")
+    monkeypatch.setenv("DEVICEGATE_DENIAL_WINDOW", "2m")
+    config = config_from_settings(load_settings(pki_dir=pki.directory))
+    assert config.denials == DenialLimits(per_window=5, events_per_window=10, window=120.0)
+    monkeypatch.setenv("DEVICEGATE_DENIAL_WINDOW", "0s")
+    with pytest.raises(ConfigError, match="DEVICEGATE_DENIAL_WINDOW: must be longer than zero"):
+        load_settings()
