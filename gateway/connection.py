@@ -5,8 +5,9 @@ CONNACK, the durable connect event) -> ``ACTIVE`` -> ``CLOSED``.
 
 Invariants:
 
-* No I/O, no clock, no await: the bridge feeds bytes and outcomes in and executes the
-  returned `gateway.actions` in order.
+* No I/O, no await: the bridge feeds bytes and outcomes in and executes the returned
+  `gateway.actions` in order. The one clock read is the denial budget's, injected with
+  it (`gateway.denials.DenialBudget`), so tests step it by hand.
 * CONNECT is the first packet. Nothing is sent upstream before the device, its
   certificate, its client id and its will topic are authorised, and the device gets its
   CONNACK only through `Admit`, i.e. after its connect event is durable.
