@@ -23,7 +23,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any, Protocol, cast
@@ -40,6 +40,7 @@ from gateway.actions import (
 )
 from gateway.audit import EventContext, EventSink
 from gateway.connection import Session, State
+from gateway.denials import DenialBudget, DenialLimits
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
@@ -73,6 +74,8 @@ class BridgeConfig:
     dial_timeout: float = 5.0
     proxy_protocol_from: tuple[IPv4Network | IPv6Network, ...] = ()
     """Peers that must send a PROXY v2 header (empty: PROXY protocol off)."""
+    denials: DenialLimits = field(default_factory=DenialLimits)
+    """Each session's denial budget (`gateway.denials`)."""
 
 
 class Hub(Protocol):
@@ -138,6 +141,7 @@ class DeviceConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None  # the certificate's notAfter
+        self._denials: asyncio.TimerHandle | None = None  # the denial window's end
         self._device_paused = False
         self._to_upstream: list[bytes | memoryview] = []
         self._gate: ProxyGate | None = None  # the PROXY v2 stage, before TLS
@@ -281,8 +285,7 @@ class DeviceConnection(asyncio.Protocol):
         log.exception("internal error; closing the connection (fail closed)")
         session = self.session
         if session is not None:
-            event = session.close(Reason.PROTOCOL_ERROR)
-            if event is not None:
+            for event in session.close(Reason.PROTOCOL_ERROR):
                 self.hub.record(event)
         self._close(Reason.PROTOCOL_ERROR, graceful=False, linger=False)
 
@@ -340,6 +343,7 @@ class DeviceConnection(asyncio.Protocol):
             policy=self.hub.fleet_policy(identity.fleet),
             context=self.context,
             max_packet_size=self.config.max_packet_size,
+            denials=DenialBudget(self.config.denials),
         )
         self.hub.identified(self)
         if self._timer is not None:
@@ -368,7 +372,8 @@ class DeviceConnection(asyncio.Protocol):
     def _tls_failed(self, failure: TlsFailure, *, linger: bool = True) -> None:
         session = self.session
         if session is not None and session.state is State.ACTIVE:
-            self.hub.record(session.end_event(failure.reason, failure.detail))
+            for event in session.end_events(failure.reason, failure.detail):
+                self.hub.record(event)
         else:  # refused before admission: the handshake (or the certificate) failed
             detail: dict[str, object] = {"error": failure.detail}
             if failure.verify_code is not None:
@@ -432,6 +437,26 @@ class DeviceConnection(asyncio.Protocol):
             elif kind is Admit:
                 assert isinstance(action, Admit)
                 self.hub.spawn(self._admit(action), "admit")
+        if recorded is not None and self._denials is None:
+            self._arm_denials()  # a denial window opens with a recorded denial
+
+    def _arm_denials(self) -> None:
+        """Time the open denial window's summaries (`Session.denials_due`)."""
+        session = self.session
+        if self.closed or session is None or session.state is not State.ACTIVE:
+            return
+        delay = session.denials.due_in()
+        if delay is not None:
+            self._denials = asyncio.get_running_loop().call_later(delay, self._denials_due)
+
+    def _denials_due(self) -> None:
+        self._denials = None
+        if self.closed or self.session is None:
+            return
+        self._run(self.session.denials_due())
+        self._flush()
+        if self._denials is None:
+            self._arm_denials()  # the loop's clock fired a little early: not closed yet
 
     def _flush(self) -> None:
         """One write per side for everything queued while handling one input."""
@@ -518,8 +543,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _lost(self, reason: Reason, type_: EventType = EventType.SESSION_END) -> None:
         if self.session is not None:
-            event = self.session.close(reason, type_)
-            if event is not None:
+            for event in self.session.close(reason, type_):
                 self.hub.record(event)
         gone = reason is Reason.CONNECTION_LOST
         self._close(reason, graceful=not gone, linger=not gone)
@@ -602,6 +626,9 @@ class DeviceConnection(asyncio.Protocol):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._denials is not None:
+            self._denials.cancel()
+            self._denials = None
         if after is not None and not after.done():
             self._held = True
             after.add_done_callback(lambda _: self._shut(reason, graceful=graceful, linger=linger))

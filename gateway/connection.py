@@ -5,8 +5,9 @@ CONNACK, the durable connect event) -> ``ACTIVE`` -> ``CLOSED``.
 
 Invariants:
 
-* No I/O, no clock, no await: the bridge feeds bytes and outcomes in and executes the
-  returned `gateway.actions` in order.
+* No I/O, no await: the bridge feeds bytes and outcomes in and executes the returned
+  `gateway.actions` in order. The one clock read is the denial budget's, injected with
+  it (`gateway.denials.DenialBudget`), so tests step it by hand.
 * CONNECT is the first packet. Nothing is sent upstream before the device, its
   certificate, its client id and its will topic are authorised, and the device gets its
   CONNACK only through `Admit`, i.e. after its connect event is durable.
@@ -25,6 +26,13 @@ Invariants:
 * Broker-to-device bytes go through `gateway.downstream.Downstream` untouched, except
   the CONNACK (v5 Assigned Client Identifier; Maximum Packet Size lowered to the
   gateway's own limit, so a compliant client never trips it) and merged SUBACKs.
+* Denials go through the session's `gateway.denials.DenialBudget`: the first few of a
+  window are events of their own (a SUBSCRIBE's denied filters are one event with their
+  count and a sample), the rest are summed up in one event per type when the window
+  closes (`Session.denials_due`, on the bridge's timer) or the session ends (every end
+  event is preceded by the held summaries: `Session.end_events`). Past the budget the
+  session is closed with ``too_many_denials`` (DISCONNECT 0x97 quota exceeded on v5);
+  the packet that crossed it is neither answered nor forwarded.
 * Ended from outside (`Session.cut`: takeover, revocation, certificate expiry, shutdown),
   a session always records why: an admitted one (or one whose connect event is already
   on its way to the log) its ``session_end`` / ``session_revoked``, with a DISCONNECT on
@@ -35,7 +43,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from enum import Enum
 from typing import Final
@@ -51,6 +59,7 @@ from gateway.actions import (
     ToUpstream,
 )
 from gateway.audit import EventContext
+from gateway.denials import DenialBudget, Summary, clip, sample
 from gateway.downstream import Downstream, SubackMerge
 from gateway.fastpath import MORE, allowed_publish_end
 from gateway.identity import DeviceIdentity
@@ -82,6 +91,10 @@ _CACHE_LIMIT: Final = 1024
 _TOPIC_ALIAS_INVALID: Final = 0x94
 _PROTOCOL_ERROR: Final = 0x82
 _BAD_AUTH_METHOD: Final = 0x8C
+# Quota exceeded ("an implementation or administrative imposed limit has been exceeded"):
+# the budget, not the credential, ended the session; each denial was already answered
+# with 0x87, and 0x87 on DISCONNECT means "renew your certificate" here (expiry).
+_QUOTA_EXCEEDED: Final = 0x97
 # Packet types a client may send after CONNECT (AUTH only on v5).
 _FROM_CLIENT: Final = frozenset({3, 4, 5, 6, 7, 8, 10, 12, 14, 15})
 _PUBLISH, _PUBREL, _SUBSCRIBE, _DISCONNECT, _CONNECT = 3, 6, 8, 14, 1
@@ -150,6 +163,7 @@ class Session:
         policy: FleetPolicy,
         context: EventContext,
         max_packet_size: int,
+        denials: DenialBudget | None = None,
     ) -> None:
         self.identity = identity
         self.policy = policy
@@ -164,6 +178,7 @@ class Session:
         self.bytes_out = 0
         self.packets_in = 0
         self.denied = 0
+        self.denials = denials if denials is not None else DenialBudget()
         self._buf = b""  # before admission: bytes not yet judged
         self._pending: list[bytes | memoryview] = []  # once active: a partial frame's pieces
         self._pending_len = 0
@@ -193,13 +208,41 @@ class Session:
             type_, reason, outcome=outcome, client_id=self.client_id, detail=dict(detail or {})
         )
 
-    def end_event(
+    def end_events(
+        self,
+        reason: Reason,
+        error: str | None = None,
+        type_: EventType = EventType.SESSION_END,
+    ) -> list[AuthEvent]:
+        """The last events of an admitted session: the summaries of the denials still held,
+        then its ``session_end`` (or ``session_revoked``)."""
+        events = [self._summary_event(s) for s in self.denials.flush()]
+        events.append(self._end_event(reason, error, type_))
+        return events
+
+    def _summary_event(self, summary: Summary) -> AuthEvent:
+        key = "topics" if summary.type is EventType.PUBLISH else "filters"
+        detail = {
+            "summary": True,
+            "count": summary.count,
+            key: list(summary.sample),
+            "window_seconds": self.denials.limits.window,
+        }
+        return self._event(summary.type, summary.reason, detail)
+
+    def denials_due(self) -> list[Action]:
+        """The bridge's timer: record the summaries of a denial window that has closed."""
+        if self.state is not State.ACTIVE:
+            return []
+        return [Record(self._summary_event(s)) for s in self.denials.due()]
+
+    def _end_event(
         self,
         reason: Reason,
         error: str | None = None,
         type_: EventType = EventType.SESSION_END,
     ) -> AuthEvent:
-        """The ``session_end`` (or ``session_revoked``) event of an admitted session."""
+        """The ``session_end`` (or ``session_revoked``) event alone: see `end_events`."""
         outcome = Outcome.ALLOWED if reason in _NORMAL_ENDS else Outcome.DENIED
         detail: dict[str, object] = {
             "bytes_in": self.bytes_in,
@@ -426,7 +469,7 @@ class Session:
 
     def _protocol_close(self, reason: Reason, v5_code: int | None, detail: str) -> list[Action]:
         self.state = State.CLOSED
-        actions: list[Action] = [Record(self.end_event(reason, detail))]
+        actions: list[Action] = [Record(e) for e in self.end_events(reason, detail)]
         if v5_code is not None and self.version == MQTT_5:
             actions.append(ToDevice(encode(Disconnect(reason_code=v5_code), version=MQTT_5)))
         actions.append(Close(reason))
@@ -516,7 +559,7 @@ class Session:
                 elif packet_type == _DISCONNECT:
                     actions.append(ToUpstream(view[start:end]))
                     self.state = State.CLOSED
-                    actions.append(Record(self.end_event(Reason.CLIENT_DISCONNECTED)))
+                    actions.extend(Record(e) for e in self.end_events(Reason.CLIENT_DISCONNECTED))
                     actions.append(Close(Reason.CLIENT_DISCONNECTED))
                     return actions
                 if verdict is not None:
@@ -571,11 +614,14 @@ class Session:
                     self._raw_allowed.clear()
                 self._raw_allowed[topic.encode()] = True
             return None
-        self.denied += 1
-        detail = {"topic": topic, "qos": packet.qos}
-        actions: list[Action] = [
-            Record(self._event(EventType.PUBLISH, Reason.TOPIC_NOT_AUTHORIZED, detail))
-        ]
+        actions = self._deny(
+            EventType.PUBLISH,
+            1,
+            (topic,),
+            lambda: {"count": 1, "topic": clip(topic), "qos": packet.qos},
+        )
+        if self.denials.exceeded:
+            return self._too_many_denials(actions)
         packet_id = packet.packet_id
         if self.version == MQTT_5:
             if packet.qos == 1 and packet_id is not None:
@@ -589,7 +635,7 @@ class Session:
             return actions
         if not self.policy.drop_denied_publish_v3:
             self.state = State.CLOSED  # MQTT-3.3.5-2: close the connection
-            actions.append(Record(self.end_event(Reason.TOPIC_NOT_AUTHORIZED)))
+            actions.extend(Record(e) for e in self.end_events(Reason.TOPIC_NOT_AUTHORIZED))
             actions.append(Close(Reason.TOPIC_NOT_AUTHORIZED))
             return actions
         if packet.qos == 1 and packet_id is not None:
@@ -597,6 +643,28 @@ class Session:
         elif packet.qos == 2 and packet_id is not None:
             self._local_qos2.add(packet_id)
             actions.append(ToDevice(encode(Pubrec(packet_id=packet_id), version=MQTT_3_1_1)))
+        return actions
+
+    def _deny(
+        self,
+        type_: EventType,
+        count: int,
+        targets: Iterable[str],
+        detail: Callable[[], dict[str, object]],
+    ) -> list[Action]:
+        """Account ``count`` denials of ``targets``: the events to record now (``detail``
+        is built only if this denial is recorded on its own)."""
+        self.denied += count
+        verdict = self.denials.deny(type_, Reason.TOPIC_NOT_AUTHORIZED, count, targets)
+        actions: list[Action] = [Record(self._summary_event(s)) for s in verdict.due]
+        if verdict.record:
+            actions.append(Record(self._event(type_, Reason.TOPIC_NOT_AUTHORIZED, detail())))
+        return actions
+
+    def _too_many_denials(self, actions: list[Action]) -> list[Action]:
+        limits = self.denials.limits
+        error = f"more than {limits.per_window} denials in {limits.window:g} s"
+        actions.extend(self._protocol_close(Reason.TOO_MANY_DENIALS, _QUOTA_EXCEEDED, error))
         return actions
 
     def _pubrel(self, packet: Pubrel) -> list[Action] | None:
@@ -612,13 +680,20 @@ class Session:
         if all(verdicts):
             return None
         denied_code = 0x87 if self.version == MQTT_5 else 0x80
-        actions: list[Action] = []
-        for subscription, allowed in zip(packet.subscriptions, verdicts, strict=True):
-            if not allowed:
-                self.denied += 1
-                detail = {"filter": subscription.topic_filter, "qos": subscription.qos}
-                event = self._event(EventType.SUBSCRIBE, Reason.TOPIC_NOT_AUTHORIZED, detail)
-                actions.append(Record(event))
+        # One event for the packet, however many filters it denies: their count, a sample.
+        denied = [
+            s.topic_filter
+            for s, allowed in zip(packet.subscriptions, verdicts, strict=True)
+            if not allowed
+        ]
+        actions = self._deny(
+            EventType.SUBSCRIBE,
+            len(denied),
+            denied,
+            lambda: {"count": len(denied), "filters": sample(denied)},
+        )
+        if self.denials.exceeded:
+            return self._too_many_denials(actions)
         if not any(verdicts):
             codes = (denied_code,) * len(verdicts)
             suback = Suback(packet_id=packet.packet_id, reason_codes=codes)
@@ -636,14 +711,14 @@ class Session:
 
     # --- ends ------------------------------------------------------------------------
 
-    def close(self, reason: Reason, type_: EventType = EventType.SESSION_END) -> AuthEvent | None:
-        """The connection ended from outside (``reason``); the end event, if due.
+    def close(self, reason: Reason, type_: EventType = EventType.SESSION_END) -> list[AuthEvent]:
+        """The connection ended from outside (``reason``); the end events, if due.
 
-        Returns None if the session was never admitted or has already recorded its end.
+        Empty if the session was never admitted or has already recorded its end.
         """
         was_active = self.state is State.ACTIVE
         self.state = State.CLOSED
-        return self.end_event(reason, type_=type_) if was_active else None
+        return self.end_events(reason, type_=type_) if was_active else []
 
     def cut(
         self,
@@ -664,10 +739,10 @@ class Session:
         self.state = State.CLOSED
         if state is State.ACTIVE or self._admitting:
             type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
-            event = self.end_event(reason, type_=type_)
+            *summaries, event = self.end_events(reason, type_=type_)
             if detail:
                 event = event.model_copy(update={"detail": {**event.detail, **detail}})
-            actions: list[Action] = [Record(event)]
+            actions: list[Action] = [Record(e) for e in (*summaries, event)]
             if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
                 disconnect = Disconnect(reason_code=disconnect_code(reason))
                 actions.append(ToDevice(encode(disconnect, version=MQTT_5)))

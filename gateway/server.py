@@ -49,6 +49,7 @@ from opentelemetry.trace import NoOpTracer
 
 from gateway.audit import EventContext, EventSink
 from gateway.bridge import BridgeConfig, DeviceConnection
+from gateway.denials import DenialLimits
 from gateway.failure_channel import FailureChannel
 from gateway.identity import DeviceIdentity
 from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
@@ -111,6 +112,11 @@ def config_from_settings(settings: Settings) -> BridgeConfig:
         connect_timeout=settings.connect_timeout.total_seconds(),
         max_packet_size=settings.max_packet_size,
         proxy_protocol_from=tuple(settings.proxy_protocol_from),
+        denials=DenialLimits(
+            per_window=settings.denials_per_window,
+            events_per_window=settings.denial_events_per_window,
+            window=settings.denial_window.total_seconds(),
+        ),
     )
 
 

@@ -181,8 +181,11 @@ class GatewayMetrics:
         elif (kind is EventType.PUBLISH or kind is EventType.SUBSCRIBE) and (
             event.outcome is Outcome.DENIED
         ):
+            # One event may stand for many denials (a SUBSCRIBE's filters, a window's
+            # summary: `gateway.denials`); the counter counts denials.
             key = (kind.value, event.reason.value)
-            self.authz_denials[key] = self.authz_denials.get(key, 0) + 1
+            count = event.detail.get("count", 1)
+            self.authz_denials[key] = self.authz_denials.get(key, 0) + count
 
     def refused(self, reason: Reason) -> None:
         """A connection refused without an auth event (e.g. too_many_connections at accept)."""
@@ -309,10 +312,11 @@ class ObservingSink:
 def log_event(event: AuthEvent) -> None:
     """One log line for one auth event: its identifying fields and trace id, never detail.
 
-    The detail is left out (it is in the audit log) except ``trace_id``: nothing that
-    could be a secret. Denials are logged at INFO, allowed decisions (admissions, normal
-    session ends) at DEBUG: two INFO lines per connection cost about a tenth of a
-    gateway's CPU per handshake, and the audit log already holds every event durably.
+    The detail is left out (it is in the audit log) except ``trace_id`` and the ``count``
+    of denials one event stands for: nothing that could be a secret. Denials are logged
+    at INFO, allowed decisions (admissions, normal session ends) at DEBUG: two INFO lines
+    per connection cost about a tenth of a gateway's CPU per handshake, and the audit log
+    already holds every event durably.
     Nothing is done when the logger is above the line's level.
     """
     level = logging.INFO if event.outcome is Outcome.DENIED else logging.DEBUG
@@ -330,6 +334,8 @@ def log_event(event: AuthEvent) -> None:
         "peer_address": event.peer_address,
         "trace_id": event.detail.get("trace_id"),
     }
+    if "count" in event.detail:  # denials summed up in one event (`gateway.denials`)
+        extra["count"] = event.detail["count"]
     audit_log.log(
         level, "%s %s %s", event.type.value, event.outcome.value, event.reason.value, extra=extra
     )

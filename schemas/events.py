@@ -77,6 +77,8 @@ class Reason(StrEnum):
     CONNECT_TIMEOUT = "connect_timeout"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_DENIALS = "too_many_denials"
+    """A session closed for exceeding its denial budget (``DENIALS_PER_WINDOW``)."""
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_CLOSED = "upstream_closed"
     REVOCATION_STATE_STALE = "revocation_state_stale"

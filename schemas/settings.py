@@ -100,6 +100,22 @@ class Settings(BaseSettings):
             " instance (all its workers)."
         ),
     )
+    denials_per_window: int = Field(
+        100,
+        ge=1,
+        description="Denied PUBLISHes and SUBSCRIBE filters a session may have per "
+        "DENIAL_WINDOW; one more closes it (too_many_denials, DISCONNECT 0x97 on MQTT 5).",
+    )
+    denial_events_per_window: int = Field(
+        10,
+        ge=1,
+        description="Denial events a session records one by one per DENIAL_WINDOW; later "
+        "denials are summed up in one event per type when the window ends.",
+    )
+    denial_window: Duration = Field(
+        timedelta(seconds=60),
+        description="The window of DENIALS_PER_WINDOW and DENIAL_EVENTS_PER_WINDOW.",
+    )
     revocation_stale_after: Duration = Field(
         timedelta(seconds=30),
         description="Refuse new connections when revocation state is older than this.",
@@ -153,6 +169,13 @@ class Settings(BaseSettings):
         if scheme not in ("mqtt", "mqtts") or not sep:
             raise ValueError("must be mqtt://HOST:PORT or mqtts://HOST:PORT")
         _host_port(rest.rstrip("/"))
+        return value
+
+    @field_validator("denial_window")
+    @classmethod
+    def _check_denial_window(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than zero")
         return value
 
     @field_validator("proxy_protocol_from", mode="before")

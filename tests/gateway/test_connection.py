@@ -334,7 +334,10 @@ def test_subscribe_all_denied_is_answered_locally(version: int, code: int) -> No
     actions = session.receive_device(encode(subscribe, version=version))
     assert upstream_bytes(actions) == b""
     assert device_bytes(actions, version) == [Suback(packet_id=3, reason_codes=(code,) * 3)]
-    assert [e.detail["filter"] for e in records(actions)] == ["#", "devices/+/t", "$SYS/#"]
+    # One event for the packet: how many filters it denied, and which.
+    (event,) = records(actions)
+    assert event.type is EventType.SUBSCRIBE and event.reason is Reason.TOPIC_NOT_AUTHORIZED
+    assert event.detail == {"count": 3, "filters": ["#", "devices/+/t", "$SYS/#"]}
 
 
 @pytest.mark.parametrize(("version", "code"), [(4, 0x80), (5, 0x87)])
@@ -395,7 +398,7 @@ def test_disconnect_and_session_end_counts() -> None:
     (event,) = records(actions)
     assert event.reason is Reason.CLIENT_DISCONNECTED and event.outcome is Outcome.ALLOWED
     assert event.detail["packets_in"] == 3 and event.detail["packets_out"] == 1
-    assert session.close(Reason.CONNECTION_LOST) is None  # already ended
+    assert session.close(Reason.CONNECTION_LOST) == []  # already ended
 
 
 def test_broker_refusal_is_passed_on() -> None:

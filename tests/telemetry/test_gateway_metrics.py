@@ -224,3 +224,31 @@ def test_sampled_out_connection_keeps_its_trace_id_and_records_no_span() -> None
     assert stamped.detail == {"trace_id": conn.trace_id}
     assert spans.get_finished_spans() == ()
     telemetry.shutdown()
+
+
+async def test_denials_count_what_one_event_stands_for(
+    harness: Harness, metrics: GatewayMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SUBSCRIBE's event and a denial-budget summary count every denial they carry."""
+    sink = ObservingSink(MemorySink(), metrics)
+    denied = Outcome.DENIED
+    events = [
+        _event(EventType.PUBLISH, Reason.TOPIC_NOT_AUTHORIZED),  # before the budget: no count
+        _event(EventType.PUBLISH, Reason.TOPIC_NOT_AUTHORIZED).model_copy(
+            update={"detail": {"count": 1, "topic": "x"}}
+        ),
+        _event(EventType.SUBSCRIBE, Reason.TOPIC_NOT_AUTHORIZED, denied).model_copy(
+            update={"detail": {"count": 60_000, "filters": ["a"]}}
+        ),
+        _event(EventType.PUBLISH, Reason.TOPIC_NOT_AUTHORIZED).model_copy(
+            update={"detail": {"summary": True, "count": 91, "topics": ["x"]}}
+        ),
+    ]
+    with caplog.at_level("INFO", logger="devicegate.gateway.audit"):
+        for event in events:
+            await sink.record(event)
+    assert harness.points("devicegate.authz.denials") == {
+        (("action", "publish"), ("reason", "topic_not_authorized")): 1 + 1 + 91,
+        (("action", "subscribe"), ("reason", "topic_not_authorized")): 60_000,
+    }
+    assert [getattr(r, "count", None) for r in caplog.records] == [None, 1, 60_000, 91]
