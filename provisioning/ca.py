@@ -170,9 +170,14 @@ class CertificateAuthority:
         template = self._template
         if template is not None and template[0] is self.issuing and template[1].verified.get(kind):
             tbs = template[1].tbs(
-                serial=serial, not_before=options.not_before, not_after=options.not_after,
-                device_id=identity.device_id, fleet=identity.fleet,
-                spiffe_id=identity.spiffe_id, spki=spki_der(public_key), kind=kind,
+                serial=serial,
+                not_before=options.not_before,
+                not_after=options.not_after,
+                device_id=identity.device_id,
+                fleet=identity.fleet,
+                spiffe_id=identity.spiffe_id,
+                spki=spki_der(public_key),
+                kind=kind,
             )
             if tbs is not None:
                 return x509.load_der_x509_certificate(template[1].certificate(tbs))
@@ -183,7 +188,10 @@ class CertificateAuthority:
         return certificate
 
     def _builder(
-        self, public_key: DevicePublicKey, identity: DeviceIdentity, options: SignOptions,
+        self,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
+        options: SignOptions,
         serial: int,
     ) -> x509.CertificateBuilder:
         return (
@@ -222,7 +230,10 @@ class CertificateAuthority:
         return self._issuer_key_id[1]
 
     def _learn_template(
-        self, built: x509.Certificate, public_key: DevicePublicKey, identity: DeviceIdentity,
+        self,
+        built: x509.Certificate,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
         kind: str,
     ) -> None:
         """Compare the template's encoding of ``built``'s inputs with ``built`` itself; use
@@ -250,17 +261,24 @@ class CertificateAuthority:
         if kind in template.verified:
             return
         tbs = template.tbs(
-            serial=built.serial_number, not_before=built.not_valid_before_utc,
-            not_after=built.not_valid_after_utc, device_id=identity.device_id,
-            fleet=identity.fleet, spiffe_id=identity.spiffe_id, spki=spki_der(public_key),
+            serial=built.serial_number,
+            not_before=built.not_valid_before_utc,
+            not_after=built.not_valid_after_utc,
+            device_id=identity.device_id,
+            fleet=identity.fleet,
+            spiffe_id=identity.spiffe_id,
+            spki=spki_der(public_key),
             kind=kind,
         )
         if tbs is None:
             return  # an input outside the template: decide on the next certificate
         same = tbs == built.tbs_certificate_bytes
         if not same:
-            log.warning("device certificate template differs from the builder's encoding "
-                        "for %s keys; issuing with the builder", kind)
+            log.warning(
+                "device certificate template differs from the builder's encoding "
+                "for %s keys; issuing with the builder",
+                kind,
+            )
         template.verified[kind] = same
 
     def build_crl(
@@ -290,15 +308,22 @@ class CertificateAuthority:
 
 def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
 # RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
 _KEY_USAGE_BY_CLASS = {
-    "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
+    "rsa": _key_usage(key_encipherment=True),
+    "signing": _key_usage(key_encipherment=False),
 }
 """A device certificate's key usage per `provisioning.leaf_der.key_class`."""
 

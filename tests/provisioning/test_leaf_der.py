@@ -69,8 +69,9 @@ def test_template_matches_the_builder(ca: CertificateAuthority, key_type: KeyTyp
 )
 def test_validity_encodings_match(ca: CertificateAuthority, when: datetime) -> None:
     key = generate_key(KeyType.P256).public_key()
-    ca.issue_device_certificate(key, IDENTITY, SignOptions.starting_now(
-        validity=timedelta(days=1), backdate=timedelta(0)))  # learn the template
+    ca.issue_device_certificate(
+        key, IDENTITY, SignOptions.starting_now(validity=timedelta(days=1), backdate=timedelta(0))
+    )  # learn the template
     options = SignOptions(not_before=when - timedelta(days=1), not_after=when)
     issued = ca.issue_device_certificate(key, IDENTITY, options)
     built = ca.signer.sign_certificate(ca._builder(key, IDENTITY, options, issued.serial_number))
@@ -90,11 +91,19 @@ def test_long_names_and_non_ascii_fall_back_or_match(ca: CertificateAuthority) -
     # A SAN the template does not cover goes to the builder, which decides as before.
     odd = DeviceIdentity("d1", "f1", "tr\u00fcst.example")
     assert ca._template is not None
-    assert ca._template[1].tbs(
-        serial=1, not_before=options.not_before, not_after=options.not_after,
-        device_id=odd.device_id, fleet=odd.fleet, spiffe_id=odd.spiffe_id,
-        spki=spki_der(key), kind="signing",
-    ) is None
+    assert (
+        ca._template[1].tbs(
+            serial=1,
+            not_before=options.not_before,
+            not_after=options.not_after,
+            device_id=odd.device_id,
+            fleet=odd.fleet,
+            spiffe_id=odd.spiffe_id,
+            spki=spki_der(key),
+            kind="signing",
+        )
+        is None
+    )
     with pytest.raises(ValueError):  # cryptography refuses a non-ASCII URI
         ca.signer.sign_certificate(ca._builder(key, odd, options, 1))
     with pytest.raises(ValueError):
