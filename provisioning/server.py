@@ -57,6 +57,21 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     return context
 
 
+# On every response, API and console alike (the console adds its CSP and framing rules).
+# The listener speaks only HTTPS, so HSTS costs nothing; no includeSubDomains, because the
+# host name may be shared with other services. nosniff: a JSON or PEM body is never
+# reinterpreted as a script by a browser.
+BASE_HEADERS = {
+    "Strict-Transport-Security": "max-age=31536000",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def _base_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in BASE_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
@@ -79,6 +94,7 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=service.settings.max_body_bytes)
     app[SERVICE] = service
     app[CRL] = CrlCache(service.ca)
+    app.on_response_prepare.append(_base_headers)
     app.add_routes(
         [
             web.post("/v1/enroll", api.enroll),
