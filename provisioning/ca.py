@@ -8,6 +8,10 @@
 - ``server.crt``, ``server.key``          the listeners' identity; not under the passphrase,
                                           so the gateway never holds a CA secret
 
+The server certificate and every device certificate name the CRL that provisioning serves
+(``<public_url>/v1/crl``) as their CRL distribution point, so a relying party (and a TLS
+scanner) can find the revocation list from the certificate alone.
+
 Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC). Issuance takes
 `SignOptions` (what policy decided) and applies them; it decides nothing itself.
 """
@@ -135,12 +139,47 @@ def der_to_pem(der: bytes) -> str:
     return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
-class CertificateAuthority:
-    """Issues device certificates and CRLs with a `Signer` for the issuing CA."""
+def crl_distribution_points(url: str) -> x509.CRLDistributionPoints:
+    """The extension naming ``url`` as the one place to fetch the issuing CA's CRL."""
+    return x509.CRLDistributionPoints(
+        [x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)]
+    )
 
-    def __init__(self, signer: Signer, root: x509.Certificate) -> None:
+
+def crl_url_of(certificate: x509.Certificate) -> str | None:
+    """The first URI of a certificate's CRL distribution points, if it has one."""
+    try:
+        points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    except x509.ExtensionNotFound:
+        return None
+    for point in points.value:
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier):
+                return name.value
+    return None
+
+
+def derived_public_url(server_name: str, listen: str) -> str:
+    """``https://<server_name>:<port of listen>``: where provisioning is reached when
+    nobody said otherwise (the server certificate's first name is one clients must use)."""
+    host = f"[{server_name}]" if ":" in server_name else server_name
+    return f"https://{host}:{listen.rpartition(':')[2]}"
+
+
+class CertificateAuthority:
+    """Issues device certificates and CRLs with a `Signer` for the issuing CA.
+
+    Args:
+        crl_url: the CRL distribution point written into device certificates (None: none).
+    """
+
+    def __init__(
+        self, signer: Signer, root: x509.Certificate, *, crl_url: str | None = None
+    ) -> None:
         self.signer = signer
         self.root = root
+        self.crl_url = crl_url
+        self._crl_dp = None if crl_url is None else crl_distribution_points(crl_url)
         self._issuer_key_id: tuple[x509.Certificate, x509.AuthorityKeyIdentifier] | None = None
         self._template: tuple[x509.Certificate, LeafTemplate] | None = None
 
@@ -170,9 +209,14 @@ class CertificateAuthority:
         template = self._template
         if template is not None and template[0] is self.issuing and template[1].verified.get(kind):
             tbs = template[1].tbs(
-                serial=serial, not_before=options.not_before, not_after=options.not_after,
-                device_id=identity.device_id, fleet=identity.fleet,
-                spiffe_id=identity.spiffe_id, spki=spki_der(public_key), kind=kind,
+                serial=serial,
+                not_before=options.not_before,
+                not_after=options.not_after,
+                device_id=identity.device_id,
+                fleet=identity.fleet,
+                spiffe_id=identity.spiffe_id,
+                spki=spki_der(public_key),
+                kind=kind,
             )
             if tbs is not None:
                 return x509.load_der_x509_certificate(template[1].certificate(tbs))
@@ -183,10 +227,13 @@ class CertificateAuthority:
         return certificate
 
     def _builder(
-        self, public_key: DevicePublicKey, identity: DeviceIdentity, options: SignOptions,
+        self,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
+        options: SignOptions,
         serial: int,
     ) -> x509.CertificateBuilder:
-        return (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(
                 x509.Name(
@@ -211,6 +258,9 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._authority_key_id(), critical=False)
         )
+        if self._crl_dp is not None:
+            builder = builder.add_extension(self._crl_dp, critical=False)
+        return builder
 
     def _authority_key_id(self) -> x509.AuthorityKeyIdentifier:
         issuing = self.issuing
@@ -222,7 +272,10 @@ class CertificateAuthority:
         return self._issuer_key_id[1]
 
     def _learn_template(
-        self, built: x509.Certificate, public_key: DevicePublicKey, identity: DeviceIdentity,
+        self,
+        built: x509.Certificate,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
         kind: str,
     ) -> None:
         """Compare the template's encoding of ``built``'s inputs with ``built`` itself; use
@@ -232,6 +285,7 @@ class CertificateAuthority:
             return
         issuing = self.issuing
         if self._template is None or self._template[0] is not issuing:
+            crl_dp = None if self._crl_dp is None else self._crl_dp.public_bytes()
             template = LeafTemplate(
                 signature_algorithm=signature_algorithm_of(
                     built.public_bytes(serialization.Encoding.DER)
@@ -243,6 +297,7 @@ class CertificateAuthority:
                     [ExtendedKeyUsageOID.CLIENT_AUTH]
                 ).public_bytes(),
                 authority_key_id=self._authority_key_id().public_bytes(),
+                crl_distribution_points=crl_dp,
                 sign=signer.sign_bytes,
             )
             self._template = (issuing, template)
@@ -250,17 +305,24 @@ class CertificateAuthority:
         if kind in template.verified:
             return
         tbs = template.tbs(
-            serial=built.serial_number, not_before=built.not_valid_before_utc,
-            not_after=built.not_valid_after_utc, device_id=identity.device_id,
-            fleet=identity.fleet, spiffe_id=identity.spiffe_id, spki=spki_der(public_key),
+            serial=built.serial_number,
+            not_before=built.not_valid_before_utc,
+            not_after=built.not_valid_after_utc,
+            device_id=identity.device_id,
+            fleet=identity.fleet,
+            spiffe_id=identity.spiffe_id,
+            spki=spki_der(public_key),
             kind=kind,
         )
         if tbs is None:
             return  # an input outside the template: decide on the next certificate
         same = tbs == built.tbs_certificate_bytes
         if not same:
-            log.warning("device certificate template differs from the builder's encoding "
-                        "for %s keys; issuing with the builder", kind)
+            log.warning(
+                "device certificate template differs from the builder's encoding "
+                "for %s keys; issuing with the builder",
+                kind,
+            )
         template.verified[kind] = same
 
     def build_crl(
@@ -290,15 +352,22 @@ class CertificateAuthority:
 
 def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
 # RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
 _KEY_USAGE_BY_CLASS = {
-    "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
+    "rsa": _key_usage(key_encipherment=True),
+    "signing": _key_usage(key_encipherment=False),
 }
 """A device certificate's key usage per `provisioning.leaf_der.key_class`."""
 
@@ -368,6 +437,7 @@ def _server_certificate(
     names: Sequence[str],
     validity: timedelta,
     now: datetime,
+    crl_url: str | None,
 ) -> x509.Certificate:
     alt_names: list[x509.GeneralName] = []
     for name in names:
@@ -392,6 +462,8 @@ def _server_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False
         )
     )
+    if crl_url is not None:
+        builder = builder.add_extension(crl_distribution_points(crl_url), critical=False)
     return ca.signer.sign_certificate(builder)
 
 
@@ -432,6 +504,7 @@ def init_pki(
     passphrase: bytes | None,
     key_type: CAKeyType = CAKeyType.P256,
     server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+    crl_url: str | None = None,
     force: bool = False,
     root_validity: timedelta = timedelta(days=3650),
     issuing_validity: timedelta = timedelta(days=1825),
@@ -442,6 +515,8 @@ def init_pki(
     Args:
         passphrase: encrypts the CA keys; ``None`` writes them unencrypted (callers must
             have the operator's explicit consent for that).
+        crl_url: the CRL distribution point of the server certificate (``devicegate ca
+            init`` always gives one; None leaves it out, as for test and rogue CAs).
 
     Raises:
         CAError: a CA already exists there and ``force`` is false.
@@ -480,7 +555,7 @@ def init_pki(
     )
     ca = CertificateAuthority(FileSigner(issuing_key, issuing), root)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _server_certificate(ca, server_key, server_names, server_validity, now)
+    server = _server_certificate(ca, server_key, server_names, server_validity, now, crl_url)
 
     _write(directory / ROOT_KEY, _encrypted_pem(root_key, passphrase), secret=True)
     _write(directory / ISSUING_KEY, _encrypted_pem(issuing_key, passphrase), secret=True)
@@ -527,8 +602,14 @@ def load_private_key(path: Path, passphrase: bytes | None) -> CAPrivateKey:
     return key
 
 
-def load_ca(directory: Path, passphrase: bytes | None) -> CertificateAuthority:
-    """The issuing CA from the PKI directory (the root key is not needed, nor opened)."""
+def load_ca(
+    directory: Path, passphrase: bytes | None, *, crl_url: str | None = None
+) -> CertificateAuthority:
+    """The issuing CA from the PKI directory (the root key is not needed, nor opened).
+
+    Args:
+        crl_url: the CRL distribution point of the device certificates it issues.
+    """
     issuing = load_certificate(directory / ISSUING_CERT)
     root = load_certificate(directory / ROOT_CERT)
     key = load_private_key(directory / ISSUING_KEY, passphrase)
@@ -538,7 +619,7 @@ def load_ca(directory: Path, passphrase: bytes | None) -> CertificateAuthority:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise CAError(f"{directory / ISSUING_KEY} does not belong to {directory / ISSUING_CERT}")
-    return CertificateAuthority(FileSigner(key, issuing), root)
+    return CertificateAuthority(FileSigner(key, issuing), root, crl_url=crl_url)
 
 
 def describe_pki(directory: Path) -> list[tuple[str, x509.Certificate]]:

@@ -36,6 +36,7 @@ import asyncpg
 from provisioning.ca import CHAIN, init_pki
 from schemas.errors import DevicegateError
 from schemas.migrate import migrate
+from schemas.settings import CRL_PATH
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT = 30.0
@@ -107,6 +108,7 @@ class Stack:
             "DEVICEGATE_UPSTREAM_URL": f"mqtt://127.0.0.1:{self.broker_port}",
             "DEVICEGATE_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
             "DEVICEGATE_PROVISIONING_LISTEN": f"127.0.0.1:{self.provisioning_port}",
+            "DEVICEGATE_PUBLIC_URL": self.provisioning_url,
             "DEVICEGATE_SPOOL_DIR": str(self.work / "spool"),
             "DEVICEGATE_LOG_FORMAT": "text",
             # One gateway worker: one event chain and one log to read.
@@ -425,7 +427,11 @@ async def scratch_stack(
             raise MissingDependency(NO_MOSQUITTO)
         passphrase = secrets.token_urlsafe(18)
         pki_dir = work / "pki"
-        await asyncio.to_thread(init_pki, pki_dir, passphrase=passphrase.encode())
+        provisioning_port = free_port()  # before the PKI: certificates name its CRL URL
+        public_url = f"https://127.0.0.1:{provisioning_port}"
+        await asyncio.to_thread(
+            init_pki, pki_dir, passphrase=passphrase.encode(), crl_url=public_url + CRL_PATH
+        )
         say(f"scratch PKI           {pki_dir}  (root CA, issuing CA, server certificate)")
         database_url, label = await _database(stack, work, database, admin_url)
         say(f"database              {label}")
@@ -440,7 +446,7 @@ async def scratch_stack(
             database_url=database_url,
             database_label=label,
             broker_port=broker_port,
-            provisioning_port=free_port(),
+            provisioning_port=provisioning_port,
             gateway_port=free_port(),
             policy_file=policy,
         )

@@ -3,8 +3,9 @@
 Why: ``x509.CertificateBuilder`` costs ~4x the ECDSA signature itself (Python extension
 objects, validation, re-encoding of constant parts on every call), and issuance is on the
 enrollment hot path. Everything that is the same for every device certificate of one
-issuing CA (version, signature algorithm, issuer, basic constraints, EKU, key usage, AKI)
-is encoded once; per certificate only serial, validity, subject, key, SAN and SKI are.
+issuing CA (version, signature algorithm, issuer, basic constraints, EKU, key usage, AKI,
+CRL distribution points) is encoded once; per certificate only serial, validity, subject,
+key, SAN and SKI are.
 
 Invariants:
 - The template produces exactly the TBSCertificate that `CertificateAuthority`'s builder
@@ -26,7 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 __all__ = [
-    "LeafTemplate", "key_class", "signature_algorithm_of", "spki_der", "subject_key_id",
+    "LeafTemplate",
+    "key_class",
+    "signature_algorithm_of",
+    "spki_der",
+    "subject_key_id",
 ]
 
 _SEQUENCE = 0x30
@@ -110,6 +115,7 @@ class LeafTemplate:
         issuer: the DER Name of the issuing CA (its certificate's subject).
         basic_constraints, extended_key_usage, authority_key_id: DER extension values.
         key_usage: DER KeyUsage value per `key_class`.
+        crl_distribution_points: DER CRLDistributionPoints value, or None for none.
         sign: signs TBSCertificate bytes with the issuing CA's key.
     """
 
@@ -122,6 +128,7 @@ class LeafTemplate:
         key_usage: dict[str, bytes],
         extended_key_usage: bytes,
         authority_key_id: bytes,
+        crl_distribution_points: bytes | None = None,
         sign: Callable[[bytes], bytes],
     ) -> None:
         self._algorithm_issuer = signature_algorithm + issuer
@@ -129,8 +136,13 @@ class LeafTemplate:
         self._sign = sign
         bc = _extension(bytes.fromhex("0603551d13"), basic_constraints, critical=True)
         eku = _extension(bytes.fromhex("0603551d25"), extended_key_usage)
-        self._aki = _extension(bytes.fromhex("0603551d23"), authority_key_id)
-        # BasicConstraints, KeyUsage, EKU: in the builder's order, ahead of SAN, SKI, AKI.
+        # AKI then the CRL distribution points close the list, in the builder's order.
+        self._last_extensions = _extension(bytes.fromhex("0603551d23"), authority_key_id)
+        if crl_distribution_points is not None:
+            self._last_extensions += _extension(
+                bytes.fromhex("0603551d1f"), crl_distribution_points
+            )
+        # BasicConstraints, KeyUsage, EKU: in the builder's order, ahead of SAN and SKI.
         self._first_extensions = {
             kind: bc + _extension(bytes.fromhex("0603551d0f"), value, critical=True) + eku
             for kind, value in key_usage.items()
@@ -140,8 +152,16 @@ class LeafTemplate:
         (absent: not compared yet). The CA uses the template only where this is True."""
 
     def tbs(
-        self, *, serial: int, not_before: datetime, not_after: datetime, device_id: str,
-        fleet: str, spiffe_id: str, spki: bytes, kind: str,
+        self,
+        *,
+        serial: int,
+        not_before: datetime,
+        not_after: datetime,
+        device_id: str,
+        fleet: str,
+        spiffe_id: str,
+        spki: bytes,
+        kind: str,
     ) -> bytes | None:
         """The DER TBSCertificate, or None when the template does not cover the input."""
         start, end = _time(not_before), _time(not_after)
@@ -154,11 +174,15 @@ class LeafTemplate:
         )
         san = _extension(_OID_SAN, _tlv(_SEQUENCE, _tlv(_URI, spiffe_id.encode())))
         ski = _extension(_OID_SKI, _tlv(_OCTET_STRING, subject_key_id(spki)))
-        extensions = self._first_extensions[kind] + san + ski + self._aki
+        extensions = self._first_extensions[kind] + san + ski + self._last_extensions
         return _tlv(
             _SEQUENCE,
-            _VERSION_3 + _integer(serial) + self._algorithm_issuer
-            + _tlv(_SEQUENCE, start + end) + subject + spki
+            _VERSION_3
+            + _integer(serial)
+            + self._algorithm_issuer
+            + _tlv(_SEQUENCE, start + end)
+            + subject
+            + spki
             + _tlv(_EXTENSIONS, _tlv(_SEQUENCE, extensions)),
         )
 

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from provisioning import api, console, est, ratelimit
-from provisioning.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
+from provisioning.ca import CHAIN, SERVER_CERT, SERVER_KEY, crl_url_of, load_ca, load_certificate
 from provisioning.crl import CrlCache
 from provisioning.db import create_pool
 from provisioning.http_common import CRL, SERVICE, problems_middleware
@@ -57,6 +57,21 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     return context
 
 
+# On every response, API and console alike (the console adds its CSP and framing rules).
+# The listener speaks only HTTPS, so HSTS costs nothing; no includeSubDomains, because the
+# host name may be shared with other services. nosniff: a JSON or PEM body is never
+# reinterpreted as a script by a browser.
+BASE_HEADERS = {
+    "Strict-Transport-Security": "max-age=31536000",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def _base_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in BASE_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
@@ -79,6 +94,7 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=service.settings.max_body_bytes)
     app[SERVICE] = service
     app[CRL] = CrlCache(service.ca)
+    app.on_response_prepare.append(_base_headers)
     app.add_routes(
         [
             web.post("/v1/enroll", api.enroll),
@@ -115,9 +131,24 @@ async def _rollback_only(conn: Any) -> None:
         await conn.execute("ROLLBACK")
 
 
+def device_crl_url(settings: Settings) -> str | None:
+    """The CRL distribution point of device certificates: ``<public_url>/v1/crl`` when
+    ``DEVICEGATE_PUBLIC_URL`` is set, else the one `ca init` wrote into ``server.crt``."""
+    if settings.crl_url is not None:
+        return settings.crl_url
+    url = crl_url_of(load_certificate(settings.pki_dir / SERVER_CERT))
+    if url is None:
+        log.warning(
+            "DEVICEGATE_PUBLIC_URL is not set and %s names no CRL distribution point: "
+            "device certificates will name none; set DEVICEGATE_PUBLIC_URL",
+            settings.pki_dir / SERVER_CERT,
+        )
+    return url
+
+
 async def open_service(settings: Settings, *, pool_size: int = 16) -> ProvisioningService:
     """Load the CA (needs the passphrase) and open the connection pool."""
-    ca = load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
+    ca = load_ca(settings.pki_dir, settings.ca_passphrase_bytes(), crl_url=device_crl_url(settings))
     pool = await create_pool(
         settings.database_url, min_size=2, max_size=pool_size, reset=_rollback_only
     )

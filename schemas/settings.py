@@ -11,6 +11,7 @@ from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -25,6 +26,8 @@ from pydantic_settings import (
 from schemas.durations import Duration
 
 ENV_PREFIX = "DEVICEGATE_"
+CRL_PATH = "/v1/crl"
+"""Where provisioning serves the CRL, below ``public_url``."""
 METRICS_OFF = ("off", "")
 """``metrics_listen`` values that turn the ``/metrics`` endpoint off."""
 
@@ -130,6 +133,13 @@ class Settings(BaseSettings):
     )
 
     provisioning_listen: str = Field("0.0.0.0:8443", description="Provisioning HTTPS listener.")
+    public_url: str | None = Field(
+        None,
+        description="Base URL at which devices and relying parties reach provisioning "
+        "(`https://HOST[:PORT][/PATH]`); certificates name `<public_url>/v1/crl` as their "
+        "CRL distribution point. Unset: `ca init` uses `https://<first --server-name>:<port "
+        "of provisioning_listen>` and warns; `serve provisioning` reuses `server.crt`'s.",
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body.")
 
     metrics_listen: str = Field(
@@ -147,6 +157,22 @@ class Settings(BaseSettings):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         return _host_port(value)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value.strip())
+        try:
+            url.port  # noqa: B018 (raises ValueError on a bad port)
+        except ValueError:
+            raise ValueError("must be https://HOST[:PORT][/PATH] (bad port)") from None
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError("must be https://HOST[:PORT][/PATH]")
+        if url.query or url.fragment or not url.geturl().isascii():
+            raise ValueError("must be an ASCII URL without query or fragment")
+        return url.geturl().rstrip("/")
 
     @field_validator("metrics_listen")
     @classmethod
@@ -220,6 +246,11 @@ class Settings(BaseSettings):
             return None
         host, _, port = self.metrics_listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def crl_url(self) -> str | None:
+        """The CRL distribution point named in new certificates, when ``public_url`` is set."""
+        return None if self.public_url is None else f"{self.public_url}{CRL_PATH}"
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

@@ -122,7 +122,10 @@ class Proxy:
 
 @contextlib.contextmanager
 def provisioning_server(
-    settings: Settings, *, configure: Callable[[web.Application], None] | None = None
+    settings: Settings,
+    *,
+    configure: Callable[[web.Application], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> Iterator[int]:
     """The production provisioning app (`build_app`) with its real TLS context, on its own
     uvloop thread so tests may block (curl, openssl, CliRunner) without stalling it.
@@ -130,13 +133,15 @@ def provisioning_server(
     Args:
         settings: the service's settings.
         configure: called with the app before it starts (tests tighten a limiter there).
+        sock: a bound loopback socket to serve on (when the port had to be known before,
+            say for the PKI); default a free port.
 
     Yields:
         The loopback port it listens on.
     """
     from provisioning.server import build_app, open_service, server_ssl_context
 
-    port = free_port()
+    port = free_port() if sock is None else int(sock.getsockname()[1])
     loop = uvloop.new_event_loop()
     started = threading.Event()
     stop = asyncio.Event()
@@ -149,7 +154,12 @@ def provisioning_server(
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         ssl_context = server_ssl_context(settings.pki_dir)
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+        site: web.BaseSite = (
+            web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
+            if sock is None
+            else web.SockSite(runner, sock, ssl_context=ssl_context)
+        )
+        await site.start()
         started.set()
         await stop.wait()
         await runner.cleanup()

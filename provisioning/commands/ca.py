@@ -10,10 +10,12 @@ from provisioning import ca as pki
 from provisioning.commands.common import (
     console,
     context,
+    errors,
     fail,
     print_json_lines,
     print_table,
 )
+from schemas.settings import CRL_PATH
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
 
@@ -48,12 +50,26 @@ def init(
         )
     if passphrase is not None and len(passphrase) < 8:
         fail("the CA passphrase must have at least 8 characters", code=2)
+    names = server_name or ["localhost", "127.0.0.1"]
+    crl_url = settings.crl_url
+    if crl_url is None:
+        # Derived, not refused: the first server name is one clients must use to verify
+        # the listeners, so this URL is right unless a load balancer moves the port.
+        public_url = pki.derived_public_url(names[0], settings.provisioning_listen)
+        crl_url = f"{public_url}{CRL_PATH}"
+        errors.print(
+            f"[yellow]warning:[/yellow] DEVICEGATE_PUBLIC_URL is not set; certificates will "
+            f"name {crl_url} as their CRL distribution point. Set it to the address relying "
+            "parties reach provisioning at, then run ca init again.",
+            highlight=False,
+        )
     try:
         summary = pki.init_pki(
             settings.pki_dir,
             passphrase=passphrase,
             key_type=key_type,
-            server_names=server_name or ["localhost", "127.0.0.1"],
+            server_names=names,
+            crl_url=crl_url,
             force=force,
         )
     except pki.CAError as exc:
@@ -68,6 +84,7 @@ def init(
             f"  {name:8} {certificate.subject.rfc4514_string()}"
             f"  sha256:{pki.fingerprint(certificate)}"
         )
+    console.print(f"  CRL      {crl_url}", highlight=False)
     console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
 
 

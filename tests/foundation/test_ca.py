@@ -19,6 +19,8 @@ from provisioning.ca import (
     DeviceIdentity,
     KeyNotAllowed,
     SignOptions,
+    crl_url_of,
+    derived_public_url,
     fingerprint,
     init_pki,
     load_ca,
@@ -239,3 +241,45 @@ def test_ca_init_without_passphrase_needs_explicit_consent(tmp_path: Path) -> No
     allowed = _devicegate("ca", "init", "--insecure-no-passphrase", env=env)
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "pki" / "issuing-ca.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY")
+
+
+def _server_crl_url(directory: Path) -> str | None:
+    return crl_url_of(x509.load_pem_x509_certificates((directory / "server.crt").read_bytes())[0])
+
+
+def test_ca_init_names_the_crl_of_public_url(tmp_path: Path) -> None:
+    env = {
+        "DEVICEGATE_PKI_DIR": str(tmp_path / "pki"),
+        "DEVICEGATE_CA_PASSPHRASE": "long enough",
+        "DEVICEGATE_PUBLIC_URL": "https://prov.example.com/",
+    }
+    created = _devicegate("ca", "init", "--server-name", "gw.example", env=env)
+    assert created.returncode == 0, created.stderr
+    assert "warning" not in created.stderr
+    assert _server_crl_url(tmp_path / "pki") == "https://prov.example.com/v1/crl"
+    assert "https://prov.example.com/v1/crl" in created.stdout
+
+
+def test_ca_init_without_public_url_derives_it_and_warns(tmp_path: Path) -> None:
+    env = {
+        "DEVICEGATE_PKI_DIR": str(tmp_path / "pki"),
+        "DEVICEGATE_CA_PASSPHRASE": "long enough",
+        "DEVICEGATE_PROVISIONING_LISTEN": "0.0.0.0:9443",
+    }
+    os.environ.pop("DEVICEGATE_PUBLIC_URL", None)
+    created = _devicegate("ca", "init", "--server-name", "gw.example", env=env)
+    assert created.returncode == 0, created.stderr
+    assert "DEVICEGATE_PUBLIC_URL is not set" in created.stderr
+    assert "https://gw.example:9443/v1/crl" in created.stderr
+    assert _server_crl_url(tmp_path / "pki") == "https://gw.example:9443/v1/crl"
+
+
+def test_derived_public_url_brackets_ipv6() -> None:
+    assert derived_public_url("2001:db8::1", "[::]:8443") == "https://[2001:db8::1]:8443"
+    assert derived_public_url("127.0.0.1", "0.0.0.0:8443") == "https://127.0.0.1:8443"
+
+
+def test_server_certificate_names_the_crl_when_asked(tmp_path: Path) -> None:
+    with_url = init_pki(tmp_path / "a", passphrase=b"passphrase", crl_url="https://p.example/v1/crl")
+    assert crl_url_of(with_url.server) == "https://p.example/v1/crl"
+    assert crl_url_of(init_pki(tmp_path / "b", passphrase=b"passphrase").server) is None

@@ -44,6 +44,10 @@ def test_environment_then_file_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_p
         ("DEVICEGATE_DATABASE_URL", "mysql://x", "postgresql://"),
         ("DEVICEGATE_CERT_VALIDITY", "a fortnight", "not a duration"),
         ("DEVICEGATE_PROXY_PROTOCOL_FROM", "10.0.0.0/33", "not a valid IPv4 network"),
+        ("DEVICEGATE_PUBLIC_URL", "prov.example.com:8443", "https://HOST"),
+        ("DEVICEGATE_PUBLIC_URL", "ldap://prov.example.com", "https://HOST"),
+        ("DEVICEGATE_PUBLIC_URL", "https://prov.example.com:84430", "bad port"),
+        ("DEVICEGATE_PUBLIC_URL", "https://prov.example.com/?x=1", "without query"),
     ],
 )
 def test_a_bad_variable_is_named_in_the_error(
@@ -54,6 +58,25 @@ def test_a_bad_variable_is_named_in_the_error(
         load_settings()
     assert variable in str(raised.value)
     assert complaint in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "crl_url"),
+    [
+        ("https://prov.example.com:8443", "https://prov.example.com:8443/v1/crl"),
+        ("https://prov.example.com/", "https://prov.example.com/v1/crl"),
+        ("https://[2001:db8::7]:8443/pki/", "https://[2001:db8::7]:8443/pki/v1/crl"),
+        ("http://crl.example.com", "http://crl.example.com/v1/crl"),  # a plain-HTTP mirror
+    ],
+)
+def test_public_url_names_the_crl(value: str, crl_url: str) -> None:
+    assert load_settings(public_url=value).crl_url == crl_url
+
+
+def test_public_url_is_unset_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEVICEGATE_PUBLIC_URL", raising=False)
+    assert load_settings().public_url is None
+    assert load_settings().crl_url is None
 
 
 def test_a_bad_flag_is_named_as_a_flag() -> None:
@@ -81,8 +104,16 @@ def test_passphrase_is_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("10m", 600), ("8h", 28800), ("7d", 604800), ("1h30m", 5400), ("45", 45),
-     ("250ms", 0.25), ("2w", 1209600)],
+    [
+        ("30s", 30),
+        ("10m", 600),
+        ("8h", 28800),
+        ("7d", 604800),
+        ("1h30m", 5400),
+        ("45", 45),
+        ("250ms", 0.25),
+        ("2w", 1209600),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds

@@ -22,6 +22,7 @@ from tests.provisioning.conftest import INSTANCE, Server
 from tests.provisioning.conftest import admin_headers as admin_headers  # fixtures, re-exported
 from tests.provisioning.conftest import client_context as client_context
 from tests.provisioning.conftest import http as http
+from tests.provisioning.conftest import published as published
 from tests.provisioning.conftest import settings as settings
 
 FAILURES = 5  # failed token attempts allowed per address in a burst

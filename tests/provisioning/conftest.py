@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,10 +18,11 @@ import asyncpg
 import pytest
 
 from provisioning import admin
+from provisioning.ca import init_pki, load_ca
 from provisioning.device import KeyType, csr_pem, generate_key
 from schemas.api import TokenCreateRequest
-from schemas.settings import Settings
-from tests.conftest import Pki
+from schemas.settings import CRL_PATH, Settings
+from tests.conftest import PASSPHRASE, Pki
 from tests.helpers import provisioning_server
 
 INSTANCE = "test-provisioning"
@@ -47,6 +49,39 @@ def server(settings: Settings) -> Iterator[Server]:
     """The provisioning app with the real TLS context (see `provisioning_server`)."""
     with provisioning_server(settings) as port:
         yield Server(f"https://127.0.0.1:{port}", port)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A provisioning listener whose certificates name its own CRL, as `ca init` makes them."""
+
+    server: Server
+    pki: Pki
+    settings: Settings
+    crl_url: str
+
+
+@pytest.fixture(scope="session")
+def published(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
+    """A PKI whose server certificate names ``https://127.0.0.1:<port>/v1/crl``, and the
+    provisioning service on that port with ``public_url`` set, so device certificates do too.
+    The socket is bound first: the port must be known before the PKI is made."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    public_url = f"https://127.0.0.1:{sock.getsockname()[1]}"
+    directory = tmp_path_factory.mktemp("pki-published")
+    init_pki(directory, passphrase=PASSPHRASE, crl_url=public_url + CRL_PATH, force=True)
+    settings = Settings(
+        database_url=database_url,
+        pki_dir=directory,
+        ca_passphrase=PASSPHRASE.decode(),
+        instance_id=INSTANCE,
+        public_url=public_url,
+    )
+    assert settings.crl_url is not None
+    pki = Pki(directory, PASSPHRASE, load_ca(directory, PASSPHRASE))
+    with sock, provisioning_server(settings, sock=sock) as port:
+        yield Published(Server(f"https://127.0.0.1:{port}", port), pki, settings, settings.crl_url)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from provisioning.ca import (
     CertificateAuthority,
     DeviceIdentity,
     SignOptions,
+    crl_url_of,
     der_to_pem,
     fingerprint,
     init_pki,
@@ -25,14 +26,23 @@ from provisioning.ca import (
 from provisioning.device import KeyType, generate_key
 from provisioning.leaf_der import key_class, spki_der, subject_key_id
 
+CRL_URL = "https://prov.example.test:8443/v1/crl"
 
-@pytest.fixture(scope="module", params=list(CAKeyType))
+
+# Each CA key type, with and without a CRL distribution point (a PKI made before there was
+# one, or a rogue CA in the tests).
+@pytest.fixture(
+    scope="module",
+    params=[(key_type, url) for key_type in CAKeyType for url in (CRL_URL, None)],
+    ids=lambda param: f"{param[0]}-{'crl' if param[1] else 'no-crl'}",
+)
 def ca(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> CertificateAuthority:
-    directory: Path = tmp_path_factory.mktemp(f"pki-{request.param}") / "pki"
-    init_pki(directory, passphrase=b"pw", key_type=request.param)
-    return load_ca(directory, b"pw")
+    key_type, crl_url = request.param
+    directory: Path = tmp_path_factory.mktemp(f"pki-{key_type}") / "pki"
+    init_pki(directory, passphrase=b"pw", key_type=key_type)
+    return load_ca(directory, b"pw", crl_url=crl_url)
 
 
 IDENTITY = DeviceIdentity("line7-abcdefghijkl", "line7", "devicegate.test")
@@ -57,6 +67,7 @@ def test_template_matches_the_builder(ca: CertificateAuthority, key_type: KeyTyp
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [IDENTITY.spiffe_id]
     eku = issued.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert crl_url_of(issued) == ca.crl_url
 
 
 @pytest.mark.parametrize(
@@ -69,8 +80,9 @@ def test_template_matches_the_builder(ca: CertificateAuthority, key_type: KeyTyp
 )
 def test_validity_encodings_match(ca: CertificateAuthority, when: datetime) -> None:
     key = generate_key(KeyType.P256).public_key()
-    ca.issue_device_certificate(key, IDENTITY, SignOptions.starting_now(
-        validity=timedelta(days=1), backdate=timedelta(0)))  # learn the template
+    ca.issue_device_certificate(
+        key, IDENTITY, SignOptions.starting_now(validity=timedelta(days=1), backdate=timedelta(0))
+    )  # learn the template
     options = SignOptions(not_before=when - timedelta(days=1), not_after=when)
     issued = ca.issue_device_certificate(key, IDENTITY, options)
     built = ca.signer.sign_certificate(ca._builder(key, IDENTITY, options, issued.serial_number))
@@ -90,11 +102,19 @@ def test_long_names_and_non_ascii_fall_back_or_match(ca: CertificateAuthority) -
     # A SAN the template does not cover goes to the builder, which decides as before.
     odd = DeviceIdentity("d1", "f1", "tr\u00fcst.example")
     assert ca._template is not None
-    assert ca._template[1].tbs(
-        serial=1, not_before=options.not_before, not_after=options.not_after,
-        device_id=odd.device_id, fleet=odd.fleet, spiffe_id=odd.spiffe_id,
-        spki=spki_der(key), kind="signing",
-    ) is None
+    assert (
+        ca._template[1].tbs(
+            serial=1,
+            not_before=options.not_before,
+            not_after=options.not_after,
+            device_id=odd.device_id,
+            fleet=odd.fleet,
+            spiffe_id=odd.spiffe_id,
+            spki=spki_der(key),
+            kind="signing",
+        )
+        is None
+    )
     with pytest.raises(ValueError):  # cryptography refuses a non-ASCII URI
         ca.signer.sign_certificate(ca._builder(key, odd, options, 1))
     with pytest.raises(ValueError):
@@ -118,7 +138,7 @@ def test_a_template_that_differs_is_not_used(ca: CertificateAuthority) -> None:
     assert ca._template is not None
     template = ca._template[1]
     template.verified.clear()
-    template._aki = b"\x30\x00"  # as if cryptography encoded differently from the template
+    template._last_extensions = b"\x30\x00"  # as if cryptography encoded it differently
     issued = ca.issue_device_certificate(key, IDENTITY, options)
     assert template.verified == {"signing": False}
     issued.verify_directly_issued_by(ca.issuing)

@@ -91,3 +91,21 @@ def test_device_tls_helpers(pki: Pki, tmp_path: Path) -> None:
     params = mqtt_tls_parameters(tmp_path)
     assert params.ca_certs == str(tmp_path / "chain.pem")
     assert params.certfile == str(tmp_path / "device.crt")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/no/such/page", "/v1/crl", "/console/login"])
+def test_every_response_sends_hsts_and_nosniff(server: Server, pki: Pki, path: str) -> None:
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := tls.recv(4096)):
+            head += chunk
+    headers = head.split(b"\r\n\r\n")[0].decode().lower() + "\r\n"
+    assert "strict-transport-security: max-age=31536000\r\n" in headers
+    assert "x-content-type-options: nosniff\r\n" in headers
+    if path.startswith("/console/"):
+        assert "content-security-policy: default-src 'none'" in headers  # its own stay
