@@ -565,9 +565,26 @@ class DeviceConnection(asyncio.Protocol):
         if self.session is None:
             self._lost(reason)
             return
+        if reason is Reason.SESSION_TAKEN_OVER:
+            self._hand_over_upstream()
         self._run(self.session.cut(reason, revoked=revoked, detail=detail))
         if not self.closed:  # the session had already ended
             self._close(reason, graceful=True)
+
+    def _hand_over_upstream(self) -> None:
+        """Leave a taken-over session's broker connection for the broker's own takeover.
+
+        Closed here, before the successor's CONNECT reaches the broker, it would look like a
+        lost connection: the broker would publish the will of a client that is still there
+        (issue 18). Left open, the successor's CONNECT takes it over at the broker, which
+        decides as it would without the gateway: no will if the session goes on, the will
+        if a clean start ends it. Whatever it still sends is dropped (this connection is
+        closed); it is closed anyway once the successor had time to dial.
+        """
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            handover = self.config.dial_timeout + 1.0  # the successor's announce and dial
+            asyncio.get_running_loop().call_later(handover, upstream.close)
 
     def _certificate_expired(self) -> None:
         self._expiry = None

@@ -49,6 +49,8 @@ async def _pool(url: str) -> asyncpg.Pool:
 class Harness:
     """A gateway running on its own uvloop thread, with helpers to query its database."""
 
+    policy: PolicyDocument = TEST_POLICY  # a suite with other needs overrides it
+
     def __init__(self, pki: Pki, database_url: str, mosquitto_port: int) -> None:
         self.pki = pki
         self.database_url = database_url
@@ -88,7 +90,7 @@ class Harness:
             directory=directory or PostgresDirectory(self.pool),
             host="127.0.0.1",
             port=0,
-            policy=TEST_POLICY,
+            policy=self.policy,
             max_connections=max_connections,
         )
         self.call(gateway.start())
