@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Final
 
 from cryptography import x509
@@ -40,7 +41,8 @@ __all__ = [
 MAX_NAME: Final = 256
 MAX_SERIAL: Final = 64
 _CUT: Final = "..."
-_HIDDEN: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})  # control, format, ...
+_CACHED: Final = 128  # at most 2 MiB of DER (the TLS accelerator keeps leaves up to 16 KiB)
+_HIDDEN: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})  # control, format, ...
 
 
 class PresentedCertificate(BaseModel):
@@ -73,7 +75,9 @@ def _escaped(char: str) -> str:
 
 def printable(text: str, limit: int) -> str:
     """``text`` with control/format/surrogate characters escaped, cut to ``limit``."""
-    escaped = "".join(map(_escaped, text[: limit + 1]))  # escaping only ever lengthens
+    head = text[: limit + 1]  # escaping only ever lengthens: no more can be kept
+    # isprintable() is false for every character _escaped changes (and for separators).
+    escaped = head if head.isprintable() else "".join(map(_escaped, head))
     return escaped if len(escaped) <= limit else escaped[: limit - len(_CUT)] + _CUT
 
 
@@ -86,7 +90,16 @@ def _name(name: x509.Name) -> str:
 
 
 def describe_certificate(der: bytes) -> PresentedCertificate:
-    """The bounded description of a presented certificate (never raises on bad bytes)."""
+    """The bounded description of a presented certificate (never raises on bad bytes).
+
+    Cached per DER (immutable result): a device retrying with its expired certificate is
+    described once, not at each refusal (cryptography's name parsing costs ~0.2 ms).
+    """
+    return _describe(der)
+
+
+@lru_cache(maxsize=_CACHED)
+def _describe(der: bytes) -> PresentedCertificate:
     fingerprint = hashlib.sha256(der).hexdigest()
     try:
         cert = x509.load_der_x509_certificate(der)
