@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import tls
 from gateway.tls import TlsFailure, TlsPump, server_context
-from provisioning.ca import DeviceIdentity, SignOptions, init_pki, load_ca
+from provisioning.ca import DeviceIdentity, SignOptions, init_pki, load_ca, to_pem
+from provisioning.device import key_pem
 from schemas.certificates import _describe, describe_certificate
 
 PASSPHRASE = b"bench"
@@ -49,14 +50,8 @@ def device_files(directory: Path, name: str, not_after: datetime) -> tuple[Path,
         key.public_key(), DeviceIdentity(name, "bench", "devicegate.local"), options
     )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_text(to_pem(cert))
+    key_path.write_bytes(key_pem(key))
     return cert_path, key_path
 
 

@@ -22,12 +22,13 @@ from typer.testing import CliRunner
 from gateway import _tlsext
 from gateway.mqtt import Connack
 from gateway.tls import CAPTURES_PRESENTED, TlsFailure, TlsPump, server_context
-from provisioning.ca import init_pki, load_ca
+from provisioning.ca import init_pki, load_ca, to_pem
 from provisioning.cli import app
+from provisioning.device import key_pem
 from schemas.certificates import MAX_NAME
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
-from tests.gateway.conftest import Device, DeviceFactory, Harness
+from tests.gateway.conftest import Device, DeviceFactory, Harness, hand_made
 from tests.gateway.test_tls import _handshake_refused
 from tests.gateway.test_tls_pump import MemoryClient, run
 
@@ -79,14 +80,8 @@ def _client(cert: Path, key: Path, chain: Path, tls_version: ssl.TLSVersion) -> 
 
 def _write(directory: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_text(to_pem(cert))
+    key_path.write_bytes(key_pem(key))
     return cert_path, key_path
 
 
@@ -198,28 +193,13 @@ def test_certificate_without_client_auth_is_wrong_purpose(
     harness: Harness, pki: Pki, tmp_path: Path
 ) -> None:
     """Issued by our CA, naming a device correctly, but for email protection only."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-eku")]))
-        .issuer_name(pki.ca.issuing.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier("spiffe://devicegate.local/fleet/p/device/dev-eku")]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
-        )
+    cert_path, key_path, cert = hand_made(
+        pki,
+        tmp_path,
+        "dev-eku",
+        "spiffe://devicegate.local/fleet/p/device/dev-eku",
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
     )
-    cert = pki.ca.signer.sign_certificate(builder)
-    cert_path, key_path = _write(tmp_path, "eku", cert, key)
     row = _refused_event(harness, _client(cert_path, key_path, pki.chain, TLS12))
     assert row["reason"] == "certificate_invalid"
     assert _assert_names(row, cert, "TLSv1.2")["verify_code"] == 26
