@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+import warnings
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Final
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
@@ -102,18 +104,23 @@ def describe_certificate(der: bytes) -> PresentedCertificate:
 def _describe(der: bytes) -> PresentedCertificate:
     fingerprint = hashlib.sha256(der).hexdigest()
     try:
-        cert = x509.load_der_x509_certificate(der)
-        serial = printable(format(cert.serial_number, "x"), MAX_SERIAL)
-        return PresentedCertificate(
-            subject=_name(cert.subject),
-            issuer=_name(cert.issuer),
-            serial=serial,
-            fingerprint=fingerprint,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-        )
+        with warnings.catch_warnings():  # a peer's zero or negative serial is data, not news
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return _parsed(der, fingerprint)
     except Exception as exc:  # device bytes: whatever the parser objects to is recorded
         return PresentedCertificate(fingerprint=fingerprint, unparsed=printable(str(exc), MAX_NAME))
+
+
+def _parsed(der: bytes, fingerprint: str) -> PresentedCertificate:
+    cert = x509.load_der_x509_certificate(der)
+    return PresentedCertificate(
+        subject=_name(cert.subject),
+        issuer=_name(cert.issuer),
+        serial=printable(format(cert.serial_number, "x"), MAX_SERIAL),
+        fingerprint=fingerprint,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+    )
 
 
 def presented_detail(certificate: PresentedCertificate) -> dict[str, Any]:
