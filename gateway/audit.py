@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.events import EventSink
 from gateway.identity import DeviceIdentity
+from schemas.certificates import PresentedCertificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 
 __all__ = ["EventContext", "EventSink"]
@@ -52,8 +53,14 @@ class EventContext:
         outcome: Outcome | None = None,
         client_id: str | None = None,
         detail: dict[str, Any] | None = None,
+        presented: PresentedCertificate | None = None,
     ) -> AuthEvent:
-        """An event of this connection; outcome defaults from the reason (``ok``: allowed)."""
+        """An event of this connection; outcome defaults from the reason (``ok``: allowed).
+
+        ``presented``: a certificate that identifies no device (a refused one), named in
+        ``cert_serial``/``cert_fingerprint`` and ``detail.presented`` when there is no
+        identity.
+        """
         identity = self.identity
         if outcome is None:
             outcome = Outcome.ALLOWED if reason is Reason.OK else Outcome.DENIED
@@ -61,6 +68,12 @@ class EventContext:
             detail = {**(detail or {}), "proxy": self.proxy}
         if self.trace_id is not None:
             detail = {**(detail or {}), "trace_id": self.trace_id}
+        serial = fingerprint = None
+        if identity is not None:
+            serial, fingerprint = identity.serial, identity.fingerprint
+        elif presented is not None:
+            serial, fingerprint = presented.serial, presented.fingerprint
+            detail = {**(detail or {}), "presented": presented_detail(presented)}
         return AuthEvent(
             instance=self.instance,
             type=type_,
@@ -68,8 +81,8 @@ class EventContext:
             reason=reason,
             device_id=identity.device_id if identity else None,
             fleet=identity.fleet if identity else None,
-            cert_serial=identity.serial if identity else None,
-            cert_fingerprint=identity.fingerprint if identity else None,
+            cert_serial=serial,
+            cert_fingerprint=fingerprint,
             client_id=client_id,
             peer_address=self.peer_address,
             tls_version=self.tls_version,

@@ -47,6 +47,7 @@ from gateway.revocation import DeviceDirectory
 from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
 from gateway.upstream import UpstreamTarget, dial
+from schemas.certificates import describe_certificate
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
@@ -333,7 +334,7 @@ class DeviceConnection(asyncio.Protocol):
             identity = identity_from_der(der, trust_domain=self.config.trust_domain)
         except IdentityError as exc:
             self.context = self._tls_context()
-            self._tls_failed(TlsFailure(exc.reason, str(exc)))
+            self._tls_failed(TlsFailure(exc.reason, str(exc), presented=der))
             return None
         self.context = self._tls_context(identity)
         if self.trace is not None:
@@ -378,8 +379,14 @@ class DeviceConnection(asyncio.Protocol):
             detail: dict[str, object] = {"error": failure.detail}
             if failure.verify_code is not None:
                 detail["verify_code"] = failure.verify_code
+            if failure.verify_depth is not None:
+                detail["verify_depth"] = failure.verify_depth
+            presented = failure.presented
             event = self._tls_context().event(
-                EventType.TLS_HANDSHAKE, failure.reason, detail=detail
+                EventType.TLS_HANDSHAKE,
+                failure.reason,
+                detail=detail,
+                presented=describe_certificate(presented) if presented else None,
             )
             if self.trace is not None:
                 self.trace.handshake_done(failure=failure.reason)

@@ -82,6 +82,7 @@ from gateway.mqtt.packets import (
 from gateway.mqtt.properties import Properties, PropertyId
 from gateway.policy import Action as PolicyAction
 from gateway.policy import authorize, client_id_allowed, upstream_client_id
+from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
@@ -357,7 +358,10 @@ class Session:
         if self.state is not State.AUTHORIZING:
             return []
         if reason is not Reason.OK:
-            return self._refuse(reason)
+            # Which certificate the verdict is on, in full (refusals only: never per CONNECT).
+            der = self.identity.der
+            detail = {"presented": presented_detail(describe_certificate(der))} if der else None
+            return self._refuse(reason, detail)
         assert self.connect is not None and self.client_id is not None
         upstream_connect = replace(
             self.connect,

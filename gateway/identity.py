@@ -14,14 +14,15 @@ Invariants:
   refused here, so no wildcard or level separator ever reaches the topic policy.
 * ``serial`` is lowercase hex without leading zeros (the registry's format);
   ``fingerprint`` is the SHA-256 of the DER, lowercase hex; ``not_after`` (UTC) is when
-  the certificate, and so any session on it, ends.
+  the certificate, and so any session on it, ends; ``der`` is the certificate itself
+  (the cache's own key, not a copy), for a refusal that names what was presented.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Final
@@ -53,6 +54,7 @@ class DeviceIdentity:
     serial: str
     fingerprint: str
     not_after: datetime | None = None
+    der: bytes = field(default=b"", compare=False, repr=False)
 
 
 _CACHED_CERTIFICATES: Final = 1024  # about 1 MB at most: DER + identity per entry
@@ -107,4 +109,5 @@ def _identity(der: bytes, trust_domain: str) -> DeviceIdentity:
         serial=format(cert.serial_number, "x"),
         fingerprint=hashlib.sha256(der).hexdigest(),
         not_after=cert.not_valid_after_utc,
+        der=der,
     )

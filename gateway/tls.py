@@ -20,6 +20,14 @@ Invariants:
   Every certificate in ``chain.pem`` is a trust anchor (``VERIFY_X509_PARTIAL_CHAIN``): a
   device chain ends at the issuing CA the operator configured, so OpenSSL does not verify
   the root's signature on that CA again in every handshake (~0.2 ms of ~1.1 ms).
+* A refused certificate is named: with the TLS accelerator (``gateway/_tlsext.c``) built,
+  `server_context` installs an OpenSSL verify callback that keeps the refused leaf, and
+  `TlsFailure.presented` carries its DER (with ``verify_depth``, the depth of the
+  certificate that failed). Without it (`CAPTURES_PRESENTED` false, the gateway warns at
+  start) refusals carry the verify code only. OpenSSL's verdict is never changed.
+* ``version`` and ``cipher`` are known before the handshake completes: ``ssl`` reports
+  them only after, so a refused handshake's come from OpenSSL through the accelerator
+  (without it: the TLS 1.3 cipher and its protocol, which ``ssl`` does report early).
 """
 
 from __future__ import annotations
@@ -27,18 +35,32 @@ from __future__ import annotations
 import contextlib
 import ssl
 from pathlib import Path
+from types import ModuleType
 from typing import Final
 
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
+_tlsext: ModuleType | None
+try:
+    from gateway import _tlsext
+except ImportError:  # built without a C compiler or OpenSSL's headers
+    _tlsext = None
+
 __all__ = [
+    "CAPTURES_PRESENTED",
+    "Refused",
     "TlsFailure",
     "TlsPump",
+    "capture_refusals",
     "classify",
+    "refused_certificate",
     "server_context",
     "upstream_context",
 ]
+
+CAPTURES_PRESENTED: Final = _tlsext is not None
+"""Whether refusals name the presented certificate (the gateway warns at start when not)."""
 
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # One TLS record holds at most 16 KiB of plaintext, and SSL_read returns at most a record;
@@ -58,21 +80,50 @@ _VERIFY_REASONS: Final = {
 }
 
 
-class TlsFailure(DevicegateError):
-    """The TLS connection failed; ``reason`` says why, ``detail`` what OpenSSL said."""
+# What the verify callback kept of a refused connection: (leaf DER, or None when it was
+# too big to keep; X509_V_ERR code; depth of the certificate that failed).
+Refused = tuple[bytes | None, int, int]
 
-    def __init__(self, reason: Reason, detail: str, *, verify_code: int | None = None) -> None:
+
+class TlsFailure(DevicegateError):
+    """The TLS connection failed; ``reason`` says why, ``detail`` what OpenSSL said.
+
+    ``presented`` is the peer's leaf certificate (DER) when one is known: the refused one
+    (TLS accelerator built) or the verified one that names no device of ours.
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str,
+        *,
+        verify_code: int | None = None,
+        verify_depth: int | None = None,
+        presented: bytes | None = None,
+    ) -> None:
         super().__init__(detail, reason=reason)
         self.detail = detail
         self.verify_code = verify_code
+        self.verify_depth = verify_depth
+        self.presented = presented
 
 
-def classify(exc: ssl.SSLError) -> TlsFailure:
-    """Map an ``ssl`` exception to the reason it is recorded under."""
+def classify(exc: ssl.SSLError, refused: Refused | None = None) -> TlsFailure:
+    """Map an ``ssl`` exception to the reason it is recorded under.
+
+    ``refused``: what the verify callback kept for this connection (`TlsPump` takes it).
+    """
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
         reason = _VERIFY_REASONS.get(code, Reason.CERTIFICATE_INVALID)
-        return TlsFailure(reason, f"{exc.verify_message} ({code})", verify_code=code)
+        der, depth = (refused[0], refused[2]) if refused is not None else (None, None)
+        return TlsFailure(
+            reason,
+            f"{exc.verify_message} ({code})",
+            verify_code=code,
+            verify_depth=depth,
+            presented=der,
+        )
     library_reason = getattr(exc, "reason", None) or ""
     if library_reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"):
         return TlsFailure(Reason.NO_CLIENT_CERTIFICATE, library_reason)
@@ -97,7 +148,31 @@ def server_context(chain: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.load_verify_locations(cafile=str(chain))
     context.load_cert_chain(str(cert), str(key))
+    capture_refusals(context)
     return context
+
+
+def capture_refusals(context: ssl.SSLContext) -> bool:
+    """Make ``context``'s refused handshakes keep the presented leaf (`refused_certificate`).
+
+    Returns whether it could (False without the TLS accelerator). Call it once the
+    context is configured; setting ``verify_mode`` afterwards keeps it.
+    """
+    if _tlsext is None:
+        return False
+    _tlsext.capture_refusals(context)
+    return True
+
+
+def refused_certificate(ssl_object: ssl.SSLObject) -> Refused | None:
+    """What the verify callback kept of this connection's refusal, once (then None).
+
+    Take it right after the handshake raised: OpenSSL frees it with the connection.
+    """
+    if _tlsext is None:
+        return None
+    refused: Refused | None = _tlsext.take_refused(ssl_object._sslobj)  # type: ignore[attr-defined]
+    return refused
 
 
 def upstream_context(cafile: Path | None = None) -> ssl.SSLContext:
@@ -143,7 +218,7 @@ class TlsPump:
         except ssl.SSLZeroReturnError:
             self.eof = True
         except ssl.SSLError as exc:
-            raise classify(exc) from None
+            raise classify(exc, refused_certificate(self._ssl)) from None
         return chunks
 
     def encrypt(self, data: bytes | memoryview) -> None:
@@ -168,8 +243,22 @@ class TlsPump:
         return self._ssl.getpeercert(binary_form=True)
 
     def version(self) -> str | None:
-        return self._ssl.version()
+        """The TLS version, also of a handshake refused before it completed."""
+        version = self._ssl.version()
+        return version if version is not None else self._negotiated()[0]
 
     def cipher(self) -> str | None:
+        """The cipher, also of a handshake refused before it completed."""
         cipher = self._ssl.cipher()
+        if cipher is None and not self.handshake_complete:
+            return self._negotiated()[1]
         return cipher[0] if cipher else None
+
+    def _negotiated(self) -> tuple[str | None, str | None]:
+        """(version, cipher) chosen so far: ssl reports them only once the handshake is done."""
+        if _tlsext is not None:
+            negotiated: tuple[str | None, str | None]
+            negotiated = _tlsext.negotiated(self._ssl._sslobj)  # type: ignore[attr-defined]
+            return negotiated
+        cipher = self._ssl.cipher()  # TLS 1.3 only; our 1.2 and 1.3 suites are disjoint
+        return (cipher[1], cipher[0]) if cipher else (None, None)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Final
 
-from gateway import event_codec
+from gateway import event_codec, tls
 from gateway.failure_channel import Mesh
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
@@ -264,6 +264,12 @@ def supervise(settings: Settings, *, workers: int) -> int:
         log.warning(
             "the auth event encoder runs in Python (gateway._event_codec is not built): "
             "each event costs about 1.5x the CPU; reinstall with a C compiler at hand"
+        )
+    if not tls.CAPTURES_PRESENTED:
+        log.warning(
+            "refused TLS handshakes will not name the presented certificate "
+            "(gateway._tlsext is not built); reinstall with a C compiler and OpenSSL's "
+            "headers (libssl-dev) at hand"
         )
     count = workers or os.cpu_count() or 1
     return Supervisor(settings, workers=count).run()

@@ -2,7 +2,8 @@
 
 ``json``: one object per line with the field names of the API (DESIGN.md, "Auth events"),
 in `FIELDS` order. ``csv``: a header of `FIELDS`, then one row per event, ``detail`` as
-compact JSON with sorted keys and ``None`` as an empty cell.
+compact JSON with sorted keys and ``None`` as an empty cell. `certificate_line`: the one
+line a person reads about the certificate of a refusal (the audit table, the console).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import io
 import json
 from typing import Any
 
-from schemas.events import AuthEvent
+from schemas.certificates import MAX_NAME, printable
+from schemas.events import AuthEvent, Outcome
 
 FIELDS = (
     "id", "time", "type", "outcome", "reason", "device_id", "fleet", "cert_serial",
@@ -26,6 +28,39 @@ def record(event: AuthEvent) -> dict[str, Any]:
     """The event as a JSON-ready dict in `FIELDS` order."""
     dumped = event.model_dump(mode="json")
     return {name: dumped[name] for name in FIELDS}
+
+
+def certificate_line(event: AuthEvent) -> str | None:
+    """Which certificate a refusal was about, and why, in one line (None: none recorded).
+
+    ``presented CN=dev-1 serial 1f3a sha256 9c41e0a2.. issued by CN=devicegate Issuing CA
+    valid 2026-11-01T00:00:00Z..2026-11-30T00:00:00Z (TLSv1.3): certificate has expired
+    (10)``. Names were escaped and bounded when recorded; they are again here, since what a
+    terminal prints must not come from the database unchecked.
+    """
+    detail = event.detail
+    presented = detail.get("presented")
+    if event.outcome is not Outcome.DENIED or not isinstance(presented, dict):
+        return None
+    parts = ["presented"]
+    if presented.get("subject") is not None:
+        parts.append(printable(str(presented["subject"]), MAX_NAME))
+    if presented.get("serial") is not None:
+        parts.append(f"serial {printable(str(presented['serial']), MAX_NAME)}")
+    if presented.get("fingerprint") is not None:
+        parts.append(f"sha256 {printable(str(presented['fingerprint'])[:16], 16)}..")
+    if presented.get("unparsed") is not None:
+        parts.append(f"unparsed ({printable(str(presented['unparsed']), MAX_NAME)})")
+    if presented.get("issuer") is not None:
+        parts.append(f"issued by {printable(str(presented['issuer']), MAX_NAME)}")
+    if presented.get("not_before") is not None or presented.get("not_after") is not None:
+        start, end = presented.get("not_before") or "?", presented.get("not_after") or "?"
+        parts.append(f"valid {printable(str(start), 40)}..{printable(str(end), 40)}")
+    if event.tls_version is not None:
+        parts.append(f"({printable(event.tls_version, 40)})")
+    line = " ".join(parts)
+    error = detail.get("error") or detail.get("message")
+    return f"{line}: {printable(str(error), MAX_NAME)}" if error is not None else line
 
 
 def json_line(event: AuthEvent) -> str:

@@ -10,7 +10,9 @@ Invariants:
   hardware ids on one token may be one statement with their events
   (`store.enroll_new_devices_chained`): it spends a use per device, or writes nothing.
 - A caller learns of success only after COMMIT.
-- Every refusal is recorded as a denied event, after the rollback of its writes.
+- Every refusal is recorded as a denied event, after the rollback of its writes. A renewal
+  refusal names the certificate presented (``cert_serial``, ``cert_fingerprint`` and
+  ``detail.presented``, `schemas.certificates`).
 - The device row is locked (``FOR UPDATE``) before a renewal or re-enrollment touches its
   certificates, as revocation does, so a certificate cannot be issued to a device that a
   concurrent revocation has just revoked.
@@ -38,6 +40,7 @@ from provisioning.provisioners import Issuance, RenewalProvisioner, TokenProvisi
 from provisioning.telemetry import annotate, phase
 from provisioning.tokens import TOKEN_PREFIX, secret_hash
 from schemas.api import CertificateBundle, DeviceInfo
+from schemas.certificates import describe_certificate, presented_detail
 from schemas.errors import DevicegateError
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.notify import RevocationNotice
@@ -325,6 +328,11 @@ class ProvisioningService:
                 await self.committer.submit(write)
         except DevicegateError as exc:
             annotate(device_id=known["device_id"], fleet=known["fleet"])
+            if peer.certificate_der is not None:  # which certificate was refused, in full
+                named = describe_certificate(peer.certificate_der)
+                detail["presented"] = presented_detail(named)
+                known["cert_serial"] = known["cert_serial"] or named.serial
+                known["cert_fingerprint"] = named.fingerprint
             await self.record_denied(EventType.RENEW, exc, peer, detail=detail, **known)
             raise
         return Issued(certificate, self._bundle(record, issuance))

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas import api, events, policy, settings
+from schemas import api, certificates, events, policy, settings
 
 MODELS: dict[str, type[BaseModel]] = {
     "auth-event": events.AuthEvent,
+    "presented-certificate": certificates.PresentedCertificate,
     "policy": policy.PolicyDocument,
     "settings": settings.Settings,
     "problem": api.Problem,

@@ -2,8 +2,9 @@
 
 The logic lives in ``provisioning/event_query.py`` and ``provisioning/audit_*.py``; this
 module parses options and prints. Output formats: ``table`` (aligned text that also
-streams under ``--follow``), ``json`` (one object per line, the field names of the API) and
-``csv`` (a header, then the same fields; ``detail`` as JSON).
+streams under ``--follow``; a refusal that names a certificate gets a second, indented
+line: `provisioning.event_format.certificate_line`), ``json`` (one object per line, the
+field names of the API) and ``csv`` (a header, then the same fields; ``detail`` as JSON).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from provisioning.audit_summary import Summary, summarize
 from provisioning.audit_verify import VerifyReport, verify_chains
 from provisioning.commands.common import context, errors, fail, run
 from provisioning.db import connect
-from provisioning.event_format import FIELDS, csv_cells, record
+from provisioning.event_format import FIELDS, certificate_line, csv_cells, record
 from provisioning.event_query import MAX_LIMIT, EventFilter, query_events
 from schemas.durations import parse_duration
 from schemas.events import AuthEvent, EventType, Outcome, Reason, utcnow
@@ -99,6 +100,9 @@ class _Printer:
             }
             line = "  ".join(str(cells.get(name) or "-").ljust(width) for name, width in _TABLE)
             sys.stdout.write(line.rstrip() + "\n")
+            certificate = certificate_line(event)
+            if certificate is not None:  # a refused certificate: which one, and why
+                sys.stdout.write(f"    {certificate}\n")
         sys.stdout.flush()
 
 

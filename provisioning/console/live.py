@@ -3,7 +3,9 @@
 `provisioning.audit_follow.follow` does the work (LISTEN before the first read, events
 announced on `EVENTS_CHANNEL` read once, deduplicated by id) on a connection of the
 stream's own, closed with the stream. Each message is ``event: auth`` with the event as
-``data`` in the field names of ``--format json``; a comment every `KEEPALIVE` seconds
+``data`` in the field names of ``--format json``, plus ``certificate``: the text of the
+table's certificate column (`tables.certificate_cell`, so the page has one formatter for
+it); a comment every `KEEPALIVE` seconds
 finds closed browsers. Streams per process are bounded (`state.MAX_LIVE_STREAMS`).
 """
 
@@ -19,6 +21,7 @@ from aiohttp import web
 from provisioning.audit_follow import follow
 from provisioning.console import filters
 from provisioning.console.state import LIVE
+from provisioning.console.tables import certificate_cell
 from provisioning.db import connect
 from provisioning.event_format import record
 from provisioning.http_common import SERVICE
@@ -32,7 +35,8 @@ QUEUE_MAX = 2000
 
 
 def message(event: AuthEvent) -> bytes:
-    data = json.dumps(record(event), ensure_ascii=False, separators=(",", ":"))
+    shown = {**record(event), "certificate": certificate_cell(event)}
+    data = json.dumps(shown, ensure_ascii=False, separators=(",", ":"))
     return f"event: auth\ndata: {data}\n\n".encode()
 
 

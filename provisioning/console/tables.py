@@ -5,15 +5,27 @@ from __future__ import annotations
 import json
 
 from provisioning.console.html import Html, join, segment, tag, when
+from provisioning.event_format import certificate_line
 from schemas.events import AuthEvent
 
-COLUMNS = ("time (UTC)", "type", "outcome", "reason", "device", "client id", "peer", "instance",
-           "chain:seq", "detail")  # fmt: skip
+COLUMNS = ("time (UTC)", "type", "outcome", "reason", "device", "client id", "peer",
+           "certificate", "instance", "chain:seq", "detail")  # fmt: skip
 
 
 def outcome_label(outcome: str) -> Html:
     """The outcome as a word (never colour alone): ALLOWED / DENIED."""
     return tag("span", outcome.upper(), class_=f"outcome {outcome}")
+
+
+def certificate_cell(event: AuthEvent) -> str:
+    """A refused certificate in full (`certificate_line`), else the serial and TLS version."""
+    line = certificate_line(event)
+    if line is not None:
+        return line
+    parts = [f"serial {event.cert_serial}"] if event.cert_serial else []
+    if event.tls_version:
+        parts.append(event.tls_version)
+    return " ".join(parts)
 
 
 def row(event: AuthEvent) -> Html:
@@ -31,6 +43,7 @@ def row(event: AuthEvent) -> Html:
         tag("td", device),
         tag("td", event.client_id),
         tag("td", event.peer_address, class_="mono"),
+        tag("td", certificate_cell(event), class_="certificate"),
         tag("td", event.instance),
         tag("td", f"{event.chain_id}:{event.seq}", class_="mono"),
         tag("td", detail, class_="detail"),

@@ -11,6 +11,7 @@ import pytest
 
 from provisioning import admin
 from provisioning.eventlog import append_event
+from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import EventType, Outcome, Reason
 from tests.console.conftest import INSTANCE, ConsoleServer, csrf_of, log_in
 
@@ -293,3 +294,52 @@ async def test_header_injection_in_next_is_not_followed(
         allow_redirects=False,
     ) as response:
         assert response.status == 303 and response.headers["Location"] == "/console/"
+
+
+async def test_refused_certificate_column_is_text(
+    admin_client: tuple[aiohttp.ClientSession, str], console_server: ConsoleServer
+) -> None:
+    """The certificate column names a refused certificate; its device-chosen names stay text."""
+    client, _ = admin_client
+    presented = describe_certificate(_hostile_certificate())
+    conn = await asyncpg.connect(console_server.database_url)
+    try:
+        async with conn.transaction():
+            await append_event(
+                conn, instance=INSTANCE, type=EventType.TLS_HANDSHAKE, outcome=Outcome.DENIED,
+                reason=Reason.UNKNOWN_ISSUER, cert_serial=presented.serial,
+                cert_fingerprint=presented.fingerprint, tls_version="TLSv1.3",
+                detail={"error": "self-signed certificate (18)", "verify_code": 18,
+                        "presented": presented_detail(presented)},
+            )  # fmt: skip
+    finally:
+        await conn.close()
+    async with client.get("/console/events?reason=unknown_issuer&limit=500") as response:
+        text = await response.text()
+    cell = re.findall(r'<td class="certificate">([^<]*)</td>', text)[0]  # newest first
+    # RFC 4514 escapes < and > with a backslash; ESC is escaped as \x1b when recorded.
+    name = r"CN=\&lt;script\&gt;alert(4)\&lt;/script\&gt;\x1b[2J"
+    assert cell.startswith(f"presented {name} serial {presented.serial} sha256 ")
+    assert f"sha256 {presented.fingerprint[:16]}.." in cell
+    assert cell.endswith("(TLSv1.3): self-signed certificate (18)")
+    assert "<script>alert(4)" not in text
+
+
+def _hostile_certificate() -> bytes:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "<script>alert(4)</script>\x1b[2J")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.DER)

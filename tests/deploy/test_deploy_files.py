@@ -396,8 +396,8 @@ def test_dockerfile_is_multi_stage_non_root_and_lean() -> None:
     assert re.search(r"^USER\s+(?!root\b|0\b)\S+", final, re.MULTILINE)
     assert 'ENTRYPOINT ["devicegate"]' in final
     assert "pip install --no-cache-dir ." in text
-    # The build stage fails when pip skipped the optional C accelerator of the event encoder.
-    assert "import gateway._event_codec" in text[: text.rindex("\nFROM ")]
+    # The build stage fails when pip skipped an optional C accelerator (event encoder, TLS).
+    assert "import gateway._event_codec, gateway._tlsext" in text[: text.rindex("\nFROM ")]
     # No package manager and no compiler in the image that ships.
     instructions = "\n".join(line for line in final.splitlines() if not line.startswith("#"))
     assert not re.search(r"\b(apt-get|apt|gcc|build-essential|python3-dev)\b", instructions)

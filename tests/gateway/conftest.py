@@ -16,15 +16,18 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 import uvloop
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.bridge import BridgeConfig
 from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
-from provisioning.ca import CertificateAuthority, DeviceIdentity, SignOptions, fingerprint
+from provisioning.ca import CertificateAuthority, DeviceIdentity, SignOptions, fingerprint, to_pem
+from provisioning.device import key_pem
 from schemas.policy import FleetPolicy, PolicyDocument
 from tests.conftest import Pki
 from tests.gateway.pg_sink import PgSink
@@ -183,6 +186,35 @@ def issue(
             serialization.NoEncryption(),
         )
     )
+    return cert_path, key_path, cert
+
+
+def hand_made(
+    pki: Pki, directory: Path, common_name: str, spiffe_id: str, *extensions: x509.ExtensionType
+) -> tuple[Path, Path, x509.Certificate]:
+    """Files of a certificate our issuing CA signs with exactly these names and extensions,
+    not through the device template: for certificates the service would never issue."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(pki.ca.issuing.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    cert = pki.ca.signer.sign_certificate(builder)
+    cert_path, key_path = directory / f"{common_name}.crt", directory / f"{common_name}.key"
+    cert_path.write_text(to_pem(cert))
+    key_path.write_bytes(key_pem(key))
     return cert_path, key_path, cert
 
 

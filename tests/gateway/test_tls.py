@@ -10,16 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.mqtt import Connack
 from provisioning.ca import init_pki, load_ca
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
-from tests.gateway.conftest import DeviceFactory, Harness
+from tests.gateway.conftest import DeviceFactory, Harness, hand_made
 
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 
@@ -187,37 +183,8 @@ def test_identity_mismatch_is_certificate_invalid(
     pki: Pki, harness: Harness, tmp_path: Path
 ) -> None:
     """A certificate of our CA whose CN and SPIFFE id disagree is refused after the handshake."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-a")]))
-        .issuer_name(pki.ca.issuing.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.UniformResourceIdentifier(
-                        "spiffe://devicegate.local/fleet/plant/device/dev-b"
-                    )
-                ]
-            ),
-            critical=False,
-        )
-    )
-    cert = pki.ca.signer.sign_certificate(builder)
-    cert_path, key_path = tmp_path / "mismatch.crt", tmp_path / "mismatch.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    spiffe_id = "spiffe://devicegate.local/fleet/plant/device/dev-b"
+    cert_path, key_path, cert = hand_made(pki, tmp_path, "dev-a", spiffe_id)
     context = ssl.create_default_context(cafile=str(pki.chain))
     context.load_cert_chain(str(cert_path), str(key_path))
     mark = harness.mark()
@@ -229,4 +196,8 @@ def test_identity_mismatch_is_certificate_invalid(
     (row,) = harness.wait_events(after=mark, type="tls_handshake")
     assert row["reason"] == "certificate_invalid"
     assert row["tls_version"] == "TLSv1.3"
-    assert "does not match" in json.loads(row["detail"])["error"]
+    detail = json.loads(row["detail"])
+    assert "does not match" in detail["error"]
+    # Verified, but no device of ours: the certificate is named all the same.
+    assert row["cert_serial"] == format(cert.serial_number, "x")
+    assert detail["presented"]["subject"] == "CN=dev-a"

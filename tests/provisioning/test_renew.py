@@ -100,6 +100,19 @@ async def test_renew_supersedes_and_notifies(
     old_key_file.write_bytes(old_key)
     status, problem = await post_renew(pki, server, old_cert, old_key_file)
     assert (status, problem["reason"]) == (403, "certificate_superseded")
+    # ... and its refusal names the certificate that was presented.
+    refused = await last_event(db, type="renew", reason="certificate_superseded")
+    assert (refused["device_id"], refused["tls_version"]) == (device_id, "TLSv1.3")
+    assert refused["cert_serial"] == serial_hex(old.serial_number)
+    assert refused["cert_fingerprint"] == fingerprint(old)
+    assert json.loads(refused["detail"])["presented"] == {
+        "subject": old.subject.rfc4514_string(),
+        "issuer": pki.ca.issuing.subject.rfc4514_string(),
+        "serial": serial_hex(old.serial_number),
+        "fingerprint": fingerprint(old),
+        "not_before": old.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
+        "not_after": old.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+    }
 
 
 async def _insert_backdated(

@@ -40,6 +40,7 @@
     tr.appendChild(device);
     tr.appendChild(cell(event.client_id));
     tr.appendChild(cell(event.peer_address, "mono"));
+    tr.appendChild(cell(event.certificate, "certificate")); // formatted by the server
     tr.appendChild(cell(event.instance));
     tr.appendChild(cell(event.chain_id + ":" + event.seq, "mono"));
     const detail = event.detail && Object.keys(event.detail).length ? JSON.stringify(event.detail) : "";

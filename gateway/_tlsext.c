@@ -1,0 +1,233 @@
+/* The gateway's TLS accelerator: what Python's ssl module does not expose of OpenSSL.
+ *
+ * Its services: which certificate a refused device presented, and the TLS version and
+ * cipher of a handshake that failed (ssl reports neither until a handshake completes).
+ * The first in detail: Python 3.11's ssl has
+ * no verify callback and gives no peer certificate after a failed verification
+ * (get_unverified_chain is 3.13+), so a refusal could say why (the verify code) but not
+ * which certificate. capture_refusals(context) installs an OpenSSL verify callback on the
+ * SSL_CTX behind an ssl.SSLContext; on the first verification failure of a connection it
+ * keeps the failing chain's leaf (DER, bounded), the X509_V_ERR code and the depth of the
+ * certificate that failed, in the connection's own SSL ex_data slot. take_refused(sslobj)
+ * hands them to Python right after do_handshake raised, and clears the slot; OpenSSL
+ * frees whatever is left with the SSL (ex_data free callback), so nothing outlives its
+ * connection and nothing can be mixed up between connections.
+ *
+ * The callback never changes OpenSSL's verdict: it returns preverify_ok unchanged. On a
+ * successful handshake it is called once per certificate of the chain and returns at its
+ * first test (bench/tls_capture.py measures the cost).
+ *
+ * Reaching OpenSSL objects: CPython's _ssl keeps the SSL_CTX* right after PyObject_HEAD of
+ * _ssl._SSLContext, and the SSL* after PyObject_HEAD and one PyObject* in _ssl._SSLSocket
+ * (unchanged from 3.7 to 3.13). Both types are checked, and capture_refusals checks the
+ * pointer it read against the context's own options before using it. The module refuses
+ * to load when _ssl resolves OpenSSL to another copy of the library than this module does
+ * (a statically linked _ssl, or headers of another OpenSSL version): ex_data indexes and
+ * callbacks only mean something within one copy. context_ssl_ctx() is the one place that
+ * reaches the SSL_CTX (later services, such as session ticket keys, use it too).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A leaf bigger than this is not kept (the code and depth still are): device certificates
+ * are well under 2 KiB, and what is kept is device-chosen bytes held until the event. */
+#define MAX_LEAF_DER 16384
+
+typedef struct {
+    int error;       /* X509_V_ERR_* of the first failure */
+    int depth;       /* depth of the certificate that failed (0: the leaf itself) */
+    int der_len;     /* 0 when no leaf was at hand or it was bigger than MAX_LEAF_DER */
+    unsigned char der[];
+} Refusal;
+
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} ContextLayout; /* the head of CPython's PySSLContext */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *socket;
+    SSL *ssl;
+} SocketLayout; /* the head of CPython's PySSLSocket */
+
+static int refusal_index = -1;
+static PyTypeObject *context_type; /* _ssl._SSLContext */
+static PyTypeObject *socket_type;  /* _ssl._SSLSocket */
+
+static void free_refusal(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                         void *argp) {
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    free(ptr);
+}
+
+/* Runs inside SSL_do_handshake, with the GIL released: touches no Python object. */
+static int verify_callback(int preverify_ok, X509_STORE_CTX *store) {
+    if (preverify_ok) return preverify_ok;
+    SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+    if (ssl == NULL || SSL_get_ex_data(ssl, refusal_index) != NULL) return preverify_ok;
+    X509 *leaf = X509_STORE_CTX_get0_cert(store);
+    int len = leaf != NULL ? i2d_X509(leaf, NULL) : 0;
+    if (len < 0 || len > MAX_LEAF_DER) len = 0;
+    Refusal *refusal = malloc(sizeof(Refusal) + (size_t)len);
+    if (refusal == NULL) return preverify_ok; /* the refusal stands, unannotated */
+    refusal->error = X509_STORE_CTX_get_error(store);
+    refusal->depth = X509_STORE_CTX_get_error_depth(store);
+    refusal->der_len = 0;
+    if (len > 0) {
+        unsigned char *out = refusal->der;
+        if (i2d_X509(leaf, &out) == len) refusal->der_len = len;
+    }
+    if (!SSL_set_ex_data(ssl, refusal_index, refusal)) free(refusal);
+    return preverify_ok;
+}
+
+/* The SSL_CTX behind an ssl.SSLContext, or NULL with an exception set. */
+static SSL_CTX *context_ssl_ctx(PyObject *context) {
+    if (!PyObject_TypeCheck(context, context_type)) {
+        PyErr_SetString(PyExc_TypeError, "expected an ssl.SSLContext");
+        return NULL;
+    }
+    SSL_CTX *ctx = ((ContextLayout *)context)->ctx;
+    PyObject *options = PyObject_GetAttrString(context, "options");
+    if (options == NULL) return NULL;
+    unsigned long long expected = PyLong_AsUnsignedLongLong(options);
+    Py_DECREF(options);
+    if (expected == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (ctx == NULL || (unsigned long long)SSL_CTX_get_options(ctx) != expected) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ssl.SSLContext layout not recognised (another CPython _ssl?)");
+        return NULL;
+    }
+    return ctx;
+}
+
+static PyObject *capture_refusals(PyObject *module, PyObject *context) {
+    (void)module;
+    SSL_CTX *ctx = context_ssl_ctx(context);
+    if (ctx == NULL) return NULL;
+    /* The mode is kept; CPython's verify_mode setter keeps the callback it finds. */
+    SSL_CTX_set_verify(ctx, SSL_CTX_get_verify_mode(ctx), verify_callback);
+    Py_RETURN_NONE;
+}
+
+static PyObject *captures(PyObject *module, PyObject *context) {
+    (void)module;
+    SSL_CTX *ctx = context_ssl_ctx(context);
+    if (ctx == NULL) return NULL;
+    return PyBool_FromLong(SSL_CTX_get_verify_callback(ctx) == verify_callback);
+}
+
+/* The SSL behind an ssl.SSLObject's _sslobj, or NULL (with an exception set if not one). */
+static SSL *socket_ssl(PyObject *sslobj) {
+    if (!PyObject_TypeCheck(sslobj, socket_type)) {
+        PyErr_SetString(PyExc_TypeError, "expected an _ssl._SSLSocket (SSLObject._sslobj)");
+        return NULL;
+    }
+    return ((SocketLayout *)sslobj)->ssl;
+}
+
+static PyObject *take_refused(PyObject *module, PyObject *sslobj) {
+    (void)module;
+    SSL *ssl = socket_ssl(sslobj);
+    if (ssl == NULL && PyErr_Occurred()) return NULL;
+    Refusal *refusal = ssl != NULL ? SSL_get_ex_data(ssl, refusal_index) : NULL;
+    if (refusal == NULL) Py_RETURN_NONE;
+    PyObject *result;
+    if (refusal->der_len > 0)
+        result = Py_BuildValue("(y#ii)", (const char *)refusal->der,
+                               (Py_ssize_t)refusal->der_len, refusal->error, refusal->depth);
+    else
+        result = Py_BuildValue("(Oii)", Py_None, refusal->error, refusal->depth);
+    if (result == NULL) return NULL;
+    SSL_set_ex_data(ssl, refusal_index, NULL);
+    free(refusal);
+    return result;
+}
+
+/* What ssl's version() and cipher() report only once the handshake is complete. */
+static PyObject *negotiated(PyObject *module, PyObject *sslobj) {
+    (void)module;
+    SSL *ssl = socket_ssl(sslobj);
+    if (ssl == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        return Py_BuildValue("(zz)", NULL, NULL);
+    }
+    const char *version = SSL_get_version(ssl); /* "unknown" before a version is chosen */
+    if (version != NULL && strcmp(version, "unknown") == 0) version = NULL;
+    const SSL_CIPHER *cipher = SSL_get_current_cipher(ssl);
+    if (cipher == NULL) cipher = SSL_get_pending_cipher(ssl);
+    return Py_BuildValue("(zz)", version, cipher != NULL ? SSL_CIPHER_get_name(cipher) : NULL);
+}
+
+static PyMethodDef methods[] = {
+    {"capture_refusals", capture_refusals, METH_O,
+     "Install the verify callback that keeps a refused connection's leaf certificate."},
+    {"captures", captures, METH_O, "Whether capture_refusals is in effect on a context."},
+    {"take_refused", take_refused, METH_O,
+     "(leaf DER or None, X509_V_ERR code, depth) of a refused connection, once; else None."},
+    {"negotiated", negotiated, METH_O,
+     "(TLS version, cipher) chosen so far, also of a handshake that did not complete."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "gateway._tlsext",
+    .m_doc = "The gateway's TLS accelerator: OpenSSL services Python's ssl lacks.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+/* 0 when _ssl's OpenSSL is this module's, else -1 with ImportError set. */
+static int same_openssl(PyObject *ssl_module) {
+    void *theirs = NULL;
+    PyObject *file = PyObject_GetAttrString(ssl_module, "__file__");
+    if (file == NULL) {
+        PyErr_Clear(); /* built into the interpreter: look in the global scope */
+        theirs = dlsym(RTLD_DEFAULT, "SSL_CTX_new");
+    } else {
+        const char *path = PyUnicode_AsUTF8(file);
+        void *handle = path != NULL ? dlopen(path, RTLD_LAZY | RTLD_NOLOAD) : NULL;
+        if (handle != NULL) {
+            theirs = dlsym(handle, "SSL_CTX_new");
+            dlclose(handle);
+        }
+        Py_DECREF(file);
+        PyErr_Clear();
+    }
+    if (theirs == NULL || theirs != (void *)&SSL_CTX_new) {
+        PyErr_SetString(PyExc_ImportError,
+                        "gateway._tlsext links another OpenSSL than Python's _ssl");
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__tlsext(void) {
+    PyObject *ssl_module = PyImport_ImportModule("_ssl");
+    if (ssl_module == NULL) return NULL;
+    if (same_openssl(ssl_module) < 0) goto fail;
+    context_type = (PyTypeObject *)PyObject_GetAttrString(ssl_module, "_SSLContext");
+    socket_type = (PyTypeObject *)PyObject_GetAttrString(ssl_module, "_SSLSocket");
+    if (context_type == NULL || socket_type == NULL) goto fail;
+    if (!PyType_Check(context_type) || !PyType_Check(socket_type)) {
+        PyErr_SetString(PyExc_ImportError, "_ssl has no _SSLContext/_SSLSocket types");
+        goto fail;
+    }
+    refusal_index = SSL_get_ex_new_index(0, "devicegate refusal", NULL, NULL, free_refusal);
+    if (refusal_index < 0) {
+        PyErr_SetString(PyExc_ImportError, "no OpenSSL ex_data index left");
+        goto fail;
+    }
+    Py_DECREF(ssl_module);
+    return PyModule_Create(&module_def);
+fail:
+    Py_DECREF(ssl_module);
+    return NULL;
+}
