@@ -2,7 +2,8 @@
 
 ``json``: one object per line with the field names of the API (DESIGN.md, "Auth events"),
 in `FIELDS` order. ``csv``: a header of `FIELDS`, then one row per event, ``detail`` as
-compact JSON with sorted keys and ``None`` as an empty cell.
+compact JSON with sorted keys and ``None`` as an empty cell; text a spreadsheet would run as
+a formula is prefixed with ``'`` (`provisioning.csv_safety`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 from typing import Any
 
+from provisioning.csv_safety import neutralise
 from schemas.events import AuthEvent
 
 FIELDS = (
@@ -39,7 +41,7 @@ def csv_cells(event: AuthEvent) -> list[Any]:
     values["detail"] = json.dumps(
         values["detail"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return ["" if values[name] is None else values[name] for name in FIELDS]
+    return ["" if values[name] is None else neutralise(values[name]) for name in FIELDS]
 
 
 def _csv_text(rows: list[list[Any]]) -> str:

@@ -57,8 +57,18 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     return context
 
 
+HSTS = "max-age=31536000"
+"""``Strict-Transport-Security`` of every response: the listener speaks only HTTPS, so a
+browser that once reached the console never tries plain HTTP (or a stripped link) again.
+Not ``includeSubDomains``: other hosts of the domain are not ours to commit."""
+
+
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Strict-Transport-Security"] = HSTS
 
 
 def build_app(
@@ -79,6 +89,7 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=service.settings.max_body_bytes)
     app[SERVICE] = service
     app[CRL] = CrlCache(service.ca)
+    app.on_response_prepare.append(_hsts)  # every response, the console's and errors too
     app.add_routes(
         [
             web.post("/v1/enroll", api.enroll),
@@ -103,7 +114,7 @@ def build_app(
         ]
     )
     console.setup(app)  # audit console under /console/ (provisioning/console)
-    ratelimit.setup(app)  # failed bootstrap-token attempts, per address (429)
+    ratelimit.setup(app)  # failed token attempts (429); refusal summaries (refusal_budget)
     return app
 
 
