@@ -2,8 +2,9 @@
 
 ``json``: one object per line with the field names of the API (DESIGN.md, "Auth events"),
 in `FIELDS` order. ``csv``: a header of `FIELDS`, then one row per event, ``detail`` as
-compact JSON with sorted keys and ``None`` as an empty cell. `certificate_line`: the one
-line a person reads about the certificate of a refusal (the audit table, the console).
+compact JSON with sorted keys and ``None`` as an empty cell; text a spreadsheet would run
+as a formula is prefixed with ``'`` (`provisioning.csv_safety`). `certificate_line`: the
+one line a person reads about the certificate of a refusal (the audit table, the console).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 from typing import Any
 
+from provisioning.csv_safety import neutralise
 from schemas.certificates import MAX_NAME, printable
 from schemas.events import AuthEvent, Outcome
 
@@ -74,7 +76,7 @@ def csv_cells(event: AuthEvent) -> list[Any]:
     values["detail"] = json.dumps(
         values["detail"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return ["" if values[name] is None else values[name] for name in FIELDS]
+    return ["" if values[name] is None else neutralise(values[name]) for name in FIELDS]
 
 
 def _csv_text(rows: list[list[Any]]) -> str:

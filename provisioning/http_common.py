@@ -33,17 +33,20 @@ def service(request: web.Request) -> ProvisioningService:
 
 
 def peer(request: web.Request) -> Peer:
-    """Address, TLS parameters and client certificate (DER) of the connection."""
+    """Address, TLS parameters and client certificate (DER) of the connection, and the
+    route whose refusal budget its refusals count against."""
+    route = f"{request.method} {request.path}"
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
-        return Peer(address=request.remote)
+        return Peer(address=request.remote, route=route)
     cipher = ssl_object.cipher()
     return Peer(
         address=request.remote,
         tls_version=ssl_object.version(),
         tls_cipher=cipher[0] if cipher else None,
         certificate_der=ssl_object.getpeercert(binary_form=True),
+        route=route,
     )
 
 

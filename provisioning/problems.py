@@ -39,7 +39,11 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.INTERNAL_ERROR: (500, "Internal error"),
     Reason.SERVICE_UNAVAILABLE: (503, "Service unavailable"),
 }
-"""Reason -> (HTTP status, title). A reason not listed is a server bug: 500."""
+"""Reason -> (HTTP status, title). A reason not listed is a server bug: 500.
+
+The refusal budget (`provisioning.refusal_budget`) changes no status: a refusal beyond it
+is answered exactly as within it and only its audit event is summarised. 429 comes from
+the token limiter alone (`provisioning.ratelimit`)."""
 
 _BY_STATUS: dict[int, Reason] = {
     400: Reason.REQUEST_INVALID,

@@ -1,7 +1,10 @@
-"""Per-address rate limit on failed bootstrap-token attempts (enrollment, EST simpleenroll).
+"""Per-address rate limit on failed bootstrap-token attempts (enrollment, EST simpleenroll),
+and the sweeper that writes the refusals counted beyond their audit budget.
 
 Token secrets carry 256 bits, so guessing one is hopeless; what a guesser can do is load the
-database and flood the audit log. This limits both.
+database and flood the audit log. The limit here bounds the token checks; the audit rows
+are bounded by the refusal budget every unauthenticated route shares
+(`provisioning.refusal_budget`), which the 429 refusals go through like any other.
 
 Invariants:
 
@@ -11,20 +14,19 @@ Invariants:
   an expected race, not a guess; its uses already bound it). Successes cost nothing, so a
   factory line with a good token is never limited.
 * While the bucket is empty, a guarded request is refused before its body is read: 429,
-  reason ``rate_limited``, ``Retry-After`` in whole seconds.
+  reason ``rate_limited``, ``Retry-After`` in whole seconds, recorded through
+  `ProvisioningService.record_denied` (in full within the route's refusal budget, counted
+  in a summary event beyond it).
 * Concurrency cannot outrun the count by more than one burst: at most ``max_in_flight``
   guarded requests per address run at once, and each failure is charged when it is
   decided, even below zero. A burst admitted while the bucket held a token is paid back
   before the next attempt, so over any interval ``t`` an address gets at most
   ``failures + max_in_flight + t * failures / per`` token checks that fail.
-* Every refusal is accounted for in the audit log, summarised: at most one ``rate_limited``
-  event per address per ``summary_interval`` seconds, whose ``detail.refused`` counts the
-  refusals since the previous one. A sweeper records what is still pending every
-  ``summary_interval`` and at shutdown, so no refusal goes uncounted.
-* Bounded memory: at most ``max_addresses`` entries (least recently seen evicted; counts
-  still pending on an evicted entry go to one global counter, reported by the sweeper
-  without an address). Idle entries (bucket full, nothing pending) are dropped by the
-  sweeper. IPv6 clients are keyed by their /64, which is what one host usually controls.
+* The sweeper writes the refusal summaries every ``refusal_summary_interval`` and once
+  more at shutdown, after the last request, so no counted refusal goes unrecorded.
+* Bounded memory: at most ``max_addresses`` entries (least recently seen evicted); idle
+  entries (bucket full, nothing in flight) are dropped by `expire`. IPv6 clients are keyed
+  by their /64, which is what one host usually controls.
 * The key is the TCP peer: behind a load balancer every client shares its address. The
   provisioning listener does not read PROXY headers or X-Forwarded-For.
 * The clock is injectable (tests); nothing here does I/O except `setup`'s middleware and
@@ -35,22 +37,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
 
 from provisioning.errors import TokenRejected
-from provisioning.http_common import SERVICE, Handler
+from provisioning.http_common import SERVICE, Handler, peer
 from provisioning.problems import problem_response
-from provisioning.service import Peer
+from provisioning.refusal_budget import address_key
 from schemas.errors import DevicegateError
 from schemas.events import EventType, Reason
 
@@ -77,41 +76,13 @@ class RateLimited(DevicegateError):
     reason = Reason.RATE_LIMITED
 
 
-@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the bucket update
-def address_key(address: str | None) -> str:
-    """The bucket an address belongs to: itself for IPv4, its /64 for IPv6."""
-    if not address:
-        return "unknown"
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 class _Entry:
-    __slots__ = ("first_refused", "in_flight", "refused", "summarised_at", "tokens", "updated")
+    __slots__ = ("in_flight", "tokens", "updated")
 
     def __init__(self, tokens: float, now: float) -> None:
         self.tokens = tokens
         self.updated = now
         self.in_flight = 0
-        self.refused = 0  # refusals not yet recorded
-        self.first_refused = 0.0
-        self.summarised_at = -math.inf
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """Refusals to record: ``address`` None for entries evicted before they were recorded."""
-
-    address: str | None
-    refused: int
-    seconds: float
 
 
 class TokenFailureLimiter:
@@ -120,7 +91,6 @@ class TokenFailureLimiter:
     Args:
         failures: Failed attempts allowed in a burst (and per ``per`` seconds).
         per: Seconds in which ``failures`` attempts are earned back.
-        summary_interval: At most one recorded ``rate_limited`` event per address this often.
         max_addresses: Size bound of the table.
         max_in_flight: Guarded requests one address may have running at once.
         clock: Monotonic seconds.
@@ -131,22 +101,19 @@ class TokenFailureLimiter:
         *,
         failures: int = 30,
         per: float = 60.0,
-        summary_interval: float = 5.0,
         max_addresses: int = 10_000,
         max_in_flight: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if min(failures, per, summary_interval, max_addresses, max_in_flight) <= 0:
+        if min(failures, per, max_addresses, max_in_flight) <= 0:
             raise ValueError("every limit must be positive")
         self.failures = failures
         self.per = per
-        self.summary_interval = summary_interval
         self.max_addresses = max_addresses
         self.max_in_flight = max_in_flight
         self.clock = clock
         self._rate = failures / per
         self._table: OrderedDict[str, _Entry] = OrderedDict()
-        self._evicted_refused = 0
 
     def __len__(self) -> int:
         return len(self._table)
@@ -160,8 +127,7 @@ class TokenFailureLimiter:
         if entry is None:
             entry = self._table[key] = _Entry(float(self.failures), now)
             while len(self._table) > self.max_addresses:
-                _, evicted = self._table.popitem(last=False)
-                self._evicted_refused += evicted.refused
+                self._table.popitem(last=False)
         else:
             self._table.move_to_end(key)
             self._refill(entry, now)
@@ -191,59 +157,17 @@ class TokenFailureLimiter:
             entry = self._entry(key, self.clock())
             entry.tokens = max(-float(self.max_in_flight), entry.tokens - 1)
 
-    def refused(self, address: str | None) -> Summary | None:
-        """Count a refusal; return a summary to record now, at most once per interval."""
-        key = address_key(address)
+    def expire(self) -> None:
+        """Drop idle entries (bucket full, nothing in flight)."""
         now = self.clock()
-        entry = self._entry(key, now)
-        if not entry.refused:
-            entry.first_refused = now
-        entry.refused += 1
-        if now - entry.summarised_at < self.summary_interval:
-            return None
-        return self._take(key, entry, now)
-
-    def _take(self, key: str, entry: _Entry, now: float) -> Summary:
-        summary = Summary(key, entry.refused, round(now - entry.first_refused, 3))
-        entry.refused = 0
-        entry.summarised_at = now
-        return summary
-
-    def sweep(self, *, final: bool = False) -> list[Summary]:
-        """Summaries that are due (all of them if ``final``); drop idle entries."""
-        now = self.clock()
-        due: list[Summary] = []
         for key in list(self._table):
             entry = self._table[key]
-            if entry.refused and (final or now - entry.summarised_at >= self.summary_interval):
-                due.append(self._take(key, entry, now))
             self._refill(entry, now)
-            idle = entry.tokens >= self.failures and not entry.refused and not entry.in_flight
-            if idle and now - entry.summarised_at >= self.summary_interval:
+            if entry.tokens >= self.failures and not entry.in_flight:
                 del self._table[key]
-        if self._evicted_refused:
-            due.append(Summary(None, self._evicted_refused, 0.0))
-            self._evicted_refused = 0
-        return due
 
 
 LIMITER = web.AppKey("token_failure_limiter", TokenFailureLimiter)
-
-
-async def _record(app: web.Application, summary: Summary, path: str | None = None) -> None:
-    detail: dict[str, object] = {"refused": summary.refused, "seconds": summary.seconds}
-    if path is not None:
-        detail["path"] = path
-    if summary.address is None:
-        detail["evicted"] = True
-    limiter = app[LIMITER]
-    message = (
-        f"{summary.refused} token attempt(s) refused: more than {limiter.failures} failed "
-        f"in {limiter.per:g} s"
-    )
-    await app[SERVICE].record_denied(
-        EventType.ENROLL, RateLimited(message), Peer(address=summary.address), detail=detail
-    )
 
 
 @web.middleware
@@ -255,12 +179,15 @@ async def token_rate_limit(request: web.Request, handler: Handler) -> web.Stream
     address = request.remote
     wait = limiter.acquire(address)
     if wait is not None:
-        summary = limiter.refused(address)
-        if summary is not None:
-            await _record(request.app, summary, request.path)
-        response = problem_response(
-            Reason.RATE_LIMITED, f"too many failed token attempts; retry in {wait} s"
+        message = (
+            f"too many failed token attempts (more than {limiter.failures} in "
+            f"{limiter.per:g} s); retry in {wait} s"
         )
+        await request.app[SERVICE].record_denied(
+            EventType.ENROLL, RateLimited(message), peer(request),
+            detail={"path": request.path, "retry_after": wait},
+        )  # fmt: skip
+        response = problem_response(Reason.RATE_LIMITED, message)
         response.headers["Retry-After"] = str(wait)
         return response
     failed = False
@@ -274,32 +201,34 @@ async def token_rate_limit(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    limiter = app[LIMITER]
+    """Writes the refusal summaries every ``refusal_summary_interval`` and at shutdown."""
+    service = app[SERVICE]
 
-    async def flush(*, final: bool) -> None:
-        for summary in limiter.sweep(final=final):
-            try:
-                await _record(app, summary)
-            except Exception:  # the sweeper must outlive a failed write; it is logged
-                log.exception("could not record a rate_limited summary")
+    async def flush() -> None:
+        try:
+            await service.record_refusal_summaries()
+        except Exception:  # the sweeper must outlive a failed write; it is logged
+            log.exception("could not record refusal summaries")
 
     async def loop() -> None:
+        interval = service.settings.refusal_summary_interval.total_seconds()
         while True:
-            await asyncio.sleep(app[LIMITER].summary_interval)
-            await flush(final=False)
+            await asyncio.sleep(interval)
+            await flush()
+            app[LIMITER].expire()
 
-    task = asyncio.create_task(loop(), name="token-rate-limit-sweeper")
+    task = asyncio.create_task(loop(), name="refusal-summary-sweeper")
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await flush(final=True)
+        await flush()
 
 
 def setup(app: web.Application, limiter: TokenFailureLimiter | None = None) -> None:
-    """Install the limiter, its middleware (innermost) and its sweeper on ``app``.
+    """Install the limiter, its middleware (innermost) and the refusal sweeper on ``app``.
 
     ``app[LIMITER]`` may be replaced until the app starts (tests use a tighter one).
     """

@@ -76,6 +76,7 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
 
+
 def build_app(
     service: ProvisioningService,
     *,
@@ -119,7 +120,7 @@ def build_app(
         ]
     )
     console.setup(app)  # audit console under /console/ (provisioning/console)
-    ratelimit.setup(app)  # failed bootstrap-token attempts, per address (429)
+    ratelimit.setup(app)  # failed token attempts (429); refusal summaries (refusal_budget)
     return app
 
 

@@ -37,6 +37,7 @@ from provisioning.csr import AcceptedCsr
 from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken, TokenRejected
 from provisioning.eventlog import ChainHead, EventSpec
 from provisioning.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
+from provisioning.refusal_budget import RefusalBudget, RefusalSummary, budgets
 from provisioning.telemetry import annotate, phase
 from provisioning.tokens import TOKEN_PREFIX, secret_hash
 from schemas.api import CertificateBundle, DeviceInfo
@@ -59,6 +60,8 @@ class Peer:
     tls_version: str | None = None
     tls_cipher: str | None = None
     certificate_der: bytes | None = None
+    route: str | None = None
+    """``"METHOD /path"`` of the request: its refusals count against that route's budget."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class ProvisioningService:
         self.enrollment = TokenProvisioner(settings)
         self.renewal = RenewalProvisioner(settings)
         self.committer = Committer(pool)
+        self.refusals = RefusalBudget(budgets(settings))
         self._chain_pem = ca.chain_pem  # serialised once: it is in every response
         self._tokens: dict[bytes, store.UsableToken] = {}
 
@@ -368,12 +372,46 @@ class ProvisioningService:
         detail: dict[str, Any] | None = None,
         **fields: str | None,
     ) -> None:
-        """Record a refusal (its own writes, if any, were rolled back already)."""
+        """Record a refusal (its own writes, if any, were rolled back already), or count it
+        for a summary when its route's budget for this address is spent (`refusal_budget`)."""
+        if not self.refusals.charge(
+            peer.route, peer.address, type=type, reason=exc.reason,
+            device_id=fields.get("device_id"),
+        ):
+            return
         spec = self._event(
             type, Outcome.DENIED, exc.reason, peer,
             detail={**(detail or {}), "message": str(exc)}, **fields,
         )
+        await self._write_denied(spec)
 
+    async def record_refusal_summaries(self) -> int:
+        """Write the refusals counted beyond their budget as summary events; how many."""
+        summaries = self.refusals.sweep()
+        for summary in summaries:
+            await self._write_denied(self._summary_event(summary))
+        return len(summaries)
+
+    def _summary_event(self, summary: RefusalSummary) -> EventSpec:
+        method, _, path = summary.route.partition(" ")
+        budget = self.refusals.table[summary.route]
+        detail: dict[str, Any] = {
+            "summary": True, "refused": summary.count, "method": method, "path": path,
+            "address": summary.address,
+            "first": summary.first.isoformat(timespec="milliseconds"),
+            "last": summary.last.isoformat(timespec="milliseconds"),
+            "budget": {"events": budget.events, "per_seconds": budget.per},
+        }
+        if summary.devices:
+            detail["devices"] = summary.devices
+        if summary.other_devices:
+            detail["other_devices"] = summary.other_devices
+        return self._event(
+            summary.type, Outcome.DENIED, summary.reason, Peer(address=summary.sample),
+            device_id=summary.device_id, detail=detail,
+        )
+
+    async def _write_denied(self, spec: EventSpec) -> None:
         async def write(conn: Any) -> tuple[None, EventSpec]:
             return None, spec
 
@@ -381,4 +419,4 @@ class ProvisioningService:
             await self.committer.submit(write, savepoint=False)
         except (asyncpg.PostgresError, OSError):
             # The refusal stands even when it cannot be recorded; say so in the log.
-            log.exception("could not record a denied %s event", type)
+            log.exception("could not record a denied %s event", spec.type)

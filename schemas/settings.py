@@ -141,6 +141,19 @@ class Settings(BaseSettings):
         "of provisioning_listen>` and warns; `serve provisioning` reuses `server.crt`'s.",
     )
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest HTTP request body.")
+    refusal_events_per_minute: int = Field(
+        10,
+        ge=1,
+        description="Refusals recorded as one event each, per client address and route, on "
+        "the routes reached before authentication (enroll, renew, EST, console login): a "
+        "burst of this many, earned back over a minute. Beyond it refusals are counted in "
+        "summary events.",
+    )
+    refusal_summary_interval: Duration = Field(
+        timedelta(seconds=10),
+        description="How often refusals counted beyond the budget are written as summary "
+        "events (one per route, address and reason; the rest at shutdown).",
+    )
 
     metrics_listen: str = Field(
         "127.0.0.1:9464",
@@ -152,6 +165,13 @@ class Settings(BaseSettings):
         description="Lowest level logged; debug adds the gateway's line per admission and "
         "session end (denials are logged at info).",
     )
+
+    @field_validator("refusal_summary_interval")
+    @classmethod
+    def _check_positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return value
 
     @field_validator("gateway_listen", "provisioning_listen")
     @classmethod

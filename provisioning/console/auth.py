@@ -2,7 +2,9 @@
 
 A login is an authentication decision, so it is recorded like the others: an ``admin``
 event, allowed (``admin_action``, ``detail.actor`` = the key's name) or denied
-(``unauthorized``), with the peer address, on the provisioning chain.
+(``unauthorized``), with the peer address, on the provisioning chain. Denied logins count
+against the route's per-address refusal budget like the other unauthenticated routes
+(`provisioning.refusal_budget`): beyond it they are summarised, with exact counts.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from aiohttp import web
 
 from provisioning.console import csrf, sessions
 from provisioning.console.html import Html, page, render
+from provisioning.errors import Unauthorized
 from provisioning.eventlog import append_event
-from provisioning.http_common import SERVICE
+from provisioning.http_common import SERVICE, peer
 from schemas.events import EventType, Outcome, Reason
 
 HOME = "/console/"
@@ -55,15 +58,23 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def _record(request: web.Request, *, actor: str | None) -> None:
     service = request.app[SERVICE]
+    if actor is None:
+        await service.record_denied(
+            EventType.ADMIN,
+            Unauthorized("unknown or revoked admin key"),
+            peer(request),
+            detail={"action": "console_login"},
+        )
+        return
     async with service.pool.acquire() as conn, conn.transaction():
         await append_event(
             conn,
             instance=service.settings.instance_id,
             type=EventType.ADMIN,
-            outcome=Outcome.ALLOWED if actor else Outcome.DENIED,
-            reason=Reason.ADMIN_ACTION if actor else Reason.UNAUTHORIZED,
+            outcome=Outcome.ALLOWED,
+            reason=Reason.ADMIN_ACTION,
             peer_address=request.remote,
-            detail={"action": "console_login", **({"actor": actor} if actor else {})},
+            detail={"action": "console_login", "actor": actor},
         )
 
 

@@ -1,12 +1,13 @@
 """Hardening fixtures: a provisioning listener of its own (a tight token-failure limit, so the
-limit is reached in a few requests and summaries come every second), clients that bind other
-loopback source addresses, and the shared fixtures of the provisioning suite."""
+limit is reached in a few requests, and refusal summaries every second), clients that bind
+other loopback source addresses, and the shared fixtures of the provisioning suite."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import aiohttp
 import asyncpg
@@ -27,8 +28,9 @@ from tests.provisioning.conftest import settings as settings
 
 FAILURES = 5  # failed token attempts allowed per address in a burst
 PER = 60.0  # ... earned back over this many seconds
-SUMMARY = 1.0  # at most one rate_limited event per address per second
+SUMMARY = 1.0  # refusals beyond the audit budget are summarised every second
 IN_FLIGHT = 8  # guarded requests one address may have running at once
+BUDGET: int = Settings.model_fields["refusal_events_per_minute"].default  # refusals in full
 
 
 @pytest.fixture(scope="session")
@@ -50,21 +52,27 @@ def admin_key(database_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def limiter() -> ratelimit.TokenFailureLimiter:
-    return ratelimit.TokenFailureLimiter(
-        failures=FAILURES, per=PER, summary_interval=SUMMARY, max_in_flight=IN_FLIGHT
-    )
+    return ratelimit.TokenFailureLimiter(failures=FAILURES, per=PER, max_in_flight=IN_FLIGHT)
 
 
 @pytest.fixture(scope="session")
 def server(settings: Settings, limiter: ratelimit.TokenFailureLimiter) -> Iterator[Server]:
     """The production app (`build_app`: routes, middlewares, console, limiter) with the real
-    TLS context on its own uvloop thread; only the limiter's numbers are tightened."""
+    TLS context on its own uvloop thread; only the limiter's numbers and the summary
+    interval are tightened; the refusal budget is the default (the provisioning suite's
+    settings turn it off)."""
 
     def tighten(app: web.Application) -> None:
         assert ratelimit.token_rate_limit in app.middlewares  # installed by build_app
         app[ratelimit.LIMITER] = limiter
 
-    with provisioning_server(settings, configure=tighten) as port:
+    tight = settings.model_copy(
+        update={
+            "refusal_summary_interval": timedelta(seconds=SUMMARY),
+            "refusal_events_per_minute": BUDGET,
+        }
+    )
+    with provisioning_server(tight, configure=tighten) as port:
         yield Server(f"https://127.0.0.1:{port}", port)
 
 
