@@ -9,7 +9,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 # Every dependency ships manylinux wheels for amd64 and arm64; the compiler is for
-# devicegate's own C accelerator of the auth event encoder (gateway/_event_codec.c).
+# devicegate's own C accelerator of the auth event encoder (gateway/events/_codec.c).
 # This stage is thrown away, so the runtime image carries no compiler.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -23,7 +23,7 @@ COPY gateway ./gateway
 COPY provisioning ./provisioning
 # The import check fails the build if the accelerator was skipped (it is optional to pip).
 RUN /opt/devicegate/bin/pip install --no-cache-dir . \
- && /opt/devicegate/bin/python -c "import gateway._event_codec" \
+ && /opt/devicegate/bin/python -c "import gateway.events._codec" \
  && /opt/devicegate/bin/python -m compileall -q /opt/devicegate/lib
 
 # --- runtime: the virtualenv and nothing else -----------------------------------------

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import uvloop
 
-from gateway.events import SpoolSink
+from gateway.events.sink import SpoolSink
 from gateway.revocation import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from gateway.takeover import SessionBus

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure the install can build devicegate's C accelerator (gateway/_event_codec.c): a C
+# Makes sure the install can build devicegate's C accelerator (gateway/events/_codec.c): a C
 # compiler and the headers of the Python that installs it. Installs what is missing with
 # apt-get when running as root; otherwise says what to install. Never fails: the
 # accelerator is optional (without it the event encoder runs in Python, and
@@ -16,7 +16,7 @@ command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 
 ((${#need_apt[@]})) || exit 0
 if [[ $(id -u) -ne 0 ]]; then
-    echo "warning: cannot build gateway/_event_codec.c; install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
+    echo "warning: cannot build gateway/events/_codec.c; install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
     exit 0
 fi
 echo "installing ${need_apt[*]} with apt-get"

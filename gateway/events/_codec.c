@@ -1,4 +1,4 @@
-/* The C accelerator of gateway/event_codec.py: `encode_event`'s common case.
+/* The C accelerator of gateway/events/codec.py: `encode_event`'s common case.
  *
  * encode(values, chain_id, seq, prev_digest) takes an AuthEvent's field dict (the model's
  * __dict__) and returns (spool payload, sha256 digest, COPY row) exactly as the Python
@@ -431,8 +431,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "gateway._event_codec",
-    .m_doc = "C accelerator of gateway.event_codec.encode_event.",
+    .m_name = "gateway.events._codec",
+    .m_doc = "C accelerator of gateway.events.codec.encode_event.",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -440,7 +440,7 @@ static struct PyModuleDef module_def = {
 #define INTERN(var, text)                                                                    \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
-PyMODINIT_FUNC PyInit__event_codec(void) {
+PyMODINIT_FUNC PyInit__codec(void) {
     PyDateTime_IMPORT;
     if (PyDateTimeAPI == NULL) return NULL;
     PyObject *hashlib = PyImport_ImportModule("hashlib");

@@ -1,13 +1,13 @@
 """The auth event's bytes in the spool and its row for PostgreSQL: chaining, encoding, decoding.
 
-The sink's hot path (`gateway.events.SpoolSink` encodes every event here, once).
+The sink's hot path (`gateway.events.sink.SpoolSink` encodes every event here, once).
 
 Invariants:
 - `encode_event` hashes exactly `schemas.events.canonical_bytes` of the chained event (a test
   compares them), so both planes and `devicegate audit verify` agree on every hash.
 - The spool keeps ``prev_digest || digest || canonical JSON``; `decode_payload` rebuilds the
   COPY row from it exactly, so a replayed event is the event that was hashed.
-- `encode_event` runs the C accelerator (``gateway/_event_codec.c``, built on install when a
+- `encode_event` runs the C accelerator (``gateway/events/_codec.c``, built on install when a
   compiler is there) and falls back to `encode_event_python` for what the accelerator
   leaves to it, or when it is not built; both give the same bytes (a test compares them).
 """
@@ -26,7 +26,7 @@ from schemas.events import AuthEvent, canonical_bytes, holds_nul
 _Encoder = Callable[[dict[str, Any], str, int, bytes], tuple[bytes, bytes, tuple[Any, ...]] | None]
 _encode_c: _Encoder | None
 try:
-    from gateway._event_codec import encode as _encode_c
+    from gateway.events._codec import encode as _encode_c
 except ImportError:  # built without a C compiler: the Python path does all of it
     _encode_c = None
 

@@ -71,8 +71,8 @@ from typing import Any, Protocol, Self
 import asyncpg
 
 from gateway.database import DB_ERRORS
-from gateway.event_codec import COLUMNS, Row, decode_payload, encode_event
-from gateway.spool import Spool, SpoolError, SpoolFull, frame
+from gateway.events.codec import COLUMNS, Row, decode_payload, encode_event
+from gateway.events.spool import Spool, SpoolError, SpoolFull, frame
 from schemas.errors import DevicegateError
 from schemas.events import (
     GENESIS_HASH,

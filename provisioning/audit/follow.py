@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from provisioning.event_query import EventFilter, query_events
+from provisioning.audit.query import EventFilter, query_events
 from schemas.events import AuthEvent
 from schemas.notify import EVENTS_CHANNEL
 

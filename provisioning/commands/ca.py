@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from provisioning import ca as pki
 from provisioning.commands.common import (
     console,
     context,
@@ -14,6 +13,7 @@ from provisioning.commands.common import (
     print_json_lines,
     print_table,
 )
+from provisioning.pki import ca as pki
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
 

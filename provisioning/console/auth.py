@@ -12,7 +12,7 @@ from aiohttp import web
 from provisioning.console import csrf, sessions
 from provisioning.console.html import Html, page, render
 from provisioning.eventlog import append_event
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 from schemas.events import EventType, Outcome, Reason
 
 HOME = "/console/"

@@ -2,7 +2,7 @@
 
 Each attack returns an `Attack`: what was tried, what the attacker saw, and the reason
 codes the gateway must have recorded for it. Whether the refusal really was recorded is
-checked later against ``auth_events`` (`provisioning.demo_report`), not taken on trust.
+checked later against ``auth_events`` (`provisioning.demo.report`), not taken on trust.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import admin, store
-from provisioning.ca import (
+from provisioning.agent.device import CERT_FILE, CHAIN_FILE, KEY_FILE, client_ssl_context, key_pem
+from provisioning.demo.factory import Enrolled
+from provisioning.demo.stack import Stack
+from provisioning.demo.traffic import MQTT_TIMEOUT, device_session, telemetry_topic
+from provisioning.pki.ca import (
     CertificateAuthority,
     DeviceIdentity,
     SignOptions,
@@ -31,10 +35,6 @@ from provisioning.ca import (
     serial_hex,
     to_pem,
 )
-from provisioning.demo_factory import Enrolled
-from provisioning.demo_stack import Stack
-from provisioning.demo_traffic import MQTT_TIMEOUT, device_session, telemetry_topic
-from provisioning.device import CERT_FILE, CHAIN_FILE, KEY_FILE, client_ssl_context, key_pem
 
 LIVE_CUT_WAIT = 3.0
 """Seconds the demo waits for the gateway to cut a revoked device's live session."""

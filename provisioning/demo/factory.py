@@ -1,6 +1,6 @@
 """The factory line: bootstrap tokens, and devices that each make a key and enroll over HTTPS.
 
-Every simulated device goes through the same code a real one runs (`provisioning.device`):
+Every simulated device goes through the same code a real one runs (`provisioning.agent.device`):
 its private key is generated here, on "the device", and never leaves its directory; only
 the CSR and the bootstrap token travel to the provisioning API.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
-from provisioning import admin, device
+from provisioning import admin
+from provisioning.agent import device
 from schemas.api import TokenCreateRequest
 
 ENROLL_CONCURRENCY = 16
@@ -83,7 +84,7 @@ async def factory_line(
         concurrency: Enrollments in flight at once.
 
     Raises:
-        provisioning.device.EnrollmentError: a device was refused.
+        provisioning.agent.device.EnrollmentError: a device was refused.
     """
     gate = asyncio.Semaphore(concurrency)
 

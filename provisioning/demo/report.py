@@ -17,8 +17,8 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from provisioning.audit_summary import Summary, summarize
-from provisioning.audit_verify import VerifyReport, verify_chains
+from provisioning.audit.summary import Summary, summarize
+from provisioning.audit.verify import VerifyReport, verify_chains
 
 EVENT_WAIT = 20.0
 """Seconds to wait for the gateway's events to reach PostgreSQL."""

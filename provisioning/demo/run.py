@@ -1,9 +1,9 @@
 """``devicegate demo``: the whole product, end to end, on this machine, in well under a minute.
 
-Steps: a scratch stack (`demo_stack`), a factory line enrolling N devices over HTTPS
-(`demo_factory`), their telemetry through the mutual-TLS gateway to a dashboard
-(`demo_traffic`), the attacks a security team worries about (`demo_attacks`), and the
-audit of it all (`demo_report`). Exit status: 0 when every step went as it should,
+Steps: a scratch stack (`stack`), a factory line enrolling N devices over HTTPS
+(`factory`), their telemetry through the mutual-TLS gateway to a dashboard
+(`traffic`), the attacks a security team worries about (`attacks`), and the
+audit of it all (`report`). Exit status: 0 when every step went as it should,
 1 when something did not, 2 when mosquitto or PostgreSQL is missing, 130/143 when
 interrupted; every process and file it made is gone in each case.
 """
@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from provisioning import demo_attacks
-from provisioning.demo_attacks import Attack
-from provisioning.demo_factory import Enrolled, create_token, factory_line
-from provisioning.demo_report import audit
-from provisioning.demo_stack import DatabaseChoice, MissingDependency, Stack, scratch_stack
-from provisioning.demo_traffic import DASHBOARD_FILTER, Dashboard, publish_telemetry, run_dashboard
+from provisioning.demo import attacks
+from provisioning.demo.attacks import Attack
+from provisioning.demo.factory import Enrolled, create_token, factory_line
+from provisioning.demo.report import audit
+from provisioning.demo.stack import DatabaseChoice, MissingDependency, Stack, scratch_stack
+from provisioning.demo.traffic import DASHBOARD_FILTER, Dashboard, publish_telemetry, run_dashboard
 from schemas.errors import DevicegateError
 
 MESSAGES_PER_DEVICE = 3
@@ -127,14 +127,14 @@ async def _attacks(
     _step(console, "attacks")
     victim, attacker, revoked = fleet[0], fleet[1], fleet[2]
     port_attacks = [
-        demo_attacks.no_client_certificate(stack, victim),
-        demo_attacks.rogue_ca(stack, victim),
-        demo_attacks.expired_certificate(stack, victim),
-        demo_attacks.spoofed_client_id(stack, attacker, victim),
-        demo_attacks.topic_escape(
+        attacks.no_client_certificate(stack, victim),
+        attacks.rogue_ca(stack, victim),
+        attacks.expired_certificate(stack, victim),
+        attacks.spoofed_client_id(stack, attacker, victim),
+        attacks.topic_escape(
             stack, attacker, victim, dashboard_foreign=lambda: len(seen.foreign)
         ),
-        demo_attacks.revoked_while_connected(stack, revoked),
+        attacks.revoked_while_connected(stack, revoked),
     ]
     results = [await attack for attack in port_attacks]
     table = Table(header_style="bold", show_lines=True)

@@ -1,7 +1,7 @@
 """``devicegate simulate``: load and soak a deployment with simulated devices.
 
 Each simulated device is a task that runs what a real one does, through the same code
-(`provisioning.device`): enroll with a bootstrap token (or reuse an identity enrolled
+(`provisioning.agent.device`): enroll with a bootstrap token (or reuse an identity enrolled
 earlier under ``--identities``), connect over mutual TLS, publish telemetry at its rate,
 optionally renew half-way and reconnect with the new certificate. Devices start at
 ``--rate`` per second; everything stops at ``--duration``. Failures are counted by reason
@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from provisioning import device
+from provisioning.agent import device
 from schemas.errors import DevicegateError
 
 RETRY_PAUSE = 1.0

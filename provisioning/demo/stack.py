@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from provisioning.ca import CHAIN, init_pki
+from provisioning.pki.ca import CHAIN, init_pki
 from schemas.errors import DevicegateError
 from schemas.migrate import migrate
 
@@ -360,7 +360,7 @@ async def _https_ready(url: str, chain: Path, *, within: float, alive: Callable[
 
 def gateway_argv() -> list[str]:
     """``devicegate serve gateway`` (one worker, from ``DEVICEGATE_WORKERS`` in `Stack.env`)."""
-    return [sys.executable, "-m", "provisioning.cli", "serve", "gateway"]
+    return [sys.executable, "-m", "provisioning.commands.cli", "serve", "gateway"]
 
 
 def _metrics() -> dict[str, str]:
@@ -374,7 +374,7 @@ async def _services(stack: contextlib.AsyncExitStack, state: Stack, say: Say) ->
     state.logs["provisioning"] = log
     provisioning = _spawn(
         stack,
-        [sys.executable, "-m", "provisioning.cli", "serve", "provisioning"],
+        [sys.executable, "-m", "provisioning.commands.cli", "serve", "provisioning"],
         log=log,
         env={**env, "DEVICEGATE_INSTANCE_ID": "demo-provisioning", **_metrics()},
     )

@@ -1,7 +1,7 @@
 """Devices talking through the gateway: telemetry publishers and a dashboard that reads it.
 
 The dashboard is a device of the ``dashboard`` fleet, which the demo's policy file lets
-subscribe to ``devices/+/telemetry`` and nothing else (see `demo_stack.DEMO_POLICY`). Under
+subscribe to ``devices/+/telemetry`` and nothing else (see `stack.DEMO_POLICY`). Under
 the default policy no device may read another's topics, so the grant has to be explicit.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
-from provisioning.demo_factory import Enrolled
-from provisioning.device import gateway_ssl_context
+from provisioning.agent.device import gateway_ssl_context
+from provisioning.demo.factory import Enrolled
 
 DASHBOARD_FILTER = "devices/+/telemetry"
 CONNECT_CONCURRENCY = 25

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from provisioning.ca import DeviceIdentity, SignOptions
 from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken
+from provisioning.pki.ca import DeviceIdentity, SignOptions
 from provisioning.store import UsableToken
 from provisioning.tokens import new_device_id
 from schemas.api import CertificateInfo, DeviceInfo

@@ -3,7 +3,7 @@
 Invariants:
 - Reads that decide (token peek, hardware id, presented certificate) and signing (CPU) happen
   before any write. The writes of one request (token use, device, certificate, supersession)
-  run in a savepoint of a group-committed transaction (`provisioning.committer`) together
+  run in a savepoint of a group-committed transaction (`provisioning.enrollment.committer`) together
   with its chained event; a refusal inside rolls all of them back, the token use included.
   A new device's writes are one statement (`store.enroll_new_device`): the token use is the
   row that the device and certificate inserts select from. A batch of new devices without
@@ -29,12 +29,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from provisioning import store
-from provisioning.ca import CertificateAuthority, der_to_pem, fingerprint, serial_hex
-from provisioning.committer import Committer, Merge
-from provisioning.csr import AcceptedCsr
+from provisioning.enrollment.committer import Committer, Merge
+from provisioning.enrollment.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
 from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken, TokenRejected
 from provisioning.eventlog import ChainHead, EventSpec
-from provisioning.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
+from provisioning.pki.ca import CertificateAuthority, der_to_pem, fingerprint, serial_hex
+from provisioning.pki.csr import AcceptedCsr
 from provisioning.telemetry import annotate, phase
 from provisioning.tokens import TOKEN_PREFIX, secret_hash
 from schemas.api import CertificateBundle, DeviceInfo

@@ -1,6 +1,6 @@
 """The provisioning JSON API: thin handlers (validate, authorize, act, render).
 
-Refusals are typed errors; `provisioning.problems.STATUS` is the one table that turns their
+Refusals are typed errors; `provisioning.http.problems.STATUS` is the one table that turns their
 reason into an HTTP status (see `problems_middleware`). Admin endpoints need a bearer admin
 key; device endpoints are authenticated by a bootstrap token or the TLS client certificate.
 """
@@ -12,11 +12,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from provisioning import admin, crl, store
-from provisioning.csr import parse_csr_pem
+from provisioning import admin, store
+from provisioning.audit.query import EventFilter, query_events
 from provisioning.errors import RequestInvalid
-from provisioning.event_query import EventFilter, query_events
-from provisioning.http_common import (
+from provisioning.http.common import (
     CRL,
     json_response,
     parse_model,
@@ -26,6 +25,8 @@ from provisioning.http_common import (
     require_admin,
     service,
 )
+from provisioning.pki import crl
+from provisioning.pki.csr import parse_csr_pem
 from provisioning.telemetry import phase
 from schemas.api import EnrollRequest, EventPage, RenewRequest, TokenCreateRequest
 from schemas.durations import parse_duration

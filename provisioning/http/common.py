@@ -12,11 +12,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from provisioning import admin
-from provisioning.crl import CrlCache
 from provisioning.db import DatabaseUnavailable
+from provisioning.enrollment.service import Peer, ProvisioningService
 from provisioning.errors import RequestInvalid, Unauthorized
-from provisioning.problems import problem_response, reason_for_status
-from provisioning.service import Peer, ProvisioningService
+from provisioning.http.problems import problem_response, reason_for_status
+from provisioning.pki.crl import CrlCache
 from schemas.errors import DevicegateError
 from schemas.events import EventType, Reason, holds_nul
 

@@ -16,9 +16,9 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
-from provisioning.csr import parse_csr_base64_der
 from provisioning.errors import RequestInvalid, TokenRejected
-from provisioning.http_common import peer, read_body, recording_denials, service
+from provisioning.http.common import peer, read_body, recording_denials, service
+from provisioning.pki.csr import parse_csr_base64_der
 from provisioning.telemetry import phase
 from schemas.events import EventType, Reason
 

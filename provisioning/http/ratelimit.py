@@ -47,10 +47,10 @@ from typing import Final
 
 from aiohttp import web
 
+from provisioning.enrollment.service import Peer
 from provisioning.errors import TokenRejected
-from provisioning.http_common import SERVICE, Handler
-from provisioning.problems import problem_response
-from provisioning.service import Peer
+from provisioning.http.common import SERVICE, Handler
+from provisioning.http.problems import problem_response
 from schemas.errors import DevicegateError
 from schemas.events import EventType, Reason
 

@@ -22,13 +22,14 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioning import api, console, est, ratelimit
-from provisioning.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
-from provisioning.crl import CrlCache
+from provisioning import console
 from provisioning.db import create_pool
-from provisioning.http_common import CRL, SERVICE, problems_middleware
-from provisioning.openapi import document
-from provisioning.service import ProvisioningService
+from provisioning.enrollment.service import ProvisioningService
+from provisioning.http import api, est, ratelimit
+from provisioning.http.common import CRL, SERVICE, problems_middleware
+from provisioning.http.openapi import document
+from provisioning.pki.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
+from provisioning.pki.crl import CrlCache
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.settings import Settings
 from schemas.telemetry import Telemetry, configure_logging, serve_metrics, setup_telemetry

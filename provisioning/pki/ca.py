@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.leaf_der import LeafTemplate, key_class, signature_algorithm_of, spki_der
-from provisioning.signer import CAPrivateKey, FileSigner, RawSigner, Signer, signature_hash
+from provisioning.pki.leaf_der import LeafTemplate, key_class, signature_algorithm_of, spki_der
+from provisioning.pki.signer import CAPrivateKey, FileSigner, RawSigner, Signer, signature_hash
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
@@ -157,7 +157,7 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A client certificate for ``identity`` over ``public_key``.
 
-        Encoded from the CA's template (`provisioning.leaf_der`) once the template has been
+        Encoded from the CA's template (`provisioning.pki.leaf_der`) once the template has been
         shown to produce the builder's exact TBSCertificate for this class of key; the
         first certificate of each class is built by the builder and used as that proof.
 
@@ -300,7 +300,7 @@ def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
 _KEY_USAGE_BY_CLASS = {
     "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
 }
-"""A device certificate's key usage per `provisioning.leaf_der.key_class`."""
+"""A device certificate's key usage per `provisioning.pki.leaf_der.key_class`."""
 
 
 def _leaf_key_usage(public_key: DevicePublicKey) -> x509.KeyUsage:

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from provisioning import store
-from provisioning.ca import CertificateAuthority
+from provisioning.pki.ca import CertificateAuthority
 
 CRL_VALIDITY = timedelta(hours=1)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from provisioning.ca import DevicePublicKey, KeyNotAllowed, key_type_name
 from provisioning.errors import CsrInvalid
+from provisioning.pki.ca import DevicePublicKey, KeyNotAllowed, key_type_name
 
 MAX_CSR_BYTES = 16_384
 

@@ -31,7 +31,7 @@ class Signer(Protocol):
 @runtime_checkable
 class RawSigner(Protocol):
     """A `Signer` that can also sign arbitrary bytes (a DER TBSCertificate) with its key, so
-    that device certificates can be encoded from a template (`provisioning.leaf_der`)
+    that device certificates can be encoded from a template (`provisioning.pki.leaf_der`)
     instead of a builder. Optional: without it the builder path is used."""
 
     def sign_bytes(self, data: bytes) -> bytes:

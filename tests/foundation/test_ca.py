@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ca import (
+from provisioning.pki.ca import (
     CAError,
     CAKeyType,
     DeviceIdentity,
@@ -187,7 +187,7 @@ def test_crl_lists_revoked_serials(pki: Pki, tmp_path: Path) -> None:
 
 def _devicegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
+        [sys.executable, "-m", "provisioning.commands.cli", *args],
         capture_output=True, text=True, check=False, timeout=60,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )

@@ -24,7 +24,7 @@ from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
-from provisioning.ca import CertificateAuthority, DeviceIdentity, SignOptions, fingerprint
+from provisioning.pki.ca import CertificateAuthority, DeviceIdentity, SignOptions, fingerprint
 from schemas.policy import FleetPolicy, PolicyDocument
 from tests.conftest import Pki
 from tests.gateway.pg_sink import PgSink

@@ -59,7 +59,7 @@ def provision(harness: Harness, action: Callable[..., Awaitable[T]], *args: Any)
 
 
 def supersede(harness: Harness, old: Device, new: Device) -> None:
-    """What renewal commits (`provisioning.service` renew): supersede + NOTIFY, one transaction.
+    """What renewal commits (`enrollment.service` renew): supersede + NOTIFY, one transaction.
 
     ``new`` is already registered (``make_device(device_id=old.device_id)``).
     """

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from provisioning import admin
-from provisioning.device import KeyType, csr_pem, generate_key
+from provisioning.agent.device import KeyType, csr_pem, generate_key
 from schemas.api import TokenCreateRequest
 from schemas.settings import Settings
 from tests.conftest import Pki

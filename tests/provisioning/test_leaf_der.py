@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ca import (
+from provisioning.agent.device import KeyType, generate_key
+from provisioning.pki.ca import (
     CAKeyType,
     CertificateAuthority,
     DeviceIdentity,
@@ -22,8 +23,7 @@ from provisioning.ca import (
     load_ca,
     to_pem,
 )
-from provisioning.device import KeyType, generate_key
-from provisioning.leaf_der import key_class, spki_der, subject_key_id
+from provisioning.pki.leaf_der import key_class, spki_der, subject_key_id
 
 
 @pytest.fixture(scope="module", params=list(CAKeyType))

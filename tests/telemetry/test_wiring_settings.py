@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.serve import _serve_metrics
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from provisioning.commands.common import Context
 from schemas.settings import ConfigError, Settings, load_settings
 from schemas.telemetry import configure_logging, setup_telemetry
