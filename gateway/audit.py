@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.events.sink import EventSink
+from gateway.events.interface import EventSink
 from gateway.identity import DeviceIdentity
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 

@@ -53,182 +53,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import logging
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Self
 
 import asyncpg
 
 from gateway.database import DB_ERRORS
+from gateway.events import shipping
 from gateway.events.codec import COLUMNS, Row, decode_payload, encode_event
+from gateway.events.group import DROPPED, OPEN, SEALED, Group, Refused, SharedFuture
+from gateway.events.interface import EventLogUnavailable, SinkObserver, SinkStats
+from gateway.events.loss import LostEvents, is_admission
 from gateway.events.spool import Spool, SpoolError, SpoolFull, frame
-from schemas.errors import DevicegateError
-from schemas.events import (
-    GENESIS_HASH,
-    AuthEvent,
-    EventType,
-    Outcome,
-    Reason,
-    uuid7,
-)
-from schemas.notify import EVENTS_CHANNEL
+from schemas.events import GENESIS_HASH, AuthEvent, EventType, Outcome, uuid7
 
-__all__ = [
-    "EventLogUnavailable",
-    "EventSink",
-    "SinkObserver",
-    "SinkStats",
-    "SpoolSink",
-]
+__all__ = ["SpoolSink"]
 
 log = logging.getLogger(__name__)
 
 _SEQ = COLUMNS.index("seq")
 _HASH = COLUMNS.index("hash")
-_TIME = COLUMNS.index("time")
-_INSTANCE = COLUMNS.index("instance")
 _TYPE = COLUMNS.index("type")
 _OUTCOME = COLUMNS.index("outcome")
-_REASON = COLUMNS.index("reason")
-_DETAIL = COLUMNS.index("detail")
-_COLUMN_LIST = ", ".join(COLUMNS)
-# Built from the constant column names above, nothing from outside.
-_REPLAY = (
-    f"INSERT INTO auth_events ({_COLUMN_LIST}) "  # noqa: S608
-    f"SELECT {_COLUMN_LIST} FROM devicegate_stage ON CONFLICT DO NOTHING"
-)
-
 _RETRY_MIN = 0.05
 _HEADER_SLACK = 512  # at least a segment header's size (magic, length, chain JSON)
 _PARTITION_CHECK_EVERY = 3600.0
-
-
-_OPEN, _SEALED, _DROPPED = range(3)  # a group's state (see `_Group`)
-
-
-class _Refused(Exception):
-    """The I/O thread did not write a group: one before it, which it was chained on, failed."""
-
-
-class _SharedFuture(asyncio.Future[None]):
-    """The flush future every `SpoolSink.record` of one group commit awaits.
-
-    It cannot be cancelled: a cancelled caller must not cancel its neighbours' wait. (The
-    caller's task still sees CancelledError, once the flush is done.) Cheaper than one
-    ``asyncio.shield`` per call.
-    """
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-class _Group:
-    """Frames gathered for one write + fdatasync, and the future their `record` calls await.
-
-    Queued to the I/O thread as soon as its first frame is gathered. Frames join it while it
-    is ``_OPEN``; the I/O thread seals it when its write begins (``_SEALED``), after which
-    new frames start the next group. The event loop may drop an open group (``_DROPPED``)
-    when the sink fails; the thread then skips it. ``state`` changes under the sink's seal
-    lock. ``epoch``: a group is written only if no earlier group of its epoch failed.
-    """
-
-    __slots__ = ("epoch", "frames", "future", "rows", "size", "state", "written")
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.frames: list[bytes] = []
-        self.rows: list[Row] = []
-        self.size = 0
-        self.future = _SharedFuture()
-        self.state = _OPEN
-        self.written = False  # set by the I/O thread once the spool holds it
-
-    def add(self, framed: bytes, row: Row) -> None:
-        self.frames.append(framed)
-        self.rows.append(row)
-        self.size += len(framed)
-
-
-class EventLogUnavailable(DevicegateError):
-    """The event cannot be made durable (spool full, disk failure, sink closed).
-
-    The gateway answers by refusing the connection: no session is admitted unaudited.
-    """
-
-    reason = Reason.EVENT_LOG_UNAVAILABLE
-
-
-class SinkObserver(Protocol):
-    """What `SpoolSink` reports to metrics (`gateway.telemetry.GatewayMetrics` has it)."""
-
-    def flushed(self, seconds: float) -> None: ...
-
-    def shipped(self, batch_size: int) -> None: ...
-
-
-class EventSink(Protocol):
-    """Where auth events go."""
-
-    async def record(self, event: AuthEvent) -> None:
-        """Store ``event``; return once it is durable on local disk."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class SinkStats:
-    """A snapshot of the sink for metrics.
-
-    Attributes:
-        chain_id: the chain this sink appends to.
-        head_seq: seq of the last event appended.
-        queue_depth: events recorded but not yet committed in PostgreSQL.
-        spool_bytes: bytes of segment files on disk.
-        spool_segments: number of segment files.
-        events_recorded: events accepted by `SpoolSink.record` since start.
-        events_shipped: events committed in PostgreSQL since start (replays included).
-        fsyncs: group-commit flushes since start.
-        batches: committed shipping batches since start.
-        ship_failures: failed shipping attempts since start.
-        last_batch_size: events in the last committed batch.
-        last_flush_latency: seconds of the last write + fdatasync.
-        last_ship_latency: seconds of the last committed batch.
-        database_connected: whether the shipping connection is up.
-        full: whether an admission like the last event would be refused (spool at its
-            soft limit ``max_bytes - reserve_bytes``, or its disk out of space).
-        events_lost: non-admission events refused for lack of space and not yet recorded
-            in an ``events_lost`` event.
-        events_lost_total: events refused for lack of space since the sink started
-            (admissions excluded: their refusal is recorded instead).
-    """
-
-    chain_id: str
-    head_seq: int
-    queue_depth: int
-    spool_bytes: int
-    spool_segments: int
-    events_recorded: int
-    events_shipped: int
-    fsyncs: int
-    batches: int
-    ship_failures: int
-    last_batch_size: int
-    last_flush_latency: float
-    last_ship_latency: float
-    database_connected: bool
-    full: bool
-    events_lost: int = 0
-    events_lost_total: int = 0
 
 
 # -- the sink ------------------------------------------------------------------------------
@@ -317,10 +175,10 @@ class SpoolSink:
         self._head_digest = bytes.fromhex(GENESIS_HASH)
         # Groups queued to the I/O thread whose outcome the loop has not handled yet, oldest
         # first; the last may be the open one new frames join.
-        self._unwritten: deque[_Group] = deque()
+        self._unwritten: deque[Group] = deque()
         self._unwritten_bytes = 0
-        self._open: _Group | None = None
-        self._seal = threading.Lock()  # guards `_Group.state`, shared with the I/O thread
+        self._open: Group | None = None
+        self._seal = threading.Lock()  # guards `Group.state`, shared with the I/O thread
         self._epoch = 0  # advanced by each roll-back: groups chained on a failed one are refused
         self._refused_epoch = -1  # I/O thread: groups of this epoch or older are not written
         self._last_write = 0.0  # I/O thread: when the last write began (``flush_interval``)
@@ -328,7 +186,7 @@ class SpoolSink:
         # seqs roll back to.
         self._durable_seq = 0
         self._durable_digest = self._head_digest
-        self._lost = _Lost()
+        self._lost = LostEvents()
         self._lost_total = 0
         self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
         self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
@@ -464,17 +322,14 @@ class SpoolSink:
             return
         self._conn = conn
         try:
-            row = await conn.fetchrow(
-                "SELECT seq, hash FROM auth_events WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
-                self._chain_id,
-            )
+            head = await shipping.chain_head(conn, self._chain_id)
         except DB_ERRORS as exc:  # e.g. not migrated yet: the head is unknown, do not guess
             self._chain_id = f"{self._chain_id}#{uuid7().hex}"
             log.warning("chain head unreadable (%s): starting new chain %s", exc, self._chain_id)
             return
-        if row is not None:
-            self._head_seq = row["seq"]
-            self._head_digest = bytes.fromhex(row["hash"])
+        if head is not None:
+            self._head_seq, head_hash = head
+            self._head_digest = bytes.fromhex(head_hash)
             self._uncertain_seq = self._head_seq
 
     async def close(self) -> None:
@@ -538,11 +393,11 @@ class SpoolSink:
             raise EventLogUnavailable("event sink is not running")
         if self._lost.count:
             self._record_loss()
-        # Identity checks: the model holds enum members (`_is_admission` for rows).
+        # Identity checks: the model holds enum members (`is_admission` for rows).
         admission = event.type is EventType.CONNECT and event.outcome is Outcome.ALLOWED
         await self._append(event, admission)
 
-    def _append(self, event: AuthEvent, admission: bool, *, loss: bool = False) -> _SharedFuture:
+    def _append(self, event: AuthEvent, admission: bool, *, loss: bool = False) -> SharedFuture:
         """Chain and gather ``event`` for the next flush; the future that flush resolves.
 
         ``loss``: ``event`` is the ``events_lost`` event; while the disk is full it only
@@ -577,11 +432,11 @@ class SpoolSink:
         group = self._open
         if group is not None:
             with self._seal:
-                if group.state is _OPEN:
+                if group.state is OPEN:
                     group.add(framed, row)
                     return group.future
         # No group is gathering (or the I/O thread just sealed it): begin the next one.
-        group = self._open = _Group(self._epoch)
+        group = self._open = Group(self._epoch)
         group.add(framed, row)
         self._unwritten.append(group)
         self._drained.clear()
@@ -611,8 +466,8 @@ class SpoolSink:
         room = active.allocated - active.size
         # A group the thread has written is in `spool.bytes` already (it sets `written`
         # after the spool's counters), and a dropped one will never be written.
-        sizes = [g.size for g in self._unwritten if not g.written and g.state is not _DROPPED]
-        if sizes and self._open is not None and self._open.state is _OPEN:
+        sizes = [g.size for g in self._unwritten if not g.written and g.state is not DROPPED]
+        if sizes and self._open is not None and self._open.state is OPEN:
             sizes[-1] += extra
         else:
             sizes.append(extra)
@@ -632,15 +487,15 @@ class SpoolSink:
             future = self._append(lost.event(self._chain_id), False, loss=True)
         except EventLogUnavailable:
             return  # still no room: keep counting
-        self._lost = _Lost()
+        self._lost = LostEvents()
         future.add_done_callback(functools.partial(_loss_recorded, lost.count))
 
-    def _write(self, group: _Group) -> float:
+    def _write(self, group: Group) -> float:
         """In the I/O thread: seal ``group``, append it to the spool and fdatasync; returns
         the seconds the write took.
 
         Raises:
-            _Refused: an earlier group of its epoch failed, so its frames are chained on
+            Refused: an earlier group of its epoch failed, so its frames are chained on
                 records that are not on disk; nothing is written.
             SpoolFull, OSError: as `Spool.append`.
         """
@@ -649,11 +504,11 @@ class SpoolSink:
             if wait > 0:
                 time.sleep(wait)
         with self._seal:
-            if group.state is _DROPPED:
+            if group.state is DROPPED:
                 return 0.0
-            group.state = _SEALED
+            group.state = SEALED
         if group.epoch <= self._refused_epoch:
-            raise _Refused
+            raise Refused
         started = self._last_write = time.monotonic()
         last = group.rows[-1]
         try:
@@ -667,7 +522,7 @@ class SpoolSink:
         group.written = True
         return time.monotonic() - started
 
-    def _written(self, group: _Group, written: asyncio.Future[float]) -> None:
+    def _written(self, group: Group, written: asyncio.Future[float]) -> None:
         """In the loop, in queue order: settle ``group``'s records after its write."""
         assert self._unwritten[0] is group
         self._unwritten.popleft()
@@ -675,7 +530,7 @@ class SpoolSink:
         if self._open is group:
             self._open = None
         self._ship_wake.set()  # new rows to ship, or the ship loop re-checks `drained`
-        if group.state is _DROPPED:
+        if group.state is DROPPED:
             return  # its records were failed when it was dropped
         exc = written.exception()
         rows = group.rows
@@ -692,9 +547,9 @@ class SpoolSink:
             group.future.set_result(None)
         elif isinstance(exc, SpoolFull):
             self._roll_back(group, exc)
-        elif isinstance(exc, _Refused) and self._failed is None:
+        elif isinstance(exc, Refused) and self._failed is None:
             self._lose(group, EventLogUnavailable("event spool out of disk space"))
-        elif isinstance(exc, _Refused):
+        elif isinstance(exc, Refused):
             error = EventLogUnavailable(f"event spool write failed: {self._failed}")
             self._fail_group(group, error)
         else:
@@ -703,7 +558,7 @@ class SpoolSink:
             # The group gathering behind it is refused by the I/O thread (see `_write`).
             self._fail_group(group, EventLogUnavailable(f"event spool write failed: {exc}"))
 
-    def _roll_back(self, group: _Group, exc: SpoolFull) -> None:
+    def _roll_back(self, group: Group, exc: SpoolFull) -> None:
         """The disk had no room for ``group``: nothing of it is durable. Refuse it and the
         group chained behind it, and continue the chain from the last durable record."""
         error = EventLogUnavailable(f"event spool out of disk space: {exc}")
@@ -725,48 +580,37 @@ class SpoolSink:
         if group is None:
             return False
         with self._seal:
-            if group.state is not _OPEN:
+            if group.state is not OPEN:
                 return False  # sealed: its write (or refusal) settles it
-            group.state = _DROPPED
+            group.state = DROPPED
         self._fail_group(group, error)
         return True
 
-    def _fail_group(self, group: _Group, error: EventLogUnavailable) -> None:
+    def _fail_group(self, group: Group, error: EventLogUnavailable) -> None:
         self._recorded -= len(group.rows)  # they were never recorded after all
         _fail(group.future, error)
 
-    def _lose(self, group: _Group, error: EventLogUnavailable) -> None:
+    def _lose(self, group: Group, error: EventLogUnavailable) -> None:
         """Refuse ``group`` for lack of space, counting its events as lost."""
         self._fail_group(group, error)
         self._count_lost(group.rows)
 
     def _count_lost(self, rows: list[Row]) -> None:
         for row in rows:
-            if not _is_admission(row[_TYPE], row[_OUTCOME]):  # an admission's refusal is logged
+            if not is_admission(row[_TYPE], row[_OUTCOME]):  # an admission's refusal is logged
                 self._lost_total += self._lost.add(row)
 
     # -- shipping ----------------------------------------------------------------------
 
     async def _connect(self) -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            self._url, timeout=self._connect_timeout, command_timeout=self._command_timeout
+        conn = await shipping.connect(
+            self._url, connect_timeout=self._connect_timeout, command_timeout=self._command_timeout
         )
-        try:
-            await conn.execute(
-                f"CREATE TEMP TABLE devicegate_stage ({_stage_columns()}) ON COMMIT DELETE ROWS"
-            )
-            await self._ensure_partitions(conn)
-        except BaseException:
-            conn.terminate()
-            raise
+        self._next_partition_check = time.monotonic() + _PARTITION_CHECK_EVERY
         return conn
 
     async def _ensure_partitions(self, conn: asyncpg.Connection) -> None:
-        try:
-            await conn.execute("SELECT devicegate_ensure_partitions()")
-        except asyncpg.PostgresError as exc:
-            # Two writers creating the same partition race; the loser retries next time.
-            log.warning("devicegate_ensure_partitions failed: %s", exc)
+        await shipping.ensure_partitions(conn)
         self._next_partition_check = time.monotonic() + _PARTITION_CHECK_EVERY
 
     async def _drop_connection(self) -> None:
@@ -817,20 +661,10 @@ class SpoolSink:
     async def _ship(self, conn: asyncpg.Connection, batch: Sequence[Row]) -> None:
         started = time.monotonic()
         first, last = batch[0][_SEQ], batch[-1][_SEQ]
-        replay = first <= self._uncertain_seq
-        notice = json.dumps(
-            {"chain_id": self._chain_id, "min_seq": first, "max_seq": last, "count": len(batch)}
-        )
         try:
-            async with conn.transaction():
-                if replay:
-                    await conn.copy_records_to_table(
-                        "devicegate_stage", records=batch, columns=COLUMNS
-                    )
-                    await conn.execute(_REPLAY)
-                else:
-                    await conn.copy_records_to_table("auth_events", records=batch, columns=COLUMNS)
-                await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, notice)
+            await shipping.copy_batch(
+                conn, batch, chain_id=self._chain_id, replay=first <= self._uncertain_seq
+            )
         except BaseException:
             # The commit may have happened (lost reply) or a unique violation says an attempt
             # we lost track of stored it: retry through the staging table.
@@ -882,11 +716,6 @@ def _log_failure(future: concurrent.futures.Future[None]) -> None:
         log.warning("preparing a spare spool segment failed: %s", exc)
 
 
-def _is_admission(type_: str, outcome: str) -> bool:
-    """An allowed ``connect``: the one event the gateway can still refuse instead."""
-    return type_ == EventType.CONNECT and outcome == Outcome.ALLOWED
-
-
 def _fail(future: asyncio.Future[None] | None, error: BaseException) -> None:
     if future is not None and not future.done():
         future.set_exception(error)
@@ -897,61 +726,3 @@ def _loss_recorded(count: int, future: asyncio.Future[None]) -> None:
     # Nobody awaits this future; when it fails, `SpoolSink._lose` re-counted the loss.
     if not future.cancelled() and future.exception() is None:
         log.warning("recorded the loss of %d events (the spool was full)", count)
-
-
-class _Lost:
-    """Events refused for lack of space since the last ``events_lost`` event."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str, str]] = Counter()
-        self.count = 0  # counts.total(), kept: `record` reads it on every call
-        self.first: datetime | None = None
-        self.last: datetime | None = None
-        self.instance: str | None = None
-
-    def add(self, row: Row) -> int:
-        """Count a refused event (an ``events_lost`` event whose write failed: its counts);
-        returns how many events are newly lost (0 for such a re-counted summary)."""
-        self.instance = row[_INSTANCE]
-        if row[_TYPE] == EventType.EVENTS_LOST:
-            detail = json.loads(row[_DETAIL])
-            for item in detail["lost"]:
-                self.counts[(item["type"], item["outcome"], item["reason"])] += item["count"]
-                self.count += item["count"]
-            self._saw(datetime.fromisoformat(detail["first"]))
-            self._saw(datetime.fromisoformat(detail["last"]))
-            return 0
-        self.counts[(str(row[_TYPE]), str(row[_OUTCOME]), str(row[_REASON]))] += 1
-        self.count += 1
-        self._saw(row[_TIME])
-        return 1
-
-    def _saw(self, moment: datetime) -> None:
-        if self.first is None or moment < self.first:
-            self.first = moment
-        if self.last is None or moment > self.last:
-            self.last = moment
-
-    def event(self, chain_id: str) -> AuthEvent:
-        """The ``events_lost`` event recording these counts."""
-        assert self.first is not None and self.last is not None
-        return AuthEvent(
-            instance=self.instance or chain_id.rpartition("/")[0] or chain_id,
-            type=EventType.EVENTS_LOST,
-            outcome=Outcome.DENIED,
-            reason=Reason.EVENT_LOG_UNAVAILABLE,
-            detail={
-                "count": self.count,
-                "first": self.first.isoformat(),
-                "last": self.last.isoformat(),
-                "lost": [
-                    {"type": t, "outcome": o, "reason": r, "count": n}
-                    for (t, o, r), n in sorted(self.counts.items())
-                ],
-            },
-        )
-
-
-def _stage_columns() -> str:
-    types = {"id": "uuid", "time": "timestamptz", "detail": "jsonb", "seq": "bigint"}
-    return ", ".join(f"{name} {types.get(name, 'text')}" for name in COLUMNS)

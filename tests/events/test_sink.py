@@ -16,7 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.events.sink import EventLogUnavailable, SpoolSink
+from gateway.events.interface import EventLogUnavailable
+from gateway.events.sink import SpoolSink
 from provisioning.audit.verify import verify_chains
 from schemas.events import AuthEvent, Reason, uuid7
 from schemas.notify import EVENTS_CHANNEL

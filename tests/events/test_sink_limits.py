@@ -15,7 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.events.sink import EventLogUnavailable, SpoolSink
+from gateway.events.interface import EventLogUnavailable
+from gateway.events.sink import SpoolSink
 from provisioning.audit.verify import verify_chains
 from schemas.events import AuthEvent, Outcome, Reason, uuid7
 from tests.events.conftest import fill, tmpfs
