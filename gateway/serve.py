@@ -32,7 +32,7 @@ from collections.abc import Callable
 import uvloop
 
 from gateway.events.sink import SpoolSink
-from gateway.revocation import RevocationCache
+from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from gateway.takeover import SessionBus
 from gateway.telemetry import GatewayMetrics, ObservingSink

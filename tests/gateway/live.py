@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.revocation import RevocationCache
+from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway
 from provisioning import admin, store
 from schemas.notify import RevocationNotice
