@@ -43,8 +43,8 @@ from gateway.events import codec as event_codec
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
 from gateway.server import config_from_settings
+from schemas.logs import configure_logging
 from schemas.settings import Settings
-from schemas.telemetry import configure_logging
 
 __all__ = ["MAX_BACKOFF", "SHIP_GRACE", "STABLE_AFTER", "Supervisor", "supervise"]
 

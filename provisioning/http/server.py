@@ -31,8 +31,9 @@ from provisioning.http.openapi import document
 from provisioning.pki.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
 from provisioning.pki.crl import CrlCache
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
+from schemas.logs import configure_logging
 from schemas.settings import Settings
-from schemas.telemetry import Telemetry, configure_logging, serve_metrics, setup_telemetry
+from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
 log = logging.getLogger("devicegate.provisioning")
 
