@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from provisioning import admin
 from provisioning.console import overview, queries, rollup
 from provisioning.http.server import build_app, open_service, server_ssl_context
-from provisioning.pki.ca import init_pki
+from provisioning.pki.directory import init_pki
 from schemas.migrate import migrate
 from schemas.settings import Settings
 from tests.console.synthetic import load

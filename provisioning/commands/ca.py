@@ -13,7 +13,7 @@ from provisioning.commands.common import (
     print_json_lines,
     print_table,
 )
-from provisioning.pki import ca as pki
+from provisioning.pki import ca, directory
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
 
@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
 def init(
     ctx: typer.Context,
     key_type: Annotated[
-        pki.CAKeyType, typer.Option(help="CA key type: EC P-256 or P-384.")
-    ] = pki.CAKeyType.P256,
+        directory.CAKeyType, typer.Option(help="CA key type: EC P-256 or P-384.")
+    ] = directory.CAKeyType.P256,
     server_name: Annotated[
         list[str] | None,
         typer.Option("--server-name", help="DNS name or IP of the listeners (repeatable)."),
@@ -49,14 +49,14 @@ def init(
     if passphrase is not None and len(passphrase) < 8:
         fail("the CA passphrase must have at least 8 characters", code=2)
     try:
-        summary = pki.init_pki(
+        summary = directory.init_pki(
             settings.pki_dir,
             passphrase=passphrase,
             key_type=key_type,
             server_names=server_name or ["localhost", "127.0.0.1"],
             force=force,
         )
-    except pki.CAError as exc:
+    except directory.CAError as exc:
         fail(str(exc))
     console.print(f"CA created in [bold]{summary.directory}[/bold]")
     for name, certificate in (
@@ -66,7 +66,7 @@ def init(
     ):
         console.print(
             f"  {name:8} {certificate.subject.rfc4514_string()}"
-            f"  sha256:{pki.fingerprint(certificate)}"
+            f"  sha256:{ca.fingerprint(certificate)}"
         )
     console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
 
@@ -79,16 +79,16 @@ def show(
     """Print the CA certificates: subjects, fingerprints, validity."""
     settings = context(ctx).settings()
     try:
-        certificates = pki.describe_pki(settings.pki_dir)
-    except pki.CAError as exc:
+        certificates = directory.describe_pki(settings.pki_dir)
+    except directory.CAError as exc:
         fail(str(exc))
     records = [
         {
             "file": name,
             "subject": certificate.subject.rfc4514_string(),
             "issuer": certificate.issuer.rfc4514_string(),
-            "serial": pki.serial_hex(certificate.serial_number),
-            "sha256": pki.fingerprint(certificate),
+            "serial": ca.serial_hex(certificate.serial_number),
+            "sha256": ca.fingerprint(certificate),
             "not_before": certificate.not_valid_before_utc.isoformat(),
             "not_after": certificate.not_valid_after_utc.isoformat(),
         }

@@ -30,11 +30,10 @@ from provisioning.pki.ca import (
     DeviceIdentity,
     SignOptions,
     fingerprint,
-    init_pki,
-    load_ca,
     serial_hex,
     to_pem,
 )
+from provisioning.pki.directory import init_pki, load_ca
 
 LIVE_CUT_WAIT = 3.0
 """Seconds the demo waits for the gateway to cut a revoked device's live session."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from provisioning.pki.ca import CHAIN, init_pki
+from provisioning.pki.directory import CHAIN, init_pki
 from schemas.errors import DevicegateError
 from schemas.migrate import migrate
 

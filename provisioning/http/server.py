@@ -28,8 +28,8 @@ from provisioning.enrollment.service import ProvisioningService
 from provisioning.http import api, est, ratelimit
 from provisioning.http.common import CRL, SERVICE, problems_middleware
 from provisioning.http.openapi import document
-from provisioning.pki.ca import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
 from provisioning.pki.crl import CrlCache
+from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.logs import configure_logging
 from schemas.settings import Settings

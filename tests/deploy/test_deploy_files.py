@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from provisioning.pki.ca import CHAIN, ISSUING_KEY, ROOT_KEY, SERVER_CERT, SERVER_KEY
+from provisioning.pki.directory import CHAIN, ISSUING_KEY, ROOT_KEY, SERVER_CERT, SERVER_KEY
 from schemas.policy import PolicyDocument
 from schemas.settings import ENV_PREFIX, Settings, load_settings
 from tests.helpers import free_port, wait_for_port

@@ -14,18 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.pki.ca import (
-    CAError,
-    CAKeyType,
     DeviceIdentity,
     KeyNotAllowed,
     SignOptions,
     fingerprint,
-    init_pki,
-    load_ca,
-    load_private_key,
     serial_hex,
     to_pem,
 )
+from provisioning.pki.directory import CAError, CAKeyType, init_pki, load_ca, load_private_key
 from tests.conftest import Pki
 
 IDENTITY = DeviceIdentity("line-a-000001", "line-a", "devicegate.local")

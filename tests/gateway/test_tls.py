@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.mqtt import Connack
-from provisioning.pki.ca import init_pki, load_ca
+from provisioning.pki.directory import init_pki, load_ca
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
 from tests.gateway.conftest import DeviceFactory, Harness

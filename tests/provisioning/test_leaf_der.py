@@ -13,16 +13,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.agent.device import KeyType, generate_key
 from provisioning.pki.ca import (
-    CAKeyType,
     CertificateAuthority,
     DeviceIdentity,
     SignOptions,
     der_to_pem,
     fingerprint,
-    init_pki,
-    load_ca,
     to_pem,
 )
+from provisioning.pki.directory import CAKeyType, init_pki, load_ca
 from provisioning.pki.leaf_der import key_class, spki_der, subject_key_id
 
 
