@@ -9,7 +9,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 # Every dependency ships manylinux wheels for amd64 and arm64; the compiler is for
-# devicegate's own C accelerators: the auth event encoder (gateway/_event_codec.c) and the
+# devicegate's own C accelerators: the auth event encoder (gateway/events/_codec.c) and the
 # gateway's TLS accelerator (gateway/_tlsext.c, which needs OpenSSL's headers: the image's
 # Python links Debian's libssl3, and so does the accelerator).
 # This stage is thrown away, so the runtime image carries no compiler.
@@ -26,7 +26,7 @@ COPY provisioning ./provisioning
 # The import check fails the build if an accelerator was skipped (they are optional to
 # pip) or the TLS one links another OpenSSL than Python's _ssl (it refuses to load then).
 RUN /opt/devicegate/bin/pip install --no-cache-dir . \
- && /opt/devicegate/bin/python -c "import gateway._event_codec, gateway._tlsext" \
+ && /opt/devicegate/bin/python -c "import gateway.events._codec, gateway._tlsext" \
  && /opt/devicegate/bin/python -m compileall -q /opt/devicegate/lib
 
 # --- runtime: the virtualenv and nothing else -----------------------------------------

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 FUZZ_SECONDS ?= 60
 
-$(STAMP): pyproject.toml gateway/_event_codec.c gateway/_tlsext.c
+$(STAMP): pyproject.toml gateway/events/_codec.c gateway/_tlsext.c
 	@bash scripts/ensure-build-tools.sh $(PYTHON)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -48,9 +48,9 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provisioning import admin
-from provisioning.ca import init_pki
 from provisioning.console import overview, queries, rollup
-from provisioning.server import build_app, open_service, server_ssl_context
+from provisioning.http.server import build_app, open_service, server_ssl_context
+from provisioning.pki.directory import init_pki
 from schemas.migrate import migrate
 from schemas.settings import Settings
 from tests.console.synthetic import load

@@ -34,7 +34,7 @@ from gateway.actions import Action, Admit, DialUpstream, Record
 from gateway.audit import EventContext
 from gateway.connection import Session
 from gateway.denials import DenialBudget, DenialLimits
-from gateway.event_codec import COLUMNS, encode_event
+from gateway.events.codec import COLUMNS, encode_event
 from gateway.identity import DeviceIdentity
 from gateway.mqtt import Connack, Connect, Publish, Subscribe, Subscription, encode
 from schemas.events import AuthEvent, EventType, Reason

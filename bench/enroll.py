@@ -47,11 +47,12 @@ import asyncpg
 import uvloop
 
 from provisioning import admin
-from provisioning.ca import DeviceIdentity, SignOptions, init_pki, load_ca
-from provisioning.csr import parse_csr_pem
-from provisioning.device import csr_pem, generate_key
-from provisioning.server import open_service
-from provisioning.service import Peer
+from provisioning.agent.device import csr_pem, generate_key
+from provisioning.enrollment.service import Peer
+from provisioning.http.server import open_service
+from provisioning.pki.ca import DeviceIdentity, SignOptions
+from provisioning.pki.csr import parse_csr_pem
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.api import TokenCreateRequest
 from schemas.migrate import migrate
 from schemas.settings import Settings

@@ -39,8 +39,8 @@ from typing import Any
 
 import asyncpg
 
-from gateway.event_codec import ACCELERATED, COLUMNS, encode_event
-from gateway.events import SpoolSink
+from gateway.events.codec import ACCELERATED, COLUMNS, encode_event
+from gateway.events.sink import SpoolSink
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.migrate import migrate
 

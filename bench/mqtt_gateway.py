@@ -1,6 +1,6 @@
 """Benchmark: the gateway (``--workers 2``) beside Mosquitto's own mTLS listener.
 
-One run, same PKI (``provisioning.ca.init_pki``), same load generator, on this machine:
+One run, same PKI (``provisioning.pki.directory.init_pki``), same load generator, on this machine:
 
 - ``handshakes/s``: TLS (device certificate) + CONNECT + CONNACK + DISCONNECT + close,
   from ``--procs`` load processes with ``--concurrency`` loops each; the load generator's
@@ -57,7 +57,8 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provisioning.ca import DeviceIdentity, SignOptions, fingerprint, init_pki, load_ca
+from provisioning.pki.ca import DeviceIdentity, SignOptions, fingerprint
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.migrate import migrate
 
 ADMIN_URL = os.environ.get(

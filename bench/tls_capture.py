@@ -35,8 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import tls
 from gateway.tls import TlsFailure, TlsPump, server_context
-from provisioning.ca import DeviceIdentity, SignOptions, init_pki, load_ca, to_pem
-from provisioning.device import key_pem
+from provisioning.agent.device import key_pem
+from provisioning.pki.ca import DeviceIdentity, SignOptions, to_pem
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.certificates import _describe, describe_certificate
 
 PASSPHRASE = b"bench"

@@ -1,7 +1,7 @@
 """atheris harness for the auth event encoder: the C accelerator against the Python encoder.
 
 The rule, for any event the bytes describe (any text in any field, any JSON-ish detail,
-any time zone and year): where ``gateway._event_codec.encode`` gives a result, it is the
+any time zone and year): where ``gateway.events._codec.encode`` gives a result, it is the
 Python encoder's result byte for byte; where it raises, the Python encoder raises the same
 error type; where it declines (returns None), the Python encoder decides alone. On top of
 that, a successful encoding hashes exactly `schemas.events.canonical_bytes` of the chained
@@ -20,8 +20,8 @@ from typing import Any
 import atheris  # type: ignore[import-untyped]
 
 with atheris.instrument_imports():
-    from gateway._event_codec import encode as encode_c
-    from gateway.event_codec import decode_payload, encode_event_python
+    from gateway.events._codec import encode as encode_c
+    from gateway.events.codec import decode_payload, encode_event_python
     from schemas.events import AuthEvent, EventType, Outcome, Reason, canonical_bytes, uuid7
 
 _TEXT_FIELDS = (

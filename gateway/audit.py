@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.events import EventSink
+from gateway.events.interface import EventSink
 from gateway.identity import DeviceIdentity
 from schemas.certificates import PresentedCertificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason

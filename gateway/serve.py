@@ -33,14 +33,15 @@ from collections.abc import Callable
 
 import uvloop
 
-from gateway.events import SpoolSink
+from gateway.events.sink import SpoolSink
 from gateway.failure_channel import ChannelFds, FailureChannel
-from gateway.revocation import RevocationCache
+from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from gateway.takeover import SessionBus
 from gateway.telemetry import GatewayMetrics, ObservingSink
+from schemas.logs import configure_logging
 from schemas.settings import Settings, load_settings
-from schemas.telemetry import Telemetry, configure_logging, serve_metrics, setup_telemetry
+from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
 __all__ = ["main", "raise_fd_limit", "serve"]
 

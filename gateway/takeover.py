@@ -29,7 +29,7 @@ Invariants:
   transactions out of many (each one wakes PostgreSQL and every listening worker). A
   lone CONNECT on a quiet bus is sent at once.
 * Listening reuses the revocation cache's LISTEN connection
-  (`gateway.revocation.RevocationCache.also_listen`); sending uses one connection of its
+  (`gateway.revocation_listen.RevocationCache.also_listen`); sending uses one connection of its
   own (no pool: an acquire and release cost more CPU than the ``pg_notify`` itself), opened
   on the first send and dropped on any error, so the next send opens a fresh one.
 """

@@ -29,8 +29,25 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.trace import Span, SpanKind, Tracer
 
-from schemas import telemetry as t
 from schemas.events import AuthEvent, EventType, Outcome, Reason
+from schemas.metrics import (
+    AUTHZ_DENIALS,
+    BYTES,
+    EVENTS_BATCH_SIZE,
+    EVENTS_FLUSH_DURATION,
+    EVENTS_LOST,
+    EVENTS_QUEUE_DEPTH,
+    EVENTS_SPOOL_BYTES,
+    HANDSHAKES,
+    MESSAGES,
+    REVOCATION_STATE_AGE,
+    SESSIONS_ACTIVE,
+    SESSIONS_ENDED,
+    UPSTREAM_DIAL_DURATION,
+    histogram,
+    instrument,
+)
+from schemas.telemetry import trace_detail
 
 __all__ = [
     "ConnectionTrace",
@@ -132,19 +149,19 @@ class GatewayMetrics:
         self.handshakes: dict[tuple[str, str], int] = {}
         self.sessions_ended: dict[str, int] = {}
         self.authz_denials: dict[tuple[str, str], int] = {}
-        t.instrument(meter, t.HANDSHAKES, [self._observe_handshakes])
-        t.instrument(meter, t.SESSIONS_ENDED, [self._observe_ended])
-        t.instrument(meter, t.AUTHZ_DENIALS, [self._observe_denials])
-        self.dial_duration = t.histogram(meter, t.UPSTREAM_DIAL_DURATION)
-        self.batch_size = t.histogram(meter, t.EVENTS_BATCH_SIZE)
-        self.flush_duration = t.histogram(meter, t.EVENTS_FLUSH_DURATION)
-        t.instrument(meter, t.SESSIONS_ACTIVE, [self._observe_active])
-        t.instrument(meter, t.MESSAGES, [self._observe_messages])
-        t.instrument(meter, t.BYTES, [self._observe_bytes])
-        t.instrument(meter, t.EVENTS_QUEUE_DEPTH, [self._observe_queue])
-        t.instrument(meter, t.EVENTS_SPOOL_BYTES, [self._observe_spool])
-        t.instrument(meter, t.EVENTS_LOST, [self._observe_lost])
-        t.instrument(meter, t.REVOCATION_STATE_AGE, [self._observe_revocation])
+        instrument(meter, HANDSHAKES, [self._observe_handshakes])
+        instrument(meter, SESSIONS_ENDED, [self._observe_ended])
+        instrument(meter, AUTHZ_DENIALS, [self._observe_denials])
+        self.dial_duration = histogram(meter, UPSTREAM_DIAL_DURATION)
+        self.batch_size = histogram(meter, EVENTS_BATCH_SIZE)
+        self.flush_duration = histogram(meter, EVENTS_FLUSH_DURATION)
+        instrument(meter, SESSIONS_ACTIVE, [self._observe_active])
+        instrument(meter, MESSAGES, [self._observe_messages])
+        instrument(meter, BYTES, [self._observe_bytes])
+        instrument(meter, EVENTS_QUEUE_DEPTH, [self._observe_queue])
+        instrument(meter, EVENTS_SPOOL_BYTES, [self._observe_spool])
+        instrument(meter, EVENTS_LOST, [self._observe_lost])
+        instrument(meter, REVOCATION_STATE_AGE, [self._observe_revocation])
 
     # --- sources read at collection -----------------------------------------------------
 
@@ -474,4 +491,4 @@ def connection_span(tracer: Tracer, *, peer: str | None) -> Iterator[ConnectionT
 
 def with_trace_id(detail: Mapping[str, Any] | None, span: Span | None = None) -> dict[str, Any]:
     """A new detail dict with ``trace_id`` of ``span`` (or the current span), if any."""
-    return t.trace_detail(detail, span)
+    return trace_detail(detail, span)

@@ -41,13 +41,14 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Final
 
-from gateway import event_codec, tls
+from gateway import tls
+from gateway.events import codec as event_codec
 from gateway.failure_channel import Mesh
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
 from gateway.server import config_from_settings
+from schemas.logs import configure_logging
 from schemas.settings import Settings
-from schemas.telemetry import configure_logging
 
 __all__ = ["MAX_BACKOFF", "SHIP_GRACE", "STABLE_AFTER", "Supervisor", "supervise"]
 
@@ -262,7 +263,7 @@ def supervise(settings: Settings, *, workers: int) -> int:
     load_policy(settings.policy_file)
     if not event_codec.ACCELERATED:
         log.warning(
-            "the auth event encoder runs in Python (gateway._event_codec is not built): "
+            "the auth event encoder runs in Python (gateway.events._codec is not built): "
             "each event costs about 1.5x the CPU; reinstall with a C compiler at hand"
         )
     if not tls.CAPTURES_PRESENTED:

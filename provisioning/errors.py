@@ -1,12 +1,11 @@
 """Typed refusals of the provisioning service; each carries the reason code it is recorded under.
 
-The HTTP status of each reason lives in one table, `provisioning.api.STATUS`; these classes
-only say *what* went wrong, never how it is rendered.
+The HTTP status of each reason lives in one table, `provisioning.http.problems.STATUS`; these
+classes only say *what* went wrong, never how it is rendered.
 """
 
 from __future__ import annotations
 
-from provisioning.ca import KeyNotAllowed
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
@@ -16,7 +15,6 @@ __all__ = [
     "CsrInvalid",
     "DeviceRejected",
     "HardwareIdTaken",
-    "KeyNotAllowed",
     "NotFound",
     "RequestInvalid",
     "TokenRejected",

@@ -2,7 +2,7 @@
 """All SQL of the provisioning service: tokens, devices, certificates, admin keys, NOTIFY.
 
 Functions take a connection (or pool proxy) and never open transactions themselves: the
-caller (`provisioning.service`) decides what is atomic. Rows come back as schema models.
+caller (`provisioning.enrollment.service`) decides what is atomic. Rows come back as schema models.
 """
 
 from __future__ import annotations

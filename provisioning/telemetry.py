@@ -30,7 +30,17 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Span, SpanKind, Tracer
 
-from schemas import telemetry as t
+from schemas.logs import is_sensitive_key
+from schemas.metrics import (
+    CERTIFICATES_EXPIRING,
+    ENROLLMENT_DURATION,
+    ENROLLMENTS,
+    counter,
+    histogram,
+    instrument,
+)
+from schemas.prometheus import CONTENT_TYPE
+from schemas.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
@@ -85,11 +95,11 @@ class ProvisioningMetrics:
     """
 
     def __init__(self, *, meter: Meter) -> None:
-        self.enrollments = t.counter(meter, t.ENROLLMENTS)
-        self.duration = t.histogram(meter, t.ENROLLMENT_DURATION)
+        self.enrollments = counter(meter, ENROLLMENTS)
+        self.duration = histogram(meter, ENROLLMENT_DURATION)
         self._lock = threading.Lock()
         self._expiring: dict[str, int] | None = None
-        t.instrument(meter, t.CERTIFICATES_EXPIRING, [self._observe_expiring])
+        instrument(meter, CERTIFICATES_EXPIRING, [self._observe_expiring])
 
     def enrollment(self, *, operation: str, outcome: str, reason: str, seconds: float) -> None:
         """One enrollment or renewal request answered."""
@@ -139,7 +149,7 @@ def annotate(span: Span | None = None, **attributes: str | None) -> None:
         return
     for key, value in attributes.items():
         name = _ALLOWED_ATTRIBUTES.get(key)
-        if name is None or t.is_sensitive_key(key):
+        if name is None or is_sensitive_key(key):
             log.debug("span attribute %r not allowed; dropped", key)
             continue
         if value is not None:
@@ -226,7 +236,7 @@ def _problem_reason(response: web.StreamResponse) -> str | None:
 
 
 def telemetry_middleware(
-    telemetry: t.Telemetry, metrics: ProvisioningMetrics | None = None
+    telemetry: Telemetry, metrics: ProvisioningMetrics | None = None
 ) -> Middleware:
     """An aiohttp middleware: one span per request, enrollment metrics for `OPERATIONS`.
 
@@ -279,7 +289,7 @@ def _finish(
         )
 
 
-def metrics_handler(telemetry: t.Telemetry) -> Handler:
+def metrics_handler(telemetry: Telemetry) -> Handler:
     """An aiohttp handler serving `Telemetry.prometheus_text` (for ``web.get("/metrics", ...)``).
 
     Prefer `schemas.telemetry.serve_metrics` on ``Settings.metrics_listen``: the HTTPS
@@ -289,7 +299,7 @@ def metrics_handler(telemetry: t.Telemetry) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=telemetry.prometheus_text().encode(),
-            headers={"Content-Type": t.CONTENT_TYPE},
+            headers={"Content-Type": CONTENT_TYPE},
         )
 
     return handler

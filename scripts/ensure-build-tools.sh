@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure the install can build devicegate's C accelerators (gateway/_event_codec.c and
+# Makes sure the install can build devicegate's C accelerators (gateway/events/_codec.c and
 # gateway/_tlsext.c): a C compiler, the headers of the Python that installs it, and
 # OpenSSL's headers. Installs what is missing with apt-get when running as root; otherwise
 # says what to install. Never fails: the accelerators are optional (without them the event

@@ -12,7 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from provisioning.ca import CertificateAuthority, init_pki, load_ca
+from provisioning.pki.ca import CertificateAuthority
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.migrate import migrate
 from tests.helpers import mosquitto
 

@@ -139,7 +139,7 @@ def provisioning_server(
     Yields:
         The loopback port it listens on.
     """
-    from provisioning.server import build_app, open_service, server_ssl_context
+    from provisioning.http.server import build_app, open_service, server_ssl_context
 
     port = free_port() if sock is None else int(sock.getsockname()[1])
     loop = uvloop.new_event_loop()

@@ -3,6 +3,9 @@
 ``codec`` (decode, encode, split_frame), ``packets`` (the packet values),
 ``properties`` (MQTT 5 properties), ``topics`` (the one topic matcher),
 ``errors``. Everything public is re-exported here.
+
+Sans-IO and self-contained: the package imports only itself and the standard library, not
+``schemas`` nor the rest of the gateway, so the codec can be fuzzed and reused on its own.
 """
 
 from gateway.mqtt.codec import NEED_DATA, NeedData, decode, encode, split_frame

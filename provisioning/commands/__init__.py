@@ -1,4 +1,10 @@
-"""The ``devicegate`` command groups, one module each."""
+"""The ``devicegate`` command: `cli` assembles the groups, one module each.
+
+A command module parses options and calls the packages below it (``pki``, ``audit``,
+``agent``, ``demo``, the registry modules, the server in ``http``); it holds no logic of
+its own that another surface would need. The only import of ``gateway`` in the control
+plane is here, in `serve` (``devicegate serve gateway``), and it happens inside the command.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """``devicegate audit``: query, follow, summarise, verify and prune the auth event log.
 
-The logic lives in ``provisioning/event_query.py`` and ``provisioning/audit_*.py``; this
-module parses options and prints. Output formats: ``table`` (aligned text that also
-streams under ``--follow``; a refusal that names a certificate gets a second, indented
-line: `provisioning.event_format.certificate_line`), ``json`` (one object per line, the
-field names of the API) and ``csv`` (a header, then the same fields; ``detail`` as JSON).
+The logic lives in ``provisioning/audit/``; this module parses options and prints. Output
+formats: ``table`` (aligned text that also streams under ``--follow``; a refusal that names
+a certificate gets a second, indented line: `provisioning.audit.format.certificate_line`),
+``json`` (one object per line, the field names of the API) and ``csv`` (a header, then the
+same fields; ``detail`` as JSON).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import Annotated
 
 import typer
 
-from provisioning.audit_follow import FollowLost, follow
-from provisioning.audit_prune import PruneResult, plan_prune, prune
-from provisioning.audit_summary import Summary, summarize
-from provisioning.audit_verify import VerifyReport, verify_chains
+from provisioning.audit.follow import FollowLost, follow
+from provisioning.audit.format import FIELDS, certificate_line, csv_cells, record
+from provisioning.audit.prune import PruneResult, plan_prune, prune
+from provisioning.audit.query import MAX_LIMIT, EventFilter, query_events
+from provisioning.audit.summary import Summary, summarize
+from provisioning.audit.verify import VerifyReport, verify_chains
 from provisioning.commands.common import context, errors, fail, run
 from provisioning.db import connect
-from provisioning.event_format import FIELDS, certificate_line, csv_cells, record
-from provisioning.event_query import MAX_LIMIT, EventFilter, query_events
 from schemas.durations import parse_duration
 from schemas.events import AuthEvent, EventType, Outcome, Reason, utcnow
 
@@ -90,7 +90,7 @@ class _Printer:
             self._header()
         if self.output is Format.json:
             sys.stdout.write(json.dumps(record(event), ensure_ascii=False) + "\n")
-        elif self.output is Format.csv:  # formats shared with the console (event_format)
+        elif self.output is Format.csv:  # formats shared with the console (audit.format)
             self._csv.writerow(csv_cells(event))
         else:
             cells = {

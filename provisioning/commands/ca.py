@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from provisioning import ca as pki
 from provisioning.commands.common import (
     console,
     context,
@@ -15,6 +14,7 @@ from provisioning.commands.common import (
     print_json_lines,
     print_table,
 )
+from provisioning.pki import ca, directory
 from schemas.settings import CRL_PATH
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
 def init(
     ctx: typer.Context,
     key_type: Annotated[
-        pki.CAKeyType, typer.Option(help="CA key type: EC P-256 or P-384.")
-    ] = pki.CAKeyType.P256,
+        directory.CAKeyType, typer.Option(help="CA key type: EC P-256 or P-384.")
+    ] = directory.CAKeyType.P256,
     server_name: Annotated[
         list[str] | None,
         typer.Option("--server-name", help="DNS name or IP of the listeners (repeatable)."),
@@ -55,7 +55,7 @@ def init(
     if crl_url is None:
         # Derived, not refused: the first server name is one clients must use to verify
         # the listeners, so this URL is right unless a load balancer moves the port.
-        public_url = pki.derived_public_url(names[0], settings.provisioning_listen)
+        public_url = ca.derived_public_url(names[0], settings.provisioning_listen)
         crl_url = f"{public_url}{CRL_PATH}"
         errors.print(
             f"[yellow]warning:[/yellow] DEVICEGATE_PUBLIC_URL is not set; certificates will "
@@ -64,7 +64,7 @@ def init(
             highlight=False,
         )
     try:
-        summary = pki.init_pki(
+        summary = directory.init_pki(
             settings.pki_dir,
             passphrase=passphrase,
             key_type=key_type,
@@ -72,7 +72,7 @@ def init(
             crl_url=crl_url,
             force=force,
         )
-    except pki.CAError as exc:
+    except directory.CAError as exc:
         fail(str(exc))
     console.print(f"CA created in [bold]{summary.directory}[/bold]")
     for name, certificate in (
@@ -82,7 +82,7 @@ def init(
     ):
         console.print(
             f"  {name:8} {certificate.subject.rfc4514_string()}"
-            f"  sha256:{pki.fingerprint(certificate)}"
+            f"  sha256:{ca.fingerprint(certificate)}"
         )
     console.print(f"  CRL      {crl_url}", highlight=False)
     console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
@@ -96,16 +96,16 @@ def show(
     """Print the CA certificates: subjects, fingerprints, validity."""
     settings = context(ctx).settings()
     try:
-        certificates = pki.describe_pki(settings.pki_dir)
-    except pki.CAError as exc:
+        certificates = directory.describe_pki(settings.pki_dir)
+    except directory.CAError as exc:
         fail(str(exc))
     records = [
         {
             "file": name,
             "subject": certificate.subject.rfc4514_string(),
             "issuer": certificate.issuer.rfc4514_string(),
-            "serial": pki.serial_hex(certificate.serial_number),
-            "sha256": pki.fingerprint(certificate),
+            "serial": ca.serial_hex(certificate.serial_number),
+            "sha256": ca.fingerprint(certificate),
             "not_before": certificate.not_valid_before_utc.isoformat(),
             "not_after": certificate.not_valid_after_utc.isoformat(),
         }

@@ -54,8 +54,8 @@ def demo(
     a dashboard, runs the attacks a security team worries about, and shows the audit.
     Everything it started is stopped and removed at the end (also on Ctrl-C).
     """
-    from provisioning.demo import run_demo
-    from provisioning.demo_stack import DatabaseChoice
+    from provisioning.demo.run import run_demo
+    from provisioning.demo.stack import DatabaseChoice
 
     choice = DatabaseChoice(database)
     # Piped output (CI logs, tests) gets room for the tables instead of the 80-column default.
@@ -101,7 +101,7 @@ def simulate(
     (enrollments/s, connects/s, messages/s, latency percentiles, errors by reason).
     Exit status 1 when any error happened.
     """
-    from provisioning.simulate import SimulationConfig, SimulationError, run_simulation
+    from provisioning.demo.simulate import SimulationConfig, SimulationError, run_simulation
     from schemas.durations import parse_duration
 
     try:

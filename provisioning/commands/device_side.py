@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from provisioning import device
+from provisioning.agent import device
 from provisioning.commands.common import console, run
 from schemas.api import CertificateBundle
 

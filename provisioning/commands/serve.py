@@ -26,7 +26,7 @@ def provisioning(
     ] = None,
 ) -> None:
     """Run the provisioning HTTPS service until SIGTERM (needs the CA passphrase)."""
-    from provisioning.server import serve
+    from provisioning.http.server import serve
 
     settings = context(ctx).settings(provisioning_listen=listen)
     run(serve(settings))

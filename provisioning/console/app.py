@@ -19,9 +19,9 @@ from provisioning.console.html import Html, escape, page, tag, url
 from provisioning.console.sessions import COOKIE, attach, load
 from provisioning.console.state import CHAINS, FILLER, LIVE, ChainRuns, LiveStreams
 from provisioning.db import DatabaseUnavailable
-from provisioning.http_common import SERVICE, Handler
-from provisioning.problems import STATUS
-from provisioning.service import ProvisioningService
+from provisioning.enrollment.service import ProvisioningService
+from provisioning.http.common import SERVICE, Handler
+from provisioning.http.problems import STATUS
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 

@@ -15,7 +15,7 @@ from provisioning.console import csrf, sessions
 from provisioning.console.html import Html, page, render
 from provisioning.errors import Unauthorized
 from provisioning.eventlog import append_event
-from provisioning.http_common import SERVICE, peer
+from provisioning.http.common import SERVICE, peer
 from schemas.events import EventType, Outcome, Reason
 
 HOME = "/console/"

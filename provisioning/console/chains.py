@@ -1,4 +1,4 @@
-"""``/console/chains``: the hash-chain verification (`audit_verify.verify_chains`) per chain.
+"""``/console/chains``: the hash-chain verification (`audit.verify.verify_chains`) per chain.
 
 Verifying rehashes every event in the window, which takes seconds per million events, so a
 run is started by a POST (CSRF-checked), runs off the event loop (`state.ChainRuns`), and
@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from provisioning.audit_verify import Finding
+from provisioning.audit.verify import Finding
 from provisioning.console import csrf, queries, sessions
 from provisioning.console.html import Html, join, page, render, tag, url, when
 from provisioning.console.state import CHAINS, ChainRun
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 
 WINDOWS: dict[str, tuple[str, timedelta | None]] = {
     "day": ("events of the last day", timedelta(days=1)),

@@ -14,11 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from provisioning import admin, store
+from provisioning.audit.query import EventFilter, query_events
 from provisioning.console import csrf, sessions, tables
 from provisioning.console.html import Html, join, page, render, segment, tag, url, when
 from provisioning.errors import NotFound
-from provisioning.event_query import EventFilter, query_events
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 from schemas.api import CertificateInfo, DeviceInfo
 
 TIMELINE = 50

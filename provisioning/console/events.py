@@ -2,20 +2,20 @@
 
 Export (``/console/events/export.csv|json``) writes exactly what ``devicegate audit
 --format csv|json --limit N`` prints for the same filters: the newest ``limit`` matching
-events, oldest first, through the same formatting code (`provisioning.event_format`).
+events, oldest first, through the same formatting code (`provisioning.audit.format`).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from provisioning.audit.format import csv_header, csv_line, json_line
+from provisioning.audit.query import MAX_LIMIT, query_events
 from provisioning.console import filters, tables
 from provisioning.console.html import Html, join, page, render, tag, url
 from provisioning.console.queries import database_now
 from provisioning.errors import RequestInvalid
-from provisioning.event_format import csv_header, csv_line, json_line
-from provisioning.event_query import MAX_LIMIT, query_events
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 from schemas.events import EventType, Outcome, Reason
 
 PAGE_SIZES = (50, 100, 200, 500)

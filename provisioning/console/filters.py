@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from provisioning.api import parse_time
+from provisioning.audit.query import EventFilter
 from provisioning.errors import RequestInvalid
-from provisioning.event_query import EventFilter
+from provisioning.http.api import parse_time
 from schemas.events import EventType, Outcome, Reason
 
 NAMES = ("device", "type", "outcome", "reason", "peer", "since", "until")

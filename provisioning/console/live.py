@@ -1,6 +1,6 @@
 """``GET /console/events/live``: new events as server-sent events, fed by LISTEN.
 
-`provisioning.audit_follow.follow` does the work (LISTEN before the first read, events
+`provisioning.audit.follow.follow` does the work (LISTEN before the first read, events
 announced on `EVENTS_CHANNEL` read once, deduplicated by id) on a connection of the
 stream's own, closed with the stream. Each message is ``event: auth`` with the event as
 ``data`` in the field names of ``--format json``, plus ``certificate``: the text of the
@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from provisioning.audit_follow import follow
+from provisioning.audit.follow import follow
+from provisioning.audit.format import record
 from provisioning.console import filters
 from provisioning.console.state import LIVE
 from provisioning.console.tables import certificate_cell
 from provisioning.db import connect
-from provisioning.event_format import record
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 from schemas.events import AuthEvent
 
 KEEPALIVE = 15.0

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from provisioning.console import chart, queries, rollup
 from provisioning.console.html import Html, join, page, render, segment, tag, url, when
-from provisioning.http_common import SERVICE
+from provisioning.http.common import SERVICE
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """The console's own SQL: overview aggregates, chain heads, expiring certificates.
 
-Event listings go through `provisioning.event_query`; this module has what it lacks. Each
+Event listings go through `provisioning.audit.query`; this module has what it lacks. Each
 query is shaped for an index of ``auth_events`` (docs/console.md has the plans):
 
 - live activity: ``time`` range on ``(time DESC, id DESC)`` grouped by reason, buckets by

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from provisioning.audit_verify import VerifyReport, verify_chains
+from provisioning.audit.verify import VerifyReport, verify_chains
 from provisioning.db import connect
 
 log = logging.getLogger("devicegate.console")

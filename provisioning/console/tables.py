@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from provisioning.audit.format import certificate_line
 from provisioning.console.html import Html, join, segment, tag, when
-from provisioning.event_format import certificate_line
 from schemas.events import AuthEvent
 
 COLUMNS = ("time (UTC)", "type", "outcome", "reason", "device", "client id", "peer",

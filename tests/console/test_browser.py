@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from provisioning import admin
-from provisioning.cli import app as cli_app
-from provisioning.device import KeyType, csr_pem, generate_key
+from provisioning.agent.device import KeyType, csr_pem, generate_key
+from provisioning.commands.cli import app as cli_app
 from schemas.api import TokenCreateRequest
 from tests.conftest import Pki
 from tests.console.browser import ARGS, CHROMIUM, SCREENSHOTS, requires_browser, update_screenshots

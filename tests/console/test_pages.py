@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from provisioning import admin
-from provisioning.cli import app as cli_app
+from provisioning.commands.cli import app as cli_app
 from tests.console.conftest import INSTANCE, ConsoleServer
 
 Client = tuple[aiohttp.ClientSession, str]

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from provisioning.audit_prune import prune
+from provisioning.audit.prune import prune
 from provisioning.console import rollup
 from provisioning.console.queries import ORIGIN
 from schemas.events import GENESIS_HASH, AuthEvent, EventType, Outcome, Reason

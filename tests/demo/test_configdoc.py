@@ -6,7 +6,7 @@ from typing import Any
 
 import typer.main
 
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from schemas import configdoc
 from schemas.settings import Settings
 

@@ -113,8 +113,8 @@ async def test_demo_without_mosquitto_exits_2(monkeypatch: pytest.MonkeyPatch) -
 
     from rich.console import Console
 
-    from provisioning import demo_stack
-    from provisioning.demo import run_demo
+    from provisioning.demo import stack as demo_stack
+    from provisioning.demo.run import run_demo
 
     monkeypatch.setattr(demo_stack, "mosquitto_binary", lambda: None)
     output = io.StringIO()

@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 from typer.testing import CliRunner
 
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from tests.conftest import ADMIN_URL
 from tests.helpers import free_port
 

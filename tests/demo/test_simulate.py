@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from provisioning.demo_factory import create_token
-from provisioning.demo_stack import Stack, scratch_stack
+from provisioning.demo.factory import create_token
+from provisioning.demo.stack import Stack, scratch_stack
 
 DEVICEGATE = str(Path(sys.executable).with_name("devicegate"))
 

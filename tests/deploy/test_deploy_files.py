@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from provisioning.ca import CHAIN, ISSUING_KEY, ROOT_KEY, SERVER_CERT, SERVER_KEY
+from provisioning.pki.directory import CHAIN, ISSUING_KEY, ROOT_KEY, SERVER_CERT, SERVER_KEY
 from schemas.policy import PolicyDocument
 from schemas.settings import ENV_PREFIX, Settings, load_settings
 from tests.helpers import free_port, wait_for_port
@@ -397,7 +397,7 @@ def test_dockerfile_is_multi_stage_non_root_and_lean() -> None:
     assert 'ENTRYPOINT ["devicegate"]' in final
     assert "pip install --no-cache-dir ." in text
     # The build stage fails when pip skipped an optional C accelerator (event encoder, TLS).
-    assert "import gateway._event_codec, gateway._tlsext" in text[: text.rindex("\nFROM ")]
+    assert "import gateway.events._codec, gateway._tlsext" in text[: text.rindex("\nFROM ")]
     # No package manager and no compiler in the image that ships.
     instructions = "\n".join(line for line in final.splitlines() if not line.startswith("#"))
     assert not re.search(r"\b(apt-get|apt|gcc|build-essential|python3-dev)\b", instructions)

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from gateway.events import SpoolSink
+from gateway.events.sink import SpoolSink
 from schemas.events import AuthEvent
 from tests.events.conftest import make_event
 

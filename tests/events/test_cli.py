@@ -17,9 +17,9 @@ from pathlib import Path
 import asyncpg
 from typer.testing import CliRunner
 
-from gateway.events import SpoolSink
-from provisioning.cli import app
+from gateway.events.sink import SpoolSink
 from provisioning.commands.audit import FIELDS
+from provisioning.commands.cli import app
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 
 runner = CliRunner()
@@ -137,7 +137,9 @@ async def test_follow_shows_a_new_event_within_a_second(
 ) -> None:
     await _record(scratch_url, tmp_path / "s", [events(1, device_id="dev-follow")])
     script = Path(sys.executable).with_name("devicegate")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "provisioning.cli"]
+    command = (
+        [str(script)] if script.exists() else [sys.executable, "-m", "provisioning.commands.cli"]
+    )
     process = await asyncio.create_subprocess_exec(
         *command, "audit", "--follow", "--format", "json",
         "--device", "dev-follow",

@@ -1,6 +1,6 @@
 """The auth event's encoding: canonical bytes, chain hash and COPY row.
 
-`encode_event` runs the C accelerator (gateway/_event_codec.c) and falls back to
+`encode_event` runs the C accelerator (gateway/events/_codec.c) and falls back to
 `encode_event_python`; every test here runs on both, and the two must agree byte for
 byte on any event, refusals included.
 """
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.event_codec import (
+from gateway.events.codec import (
     ACCELERATED,
     COLUMNS,
     Row,
@@ -51,7 +51,7 @@ def test_the_accelerator_is_built() -> None:
     # `make test` installs with a C compiler at hand: a failed build would pass every other
     # test here on the Python path and quietly double the sink's CPU per event.
     assert ACCELERATED, (
-        "gateway._event_codec is not built; `pip install -v -e .` shows the compiler's error"
+        "gateway.events._codec is not built; `pip install -v -e .` shows the compiler's error"
     )
 
 

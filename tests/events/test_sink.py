@@ -16,8 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.events import EventLogUnavailable, SpoolSink
-from provisioning.audit_verify import verify_chains
+from gateway.events.interface import EventLogUnavailable
+from gateway.events.sink import SpoolSink
+from provisioning.audit.verify import verify_chains
 from schemas.events import AuthEvent, Reason, uuid7
 from schemas.notify import EVENTS_CHANNEL
 

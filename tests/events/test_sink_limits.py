@@ -15,8 +15,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.events import EventLogUnavailable, SpoolSink
-from provisioning.audit_verify import verify_chains
+from gateway.events.interface import EventLogUnavailable
+from gateway.events.sink import SpoolSink
+from provisioning.audit.verify import verify_chains
 from schemas.events import AuthEvent, Outcome, Reason, uuid7
 from tests.events.conftest import fill, tmpfs
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.event_codec import encode_event
-from gateway.spool import Spool, SpoolError, SpoolFull, frame, read_segment
+from gateway.events.codec import encode_event
+from gateway.events.spool import Spool, SpoolError, SpoolFull, frame, read_segment
 from schemas.events import GENESIS_HASH, AuthEvent
 from tests.events.conftest import fill, make_event, tmpfs
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway.events import SpoolSink
-from provisioning.audit_prune import prune
-from provisioning.audit_verify import verify_chains
+from gateway.events.sink import SpoolSink
+from provisioning.audit.prune import prune
+from provisioning.audit.verify import verify_chains
 from provisioning.eventlog import append_event
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 

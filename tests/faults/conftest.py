@@ -33,8 +33,8 @@ import asyncpg
 import pytest
 
 from gateway.mqtt import NEED_DATA, Connack, Connect, Disconnect, decode, encode
-from provisioning.audit_verify import VerifyReport, verify_chains
-from provisioning.ca import fingerprint
+from provisioning.audit.verify import VerifyReport, verify_chains
+from provisioning.pki.ca import fingerprint
 from tests.conftest import ADMIN_URL, Pki, _create_database, _drop_database
 from tests.gateway.clients import client_context
 from tests.gateway.conftest import Device, issue

@@ -42,7 +42,7 @@ import asyncpg
 import pytest
 
 from gateway.mqtt import NEED_DATA, Connack, Connect, Disconnect, Pingreq, Pingresp, decode, encode
-from provisioning.ca import load_ca
+from provisioning.pki.directory import load_ca
 from tests.conftest import PASSPHRASE, Pki
 from tests.faults.conftest import (
     DEVICEGATE,
@@ -173,7 +173,7 @@ def _pki_from_the_past(directory: Path, preload: str) -> Pki:
     """A PKI made an hour ago, so that a gateway stepped back 10 min still trusts it (the
     session PKI's CA certificates are backdated only 5 min)."""
     script = (
-        "import sys; from pathlib import Path; from provisioning.ca import init_pki; "
+        "import sys; from pathlib import Path; from provisioning.pki.directory import init_pki; "
         "init_pki(Path(sys.argv[1]), passphrase=sys.argv[2].encode(), force=True)"
     )
     subprocess.run(

@@ -13,21 +13,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ca import (
-    CAError,
-    CAKeyType,
+from provisioning.pki.ca import (
     DeviceIdentity,
     KeyNotAllowed,
     SignOptions,
     crl_url_of,
     derived_public_url,
     fingerprint,
-    init_pki,
-    load_ca,
-    load_private_key,
     serial_hex,
     to_pem,
 )
+from provisioning.pki.directory import CAError, CAKeyType, init_pki, load_ca, load_private_key
 from tests.conftest import Pki
 
 IDENTITY = DeviceIdentity("line-a-000001", "line-a", "devicegate.local")
@@ -189,7 +185,7 @@ def test_crl_lists_revoked_serials(pki: Pki, tmp_path: Path) -> None:
 
 def _devicegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
+        [sys.executable, "-m", "provisioning.commands.cli", *args],
         capture_output=True, text=True, check=False, timeout=60,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )

@@ -100,7 +100,7 @@ async def test_a_default_partition_row_moves_when_its_month_is_created(
 def test_two_migrate_processes_at_once_both_succeed(empty_database: tuple[str, str]) -> None:
     _, url = empty_database
     env = {**os.environ, "DEVICEGATE_DATABASE_URL": url}
-    command = [sys.executable, "-m", "provisioning.cli", "db", "migrate"]
+    command = [sys.executable, "-m", "provisioning.commands.cli", "db", "migrate"]
     processes = [
         subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

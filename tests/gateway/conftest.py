@@ -26,8 +26,14 @@ from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
-from provisioning.ca import CertificateAuthority, DeviceIdentity, SignOptions, fingerprint, to_pem
-from provisioning.device import key_pem
+from provisioning.agent.device import key_pem
+from provisioning.pki.ca import (
+    CertificateAuthority,
+    DeviceIdentity,
+    SignOptions,
+    fingerprint,
+    to_pem,
+)
 from schemas.policy import FleetPolicy, PolicyDocument
 from tests.conftest import Pki
 from tests.gateway.pg_sink import PgSink

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.revocation import RevocationCache
+from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway
 from provisioning import admin, store
 from schemas.notify import RevocationNotice
@@ -59,7 +59,7 @@ def provision(harness: Harness, action: Callable[..., Awaitable[T]], *args: Any)
 
 
 def supersede(harness: Harness, old: Device, new: Device) -> None:
-    """What renewal commits (`provisioning.service` renew): supersede + NOTIFY, one transaction.
+    """What renewal commits (`enrollment.service` renew): supersede + NOTIFY, one transaction.
 
     ``new`` is already registered (``make_device(device_id=old.device_id)``).
     """

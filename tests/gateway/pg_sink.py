@@ -1,6 +1,6 @@
 """A minimal synchronous event sink for the gateway tests: one INSERT per event, chained.
 
-Not the production sink (that is ``gateway.events.SpoolSink``): it makes every recorded
+Not the production sink (that is ``gateway.events.sink.SpoolSink``): it makes every recorded
 event visible in ``auth_events`` as soon as ``record`` returns, which keeps the tests'
 assertions simple.
 """

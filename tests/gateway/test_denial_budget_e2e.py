@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.metrics import NoOpMeter
 from opentelemetry.trace import NoOpTracer
 
-from gateway.events import SpoolSink
+from gateway.events.sink import SpoolSink
 from gateway.mqtt import Disconnect, Publish, Subscribe, Subscription, encode
 from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway, config_from_settings

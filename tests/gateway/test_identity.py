@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.identity import IdentityError, identity_from_der
-from provisioning.ca import DeviceIdentity, SignOptions
+from provisioning.pki.ca import DeviceIdentity, SignOptions
 from schemas.events import Reason
 from tests.conftest import Pki
 

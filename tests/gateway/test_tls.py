@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.mqtt import Connack
-from provisioning.ca import init_pki, load_ca
+from provisioning.pki.directory import init_pki, load_ca
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
 from tests.gateway.conftest import DeviceFactory, Harness, hand_made

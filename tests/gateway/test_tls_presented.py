@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from gateway import _tlsext
 from gateway.mqtt import Connack
 from gateway.tls import CAPTURES_PRESENTED, TlsFailure, TlsPump, server_context
-from provisioning.ca import init_pki, load_ca, to_pem
-from provisioning.cli import app
-from provisioning.device import key_pem
+from provisioning.agent.device import key_pem
+from provisioning.commands.cli import app
+from provisioning.pki.ca import to_pem
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.certificates import MAX_NAME
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.tls import TlsFailure, TlsPump, server_context
-from provisioning.ca import CertificateAuthority
+from provisioning.pki.ca import CertificateAuthority
 from schemas.events import Reason
 from tests.conftest import Pki
 from tests.gateway.conftest import issue

@@ -32,7 +32,7 @@ from gateway.mqtt.packets import (
     Subscribe,
     Subscription,
 )
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
 from tests.gateway.conftest import Device, DeviceFactory, Harness

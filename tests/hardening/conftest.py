@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from provisioning import admin, ratelimit
+from provisioning import admin
+from provisioning.http import ratelimit
 from schemas.settings import Settings
 from tests.gateway.conftest import harness as harness  # gateway fixtures, re-exported
 from tests.gateway.conftest import make_device as make_device

@@ -30,7 +30,7 @@ from gateway.mqtt import (
 )
 from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
-from provisioning.ca import init_pki, load_ca
+from provisioning.pki.directory import init_pki, load_ca
 from tests.gateway.clients import RawClient, client_context
 from tests.gateway.conftest import TEST_POLICY, Device, DeviceFactory, Harness
 from tests.gateway.live import wait_for

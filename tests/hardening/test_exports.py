@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
-from provisioning.cli import app
-from provisioning.server import BASE_HEADERS
+from provisioning.commands.cli import app
+from provisioning.http.server import BASE_HEADERS
 from tests.console.conftest import log_in
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness

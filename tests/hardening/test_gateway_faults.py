@@ -19,7 +19,8 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway.event_codec import decode_payload
+from gateway.events.codec import decode_payload
+from gateway.events.spool import read_segment
 from gateway.mqtt import (
     Connack,
     Disconnect,
@@ -30,9 +31,8 @@ from gateway.mqtt import (
     Subscribe,
     Subscription,
 )
-from gateway.spool import read_segment
 from gateway.upstream import UpstreamTarget
-from provisioning.audit_verify import verify_chains
+from provisioning.audit.verify import verify_chains
 from tests.conftest import Pki
 from tests.faults.conftest import gateway_process, register_devices
 from tests.gateway.clients import RawClient

@@ -1,6 +1,6 @@
 """Schemathesis against the OpenAPI document, calling the real HTTPS listener (and PostgreSQL).
 
-One test per operation of ``provisioning.openapi.document()`` (the served ``/openapi.json``
+One test per operation of ``provisioning.http.openapi.document()`` (the served ``/openapi.json``
 is checked to be that document), each with ``MAX_EXAMPLES`` generated requests, schema-valid
 and schema-violating, sent with an admin key as bearer (so admin endpoints are reached; the
 device endpoints ignore it). Checks: no 5xx, status codes and content types declared,
@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, given, seed, settings
 from requests.adapters import HTTPAdapter
 
-from provisioning.openapi import document
+from provisioning.http.openapi import document
 from tests.conftest import Pki
 from tests.provisioning.conftest import Server
 

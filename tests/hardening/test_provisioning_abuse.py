@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ratelimit import TokenFailureLimiter, address_key
+from provisioning.http.ratelimit import TokenFailureLimiter, address_key
 from tests.conftest import Pki
 from tests.hardening.conftest import BUDGET, FAILURES, IN_FLIGHT, PER, SUMMARY, SessionFactory
 from tests.provisioning.conftest import Server, make_token, new_fleet, some_csr

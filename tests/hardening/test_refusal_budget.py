@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from provisioning.csv_safety import neutralise
+from provisioning.audit.csv_safety import neutralise
 from provisioning.refusal_budget import (
     BUDGETED_ROUTES,
     MAX_DEVICES,

@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from provisioning.ca import ROOT_CERT
+from provisioning.pki.directory import ROOT_CERT
 from tests.conftest import Pki
 from tests.gateway.conftest import Harness
 from tests.provisioning.conftest import Published

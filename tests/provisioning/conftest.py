@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 
 from provisioning import admin
-from provisioning.ca import init_pki, load_ca
-from provisioning.device import KeyType, csr_pem, generate_key
+from provisioning.agent.device import KeyType, csr_pem, generate_key
+from provisioning.pki.directory import init_pki, load_ca
 from schemas.api import TokenCreateRequest
 from schemas.settings import CRL_PATH, Settings
 from tests.conftest import PASSPHRASE, Pki

@@ -10,13 +10,13 @@ from typing import Any
 import asyncpg
 
 from provisioning import store
-from provisioning.audit_verify import verify_chains
-from provisioning.committer import Committer
-from provisioning.csr import parse_csr_pem
+from provisioning.audit.verify import verify_chains
+from provisioning.enrollment.committer import Committer
+from provisioning.enrollment.service import Peer
 from provisioning.errors import TokenRejected
 from provisioning.eventlog import CHAIN_ID, ChainHead, EventSpec, append_event, append_events
-from provisioning.server import open_service
-from provisioning.service import Peer
+from provisioning.http.server import open_service
+from provisioning.pki.csr import parse_csr_pem
 from schemas.events import EventType, Outcome, Reason
 from schemas.settings import Settings
 from tests.provisioning.conftest import make_token, new_fleet, some_csr, uses_left

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.helpers import free_port, wait_for_port

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from provisioning.committer import Committer
+from provisioning.enrollment.committer import Committer
 from provisioning.errors import Conflict
 from provisioning.eventlog import EventSpec
 from schemas.events import EventType, Outcome, Reason

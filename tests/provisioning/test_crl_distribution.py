@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provisioning.ca import crl_url_of
-from provisioning.server import device_crl_url
+from provisioning.http.server import device_crl_url
+from provisioning.pki.ca import crl_url_of
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.provisioning.conftest import Published, make_token, some_csr

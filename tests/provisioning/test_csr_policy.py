@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import NameOID
 
-from provisioning.ca import KeyNotAllowed
-from provisioning.csr import parse_csr_base64_der, parse_csr_pem
-from provisioning.device import KeyType, csr_pem, generate_key
+from provisioning.agent.device import KeyType, csr_pem, generate_key
 from provisioning.errors import CsrInvalid
+from provisioning.pki.ca import KeyNotAllowed
+from provisioning.pki.csr import parse_csr_base64_der, parse_csr_pem
 from tests.conftest import Pki
 from tests.provisioning.conftest import Server, last_event, make_token, some_csr, uses_left
 

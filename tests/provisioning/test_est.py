@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 from cryptography import x509
 
-from provisioning.ca import fingerprint
+from provisioning.pki.ca import fingerprint
 from tests.conftest import Pki
 from tests.provisioning.conftest import Server, make_token, uses_left
 

@@ -11,20 +11,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ca import (
-    CAKeyType,
+from provisioning.agent.device import KeyType, generate_key
+from provisioning.pki.ca import (
     CertificateAuthority,
     DeviceIdentity,
     SignOptions,
     crl_url_of,
     der_to_pem,
     fingerprint,
-    init_pki,
-    load_ca,
     to_pem,
 )
-from provisioning.device import KeyType, generate_key
-from provisioning.leaf_der import key_class, spki_der, subject_key_id
+from provisioning.pki.directory import CAKeyType, init_pki, load_ca
+from provisioning.pki.leaf_der import key_class, spki_der, subject_key_id
 
 CRL_URL = "https://prov.example.test:8443/v1/crl"
 

@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from provisioning import device
-from provisioning.ca import DeviceIdentity, SignOptions, fingerprint, serial_hex, to_pem
-from provisioning.device import generate_key, key_pem
+from provisioning.agent import device
+from provisioning.agent.device import generate_key, key_pem
+from provisioning.pki.ca import DeviceIdentity, SignOptions, fingerprint, serial_hex, to_pem
 from schemas.notify import REVOCATION_CHANNEL
 from tests.conftest import Pki
 from tests.provisioning.conftest import (

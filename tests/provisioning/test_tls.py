@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from provisioning.ca import to_pem
-from provisioning.device import gateway_ssl_context, key_pem, mqtt_tls_parameters
-from provisioning.server import server_ssl_context
+from provisioning.agent.device import gateway_ssl_context, key_pem, mqtt_tls_parameters
+from provisioning.http.server import server_ssl_context
+from provisioning.pki.ca import to_pem
 from tests.conftest import Pki
 from tests.provisioning.conftest import Server
 

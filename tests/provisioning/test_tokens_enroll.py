@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.ca import fingerprint
+from provisioning.pki.ca import fingerprint
 from schemas.events import GENESIS_HASH, AuthEvent, chain_hash
 from tests.conftest import Pki
 from tests.provisioning.conftest import (

@@ -23,7 +23,7 @@ import pytest
 
 from gateway.mqtt import Disconnect, Pingreq, Pingresp
 from provisioning import admin
-from provisioning.audit_verify import verify_chains
+from provisioning.audit.verify import verify_chains
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness

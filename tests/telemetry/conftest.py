@@ -10,14 +10,14 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from schemas import telemetry as t
+from schemas.telemetry import setup_telemetry
 
 
 class Harness:
     def __init__(self) -> None:
         self.reader = InMemoryMetricReader()
         self.spans = InMemorySpanExporter()
-        self.telemetry = t.setup_telemetry(
+        self.telemetry = setup_telemetry(
             service_name="test", instance_id="test/w0", prometheus=True, otlp=False,
             readers=[self.reader], record_spans=True,
         )  # fmt: skip

@@ -208,9 +208,9 @@ def test_sampled_out_connection_keeps_its_trace_id_and_records_no_span() -> None
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from schemas import telemetry as t
+    from schemas.telemetry import setup_telemetry
 
-    telemetry = t.setup_telemetry(service_name="x", instance_id="i", prometheus=False, otlp=False)
+    telemetry = setup_telemetry(service_name="x", instance_id="i", prometheus=False, otlp=False)
     spans = InMemorySpanExporter()
     telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     metrics = GatewayMetrics(meter=telemetry.meter, tracer=telemetry.tracer)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from schemas import telemetry as t
+from schemas.logs import REDACTED, JsonFormatter, configure_logging, is_sensitive_key
 from tests.telemetry.conftest import Harness
 
 
@@ -17,7 +17,7 @@ from tests.telemetry.conftest import Harness
 def logger() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(t.JsonFormatter())
+    handler.setFormatter(JsonFormatter())
     log = logging.getLogger("devicegate.test-telemetry")
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
@@ -74,9 +74,9 @@ def test_secrets_are_redacted(logger: tuple[logging.Logger, io.StringIO]) -> Non
     for secret in ("s3cr3tT0ken", "adminK3y", "hunter2", "p4ss", "Bearer abc", "BEGIN", "dgk_x"):
         assert secret not in text
     (line,) = _lines(stream)
-    assert line["token"] == line["ca_passphrase"] == line["Authorization"] == t.REDACTED
-    assert line["admin_key"] == line["secret"] == t.REDACTED
-    assert line["detail"] == {"token_id": "t-1", "key_type": "ec-p256", "private_key": t.REDACTED}
+    assert line["token"] == line["ca_passphrase"] == line["Authorization"] == REDACTED
+    assert line["admin_key"] == line["secret"] == REDACTED
+    assert line["detail"] == {"token_id": "t-1", "key_type": "ec-p256", "private_key": REDACTED}
     assert "dgt_[redacted]" in str(line["message"])
 
 
@@ -92,9 +92,9 @@ def test_exceptions_are_one_line_too(logger: tuple[logging.Logger, io.StringIO])
 
 def test_sensitive_key_names() -> None:
     for name in ("token", "Password", "ca_passphrase", "key", "admin_key", "x-api-key", "secret"):
-        assert t.is_sensitive_key(name), name
+        assert is_sensitive_key(name), name
     for name in ("token_id", "key_type", "reason", "device_id", "keepalive", "monkey"):
-        assert not t.is_sensitive_key(name), name
+        assert not is_sensitive_key(name), name
 
 
 def test_configure_logging_is_idempotent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,13 +102,13 @@ def test_configure_logging_is_idempotent(capsys: pytest.CaptureFixture[str]) -> 
     before = list(root.handlers)
     level = root.level
     try:
-        t.configure_logging("text", logging.INFO)
-        t.configure_logging("json", logging.INFO)
+        configure_logging("text", logging.INFO)
+        configure_logging("json", logging.INFO)
         ours = [h for h in root.handlers if h not in before]
         assert len(ours) == 1
         logging.getLogger("devicegate.x").info("hello", extra={"password": "pw"})
         line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-        assert line["message"] == "hello" and line["password"] == t.REDACTED
+        assert line["message"] == "hello" and line["password"] == REDACTED
     finally:
         for handler in list(root.handlers):
             if handler not in before:

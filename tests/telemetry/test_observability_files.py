@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from schemas import telemetry as t
+from schemas.metrics import METRICS
+from schemas.prometheus import prometheus_names
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "deploy" / "observability"
@@ -21,7 +22,7 @@ ALERT_TESTS = OBSERVABILITY / "alerts.test.yaml"
 DOCS = ROOT / "docs" / "observability.md"
 
 METRIC = re.compile(r"\bdevicegate_[a-z0-9_]+")
-KNOWN = {name for spec in t.METRICS for name in t.prometheus_names(spec)}
+KNOWN = {name for spec in METRICS for name in prometheus_names(spec)}
 
 
 def _dashboard_exprs() -> list[str]:
@@ -40,8 +41,8 @@ def test_dashboard_queries_use_only_contract_metrics() -> None:
 
 def test_dashboard_covers_every_metric() -> None:
     used = {name for expr in _dashboard_exprs() for name in METRIC.findall(expr)}
-    for spec in t.METRICS:
-        assert used & set(t.prometheus_names(spec)), f"no panel for {spec.name}"
+    for spec in METRICS:
+        assert used & set(prometheus_names(spec)), f"no panel for {spec.name}"
 
 
 def test_dashboard_has_a_prometheus_datasource_variable() -> None:
@@ -87,6 +88,6 @@ def test_promtool_accepts_and_unit_tests_the_rules() -> None:
 
 def test_docs_list_every_metric() -> None:
     text = DOCS.read_text()
-    for spec in t.METRICS:
+    for spec in METRICS:
         assert f"`{spec.name}`" in text, spec.name
-        assert t.prometheus_names(spec)[0].removesuffix("_bucket") in text, spec.name
+        assert prometheus_names(spec)[0].removesuffix("_bucket") in text, spec.name

@@ -9,11 +9,13 @@ import pytest
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
-from schemas import telemetry as t
+from schemas.metrics import HANDSHAKES, METRICS, counter, instrument
+from schemas.prometheus import PrometheusReader, prometheus_names
+from schemas.telemetry import serve_metrics, setup_telemetry
 
 
-def _provider(**labels: str) -> tuple[MeterProvider, t.PrometheusReader]:
-    reader = t.PrometheusReader(const_labels=labels or None)
+def _provider(**labels: str) -> tuple[MeterProvider, PrometheusReader]:
+    reader = PrometheusReader(const_labels=labels or None)
     return MeterProvider(metric_readers=[reader], shutdown_on_exit=False), reader
 
 
@@ -74,7 +76,7 @@ def test_gauges_escape_label_values_and_help() -> None:
 
 
 def test_prometheus_names_of_the_contract() -> None:
-    names = {spec.name: t.prometheus_names(spec) for spec in t.METRICS}
+    names = {spec.name: prometheus_names(spec) for spec in METRICS}
     assert names["devicegate.handshakes"] == ("devicegate_handshakes_total",)
     assert names["devicegate.bytes"] == ("devicegate_bytes_total",)
     assert names["devicegate.revocation.state.age"] == ("devicegate_revocation_state_age_seconds",)
@@ -83,18 +85,18 @@ def test_prometheus_names_of_the_contract() -> None:
         "devicegate_events_batch_size_sum",
         "devicegate_events_batch_size_count",
     )
-    assert all(spec.name.startswith("devicegate.") for spec in t.METRICS)
+    assert all(spec.name.startswith("devicegate.") for spec in METRICS)
     assert names["devicegate.events.lost"] == ("devicegate_events_lost_total",)
-    assert len(names) == len(t.METRICS) == 16
+    assert len(names) == len(METRICS) == 16
 
 
 def test_every_contract_instrument_renders_under_its_prometheus_name() -> None:
-    telemetry = t.setup_telemetry(service_name="test", instance_id="i", prometheus=True, otlp=False)
+    telemetry = setup_telemetry(service_name="test", instance_id="i", prometheus=True, otlp=False)
     try:
-        for spec in t.METRICS:
+        for spec in METRICS:
             observable = spec.kind.startswith("observable")
             callbacks = [lambda options: [Observation(1, {"x": "y"})]] if observable else None
-            made = t.instrument(telemetry.meter, spec, callbacks)
+            made = instrument(telemetry.meter, spec, callbacks)
             if spec.kind in ("counter", "up_down_counter"):
                 made.add(1)  # type: ignore[union-attr]
             elif spec.kind == "histogram":
@@ -103,14 +105,14 @@ def test_every_contract_instrument_renders_under_its_prometheus_name() -> None:
     finally:
         telemetry.shutdown()
     samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[0] != "#"}
-    for spec in t.METRICS:
-        assert set(t.prometheus_names(spec)) <= samples, spec.name
+    for spec in METRICS:
+        assert set(prometheus_names(spec)) <= samples, spec.name
 
 
 def test_sdk_disabled_gives_an_empty_page(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    telemetry = t.setup_telemetry(service_name="test", instance_id="i", prometheus=True)
-    t.counter(telemetry.meter, t.HANDSHAKES).add(1)
+    telemetry = setup_telemetry(service_name="test", instance_id="i", prometheus=True)
+    counter(telemetry.meter, HANDSHAKES).add(1)
     assert telemetry.prometheus_text() == ""
     telemetry.shutdown()
 
@@ -119,16 +121,16 @@ def test_otlp_only_when_an_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> N
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
-    telemetry = t.setup_telemetry(service_name="test", instance_id="i", prometheus=False)
+    telemetry = setup_telemetry(service_name="test", instance_id="i", prometheus=False)
     assert not telemetry.otlp
     telemetry.shutdown()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
-    telemetry = t.setup_telemetry(service_name="test", instance_id="i", prometheus=False)
+    telemetry = setup_telemetry(service_name="test", instance_id="i", prometheus=False)
     assert telemetry.otlp
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
-    assert not t.setup_telemetry(service_name="test", instance_id="i", prometheus=False).otlp
+    assert not setup_telemetry(service_name="test", instance_id="i", prometheus=False).otlp
     telemetry.meter_provider.shutdown(timeout_millis=100)
     telemetry.tracer_provider.shutdown()
 
@@ -136,7 +138,7 @@ def test_otlp_only_when_an_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> N
 def test_resource_honours_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "renamed")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod")
-    telemetry = t.setup_telemetry(
+    telemetry = setup_telemetry(
         service_name="devicegate-gateway", instance_id="gw-1/w0", prometheus=False, otlp=False
     )
     attributes = telemetry.tracer_provider.resource.attributes
@@ -156,11 +158,11 @@ async def _get(port: int, request: bytes) -> bytes:
 
 
 async def test_metrics_server_answers_over_a_real_socket() -> None:
-    telemetry = t.setup_telemetry(
+    telemetry = setup_telemetry(
         service_name="test", instance_id="i", prometheus=True, otlp=False, worker=0
     )
-    t.counter(telemetry.meter, t.HANDSHAKES).add(1, {"outcome": "allowed", "reason": "ok"})
-    server = await t.serve_metrics(telemetry, "127.0.0.1", 0)
+    counter(telemetry.meter, HANDSHAKES).add(1, {"outcome": "allowed", "reason": "ok"})
+    server = await serve_metrics(telemetry, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         ok = await _get(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")

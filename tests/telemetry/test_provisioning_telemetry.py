@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from provisioning.problems import problem_response
+from provisioning.http.problems import problem_response
 from provisioning.telemetry import (
     PHASES,
     ProvisioningMetrics,

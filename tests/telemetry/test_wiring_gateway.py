@@ -36,14 +36,14 @@ import pytest
 import uvloop
 
 from gateway.bridge import BridgeConfig
-from gateway.events import SpoolSink
+from gateway.events.sink import SpoolSink
 from gateway.mqtt import Disconnect, Puback, Publish, Suback, Subscribe, Subscription
 from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
 from gateway.telemetry import GatewayMetrics, ObservingSink
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
-from provisioning.ca import fingerprint
+from provisioning.pki.ca import fingerprint
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import TRUST_DOMAIN, Device, issue

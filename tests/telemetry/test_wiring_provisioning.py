@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from opentelemetry.sdk.trace import ReadableSpan
 
 from provisioning import admin
-from provisioning.device import KeyType, csr_pem, generate_key
-from provisioning.server import build_app, open_service, server_ssl_context
+from provisioning.agent.device import KeyType, csr_pem, generate_key
+from provisioning.http.server import build_app, open_service, server_ssl_context
 from provisioning.telemetry import ProvisioningMetrics
 from schemas.api import TokenCreateRequest
 from schemas.settings import Settings

@@ -10,10 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.serve import _serve_metrics
-from provisioning.cli import app
+from provisioning.commands.cli import app
 from provisioning.commands.common import Context
+from schemas.logs import configure_logging
 from schemas.settings import ConfigError, Settings, load_settings
-from schemas.telemetry import configure_logging, setup_telemetry
+from schemas.telemetry import setup_telemetry
 
 
 @pytest.mark.parametrize("value", ["off", "OFF", "", " off "])

@@ -1,0 +1,8 @@
+"""The PKI: the CA on disk (`directory`: ``ca init``, opening the issuing CA), issuance
+(`ca`) behind the `Signer` interface (a file key today, an HSM later), the precomputed DER
+template of device certificates (`leaf_der`), the CRL (`crl`) and the CSR checks (`csr`).
+
+May import ``schemas`` and the registry modules (`provisioning.store` for the CRL,
+`provisioning.errors`); never ``enrollment``, ``http``, ``console``, ``commands``, ``demo``:
+issuing a certificate does not know who asked for it or over what.
+"""

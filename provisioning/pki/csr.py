@@ -1,0 +1,87 @@
+"""CSR policy: what a certificate signing request must be before anything is signed.
+
+Invariants:
+- The only things taken from a CSR are its public key and its proof of possession (the
+  signature). The requested subject and extensions are ignored: the service assigns identity.
+- Every failure is `CsrInvalid` or `KeyNotAllowed`; nothing else escapes `parse_csr`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from provisioning.errors import CsrInvalid
+from provisioning.pki.ca import DevicePublicKey, KeyNotAllowed, key_type_name
+
+MAX_CSR_BYTES = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedCsr:
+    """A CSR that passed policy: the key to certify and its type name."""
+
+    public_key: DevicePublicKey
+    key_type: str
+
+
+def parse_csr_pem(text: str | bytes) -> AcceptedCsr:
+    """Check a PEM CSR against policy.
+
+    Raises:
+        CsrInvalid: not a PEM CSR, or its signature does not verify.
+        KeyNotAllowed: the key type or size is not certified.
+    """
+    data = text.encode() if isinstance(text, str) else text
+    if not data.strip():
+        raise CsrInvalid("empty CSR")
+    if len(data) > MAX_CSR_BYTES:
+        raise CsrInvalid(f"CSR larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        raise CsrInvalid("not a PEM PKCS#10 certificate signing request") from None
+    return _check(csr)
+
+
+def parse_csr_base64_der(body: bytes) -> AcceptedCsr:
+    """Check an EST CSR (base64 of DER PKCS#10, line breaks allowed) against policy.
+
+    Raises:
+        CsrInvalid: not base64 DER PKCS#10, or its signature does not verify.
+        KeyNotAllowed: the key type or size is not certified.
+    """
+    compact = b"".join(body.split())
+    if not compact:
+        raise CsrInvalid("empty CSR")
+    try:
+        der = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise CsrInvalid("the body is not base64") from None
+    if len(der) > MAX_CSR_BYTES:
+        raise CsrInvalid(f"CSR larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        raise CsrInvalid("not a DER PKCS#10 certificate signing request") from None
+    return _check(csr)
+
+
+def _check(csr: x509.CertificateSigningRequest) -> AcceptedCsr:
+    try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyNotAllowed("the CSR's public key type is not supported") from None
+    key_type = key_type_name(public_key)  # raises KeyNotAllowed
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        valid = False
+    if not valid:
+        raise CsrInvalid("the CSR's signature does not verify (no proof of key possession)")
+    assert isinstance(public_key, DevicePublicKey)  # key_type_name accepted it
+    return AcceptedCsr(public_key=public_key, key_type=key_type)
