@@ -37,7 +37,7 @@ import asyncpg
 import pytest
 from cryptography import x509
 
-from provisioning import device
+from provisioning.agent import device
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.hardening.conftest import BUDGET
