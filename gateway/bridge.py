@@ -46,7 +46,7 @@ from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
-from gateway.upstream import UpstreamTarget, dial
+from gateway.upstream import UpstreamTarget, close_lingering, dial
 from schemas.certificates import describe_certificate
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
@@ -680,10 +680,13 @@ class DeviceConnection(asyncio.Protocol):
                 self._linger = loop.call_later(LINGER_SECONDS, transport.abort)
             else:
                 transport.close()
-        if self.upstream is not None:
-            # No DISCONNECT is invented here: unless the device sent one, the will fires.
-            self.upstream.close()
-            self.upstream = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            # Lingering too, and for the same reason (see `gateway.upstream`): the broker
+            # reads everything written above, in order, whatever it is still echoing back.
+            # It ends with a DISCONNECT only if the device sent one or `Session.cut` chose
+            # one (drain); otherwise the broker sees the connection drop: the will fires.
+            self.hub.spawn(close_lingering(upstream, within=LINGER_SECONDS), "upstream-close")
         self.hub.closed(self)
         if self._admitted and self.session is not None:
             self.hub.metrics.session_ended(self.session, reason)
