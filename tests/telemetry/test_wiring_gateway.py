@@ -294,7 +294,8 @@ def test_counters_spans_and_trace_ids(
     def shipped() -> bool:
         nonlocal rows
         rows = events_of(database_url, wired.instance)
-        return len(rows) >= 6
+        # connect ok, 2 denials, session_end, 2 refused CONNECTs, the refused handshake
+        return len(rows) >= 7
 
     _wait(shipped)
     by_reason = {(row["type"], row["reason"]): row for row in rows}
