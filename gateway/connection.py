@@ -186,6 +186,7 @@ class Session:
         self._need = 0  # total size of the partial frame, 0 while its header is incomplete
         self._assign_client_id = False
         self._admitting = False  # Admit returned: the connect event is on its way
+        self._connack_size = 0  # the CONNACK `Admit` carries, counted out once it is sent
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
         self._publish_cache: dict[str, bool] = {}
@@ -440,6 +441,7 @@ class Session:
             if items is not connack.properties.items:
                 connack = replace(connack, properties=Properties(tuple(items)))
         connack_bytes = encode(connack, version=self.version)
+        self._connack_size = len(connack_bytes)
         self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
         self._admitting = True
         info: dict[str, object] = {"protocol_version": self.version}
@@ -453,6 +455,10 @@ class Session:
         if self.state is not State.AUTHORIZING:
             return []
         self.state = State.ACTIVE
+        # The bridge has just sent `Admit.connack` itself (never a ToDevice): counted out
+        # as the CONNECT was counted in. The gateway's own refusals are not counted.
+        self.bytes_out += self._connack_size
+        self.downstream.packets += 1
         actions: list[Action] = []
         held, self._held_downstream = self._held_downstream, []
         for data in held:

@@ -155,9 +155,9 @@ EXPECTED_DENIALS = {
     ("subscribe", "topic_not_authorized"): 1,
 }
 # CONNECT, SUBSCRIBE, the messages, the denied PUBLISH and SUBSCRIBE, DISCONNECT; out: the
-# broker's SUBACK and the messages (the CONNACK and local refusals are the gateway's own).
+# CONNACK, the broker's SUBACK and the messages (local refusals are the gateway's own).
 PACKETS_IN = 1 + 1 + MESSAGES + 1 + 1 + 1
-PACKETS_OUT = 1 + MESSAGES
+PACKETS_OUT = 1 + 1 + MESSAGES
 
 
 def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
