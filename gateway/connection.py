@@ -39,6 +39,8 @@ Invariants:
   v5 (0x8E taken over, 0x98 administrative action for revocations, 0x87 not authorized
   for an expired certificate, 0x8B shutting down); one still being authorised a
   ``connect`` refusal with the same reason, and a refusing CONNACK if its CONNECT came.
+  Only a shutdown also sends the broker a DISCONNECT (no will); the other cuts leave the
+  broker to see the connection drop, so the device's will fires.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ _CUT_CODES: Final = {
     Reason.CERTIFICATE_EXPIRED: 0x87,
 }
 _UNSPECIFIED_ERROR: Final = 0x80
+# Ends from outside after which the broker gets a DISCONNECT, so it drops the will: the
+# gateway itself is going away, not the device (docs/mqtt-behaviour.md, "Session ends").
+# Every other cut closes the broker connection without one, and the will fires.
+_CLEAN_CUTS: Final = frozenset({Reason.SERVER_SHUTTING_DOWN})
+_DISCONNECT_BYTES: Final = b"\xe0\x00"  # DISCONNECT, reason 0: the same on 3.1.1 and 5
 # Session ends that are not the device's fault.
 _NORMAL_ENDS: Final = frozenset(
     {
@@ -747,6 +754,13 @@ class Session:
         if state is State.CLOSED:
             return []
         self.state = State.CLOSED
+        # Forwarded frames end on a packet boundary, so the DISCONNECT follows them cleanly
+        # (dropped by the bridge if the broker connection is not open).
+        goodbye: list[Action] = (
+            [ToUpstream(_DISCONNECT_BYTES)]
+            if reason in _CLEAN_CUTS and state is not State.AWAIT_CONNECT
+            else []
+        )
         if state is State.ACTIVE or self._admitting:
             type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
             *summaries, event = self.end_events(reason, type_=type_)
@@ -756,11 +770,13 @@ class Session:
             if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
                 disconnect = Disconnect(reason_code=disconnect_code(reason))
                 actions.append(ToDevice(encode(disconnect, version=MQTT_5)))
+            actions.extend(goodbye)
             actions.append(Close(reason))
             return actions
         actions = [Record(self._event(EventType.CONNECT, reason))]
         if state is State.AUTHORIZING:  # its CONNECT came: answer it
             connack = Connack(reason_code=connack_code(reason, self.version))
             actions.append(ToDevice(encode(connack, version=self.version)))
+        actions.extend(goodbye)
         actions.append(Close(reason))
         return actions

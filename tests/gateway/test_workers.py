@@ -29,6 +29,7 @@ from gateway.mqtt.packets import (
     Suback,
     Subscribe,
     Subscription,
+    Will,
 )
 from provisioning.commands.cli import app
 from tests.conftest import Pki
@@ -105,7 +106,10 @@ async def _publish_until_closed(
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
-    writer.write(encode(Connect(protocol_level=5, client_id=device.device_id), version=5))
+    # A will on the watched topic: a drain must not fire it (payload -1, never acked).
+    will = Will(topic=topic, payload=b"-1", qos=1)
+    connect = Connect(protocol_level=5, client_id=device.device_id, will=will)
+    writer.write(encode(connect, version=5))
     packets = await _packets(reader, 5)
     connack = await asyncio.wait_for(packets.get(), 5)
     assert isinstance(connack, Connack) and connack.reason_code == 0
@@ -207,7 +211,8 @@ def test_two_workers_restart_and_drain(
                 time.sleep(0.1)
 
     # SIGTERM while a device publishes QoS 1: every message the broker got was acked to
-    # the device before its DISCONNECT 0x8B; nothing is cut mid-packet.
+    # the device before its DISCONNECT 0x8B; nothing is cut mid-packet; the broker got a
+    # DISCONNECT too, so the device's will did not fire.
     topic = f"devices/{device.device_id}/drain"
     run = PublishRun()
     got: list[int] = []
