@@ -8,8 +8,22 @@ Invariants:
   queued into the pump, then the outgoing BIO is read and written once.
 * A failed handshake is answered with OpenSSL's alert (flushed before closing) and
   recorded as a ``tls_handshake`` denial with the peer address.
-* Either side closing closes the other. When the device drops without DISCONNECT the
-  upstream is closed without one, so the broker publishes the will.
+* Either side closing closes the other, lingering (`_shut`, `gateway.upstream`): what was
+  written reaches the peer, in order, before the close. The broker gets a DISCONNECT only
+  when the device sent one or the gateway drains; any other end is a drop, and the broker
+  publishes the will (docs/mqtt-behaviour.md says why, per end):
+
+  ==========================  =======================================  ==========
+  the session ends by         the broker gets, after what came before  the will
+  ==========================  =======================================  ==========
+  device DISCONNECT           that DISCONNECT, as sent                as it asks
+  device drop                 a close                                 fires
+  takeover                    a close, as in the broker's own         fires
+  revocation, notAfter        a close                                 fires
+  limit, protocol error       a close (the bad packet withheld)       fires
+  drain (SIGTERM), shutdown   a DISCONNECT (`Session.cut`)            none
+  ==========================  =======================================  ==========
+
 * Backpressure both ways: a side whose write buffer is high pauses reading on the other.
 * Telemetry per connection, never per packet: a `ConnectionTrace` from accept (past the
   limits) to `_close`, whose trace id is in every event's detail (`EventContext.trace_id`);
@@ -562,7 +576,8 @@ class DeviceConnection(asyncio.Protocol):
 
         What is recorded and sent is `Session.cut`'s decision: on MQTT 5 a live session
         first gets a DISCONNECT (0x8E taken over, 0x8B shutting down, 0x98 administrative
-        action, 0x87 certificate expired); on 3.1.1 the connection is just closed.
+        action, 0x87 certificate expired); on 3.1.1 the connection is just closed. The
+        broker gets a DISCONNECT only for a shutdown (see the module's table).
         ``revoked`` records ``session_revoked`` instead of ``session_end``; ``detail`` is
         added to that event's detail. A connection
         still in its TLS handshake is just closed.
@@ -603,7 +618,8 @@ class DeviceConnection(asyncio.Protocol):
         Reads nothing more from the device, sends the broker a PINGREQ and waits for its
         PINGRESP: the broker answers in order, so every PUBACK/PUBREC/SUBACK for what the
         device sent so far reaches the device first. Then the session ends like `kick`
-        (DISCONNECT 0x8B on v5). A connection not yet admitted is ended at once.
+        (DISCONNECT 0x8B on v5; a DISCONNECT to the broker, so the device's will does not
+        fire). A connection not yet admitted is ended at once.
         """
         session = self.session
         if self.closed or self._barrier is not None:

@@ -54,6 +54,7 @@ class Observer:
     """Subscribed on the broker to ``devices/<id>/#`` (QoS 2), recording what arrives."""
 
     def __init__(self, broker_port: int, device_id: str) -> None:
+        self.port = broker_port
         self.device_id = device_id
         self._lock = threading.Lock()
         self._messages: list[tuple[str, bytes]] = []
@@ -85,6 +86,11 @@ class Observer:
                 if (got == topic if topic is not None else got != will)
             ]
 
+    def topics(self) -> list[str]:
+        """The topic of every message so far, the will's included, in arrival order."""
+        with self._lock:
+            return [topic for topic, _ in self._messages]
+
     def wills(self) -> int:
         return len(self.messages(will_of(self.device_id).topic))
 
@@ -97,11 +103,11 @@ class Observer:
             time.sleep(0.01)
         return True
 
-    def settle(self, broker_port: int, client_id: str, quiet: float = 0.3) -> None:
-        """Let every will the broker owes arrive: a connection of ``client_id`` itself takes
-        over any upstream session still open (firing its will), then a quiet period."""
-        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-        probe.connect("127.0.0.1", broker_port)
+    def settle(self, quiet: float = 0.3) -> None:
+        """Let every will the broker owes arrive: a connection with the device's client id
+        takes over any upstream session still open (firing its will), then a quiet period."""
+        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id)
+        probe.connect("127.0.0.1", self.port)
         probe.loop_start()
         try:
             assert self.wait(probe.is_connected, 5), "the probe could not connect"
