@@ -603,10 +603,15 @@ class DeviceConnection(asyncio.Protocol):
         if a clean start ends it. Whatever it still sends is dropped (this connection is
         closed); it is closed anyway once the successor had time to dial.
         """
+        self._flush()  # what the device sent before is the broker's, in order
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             handover = self.config.dial_timeout + 1.0  # the successor's announce and dial
-            asyncio.get_running_loop().call_later(handover, upstream.close)
+            asyncio.get_running_loop().call_later(handover, self._end_hand_over, upstream)
+
+    def _end_hand_over(self, upstream: asyncio.Transport) -> None:
+        if not upstream.is_closing():  # no successor took it over: a drop, the will fires
+            self.hub.spawn(close_lingering(upstream, within=LINGER_SECONDS), "upstream-close")
 
     def _certificate_expired(self) -> None:
         self._expiry = None

@@ -39,8 +39,8 @@ Invariants:
   v5 (0x8E taken over, 0x98 administrative action for revocations, 0x87 not authorized
   for an expired certificate, 0x8B shutting down); one still being authorised a
   ``connect`` refusal with the same reason, and a refusing CONNACK if its CONNECT came.
-  Only a shutdown also sends the broker a DISCONNECT (no will); the other cuts leave the
-  broker to see the connection drop, so the device's will fires.
+  Only a shutdown also sends the broker a DISCONNECT (no will); the bridge leaves a
+  takeover to the broker's own, and the other cuts to a drop, so the device's will fires.
 """
 
 from __future__ import annotations
@@ -127,8 +127,9 @@ _CUT_CODES: Final = {
 }
 _UNSPECIFIED_ERROR: Final = 0x80
 # Ends from outside after which the broker gets a DISCONNECT, so it drops the will: the
-# gateway itself is going away, not the device (docs/mqtt-behaviour.md, "Session ends").
-# Every other cut closes the broker connection without one, and the will fires.
+# gateway itself is going away, not the device (docs/mqtt-behaviour.md, "What the broker
+# sees when a session ends"). No other cut sends one: a takeover is left to the broker's
+# own, and the rest close the broker connection without one, so the will fires.
 _CLEAN_CUTS: Final = frozenset({Reason.SERVER_SHUTTING_DOWN})
 _DISCONNECT_BYTES: Final = b"\xe0\x00"  # DISCONNECT, reason 0: the same on 3.1.1 and 5
 # Session ends that are not the device's fault.

@@ -1,9 +1,10 @@
 """Issue 18: what the broker sees when a session ends other than by the device's DISCONNECT.
 
-The decision (docs/mqtt-behaviour.md, "Session ends", and `gateway.bridge`): a DISCONNECT
-reaches the broker only when the device sent one or the gateway drains for a shutdown;
-takeover, revocation, expiry and a tripped limit are drops, so the device's will fires,
-after everything the device sent before. Observed directly on Mosquitto, never through
+The decision (docs/mqtt-behaviour.md, "What the broker sees when a session ends", and
+`gateway.bridge`): a DISCONNECT reaches the broker only when the device sent one or the
+gateway drains for a shutdown; a takeover is left to the broker's own takeover; revocation,
+expiry and a tripped limit are drops, so the device's will fires, after everything the
+device sent before. Observed directly on Mosquitto, never through
 the gateway. Each device subscribes to its own topics, so the broker is echoing to the
 gateway when the session ends (the case that used to reset the broker connection).
 """
@@ -98,11 +99,12 @@ def _burst_then_will(observer: Observer, device: Device) -> None:
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_takeover_is_a_drop_like_the_brokers_own(
+def test_takeover_is_the_brokers_own(
     harness: Harness, observer: tuple[Device, Observer], version: int
 ) -> None:
-    # As Mosquitto does itself on a takeover of a clean session (MQTT-3.1.4-3 on v5): the
-    # old connection's will is published, before the new session is live.
+    # The new CONNECT takes the old connection over at the broker, which decides as it
+    # would without the gateway: Mosquitto publishes the will of a clean session it ends
+    # (MQTT-3.1.4-3 on v5, and on 3.1.1 too), before the new session is live.
     device, seen = observer
     with _session(harness.port, device, version) as old:
         old.send_bytes(_burst(device, version))
@@ -122,8 +124,8 @@ def test_takeover_is_a_drop_like_the_brokers_own(
 def test_takeover_of_a_v5_session_with_a_will_delay_keeps_the_will(
     harness: Harness, observer: tuple[Device, Observer]
 ) -> None:
-    # The MQTT 5 way to survive a takeover without a will: a Will Delay Interval and a
-    # session that outlives the connection; the new connection resumes it in time.
+    # The MQTT 5 way to survive a takeover without a will: a session that outlives the
+    # connection (and a Will Delay Interval), resumed by the new connection.
     device, seen = observer
     delay = 1
     will = Will(
