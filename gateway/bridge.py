@@ -10,19 +10,21 @@ Invariants:
   recorded as a ``tls_handshake`` denial with the peer address.
 * Either side closing closes the other, lingering (`_shut`, `gateway.upstream`): what was
   written reaches the peer, in order, before the close. The broker gets a DISCONNECT only
-  when the device sent one or the gateway drains; any other end is a drop, and the broker
-  publishes the will (docs/mqtt-behaviour.md says why, per end):
+  when the device sent one or the gateway drains; a takeover is the broker's own; any
+  other end is a drop, and the broker publishes the will (docs/mqtt-behaviour.md says why,
+  per end). A device that leaves while its CONNECT is authorised still has the packets it
+  pipelined forwarded (`_device_ended`):
 
-  ==========================  =======================================  ==========
+  ==========================  =======================================  =============
   the session ends by         the broker gets, after what came before  the will
-  ==========================  =======================================  ==========
+  ==========================  =======================================  =============
   device DISCONNECT           that DISCONNECT, as sent                as it asks
   device drop                 a close                                 fires
-  takeover                    a close, as in the broker's own         fires
+  takeover                    the successor's CONNECT (hand-over)     as it decides
   revocation, notAfter        a close                                 fires
   limit, protocol error       a close (the bad packet withheld)       fires
   drain (SIGTERM), shutdown   a DISCONNECT (`Session.cut`)            none
-  ==========================  =======================================  ==========
+  ==========================  =======================================  =============
 
 * Backpressure both ways: a side whose write buffer is high pauses reading on the other.
 * Telemetry per connection, never per packet: a `ConnectionTrace` from accept (past the
@@ -164,6 +166,7 @@ class DeviceConnection(asyncio.Protocol):
         self.trace: ConnectionTrace | None = None  # from accept (past the limits) to close
         self._admitted = False  # CONNACKed, and in the metrics' live set
         self._held = False  # closed, but the socket waits for the refusal's event
+        self._device_gone = False  # the device closed while its CONNECT was authorised
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
@@ -258,7 +261,7 @@ class DeviceConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.pump.eof:
-            self._lost(Reason.CONNECTION_LOST)
+            self._device_ended()
             return
         self._flush()
 
@@ -273,7 +276,20 @@ class DeviceConnection(asyncio.Protocol):
             if self._gate is not None and self._gate.buffered:
                 self._proxy_failed("connection closed inside the PROXY v2 header")
                 return
-            self._lost(Reason.CONNECTION_LOST)
+            self._device_ended()
+
+    def _device_ended(self) -> None:
+        """The device closed its side (FIN, close_notify or reset).
+
+        What it sent before is still the broker's: a session whose CONNECT is being
+        authorised goes on without the device, forwards the packets it pipelined once
+        admitted, and ends then (with their DISCONNECT if they hold one, else as a drop),
+        as a broker reading the same bytes would. Anything else ends now.
+        """
+        if self.session is not None and self.session.state is State.AUTHORIZING:
+            self._device_gone = True
+            return
+        self._lost(Reason.CONNECTION_LOST)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -484,8 +500,8 @@ class DeviceConnection(asyncio.Protocol):
         if self._held:
             return
         out = self.pump.take_outgoing()
-        if out and self.transport is not None:
-            self.transport.write(out)
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)  # (a device gone while authorised gets nothing)
         pending = self._to_upstream
         if pending:
             self._to_upstream = []
@@ -559,6 +575,8 @@ class DeviceConnection(asyncio.Protocol):
         self.pump.encrypt(admit.connack)
         self._run(session.admitted())
         self._flush()
+        if self._device_gone and not self.closed:  # its pipelined packets are forwarded
+            self._lost(Reason.CONNECTION_LOST)
 
     # --- ends ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.mqtt import encode
 from gateway.mqtt.packets import (
+    Connect,
     Disconnect,
     Publish,
     Pubrec,
@@ -141,3 +142,36 @@ def test_a_drop_after_a_burst_delivers_the_burst_and_fires_the_will(
         observer.settle()
         assert observer.wills() == rounds
     assert broker.endings(device.device_id) == ["closed its connection"] * rounds + ["disconnected"]
+
+
+@pytest.mark.parametrize("goodbye", [True, False], ids=["disconnect", "drop"])
+def test_a_session_pipelined_with_its_connect_outlives_the_device(
+    served: Served, broker: Broker, make_device: DeviceFactory, goodbye: bool
+) -> None:
+    """The whole session in one write (CONNECT, SUBSCRIBE to its own topics, a burst,
+    perhaps DISCONNECT), then the socket closes unread: the gateway authorises the CONNECT
+    after the device has gone and still forwards the rest, as a broker reading the same
+    bytes would; without the DISCONNECT, the will fires after the burst."""
+    device = make_device("pipelined")
+    rounds = 5
+    version = 5
+    mine = Subscription(topic_filter=f"devices/{device.device_id}/burst/#", qos=1)
+    hello = encode(
+        Connect(protocol_level=version, client_id=device.device_id, will=will_of(device.device_id)),
+        version=version,
+    ) + encode(Subscribe(packet_id=1, subscriptions=(mine,)), version=version)
+    bye = encode(Disconnect(), version=version) if goodbye else b""
+    with Observer(broker.port, device.device_id) as observer:
+        for round_ in range(rounds):
+            topic = f"devices/{device.device_id}/burst/{round_}"
+            client = RawClient(served.port, device, device.chain, version=version)
+            client.send_bytes(hello + _burst(topic, version, 1) + bye)
+            client.close()
+            assert observer.wait(lambda t=topic: len(observer.messages(t)) >= BURST)
+            assert observer.messages(topic) == [b"%d" % i for i in range(BURST)]
+            if not goodbye:
+                assert observer.wait(lambda n=round_ + 1: observer.wills() == n), "no will"
+        observer.settle()
+        assert observer.wills() == (0 if goodbye else rounds)
+    ending = "disconnected" if goodbye else "closed its connection"
+    assert broker.endings(device.device_id) == [ending] * rounds + ["disconnected"]
