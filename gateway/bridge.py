@@ -8,8 +8,24 @@ Invariants:
   queued into the pump, then the outgoing BIO is read and written once.
 * A failed handshake is answered with OpenSSL's alert (flushed before closing) and
   recorded as a ``tls_handshake`` denial with the peer address.
-* Either side closing closes the other. When the device drops without DISCONNECT the
-  upstream is closed without one, so the broker publishes the will.
+* Either side closing closes the other, lingering (`_shut`, `gateway.upstream`): what was
+  written reaches the peer, in order, before the close. The broker gets a DISCONNECT only
+  when the device sent one or the gateway drains; a takeover is the broker's own; any
+  other end is a drop, and the broker publishes the will (docs/mqtt-behaviour.md says why,
+  per end). A device that leaves while its CONNECT is authorised still has the packets it
+  pipelined forwarded (`_device_ended`):
+
+  ==========================  =======================================  =============
+  the session ends by         the broker gets, after what came before  the will
+  ==========================  =======================================  =============
+  device DISCONNECT           that DISCONNECT, as sent                as it asks
+  device drop                 a close                                 fires
+  takeover                    the successor's CONNECT (hand-over)     as it decides
+  revocation, notAfter        a close                                 fires
+  limit, protocol error       a close (the bad packet withheld)       fires
+  drain (SIGTERM), shutdown   a DISCONNECT (`Session.cut`)            none
+  ==========================  =======================================  =============
+
 * Backpressure both ways: a side whose write buffer is high pauses reading on the other.
 * Telemetry per connection, never per packet: a `ConnectionTrace` from accept (past the
   limits) to `_close`, whose trace id is in every event's detail (`EventContext.trace_id`);
@@ -46,7 +62,7 @@ from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
-from gateway.upstream import UpstreamTarget, dial
+from gateway.upstream import UpstreamTarget, close_lingering, dial
 from schemas.certificates import describe_certificate
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
@@ -150,6 +166,7 @@ class DeviceConnection(asyncio.Protocol):
         self.trace: ConnectionTrace | None = None  # from accept (past the limits) to close
         self._admitted = False  # CONNACKed, and in the metrics' live set
         self._held = False  # closed, but the socket waits for the refusal's event
+        self._device_gone = False  # the device closed while its CONNECT was authorised
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
@@ -244,7 +261,7 @@ class DeviceConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.pump.eof:
-            self._lost(Reason.CONNECTION_LOST)
+            self._device_ended()
             return
         self._flush()
 
@@ -259,7 +276,20 @@ class DeviceConnection(asyncio.Protocol):
             if self._gate is not None and self._gate.buffered:
                 self._proxy_failed("connection closed inside the PROXY v2 header")
                 return
-            self._lost(Reason.CONNECTION_LOST)
+            self._device_ended()
+
+    def _device_ended(self) -> None:
+        """The device closed its side (FIN, close_notify or reset).
+
+        What it sent before is still the broker's: a session whose CONNECT is being
+        authorised goes on without the device, forwards the packets it pipelined once
+        admitted, and ends then (with their DISCONNECT if they hold one, else as a drop),
+        as a broker reading the same bytes would. Anything else ends now.
+        """
+        if self.session is not None and self.session.state is State.AUTHORIZING:
+            self._device_gone = True
+            return
+        self._lost(Reason.CONNECTION_LOST)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -470,8 +500,8 @@ class DeviceConnection(asyncio.Protocol):
         if self._held:
             return
         out = self.pump.take_outgoing()
-        if out and self.transport is not None:
-            self.transport.write(out)
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)  # (a device gone while authorised gets nothing)
         pending = self._to_upstream
         if pending:
             self._to_upstream = []
@@ -545,6 +575,8 @@ class DeviceConnection(asyncio.Protocol):
         self.pump.encrypt(admit.connack)
         self._run(session.admitted())
         self._flush()
+        if self._device_gone and not self.closed:  # its pipelined packets are forwarded
+            self._lost(Reason.CONNECTION_LOST)
 
     # --- ends ------------------------------------------------------------------------
 
@@ -562,7 +594,8 @@ class DeviceConnection(asyncio.Protocol):
 
         What is recorded and sent is `Session.cut`'s decision: on MQTT 5 a live session
         first gets a DISCONNECT (0x8E taken over, 0x8B shutting down, 0x98 administrative
-        action, 0x87 certificate expired); on 3.1.1 the connection is just closed.
+        action, 0x87 certificate expired); on 3.1.1 the connection is just closed. The
+        broker gets a DISCONNECT only for a shutdown (see the module's table).
         ``revoked`` records ``session_revoked`` instead of ``session_end``; ``detail`` is
         added to that event's detail. A connection
         still in its TLS handshake is just closed.
@@ -588,10 +621,15 @@ class DeviceConnection(asyncio.Protocol):
         if a clean start ends it. Whatever it still sends is dropped (this connection is
         closed); it is closed anyway once the successor had time to dial.
         """
+        self._flush()  # what the device sent before is the broker's, in order
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             handover = self.config.dial_timeout + 1.0  # the successor's announce and dial
-            asyncio.get_running_loop().call_later(handover, upstream.close)
+            asyncio.get_running_loop().call_later(handover, self._end_hand_over, upstream)
+
+    def _end_hand_over(self, upstream: asyncio.Transport) -> None:
+        if not upstream.is_closing():  # no successor took it over: a drop, the will fires
+            self.hub.spawn(close_lingering(upstream, within=LINGER_SECONDS), "upstream-close")
 
     def _certificate_expired(self) -> None:
         self._expiry = None
@@ -603,7 +641,8 @@ class DeviceConnection(asyncio.Protocol):
         Reads nothing more from the device, sends the broker a PINGREQ and waits for its
         PINGRESP: the broker answers in order, so every PUBACK/PUBREC/SUBACK for what the
         device sent so far reaches the device first. Then the session ends like `kick`
-        (DISCONNECT 0x8B on v5). A connection not yet admitted is ended at once.
+        (DISCONNECT 0x8B on v5; a DISCONNECT to the broker, so the device's will does not
+        fire). A connection not yet admitted is ended at once.
         """
         session = self.session
         if self.closed or self._barrier is not None:
@@ -680,10 +719,13 @@ class DeviceConnection(asyncio.Protocol):
                 self._linger = loop.call_later(LINGER_SECONDS, transport.abort)
             else:
                 transport.close()
-        if self.upstream is not None:
-            # No DISCONNECT is invented here: unless the device sent one, the will fires.
-            self.upstream.close()
-            self.upstream = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            # Lingering too, and for the same reason (see `gateway.upstream`): the broker
+            # reads everything written above, in order, whatever it is still echoing back.
+            # It ends with a DISCONNECT only if the device sent one or `Session.cut` chose
+            # one (drain); otherwise the broker sees the connection drop: the will fires.
+            self.hub.spawn(close_lingering(upstream, within=LINGER_SECONDS), "upstream-close")
         self.hub.closed(self)
         if self._admitted and self.session is not None:
             self.hub.metrics.session_ended(self.session, reason)

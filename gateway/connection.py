@@ -39,6 +39,8 @@ Invariants:
   v5 (0x8E taken over, 0x98 administrative action for revocations, 0x87 not authorized
   for an expired certificate, 0x8B shutting down); one still being authorised a
   ``connect`` refusal with the same reason, and a refusing CONNACK if its CONNECT came.
+  Only a shutdown also sends the broker a DISCONNECT (no will); the bridge leaves a
+  takeover to the broker's own, and the other cuts to a drop, so the device's will fires.
 """
 
 from __future__ import annotations
@@ -124,6 +126,12 @@ _CUT_CODES: Final = {
     Reason.CERTIFICATE_EXPIRED: 0x87,
 }
 _UNSPECIFIED_ERROR: Final = 0x80
+# Ends from outside after which the broker gets a DISCONNECT, so it drops the will: the
+# gateway itself is going away, not the device (docs/mqtt-behaviour.md, "What the broker
+# sees when a session ends"). No other cut sends one: a takeover is left to the broker's
+# own, and the rest close the broker connection without one, so the will fires.
+_CLEAN_CUTS: Final = frozenset({Reason.SERVER_SHUTTING_DOWN})
+_DISCONNECT_BYTES: Final = b"\xe0\x00"  # DISCONNECT, reason 0: the same on 3.1.1 and 5
 # Session ends that are not the device's fault.
 _NORMAL_ENDS: Final = frozenset(
     {
@@ -186,6 +194,7 @@ class Session:
         self._need = 0  # total size of the partial frame, 0 while its header is incomplete
         self._assign_client_id = False
         self._admitting = False  # Admit returned: the connect event is on its way
+        self._connack_size = 0  # the CONNACK `Admit` carries, counted out once it is sent
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
         self._publish_cache: dict[str, bool] = {}
@@ -440,6 +449,7 @@ class Session:
             if items is not connack.properties.items:
                 connack = replace(connack, properties=Properties(tuple(items)))
         connack_bytes = encode(connack, version=self.version)
+        self._connack_size = len(connack_bytes)
         self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
         self._admitting = True
         info: dict[str, object] = {"protocol_version": self.version}
@@ -453,6 +463,10 @@ class Session:
         if self.state is not State.AUTHORIZING:
             return []
         self.state = State.ACTIVE
+        # The bridge has just sent `Admit.connack` itself (never a ToDevice): counted out
+        # as the CONNECT was counted in. The gateway's own refusals are not counted.
+        self.bytes_out += self._connack_size
+        self.downstream.packets += 1
         actions: list[Action] = []
         held, self._held_downstream = self._held_downstream, []
         for data in held:
@@ -741,6 +755,13 @@ class Session:
         if state is State.CLOSED:
             return []
         self.state = State.CLOSED
+        # Forwarded frames end on a packet boundary, so the DISCONNECT follows them cleanly
+        # (dropped by the bridge if the broker connection is not open).
+        goodbye: list[Action] = (
+            [ToUpstream(_DISCONNECT_BYTES)]
+            if reason in _CLEAN_CUTS and state is not State.AWAIT_CONNECT
+            else []
+        )
         if state is State.ACTIVE or self._admitting:
             type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
             *summaries, event = self.end_events(reason, type_=type_)
@@ -750,11 +771,13 @@ class Session:
             if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
                 disconnect = Disconnect(reason_code=disconnect_code(reason))
                 actions.append(ToDevice(encode(disconnect, version=MQTT_5)))
+            actions.extend(goodbye)
             actions.append(Close(reason))
             return actions
         actions = [Record(self._event(EventType.CONNECT, reason))]
         if state is State.AUTHORIZING:  # its CONNECT came: answer it
             connack = Connack(reason_code=connack_code(reason, self.version))
             actions.append(ToDevice(encode(connack, version=self.version)))
+        actions.extend(goodbye)
         actions.append(Close(reason))
         return actions

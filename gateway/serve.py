@@ -1,8 +1,9 @@
 """``devicegate serve gateway``: run one gateway worker in this process until SIGTERM.
 
 SIGTERM/SIGINT drain: stop accepting, let the packets in flight finish, end every session
-(DISCONNECT 0x8B on v5, ``server_shutting_down``) within ``Settings.drain_timeout``, then
-flush and ship the event spool. SIGHUP reloads the policy file.
+(DISCONNECT 0x8B on v5, ``server_shutting_down``; a DISCONNECT to the broker, so no will
+fires) within ``Settings.drain_timeout``, then flush and ship the event spool. SIGHUP
+reloads the policy file.
 
 Several workers (``--workers N``) are separate processes started by `gateway.workers`;
 each runs `serve` with its own ``worker_index``: its own SO_REUSEPORT listener on the

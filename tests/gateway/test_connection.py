@@ -388,16 +388,28 @@ def test_packet_too_large() -> None:
     assert isinstance(actions[-1], Close) and actions[-1].reason is Reason.PACKET_TOO_LARGE
 
 
-def test_disconnect_and_session_end_counts() -> None:
+@pytest.mark.parametrize("version", [4, 5])
+def test_disconnect_and_session_end_counts(version: int) -> None:
     session = new_session()
-    admit(session, 4)
-    session.receive_device(encode(Publish(topic=MINE, payload=b"x"), version=4))
-    session.receive_upstream(encode(Publish(topic=MINE, payload=b"x"), version=4))
-    actions = session.receive_device(encode(Disconnect(), version=4))
-    assert upstream_bytes(actions) == encode(Disconnect(), version=4)
+    connect = encode(Connect(protocol_level=version, client_id="d1"), version=version)
+    session.receive_device(connect)
+    session.device_checked(Reason.OK)
+    (admission,) = session.receive_upstream(encode(Connack(), version=version))
+    assert isinstance(admission, Admit)
+    session.admitted()  # the bridge sent admission.connack
+    publish = encode(Publish(topic=MINE, payload=b"x"), version=version)
+    session.receive_device(publish)
+    session.receive_upstream(publish)
+    disconnect = encode(Disconnect(), version=version)
+    actions = session.receive_device(disconnect)
+    assert upstream_bytes(actions) == disconnect
     (event,) = records(actions)
     assert event.reason is Reason.CLIENT_DISCONNECTED and event.outcome is Outcome.ALLOWED
-    assert event.detail["packets_in"] == 3 and event.detail["packets_out"] == 1
+    # Both ways count the whole session: the CONNECT in, the CONNACK out (sent by the
+    # bridge from `Admit`, never a ToDevice) with the broker's PUBLISH.
+    assert event.detail["packets_in"] == 3 and event.detail["packets_out"] == 2
+    assert event.detail["bytes_in"] == len(connect) + len(publish) + len(disconnect)
+    assert event.detail["bytes_out"] == len(admission.connack) + len(publish)
     assert session.close(Reason.CONNECTION_LOST) == []  # already ended
 
 

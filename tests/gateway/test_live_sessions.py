@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from gateway.actions import Action, Admit, CheckDevice, Close, DialUpstream, Record, ToDevice
+from gateway.actions import (
+    Action,
+    Admit,
+    CheckDevice,
+    Close,
+    DialUpstream,
+    Record,
+    ToDevice,
+    ToUpstream,
+)
 from gateway.audit import EventContext
 from gateway.connection import Session, State
 from gateway.identity import DeviceIdentity
@@ -196,6 +205,10 @@ def test_cut_a_live_session(
     assert (event.type, event.reason) == (type_, reason)
     normal = reason in (Reason.SESSION_TAKEN_OVER, Reason.SERVER_SHUTTING_DOWN)
     assert event.outcome is (Outcome.ALLOWED if normal else Outcome.DENIED)
+    # Only a shutdown tells the broker goodbye (no will); every other cut is a drop to it.
+    upstream = b"".join(bytes(a.data) for a in actions if isinstance(a, ToUpstream))
+    shutdown = reason is Reason.SERVER_SHUTTING_DOWN
+    assert upstream == (encode(Disconnect(), version=version) if shutdown else b"")
     assert actions[-1] == Close(reason)
     assert session.state is State.CLOSED
     assert session.cut(reason) == []  # once
@@ -207,6 +220,7 @@ def test_cut_while_authorising_refuses_the_connect(version: int, code: int) -> N
     session.receive_device(encode(Connect(protocol_level=version, client_id="d1"), version=version))
     actions = session.cut(Reason.CERTIFICATE_REVOKED, revoked=True)
     assert _to_device(actions, version) == [Connack(reason_code=code)]
+    assert not any(isinstance(a, ToUpstream) for a in actions)
     (event,) = _records(actions)
     assert (event.type, event.outcome, event.reason) == (
         EventType.CONNECT,

@@ -11,8 +11,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,68 +29,25 @@ from gateway.mqtt.packets import (
     Suback,
     Subscribe,
     Subscription,
+    Will,
 )
 from provisioning.commands.cli import app
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient, client_context
 from tests.gateway.conftest import Device, DeviceFactory, Harness
-from tests.helpers import free_port, wait_for_port
-
-DEVICEGATE = str(Path(sys.executable).with_name("devicegate"))
-
-
-@dataclass
-class Served:
-    process: subprocess.Popen[bytes]
-    port: int
-    instance: str
-    log: Path
-
-    def workers(self) -> list[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()]
+from tests.gateway.served import Served, serve_gateway
 
 
 @pytest.fixture
 def served(pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path) -> Iterator[Served]:
-    port = free_port()
-    instance = f"workers-{os.getpid()}-{port}"
-    policy = tmp_path / "policy.toml"
-    policy.write_text('[fleets.bench]\nclient_ids = ["{device_id}", "{device_id}-*"]\n')
-    env = {
-        "DEVICEGATE_POLICY_FILE": str(policy),
-        **os.environ,
-        "DEVICEGATE_DATABASE_URL": database_url,
-        "DEVICEGATE_PKI_DIR": str(pki.directory),
-        "DEVICEGATE_SPOOL_DIR": str(tmp_path / "spool"),
-        "DEVICEGATE_INSTANCE_ID": instance,
-        "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
-        "DEVICEGATE_DRAIN_TIMEOUT": "5s",
-        "DEVICEGATE_LOG_FORMAT": "text",
-    }
-    log = tmp_path / "gateway.log"
-    command = [
-        DEVICEGATE, "serve", "gateway", "--workers", "2",
-        "--listen", f"127.0.0.1:{port}", "--upstream", f"mqtt://127.0.0.1:{mosquitto_port}",
-    ]  # fmt: skip
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(command, env=env, stderr=stderr)
-    served = Served(process, port, instance, log)
-    try:
-        try:
-            wait_for_port(port, timeout=20)
-            deadline = time.monotonic() + 20
-            while len(served.workers()) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        except TimeoutError:
-            raise AssertionError(log.read_text()) from None
+    with serve_gateway(
+        pki=pki,
+        database_url=database_url,
+        upstream_port=mosquitto_port,
+        directory=tmp_path,
+        name="workers",
+    ) as served:
         yield served
-    finally:
-        if process.poll() is None:
-            for pid in served.workers():
-                os.kill(pid, signal.SIGKILL)
-            process.kill()
-            process.wait()
 
 
 def _connect_once(port: int, device: Device, client_id: str) -> None:
@@ -151,7 +106,10 @@ async def _publish_until_closed(
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
-    writer.write(encode(Connect(protocol_level=5, client_id=device.device_id), version=5))
+    # A will on the watched topic: a drain must not fire it (payload -1, never acked).
+    will = Will(topic=topic, payload=b"-1", qos=1)
+    connect = Connect(protocol_level=5, client_id=device.device_id, will=will)
+    writer.write(encode(connect, version=5))
     packets = await _packets(reader, 5)
     connack = await asyncio.wait_for(packets.get(), 5)
     assert isinstance(connack, Connack) and connack.reason_code == 0
@@ -253,7 +211,8 @@ def test_two_workers_restart_and_drain(
                 time.sleep(0.1)
 
     # SIGTERM while a device publishes QoS 1: every message the broker got was acked to
-    # the device before its DISCONNECT 0x8B; nothing is cut mid-packet.
+    # the device before its DISCONNECT 0x8B; nothing is cut mid-packet; the broker got a
+    # DISCONNECT too, so the device's will did not fire.
     topic = f"devices/{device.device_id}/drain"
     run = PublishRun()
     got: list[int] = []

@@ -21,7 +21,7 @@ Cases:
   clean_start=False and queued QoS 1, expiry 0 on DISCONNECT, expiry by time); takeover
   (the old will only when a clean start ends the session).
 * test_retained: an empty retained PUBLISH clears; four clearing PUBLISHes and DISCONNECT
-  in one write, then an immediate close (with the CONNECT too: xfail, issue 18 close bug).
+  in one write, then an immediate close (after the CONNACK, and with the CONNECT too).
 * test_qos2: PUBREC/PUBREL/PUBCOMP both ways with paho, QoS downgrade, a DUP PUBLISH
   before PUBREL delivered once, PUBLISH and PUBREL resent to the device after reconnects.
 * test_receive_maximum: the client's (deliveries held until PUBACK) and the broker's

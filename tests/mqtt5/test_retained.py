@@ -57,14 +57,7 @@ def test_empty_retained_publish_clears(sides: tuple[Side, Side], device: Device)
 
 @pytest.mark.parametrize(
     "with_connect",
-    [
-        pytest.param(False, id="after-connack"),
-        pytest.param(
-            True,
-            id="with-connect",
-            marks=pytest.mark.xfail(strict=True, reason="issue 18 close bug, fixed on branch h18a"),
-        ),
-    ],
+    [pytest.param(False, id="after-connack"), pytest.param(True, id="with-connect")],
 )
 def test_empty_retained_publishes_and_disconnect_in_one_write(
     sides: tuple[Side, Side], device: Device, with_connect: bool

@@ -1,0 +1,86 @@
+"""The real ``devicegate serve gateway --workers N`` as a child process, for the suites that
+need the supervisor, its workers and their signals rather than an in-thread `Gateway`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import Pki
+from tests.helpers import free_port, wait_for_port
+
+DEVICEGATE = str(Path(sys.executable).with_name("devicegate"))
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    port: int
+    instance: str
+    log: Path
+
+    def workers(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+
+@contextlib.contextmanager
+def serve_gateway(
+    *,
+    pki: Pki,
+    database_url: str,
+    upstream_port: int,
+    directory: Path,
+    workers: int = 2,
+    name: str = "served",
+) -> Iterator[Served]:
+    """Run the gateway on a free loopback port until exit (then SIGKILL what is left).
+
+    Fleet ``bench`` allows client ids ``{device_id}`` and ``{device_id}-*``; every other
+    fleet has the default policy. Events go to ``database_url`` under a fresh instance id.
+    """
+    port = free_port()
+    instance = f"{name}-{os.getpid()}-{port}"
+    policy = directory / "policy.toml"
+    policy.write_text('[fleets.bench]\nclient_ids = ["{device_id}", "{device_id}-*"]\n')
+    env = {
+        "DEVICEGATE_POLICY_FILE": str(policy),
+        **os.environ,
+        "DEVICEGATE_DATABASE_URL": database_url,
+        "DEVICEGATE_PKI_DIR": str(pki.directory),
+        "DEVICEGATE_SPOOL_DIR": str(directory / "spool"),
+        "DEVICEGATE_INSTANCE_ID": instance,
+        "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
+        "DEVICEGATE_DRAIN_TIMEOUT": "5s",
+        "DEVICEGATE_LOG_FORMAT": "text",
+    }
+    log = directory / "gateway.log"
+    command = [
+        DEVICEGATE, "serve", "gateway", "--workers", str(workers),
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"mqtt://127.0.0.1:{upstream_port}",
+    ]  # fmt: skip
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(command, env=env, stderr=stderr)
+    served = Served(process, port, instance, log)
+    try:
+        try:
+            wait_for_port(port, timeout=20)
+            deadline = time.monotonic() + 20
+            while len(served.workers()) < workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(log.read_text()) from None
+        yield served
+    finally:
+        if process.poll() is None:
+            for pid in served.workers():
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.wait()
