@@ -1,4 +1,3 @@
-
 """Signed checkpoints of the audit chains: what bounds a database administrator.
 
 A checkpoint says "chain C stood at seq S with hash H at time T", links to the chain's

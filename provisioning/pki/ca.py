@@ -7,6 +7,9 @@
 - ``chain.pem``                           issuing + root: what devices and the gateway trust
 - ``server.crt``, ``server.key``          the listeners' identity; not under the passphrase,
                                           so the gateway never holds a CA secret
+- ``audit.crt``, ``audit.key``            the audit signer (Ed25519): signs the audit log's
+                                          checkpoints; shipped like server.key, never in
+                                          the database (``ca audit-key`` issues a new one)
 
 Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC). Issuance takes
 `SignOptions` (what policy decided) and applies them; it decides nothing itself.
@@ -32,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.pki.leaf_der import LeafTemplate, key_class, signature_algorithm_of, spki_der
 from provisioning.pki.signer import CAPrivateKey, FileSigner, RawSigner, Signer, signature_hash
+from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY, AUDIT_SIGNER_NAME
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
@@ -44,7 +48,10 @@ ISSUING_KEY = "issuing-ca.key"
 CHAIN = "chain.pem"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
-PKI_FILES = (ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY)
+PKI_FILES = (
+    ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_CERT,
+    AUDIT_KEY,
+)  # fmt: skip
 
 
 class CAError(DevicegateError):
@@ -170,9 +177,14 @@ class CertificateAuthority:
         template = self._template
         if template is not None and template[0] is self.issuing and template[1].verified.get(kind):
             tbs = template[1].tbs(
-                serial=serial, not_before=options.not_before, not_after=options.not_after,
-                device_id=identity.device_id, fleet=identity.fleet,
-                spiffe_id=identity.spiffe_id, spki=spki_der(public_key), kind=kind,
+                serial=serial,
+                not_before=options.not_before,
+                not_after=options.not_after,
+                device_id=identity.device_id,
+                fleet=identity.fleet,
+                spiffe_id=identity.spiffe_id,
+                spki=spki_der(public_key),
+                kind=kind,
             )
             if tbs is not None:
                 return x509.load_der_x509_certificate(template[1].certificate(tbs))
@@ -183,7 +195,10 @@ class CertificateAuthority:
         return certificate
 
     def _builder(
-        self, public_key: DevicePublicKey, identity: DeviceIdentity, options: SignOptions,
+        self,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
+        options: SignOptions,
         serial: int,
     ) -> x509.CertificateBuilder:
         return (
@@ -222,7 +237,10 @@ class CertificateAuthority:
         return self._issuer_key_id[1]
 
     def _learn_template(
-        self, built: x509.Certificate, public_key: DevicePublicKey, identity: DeviceIdentity,
+        self,
+        built: x509.Certificate,
+        public_key: DevicePublicKey,
+        identity: DeviceIdentity,
         kind: str,
     ) -> None:
         """Compare the template's encoding of ``built``'s inputs with ``built`` itself; use
@@ -250,17 +268,24 @@ class CertificateAuthority:
         if kind in template.verified:
             return
         tbs = template.tbs(
-            serial=built.serial_number, not_before=built.not_valid_before_utc,
-            not_after=built.not_valid_after_utc, device_id=identity.device_id,
-            fleet=identity.fleet, spiffe_id=identity.spiffe_id, spki=spki_der(public_key),
+            serial=built.serial_number,
+            not_before=built.not_valid_before_utc,
+            not_after=built.not_valid_after_utc,
+            device_id=identity.device_id,
+            fleet=identity.fleet,
+            spiffe_id=identity.spiffe_id,
+            spki=spki_der(public_key),
             kind=kind,
         )
         if tbs is None:
             return  # an input outside the template: decide on the next certificate
         same = tbs == built.tbs_certificate_bytes
         if not same:
-            log.warning("device certificate template differs from the builder's encoding "
-                        "for %s keys; issuing with the builder", kind)
+            log.warning(
+                "device certificate template differs from the builder's encoding "
+                "for %s keys; issuing with the builder",
+                kind,
+            )
         template.verified[kind] = same
 
     def build_crl(
@@ -290,15 +315,22 @@ class CertificateAuthority:
 
 def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
 # RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
 _KEY_USAGE_BY_CLASS = {
-    "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
+    "rsa": _key_usage(key_encipherment=True),
+    "signing": _key_usage(key_encipherment=False),
 }
 """A device certificate's key usage per `provisioning.pki.leaf_der.key_class`."""
 
@@ -395,6 +427,44 @@ def _server_certificate(
     return ca.signer.sign_certificate(builder)
 
 
+def issue_audit_signer(
+    ca: CertificateAuthority, directory: Path, *, validity: timedelta = timedelta(days=397)
+) -> x509.Certificate:
+    """A new audit signing key (Ed25519, ``audit.key`` 0600) and its certificate
+    (``audit.crt``: CN `AUDIT_SIGNER_NAME`, keyUsage digitalSignature only, no CA), issued
+    by the issuing CA. The previous certificate stays valid for the checkpoints it signed."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    now = datetime.now(UTC)
+    issuer_key = ca.issuing.public_key()
+    assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devicegate"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, AUDIT_SIGNER_NAME),
+                ]
+            )
+        )
+        .issuer_name(ca.issuing.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + validity, ca.issuing.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(key_encipherment=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False
+        )
+    )
+    certificate = ca.signer.sign_certificate(builder)
+    _write(directory / AUDIT_KEY, _encrypted_pem(key, None), secret=True)
+    _write(directory / AUDIT_CERT, to_pem(certificate).encode(), secret=False)
+    return certificate
+
+
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
     """Write atomically; secrets are created 0600 from the start, never chmod-ed after."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -424,6 +494,7 @@ class PkiSummary:
     root: x509.Certificate
     issuing: x509.Certificate
     server: x509.Certificate
+    audit: x509.Certificate
 
 
 def init_pki(
@@ -489,7 +560,8 @@ def init_pki(
     _write(directory / ISSUING_CERT, to_pem(issuing).encode(), secret=False)
     _write(directory / CHAIN, to_pem(issuing, root).encode(), secret=False)
     _write(directory / SERVER_CERT, to_pem(server, issuing).encode(), secret=False)
-    return PkiSummary(directory, root, issuing, server)
+    audit = issue_audit_signer(ca, directory, validity=server_validity)
+    return PkiSummary(directory, root, issuing, server, audit)
 
 
 def _read(path: Path) -> bytes:
@@ -545,5 +617,6 @@ def describe_pki(directory: Path) -> list[tuple[str, x509.Certificate]]:
     """The certificates of the PKI directory, for ``ca show``."""
     return [
         (name, load_certificate(directory / name))
-        for name in (ROOT_CERT, ISSUING_CERT, SERVER_CERT)
+        for name in (ROOT_CERT, ISSUING_CERT, SERVER_CERT, AUDIT_CERT)
+        if name != AUDIT_CERT or (directory / name).exists()
     ]

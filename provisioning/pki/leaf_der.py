@@ -26,7 +26,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 __all__ = [
-    "LeafTemplate", "key_class", "signature_algorithm_of", "spki_der", "subject_key_id",
+    "LeafTemplate",
+    "key_class",
+    "signature_algorithm_of",
+    "spki_der",
+    "subject_key_id",
 ]
 
 _SEQUENCE = 0x30
@@ -140,8 +144,16 @@ class LeafTemplate:
         (absent: not compared yet). The CA uses the template only where this is True."""
 
     def tbs(
-        self, *, serial: int, not_before: datetime, not_after: datetime, device_id: str,
-        fleet: str, spiffe_id: str, spki: bytes, kind: str,
+        self,
+        *,
+        serial: int,
+        not_before: datetime,
+        not_after: datetime,
+        device_id: str,
+        fleet: str,
+        spiffe_id: str,
+        spki: bytes,
+        kind: str,
     ) -> bytes | None:
         """The DER TBSCertificate, or None when the template does not cover the input."""
         start, end = _time(not_before), _time(not_after)
@@ -157,8 +169,12 @@ class LeafTemplate:
         extensions = self._first_extensions[kind] + san + ski + self._aki
         return _tlv(
             _SEQUENCE,
-            _VERSION_3 + _integer(serial) + self._algorithm_issuer
-            + _tlv(_SEQUENCE, start + end) + subject + spki
+            _VERSION_3
+            + _integer(serial)
+            + self._algorithm_issuer
+            + _tlv(_SEQUENCE, start + end)
+            + subject
+            + spki
             + _tlv(_EXTENSIONS, _tlv(_SEQUENCE, extensions)),
         )
 
