@@ -20,7 +20,7 @@ from provisioning.audit.checkpoints import read_directory, trust_store
 from provisioning.audit.verify import VerifyReport, verify_chains
 from provisioning.eventlog import CHAIN_ID, append_event
 from schemas.checkpoints import AuditSigner, checkpoint_file, write_checkpoint
-from schemas.events import AuthEvent, EventType, Outcome, Reason
+from schemas.events import AuthEvent, EventType, Outcome, Reason, uuid7
 from tests.conftest import Pki
 
 NAME = "gw-tamper/w0"
@@ -212,7 +212,8 @@ async def test_a_spool_with_history_meets_a_fresh_database(
     cps = tmp_path / "checkpoints"
     spool = tmp_path / "s"
     old = await _gateway(scratch_url, spool, pki, cps, [events(i) for i in range(30)])
-    fresh = await _create_database("dg_test_ev_fresh", migrated=True)
+    fresh_name = f"dg_test_ev_fresh_{uuid7().hex[:8]}"
+    fresh = await _create_database(fresh_name, migrated=True)
     try:
         new = await _gateway(fresh, spool, pki, cps, [events(100 + i) for i in range(5)])
         assert new != old and new.startswith(f"{NAME}#")
@@ -227,7 +228,7 @@ async def test_a_spool_with_history_meets_a_fresh_database(
         assert [n.kind for n in report.notices] == ["boundary"]
         assert old in report.notices[0].message
     finally:
-        await _drop_database("dg_test_ev_fresh")
+        await _drop_database(fresh_name)
 
 
 async def test_two_gateways_on_one_host_write_two_chains_and_a_copied_spool_is_refused(
@@ -257,3 +258,25 @@ async def test_two_gateways_on_one_host_write_two_chains_and_a_copied_spool_is_r
             await third.start()
     report = await _verify(scratch_db, pki, cps if cps.exists() else None)
     assert report.ok and report.chains == 2, report.findings
+
+
+def test_the_verifier_hashes_rows_as_the_writers_hash_events(
+    events: Callable[..., AuthEvent],
+) -> None:
+    from datetime import timedelta, timezone
+
+    from provisioning.audit.verify import row_hash
+    from schemas.events import GENESIS_HASH, chain_hash
+
+    for i, detail in enumerate(({}, {"b": [1, "ü"], "a": None}, {"x": {"z": 1, "y": 2.5}})):
+        event = events(i, detail=detail).chained(chain_id="c#1", seq=i + 1, prev_hash=GENESIS_HASH)
+        row = event.model_dump()
+        row["time"] = event.time.astimezone(timezone(timedelta(hours=-5)))  # any zone
+        row["type"], row["outcome"], row["reason"] = (
+            event.type.value,
+            event.outcome.value,
+            event.reason.value,
+        )
+        assert row_hash(GENESIS_HASH, row) == chain_hash(GENESIS_HASH, event) == event.hash
+        row["detail"] = __import__("json").dumps(detail)  # as asyncpg returns jsonb
+        assert row_hash(GENESIS_HASH, row) == event.hash
