@@ -146,7 +146,7 @@ class Expectation:
 class CheckpointSet:
     """The checkpoints of the database and the external copies, checked."""
 
-    def __init__(self, trust: TrustStore) -> None:
+    def __init__(self, trust: TrustStore | None) -> None:
         self.trust = trust
         self.chains: dict[str, _Chain] = {}
         self.problems: list[Problem] = []
@@ -155,7 +155,8 @@ class CheckpointSet:
         if not await conn.fetchval("SELECT to_regclass('audit_checkpoints') IS NOT NULL"):
             return
         for row in await conn.fetch("SELECT certificate FROM audit_signers"):
-            self.trust.add(row["certificate"])
+            if self.trust is not None:
+                self.trust.add(row["certificate"])
         rows = await conn.fetch(
             "SELECT chain_id, n, seq, hash, body, digest, signature FROM audit_checkpoints"
         )
@@ -227,8 +228,8 @@ class CheckpointSet:
                 prev = ""
                 continue
             when = datetime.fromisoformat(str(cp.body["time"]))
-            key, why = self.trust.public_key(cp.signer, when)
-            if key is None or not cp.signature_valid(key):
+            key, why = self.trust.public_key(cp.signer, when) if self.trust else (None, None)
+            if self.trust is not None and (key is None or not cp.signature_valid(key)):
                 why = why or "the signature does not verify (forged or edited)"
                 self._problem(chain_id, cp.seq, f"checkpoint {n}: {why}")
                 prev = cp.digest

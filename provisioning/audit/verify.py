@@ -432,8 +432,9 @@ async def verify_chains(
         chain_id: only this chain.
         max_findings: findings kept in the report (all are counted).
         prefetch: rows fetched per round trip of the server-side cursor.
-        trust: the audit signers' trust anchor (``chain.pem``); None: checkpoints cannot
-            be checked, and any stored one is a finding.
+        trust: the audit signers' trust anchor (``chain.pem``). None: the checkpoints'
+            signatures are not checked (their chain and contents still are): for callers
+            that verify the structure only; ``audit verify`` always passes one.
         external: checkpoints read from outside the database (``--checkpoints DIR``).
     """
     report = VerifyReport(since=since)
@@ -466,7 +467,7 @@ async def verify_chains(
             if row["base_seq"]:
                 start = (row["base_seq"] + 1, row["base_hash"])
                 points[name] = points.get(name, frozenset()) | {start}
-        checkpoints = CheckpointSet(trust or TrustStore(None))
+        checkpoints = CheckpointSet(trust)
         await checkpoints.load(conn)
         if external is not None:
             checkpoints.add_external(external)
