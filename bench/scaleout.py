@@ -61,7 +61,7 @@ sys.modules["bench_gateway"] = bg
 _spec.loader.exec_module(bg)
 
 from provisioning import admin  # noqa: E402
-from provisioning.pki.ca import init_pki  # noqa: E402
+from provisioning.pki.directory import init_pki  # noqa: E402
 
 
 @dataclass

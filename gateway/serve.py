@@ -34,19 +34,37 @@ from collections.abc import Callable
 
 import uvloop
 
+from gateway.events.checkpoints import CheckpointPolicy
 from gateway.events.sink import SpoolSink
 from gateway.failure_channel import ChannelFds, FailureChannel
 from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway, config_from_settings
 from gateway.takeover import SessionBus
 from gateway.telemetry import GatewayMetrics, ObservingSink
+from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
 from schemas.logs import configure_logging
 from schemas.settings import Settings, load_settings
 from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
-__all__ = ["main", "raise_fd_limit", "serve"]
+__all__ = ["checkpoint_policy", "main", "raise_fd_limit", "serve"]
 
 log = logging.getLogger("devicegate.gateway")
+
+
+def checkpoint_policy(settings: Settings, worker: str) -> CheckpointPolicy | None:
+    """How this worker signs checkpoints: the audit key from the PKI directory and its own
+    file ``<checkpoint_dir>/<instance>_<worker>.jsonl``; None (logged as an error) when
+    there is no audit key: the chain then has no tamper evidence beyond the database."""
+    try:
+        signer = AuditSigner.load(settings.pki_dir)
+    except CheckpointError as exc:
+        log.error("audit checkpoints are OFF: %s", exc)
+        return None
+    return CheckpointPolicy(
+        signer=signer,
+        file=checkpoint_file(settings.checkpoint_dir, f"{settings.instance_id}/{worker}"),
+        interval=settings.checkpoint_interval.total_seconds(),
+    )
 
 
 def raise_fd_limit() -> int:
@@ -118,6 +136,9 @@ async def serve(
             database_url=settings.database_url,
             spool_dir=settings.spool_dir / worker,
             chain_id=f"{settings.instance_id}/{worker}",
+            random_id=True,
+            instance=settings.instance_id,
+            checkpoints=checkpoint_policy(settings, worker),
             max_bytes=settings.spool_max_bytes,
             metrics=metrics,
         ) as sink:

@@ -73,7 +73,11 @@ async def create_token(
             allow_reenroll=request.allow_reenroll,
         )
         await _event(
-            conn, instance, EventType.TOKEN, actor, fleet=info.fleet,
+            conn,
+            instance,
+            EventType.TOKEN,
+            actor,
+            fleet=info.fleet,
             detail={"action": "create", "token_id": str(info.id), "uses": info.uses_allowed},
         )
     return TokenCreated(**info.model_dump(), token=secret)
@@ -85,7 +89,11 @@ async def revoke_token(
     async with conn.transaction():
         info = await store.revoke_token(conn, token_id)
         await _event(
-            conn, instance, EventType.TOKEN, actor, fleet=info.fleet,
+            conn,
+            instance,
+            EventType.TOKEN,
+            actor,
+            fleet=info.fleet,
             detail={"action": "revoke", "token_id": str(info.id)},
         )
     return info
@@ -119,7 +127,12 @@ async def revoke_device(
                 ),
             )
         await _event(
-            conn, instance, EventType.REVOKE, actor, device_id=device_id, fleet=device.fleet,
+            conn,
+            instance,
+            EventType.REVOKE,
+            actor,
+            device_id=device_id,
+            fleet=device.fleet,
             detail={"target": "device", "revoked_serials": serials},
         )
     return device
@@ -173,13 +186,21 @@ async def revoke_certificate(
             await store.notify_revocation(
                 conn,
                 RevocationNotice(
-                    kind="certificate", device_id=device.device_id, serial=serial,
+                    kind="certificate",
+                    device_id=device.device_id,
+                    serial=serial,
                     status="revoked",
                 ),
             )
             await _event(
-                conn, instance, EventType.REVOKE, actor, device_id=device.device_id,
-                fleet=device.fleet, cert_serial=serial, detail={"target": "certificate"},
+                conn,
+                instance,
+                EventType.REVOKE,
+                actor,
+                device_id=device.device_id,
+                fleet=device.fleet,
+                cert_serial=serial,
+                detail={"target": "certificate"},
             )
         return await store.get_certificate(conn, serial)
 
@@ -198,7 +219,10 @@ async def create_admin_key(
         except asyncpg.UniqueViolationError:
             raise Conflict(f"an admin key named {name!r} exists") from None
         await _event(
-            conn, instance, EventType.ADMIN, actor,
+            conn,
+            instance,
+            EventType.ADMIN,
+            actor,
             detail={"action": "admin_key_create", "name": name, "key_id": str(info.id)},
         )
     return AdminKeyCreated(id=info.id, name=info.name, key=secret)
@@ -210,7 +234,10 @@ async def revoke_admin_key(
     async with conn.transaction():
         info = await store.revoke_admin_key(conn, id_or_name)
         await _event(
-            conn, instance, EventType.ADMIN, actor,
+            conn,
+            instance,
+            EventType.ADMIN,
+            actor,
             detail={"action": "admin_key_revoke", "name": info.name, "key_id": str(info.id)},
         )
     return info

@@ -43,13 +43,46 @@ Connection = Any
 _LOCK_HEAD = "SELECT seq, hash FROM event_chains WHERE chain_id = $1 FOR UPDATE"
 
 _EVENT_COLUMNS = (
-    "id", "time", "instance", "type", "outcome", "reason", "device_id", "fleet",
-    "cert_serial", "cert_fingerprint", "client_id", "peer_address", "tls_version",
-    "tls_cipher", "detail", "chain_id", "seq", "prev_hash", "hash",
+    "id",
+    "time",
+    "instance",
+    "type",
+    "outcome",
+    "reason",
+    "device_id",
+    "fleet",
+    "cert_serial",
+    "cert_fingerprint",
+    "client_id",
+    "peer_address",
+    "tls_version",
+    "tls_cipher",
+    "detail",
+    "chain_id",
+    "seq",
+    "prev_hash",
+    "hash",
 )
 _EVENT_TYPES = (
-    "uuid", "timestamptz", "text", "text", "text", "text", "text", "text", "text", "text",
-    "text", "text", "text", "text", "text", "text", "bigint", "text", "text",
+    "uuid",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "text",
 )
 
 
@@ -128,11 +161,25 @@ class EventSpec:
 
 def _row(event: AuthEvent) -> tuple[Any, ...]:
     return (
-        event.id, event.time, event.instance, str(event.type), str(event.outcome),
-        str(event.reason), event.device_id, event.fleet, event.cert_serial,
-        event.cert_fingerprint, event.client_id, event.peer_address, event.tls_version,
-        event.tls_cipher, json.dumps(event.detail, sort_keys=True), event.chain_id, event.seq,
-        event.prev_hash, event.hash,
+        event.id,
+        event.time,
+        event.instance,
+        str(event.type),
+        str(event.outcome),
+        str(event.reason),
+        event.device_id,
+        event.fleet,
+        event.cert_serial,
+        event.cert_fingerprint,
+        event.client_id,
+        event.peer_address,
+        event.tls_version,
+        event.tls_cipher,
+        json.dumps(event.detail, sort_keys=True),
+        event.chain_id,
+        event.seq,
+        event.prev_hash,
+        event.hash,
     )
 
 
@@ -162,7 +209,8 @@ async def append_events(
         await conn.execute(
             "INSERT INTO event_chains (chain_id, seq, hash) VALUES ($1, 0, $2) "
             "ON CONFLICT DO NOTHING",
-            CHAIN_ID, GENESIS_HASH,
+            CHAIN_ID,
+            GENESIS_HASH,
         )
         head = await conn.fetchrow(_LOCK_HEAD, CHAIN_ID)
     events = _chain(specs, head["seq"], head["hash"])
@@ -208,8 +256,14 @@ async def _write(conn: Connection, events: list[AuthEvent], *, expect: ChainHead
     ``expect`` is given and the head is no longer that one."""
     last = events[-1]
     status = await conn.execute(
-        _APPEND, CHAIN_ID, last.seq, last.hash, EVENTS_CHANNEL, event_notes(events),
-        expect.seq if expect is not None else None, expect.hash if expect is not None else None,
+        _APPEND,
+        CHAIN_ID,
+        last.seq,
+        last.hash,
+        EVENTS_CHANNEL,
+        event_notes(events),
+        expect.seq if expect is not None else None,
+        expect.hash if expect is not None else None,
         *event_arrays(events),
     )
     return bool(status != "SELECT 0")
@@ -233,9 +287,17 @@ async def append_event(
 ) -> AuthEvent:
     """Chain and insert one event on the provisioning chain; returns it as stored."""
     spec = EventSpec(
-        type=type, outcome=outcome, reason=reason, instance=instance, device_id=device_id,
-        fleet=fleet, cert_serial=cert_serial, cert_fingerprint=cert_fingerprint,
-        peer_address=peer_address, tls_version=tls_version, tls_cipher=tls_cipher,
+        type=type,
+        outcome=outcome,
+        reason=reason,
+        instance=instance,
+        device_id=device_id,
+        fleet=fleet,
+        cert_serial=cert_serial,
+        cert_fingerprint=cert_fingerprint,
+        peer_address=peer_address,
+        tls_version=tls_version,
+        tls_cipher=tls_cipher,
         detail=detail or {},
     )
     (event,) = await append_events(conn, [spec])

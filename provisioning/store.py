@@ -71,7 +71,13 @@ async def insert_token(
                 (id, token_hash, fleet, uses_allowed, uses_left, allow_reenroll, note, expires_at)
             VALUES ($1, $2, $3, $4, $4, $5, $6, now() + $7::interval)
             RETURNING {_TOKEN_COLUMNS}""",
-        uuid.uuid4(), token_hash, fleet, uses, allow_reenroll, note, ttl,
+        uuid.uuid4(),
+        token_hash,
+        fleet,
+        uses,
+        allow_reenroll,
+        note,
+        ttl,
     )
     return _token_info(row)
 
@@ -201,8 +207,15 @@ async def enroll_new_device(
            )
            SELECT token.id, token.fleet, token.allow_reenroll, certificate.serial
            FROM token LEFT JOIN certificate ON true""",
-        token_hash, device_id, hardware_id, cert.serial, cert.fingerprint_sha256,
-        cert.not_before, cert.not_after, cert.key_type, cert.pem,
+        token_hash,
+        device_id,
+        hardware_id,
+        cert.serial,
+        cert.fingerprint_sha256,
+        cert.not_before,
+        cert.not_after,
+        cert.key_type,
+        cert.pem,
     )
     if row is None:
         raise await _refuse_token(conn, token_hash)
@@ -276,11 +289,23 @@ async def enroll_new_devices_chained(
     last = events[-1]
     try:
         notified = await conn.fetchval(
-            _ENROLL_CHAINED, token_hash, len(certs), eventlog.CHAIN_ID, last.seq, last.hash,
-            expect.seq, expect.hash, EVENTS_CHANNEL, eventlog.event_notes(events),
-            [c.device_id for c in certs], [c.serial for c in certs],
-            [c.fingerprint_sha256 for c in certs], [c.not_before for c in certs],
-            [c.not_after for c in certs], [c.key_type for c in certs], [c.pem for c in certs],
+            _ENROLL_CHAINED,
+            token_hash,
+            len(certs),
+            eventlog.CHAIN_ID,
+            last.seq,
+            last.hash,
+            expect.seq,
+            expect.hash,
+            EVENTS_CHANNEL,
+            eventlog.event_notes(events),
+            [c.device_id for c in certs],
+            [c.serial for c in certs],
+            [c.fingerprint_sha256 for c in certs],
+            [c.not_before for c in certs],
+            [c.not_after for c in certs],
+            [c.key_type for c in certs],
+            [c.pem for c in certs],
             *eventlog.event_arrays(events),
         )
     except asyncpg.InvalidTextRepresentationError as exc:
@@ -328,7 +353,9 @@ async def list_devices(
         f"""SELECT {_DEVICE_COLUMNS} FROM devices
             WHERE ($1::text IS NULL OR fleet = $1) AND ($2::text IS NULL OR status = $2)
             ORDER BY created_at DESC, device_id LIMIT $3""",
-        fleet, status, limit,
+        fleet,
+        status,
+        limit,
     )
     return [_device_info(row) for row in rows]
 
@@ -337,7 +364,8 @@ async def set_device_status(conn: Connection, device_id: str, status: str) -> De
     row = await conn.fetchrow(
         f"""UPDATE devices SET status = $2, updated_at = now() WHERE device_id = $1
             RETURNING {_DEVICE_COLUMNS}""",
-        device_id, status,
+        device_id,
+        status,
     )
     if row is None:
         raise NotFound(f"no device {device_id}")
@@ -375,8 +403,13 @@ async def insert_certificate(conn: Connection, cert: NewCertificate) -> None:
         """INSERT INTO certificates
                (serial, device_id, fingerprint_sha256, not_before, not_after, key_type, pem)
            VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-        cert.serial, cert.device_id, cert.fingerprint_sha256, cert.not_before, cert.not_after,
-        cert.key_type, cert.pem,
+        cert.serial,
+        cert.device_id,
+        cert.fingerprint_sha256,
+        cert.not_before,
+        cert.not_after,
+        cert.key_type,
+        cert.pem,
     )
 
 
@@ -412,7 +445,9 @@ async def list_certificates(
         f"""SELECT {_CERT_COLUMNS} FROM certificates
             WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR status = $2)
             ORDER BY issued_at DESC, serial LIMIT $3""",
-        device_id, status, limit,
+        device_id,
+        status,
+        limit,
     )
     return [_certificate_info(row) for row in rows]
 
@@ -432,7 +467,8 @@ async def revoke_certificate(conn: Connection, serial: str, reason: str) -> bool
     row = await conn.fetchrow(
         """UPDATE certificates SET status = 'revoked', revoked_at = now(), revocation_reason = $2
            WHERE serial = $1 AND status <> 'revoked' RETURNING serial""",
-        serial, reason,
+        serial,
+        reason,
     )
     return row is not None
 
@@ -442,7 +478,8 @@ async def revoke_device_certificates(conn: Connection, device_id: str, reason: s
     rows = await conn.fetch(
         """UPDATE certificates SET status = 'revoked', revoked_at = now(), revocation_reason = $2
            WHERE device_id = $1 AND status <> 'revoked' RETURNING serial""",
-        device_id, reason,
+        device_id,
+        reason,
     )
     return [row["serial"] for row in rows]
 
@@ -466,7 +503,9 @@ async def insert_admin_key(conn: Connection, *, name: str, key_hash: bytes) -> A
     row = await conn.fetchrow(
         """INSERT INTO admin_keys (id, name, key_hash) VALUES ($1, $2, $3)
            RETURNING id, name, created_at, revoked_at""",
-        uuid.uuid4(), name, key_hash,
+        uuid.uuid4(),
+        name,
+        key_hash,
     )
     return _admin_key_info(row)
 
@@ -486,7 +525,8 @@ async def revoke_admin_key(conn: Connection, id_or_name: str) -> AdminKeyInfo:
     row = await conn.fetchrow(
         """UPDATE admin_keys SET revoked_at = coalesce(revoked_at, now())
            WHERE id = $1 OR name = $2 RETURNING id, name, created_at, revoked_at""",
-        key_id, id_or_name,
+        key_id,
+        id_or_name,
     )
     if row is None:
         raise NotFound(f"no admin key {id_or_name}")

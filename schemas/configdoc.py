@@ -40,7 +40,13 @@ FLAGS: dict[str, str] = {
 }
 """Field -> the flag that overrides it (global flags come before the command)."""
 
-DYNAMIC_DEFAULTS: dict[str, str] = {"instance_id": "the host name"}
+DYNAMIC_DEFAULTS: dict[str, str] = {
+    "instance_id": "the host name",
+    "spool_dir": "`$STATE_DIRECTORY/spool` under systemd, else `/var/lib/devicegate/spool`",
+    "checkpoint_dir": (
+        "`$STATE_DIRECTORY/checkpoints` under systemd, else `/var/lib/devicegate/checkpoints`"
+    ),
+}
 """Defaults computed at start, described instead of shown."""
 
 HEADER = """\

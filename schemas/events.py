@@ -43,6 +43,9 @@ class EventType(StrEnum):
     AUDIT_PRUNE = "audit_prune"
     EVENTS_LOST = "events_lost"
     """A gateway worker's count of events it could not store (spool full)."""
+    EVENTS_MISSING = "events_missing"
+    """A gateway worker found, at start, that the database lacks events it had shipped
+    (restored from an older backup): detail ``chain_id``, ``first_seq``, ``last_seq``."""
 
 
 class Outcome(StrEnum):
@@ -83,6 +86,7 @@ class Reason(StrEnum):
     UPSTREAM_CLOSED = "upstream_closed"
     REVOCATION_STATE_STALE = "revocation_state_stale"
     EVENT_LOG_UNAVAILABLE = "event_log_unavailable"
+    DATABASE_BEHIND_SPOOL = "database_behind_spool"
     SESSION_TAKEN_OVER = "session_taken_over"
     CLIENT_DISCONNECTED = "client_disconnected"
     CONNECTION_LOST = "connection_lost"

@@ -32,6 +32,17 @@ METRICS_OFF = ("off", "")
 """``metrics_listen`` values that turn the ``/metrics`` endpoint off."""
 
 
+DEFAULT_STATE_DIR = Path("/var/lib/devicegate")
+"""Where the gateway keeps its state when systemd gives it none (``$STATE_DIRECTORY``)."""
+
+
+def state_directory() -> Path:
+    """``$STATE_DIRECTORY`` (its first entry) under systemd, else `DEFAULT_STATE_DIR`: never
+    the working directory, which a restart or a second instance may not share."""
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(given) if given else DEFAULT_STATE_DIR
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the variable and the problem."""
 
@@ -127,7 +138,22 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Addresses allowed to send a PROXY v2 header (empty: PROXY protocol off).",
     )
-    spool_dir: Path = Field(Path("./spool"), description="Local event spool directory.")
+    spool_dir: Path = Field(
+        default_factory=lambda: state_directory() / "spool",
+        description="Local event spool directory (worker i uses its w<i>); its chain id is "
+        "made with it.",
+    )
+    checkpoint_dir: Path = Field(
+        default_factory=lambda: state_directory() / "checkpoints",
+        description="Where each writer appends its signed audit checkpoints (copy them off "
+        "the host: `audit verify --checkpoints DIR`).",
+    )
+    checkpoint_interval: Duration = Field(
+        timedelta(seconds=10),
+        description="How often each chain writer signs a checkpoint of its chain (and once "
+        "at shutdown); events after the newest one are what a database administrator could "
+        "still delete unseen.",
+    )
     spool_max_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Spool size at which new connections are refused."
     )

@@ -8,6 +8,8 @@ Invariants:
 - ``replay``: a batch that may already be stored goes through the session's staging table
   and ``INSERT ... ON CONFLICT DO NOTHING``, so shipping it twice stores it once; a batch
   never tried before is COPYed straight into ``auth_events``.
+- The batch moves the chain's head in ``event_chains`` (never back: a replayed batch
+  leaves it), so truncation at the end is seen without a checkpoint.
 - ``devicegate_ensure_partitions()`` runs on every connection (and whenever the sink asks);
   its failure is logged, not raised: two writers creating one partition race, the loser
   retries next time.
@@ -24,11 +26,21 @@ import asyncpg
 from gateway.events.codec import COLUMNS, Row
 from schemas.notify import EVENTS_CHANNEL
 
-__all__ = ["chain_head", "connect", "copy_batch", "ensure_partitions"]
+__all__ = ["connect", "copy_batch", "ensure_partitions"]
 
 log = logging.getLogger(__name__)
 
 _SEQ = COLUMNS.index("seq")
+_HASH = COLUMNS.index("hash")
+_HEAD_AND_NOTIFY = """
+WITH head AS (
+    INSERT INTO event_chains (chain_id, seq, hash) VALUES ($3, $4, $5)
+    ON CONFLICT (chain_id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
+        updated_at = now()
+    WHERE event_chains.seq < EXCLUDED.seq
+)
+SELECT pg_notify($1, $2)
+"""
 _COLUMN_LIST = ", ".join(COLUMNS)
 _REPLAY = (
     f"INSERT INTO auth_events ({_COLUMN_LIST}) "
@@ -62,15 +74,6 @@ async def ensure_partitions(conn: asyncpg.Connection) -> None:
         log.warning("devicegate_ensure_partitions failed: %s", exc)
 
 
-async def chain_head(conn: asyncpg.Connection, chain_id: str) -> tuple[int, str] | None:
-    """``(seq, hash)`` of the chain's last stored event; None for a chain never stored."""
-    row = await conn.fetchrow(
-        "SELECT seq, hash FROM auth_events WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1",
-        chain_id,
-    )
-    return None if row is None else (row["seq"], row["hash"])
-
-
 async def copy_batch(
     conn: asyncpg.Connection, batch: Sequence[Row], *, chain_id: str, replay: bool
 ) -> None:
@@ -86,4 +89,8 @@ async def copy_batch(
             await conn.execute(_REPLAY)
         else:
             await conn.copy_records_to_table("auth_events", records=batch, columns=COLUMNS)
-        await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, notice)
+        # The head moves in the batch's transaction: `audit verify` compares it with the
+        # newest row, so rows deleted from the end are seen (one round trip, as before).
+        await conn.execute(
+            _HEAD_AND_NOTIFY, EVENTS_CHANNEL, notice, chain_id, last, batch[-1][_HASH]
+        )

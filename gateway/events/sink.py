@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import sys
@@ -68,13 +69,16 @@ from typing import Self
 import asyncpg
 
 from gateway.database import DB_ERRORS
-from gateway.events import shipping
+from gateway.events import registry, shipping
+from gateway.events.checkpoints import CheckpointClock, CheckpointPolicy
 from gateway.events.codec import COLUMNS, Row, decode_payload, encode_event
 from gateway.events.group import DROPPED, OPEN, SEALED, Group, Refused, SharedFuture
 from gateway.events.interface import EventLogUnavailable, SinkObserver, SinkStats
 from gateway.events.loss import LostEvents, is_admission
-from gateway.events.spool import Spool, SpoolError, SpoolFull, frame
-from schemas.events import GENESIS_HASH, AuthEvent, EventType, Outcome, uuid7
+from gateway.events.registry import ChainTaken, Genesis
+from gateway.events.spool import Recovered, Spool, SpoolError, SpoolFull, frame
+from schemas.checkpoints import write_checkpoint
+from schemas.events import GENESIS_HASH, AuthEvent, EventType, Outcome, Reason, uuid7
 
 __all__ = ["SpoolSink"]
 
@@ -82,6 +86,7 @@ log = logging.getLogger(__name__)
 
 _SEQ = COLUMNS.index("seq")
 _HASH = COLUMNS.index("hash")
+_PREV = COLUMNS.index("prev_hash")
 _TYPE = COLUMNS.index("type")
 _OUTCOME = COLUMNS.index("outcome")
 _RETRY_MIN = 0.05
@@ -105,7 +110,9 @@ class SpoolSink:
     Args:
         database_url: PostgreSQL URL events are shipped to.
         spool_dir: this worker's own spool directory (locked while the sink is open).
-        chain_id: the chain this worker appends to; keep it stable across restarts.
+        chain_id: the name of this worker's chain (``<instance>/w<N>``); keep it stable
+            across restarts. The chain id is the spool's: this name, ``#`` and a random
+            part when the spool was made (see ``random_id``).
         max_bytes: spool size on disk (segments are preallocated) at which `record`
             raises `EventLogUnavailable`; ``Settings.spool_max_bytes``.
         reserve_bytes: the top of ``max_bytes`` that admissions may not use, kept for the
@@ -127,6 +134,11 @@ class SpoolSink:
         command_timeout: timeout of one statement (a COPY batch included).
         metrics: told the duration of each group commit and the size of each shipped batch
             (`gateway.telemetry.GatewayMetrics`); ``None``: nobody is told.
+        random_id: a spool without segments begins ``<chain_id>#<random>`` (the gateway's
+            choice); otherwise ``chain_id`` itself, unless the database knows that chain.
+        instance: this writer's instance name in ``chain_writers`` and ``audit_chains``
+            (default: ``chain_id`` up to its last ``/``).
+        checkpoints: sign checkpoints of the committed head (None: none).
     """
 
     def __init__(
@@ -146,8 +158,18 @@ class SpoolSink:
         connect_timeout: float = 5.0,
         command_timeout: float = 30.0,
         metrics: SinkObserver | None = None,
+        random_id: bool = False,
+        instance: str | None = None,
+        checkpoints: CheckpointPolicy | None = None,
     ) -> None:
         self._url = database_url
+        self._name = chain_id
+        self._random_id = random_id
+        self._instance = instance or chain_id.rpartition("/")[0] or chain_id
+        self._writer = registry.Writer.here(self._instance, str(spool_dir))
+        self._genesis: Genesis | None = None  # written at the first claim, if any
+        self._behind: tuple[int, int] | None = None  # seqs the database lacks (found at start)
+        self._clock = CheckpointClock(checkpoints) if checkpoints is not None else None
         self._metrics = metrics
         self._chain_id = chain_id
         self._max_bytes = max_bytes
@@ -236,29 +258,29 @@ class SpoolSink:
         except (SpoolError, OSError) as exc:
             self._shutdown_threads()
             raise EventLogUnavailable(f"event spool unavailable: {exc}") from exc
-        if recovered.chain_id is not None:
-            if recovered.chain_id.partition("#")[0] != self._chain_id:
-                await loop.run_in_executor(self._io, self._spool.close)
-                self._shutdown_threads()
-                raise EventLogUnavailable(
-                    f"spool {self._spool.directory} belongs to chain {recovered.chain_id}, "
-                    f"not {self._chain_id}"
-                )
-            self._chain_id = recovered.chain_id
-            assert recovered.head_seq is not None and recovered.head_hash is not None
-            self._head_seq = recovered.head_seq
-            self._head_digest = bytes.fromhex(recovered.head_hash)
-            rows = [decode_payload(payload) for payload in recovered.payloads]
-            self._durable.extend(rows)
-            self._uncertain_seq = self._head_seq  # any of them may have been shipped
-            log.info(
-                "spool recovered: chain %s at seq %d, %d events to replay",
-                self._chain_id,
-                self._head_seq,
-                len(rows),
+        if recovered.chain_id is not None and recovered.chain_id.partition("#")[0] != self._name:
+            await loop.run_in_executor(self._io, self._spool.close)
+            self._shutdown_threads()
+            raise EventLogUnavailable(
+                f"spool {self._spool.directory} belongs to chain {recovered.chain_id}, "
+                f"not {self._name}"
             )
-        else:
-            await self._head_from_database()
+        conn = await self._try_connect()
+        try:
+            if recovered.chain_id is not None:
+                self._adopt(recovered)
+                if conn is not None:
+                    await self._reconcile(conn)
+            else:
+                await self._begin(conn)
+            if conn is not None:
+                await self._claim(conn)
+        except ChainTaken as exc:
+            await self._abandon_start()
+            raise EventLogUnavailable(str(exc)) from exc
+        except DB_ERRORS as exc:  # e.g. not migrated yet: claimed at the next connection
+            log.warning("chain %s not claimed at start: %s", self._chain_id, exc)
+            await self._drop_connection()
         try:
             await loop.run_in_executor(
                 self._io,
@@ -289,6 +311,8 @@ class SpoolSink:
             self._ship_wake.set()
         else:
             self._drained.set()
+        if self._behind is not None:
+            self._append(_missing_event(self._name, self._chain_id, *self._behind), False)
 
     async def _abandon_start(self) -> None:
         await self._drop_connection()
@@ -309,28 +333,95 @@ class SpoolSink:
             # Wake the records waiting for the gathering group, with the failure.
             self._drop_open(EventLogUnavailable(f"event spool failed: {exc}"))
 
-    async def _head_from_database(self) -> None:
+    async def _try_connect(self) -> asyncpg.Connection | None:
         try:
-            conn = await self._connect()
+            self._conn = await self._connect()
         except DB_ERRORS as exc:
-            self._chain_id = f"{self._chain_id}#{uuid7().hex}"
+            log.warning("PostgreSQL unreachable at start (%s): shipping will retry", exc)
+        return self._conn
+
+    def _adopt(self, recovered: Recovered) -> None:
+        """Continue the spool's chain; its genesis, should the database not know it, is
+        the head before the first event still to ship."""
+        assert recovered.chain_id is not None and recovered.head_seq is not None
+        assert recovered.head_hash is not None
+        self._chain_id = recovered.chain_id
+        self._head_seq = recovered.head_seq
+        self._head_digest = bytes.fromhex(recovered.head_hash)
+        rows = [decode_payload(payload) for payload in recovered.payloads]
+        self._durable.extend(rows)
+        self._uncertain_seq = self._head_seq  # any of them may have been shipped
+        base = (
+            (rows[0][_SEQ] - 1, rows[0][_PREV]) if rows else (self._head_seq, recovered.head_hash)
+        )
+        reason = "genesis" if base[0] == 0 else "spool_history_unknown_to_database"
+        self._genesis = Genesis(reason, *base)
+        log.info(
+            "spool recovered: chain %s at seq %d, %d events to replay",
+            self._chain_id, self._head_seq, len(rows),
+        )  # fmt: skip
+
+    async def _reconcile(self, conn: asyncpg.Connection) -> None:
+        """Compare the spool's chain with what the database holds of it (see the module
+        docstring: unknown, behind the spool, ahead of it)."""
+        known = await registry.lookup(conn, self._chain_id)
+        first_unshipped = self._durable[0][_SEQ] if self._durable else self._head_seq + 1
+        if known is None:
+            if not self._durable:  # all shipped elsewhere: a fresh database
+                await self._new_chain(
+                    "database_did_not_know_chain",
+                    (self._chain_id, self._head_seq, self._head_digest.hex()),
+                )
+            return  # else: its genesis is the first event still to ship
+        if known.registered:
+            self._genesis = None
+        else:
+            self._genesis = Genesis("registered_late")
+        db_seq, db_hash = known.head or (0, GENESIS_HASH)
+        db_seq = max(db_seq, known.pruned_through)
+        if db_seq > self._head_seq:
             log.warning(
-                "empty spool and PostgreSQL unreachable (%s): starting new chain %s",
-                exc,
-                self._chain_id,
-            )
+                "the database holds chain %s up to seq %d, this spool only to %d (a spool "
+                "restored from a copy?): beginning a new chain",
+                self._chain_id, db_seq, self._head_seq,
+            )  # fmt: skip
+            await self._new_chain("spool_behind_database", (self._chain_id, db_seq, db_hash))
+        elif db_seq < first_unshipped - 1:
+            self._behind = (db_seq + 1, first_unshipped - 1)
+            log.error(
+                "DATABASE BEHIND SPOOL: chain %s: seqs %d..%d were shipped but the database "
+                "lacks them (restored from an older backup?); recorded as events_missing",
+                self._chain_id, *self._behind,
+            )  # fmt: skip
+
+    async def _begin(self, conn: asyncpg.Connection | None) -> None:
+        """A spool without segments: a new chain (never one the database knows)."""
+        self._genesis = Genesis("genesis")
+        if self._random_id or conn is None:
+            self._chain_id = f"{self._name}#{uuid7().hex}"
             return
-        self._conn = conn
-        try:
-            head = await shipping.chain_head(conn, self._chain_id)
-        except DB_ERRORS as exc:  # e.g. not migrated yet: the head is unknown, do not guess
-            self._chain_id = f"{self._chain_id}#{uuid7().hex}"
-            log.warning("chain head unreadable (%s): starting new chain %s", exc, self._chain_id)
-            return
-        if head is not None:
-            self._head_seq, head_hash = head
-            self._head_digest = bytes.fromhex(head_hash)
-            self._uncertain_seq = self._head_seq
+        known = await registry.lookup(conn, self._name)
+        if known is not None:  # never continue it: its head is the database's word only
+            previous = known.head and (self._name, *known.head)
+            self._chain_id = f"{self._name}#{uuid7().hex}"
+            self._genesis = Genesis("new_spool", previous=previous or None)
+
+    async def _new_chain(self, reason: str, previous: tuple[str, int, str]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._io, self._spool.discard)
+        self._durable.clear()
+        self._chain_id = f"{self._name}#{uuid7().hex}"
+        self._head_seq, self._head_digest, self._uncertain_seq = 0, bytes.fromhex(GENESIS_HASH), 0
+        self._genesis = Genesis(reason, previous=previous)
+        log.warning(
+            "chain %s begins after chain %s at seq %d (%s)", self._chain_id, *previous[:2], reason
+        )
+
+    async def _claim(self, conn: asyncpg.Connection) -> None:
+        """Take the chain's writer lock on ``conn``; write its genesis if it has none."""
+        await registry.claim(conn, self._chain_id, self._writer)
+        if self._genesis is not None:
+            await registry.register(conn, self._chain_id, self._genesis, instance=self._instance)
+            self._genesis = None
 
     async def close(self) -> None:
         """Flush, ship what can be shipped within ``drain_timeout``, and stop.
@@ -359,6 +450,8 @@ class SpoolSink:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if drained and self._failed is None and self._clock is not None:
+                await self._final_checkpoint()
             if drained and self._failed is None:
                 # Everything is committed: leave only an empty segment naming the head.
                 await asyncio.get_running_loop().run_in_executor(
@@ -369,6 +462,16 @@ class SpoolSink:
         await loop.run_in_executor(None, functools.partial(self._prep.shutdown, wait=True))
         await loop.run_in_executor(self._io, self._spool.close)
         self._io.shutdown(wait=True)
+
+    async def _final_checkpoint(self) -> None:
+        """At shutdown: sign the head everything was shipped up to, if not signed yet."""
+        assert self._clock is not None
+        if self._clock.due() is None:
+            return
+        try:
+            await asyncio.wait_for(self._checkpoint(), self._drain_timeout)
+        except TimeoutError:
+            log.warning("closing without a final audit checkpoint of %s", self._chain_id)
 
     async def drained(self) -> None:
         """Return once every event recorded so far is committed in PostgreSQL (the sink
@@ -618,6 +721,51 @@ class SpoolSink:
         if conn is not None:
             conn.terminate()
 
+    async def _connected(self) -> asyncpg.Connection:
+        """The shipping connection, (re)made and the chain claimed on it.
+
+        Raises:
+            ChainTaken: another process writes this chain (fatal for the sink).
+        """
+        if self._conn is None:
+            conn = await self._connect()
+            try:
+                await self._claim(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def _checkpoint(self) -> None:
+        """Sign the committed head (see `gateway.events.checkpoints`)."""
+        clock = self._clock
+        assert clock is not None and clock.committed is not None
+        head = clock.committed
+        try:
+            conn = await self._connected()
+            await write_checkpoint(
+                conn, clock.policy.signer, chain_id=self._chain_id, head=head,
+                file=clock.policy.file,
+            )  # fmt: skip
+        except DB_ERRORS as exc:
+            log.warning("audit checkpoint of %s failed (retrying): %s", self._chain_id, exc)
+            await self._drop_connection()
+            clock.failed()
+            return
+        clock.done(head)
+
+    async def _idle(self) -> None:
+        """Wait for events to ship, signing a checkpoint when one falls due meanwhile."""
+        due = self._clock.due() if self._clock is not None else None
+        if due is None:
+            await self._ship_wake.wait()
+        elif due <= 0:
+            await self._checkpoint()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ship_wake.wait(), due)
+
     async def _ship_loop(self) -> None:
         loop = asyncio.get_running_loop()
         delay = _RETRY_MIN
@@ -626,16 +774,17 @@ class SpoolSink:
                 if not self._unwritten:
                     self._drained.set()
                 self._ship_wake.clear()
-                await self._ship_wake.wait()
+                await self._idle()
                 continue
             if len(self._durable) < self._batch_size and not self._closing:
                 await asyncio.sleep(self._ship_interval)
             batch = list(islice(self._durable, self._batch_size))
             try:
                 if self._conn is None:
-                    self._conn = await self._connect()
+                    await self._connected()
                 elif time.monotonic() >= self._next_partition_check:
                     await self._ensure_partitions(self._conn)
+                assert self._conn is not None
                 await self._ship(self._conn, batch)
             except DB_ERRORS as exc:
                 task = asyncio.current_task()
@@ -655,6 +804,11 @@ class SpoolSink:
             await loop.run_in_executor(self._io, self._spool.release, batch[-1][_SEQ])
             for _ in batch:
                 self._durable.popleft()
+            if self._clock is not None:
+                self._clock.shipped(batch[-1][_SEQ], batch[-1][_HASH])
+                due = self._clock.due()
+                if due is not None and due <= 0:
+                    await self._checkpoint()
             if self._lost.count and self._failed is None and not self._closing:
                 self._record_loss()  # shipping made room: record what was lost meanwhile
 
@@ -726,3 +880,19 @@ def _loss_recorded(count: int, future: asyncio.Future[None]) -> None:
     # Nobody awaits this future; when it fails, `SpoolSink._lose` re-counted the loss.
     if not future.cancelled() and future.exception() is None:
         log.warning("recorded the loss of %d events (the spool was full)", count)
+
+
+def _missing_event(name: str, chain_id: str, first: int, last: int) -> AuthEvent:
+    """The event that records seqs the database lacks although they were shipped."""
+    return AuthEvent(
+        instance=name.rpartition("/")[0] or name,
+        type=EventType.EVENTS_MISSING,
+        outcome=Outcome.DENIED,
+        reason=Reason.DATABASE_BEHIND_SPOOL,
+        detail={
+            "chain_id": chain_id,
+            "first_seq": first,
+            "last_seq": last,
+            "count": last - first + 1,
+        },
+    )

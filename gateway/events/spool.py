@@ -275,6 +275,15 @@ class Spool:
                 head_seq, head_hash = base_seq, base_hash
         return Recovered(chain_id, head_seq, head_hash, payloads)
 
+    def discard(self) -> None:
+        """Delete every segment (after `open`, before any write): the sink begins a new
+        chain because the database cannot continue this one, and all of it is shipped."""
+        for segment in self.segments:
+            segment.path.unlink(missing_ok=True)
+        self.segments.clear()
+        self.bytes = 0
+        _fsync_dir(self.directory)
+
     def close(self) -> None:
         """Close the active segment and release the directory lock."""
         if self._fd is not None:

@@ -162,9 +162,7 @@ def recover(directory: Path) -> None:
         next_key.unlink()
 
 
-async def _post(
-    url: str, payload: dict[str, Any], context: ssl.SSLContext
-) -> CertificateBundle:
+async def _post(url: str, payload: dict[str, Any], context: ssl.SSLContext) -> CertificateBundle:
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as session,
@@ -252,9 +250,7 @@ async def renew(
     key = generate_key(key_type)
     _write(directory / NEXT_KEY_FILE, key_pem(key), secret=True)
     try:
-        bundle = await _post(
-            url.rstrip("/") + "/v1/renew", {"csr": csr_pem(key)}, context
-        )
+        bundle = await _post(url.rstrip("/") + "/v1/renew", {"csr": csr_pem(key)}, context)
     except EnrollmentError as exc:
         if exc.status:  # refused: nothing was issued for the new key
             (directory / NEXT_KEY_FILE).unlink(missing_ok=True)

@@ -16,26 +16,44 @@ What is reported, per chain (rows in ``seq`` order):
 - ``broken_link``: an intact row whose ``prev_hash`` is not the previous row's hash (or
   not `GENESIS_HASH` at seq 1). Not reported next to a row already reported: one edit, one
   finding.
-- ``truncated``: ``event_chains`` (the head the in-transaction writers keep) is ahead of
-  the last row, or disagrees with it: events were deleted from the end.
+- ``truncated``: ``event_chains`` (the head every writer moves with its events) or a
+  signed checkpoint is ahead of the last row, or disagrees with it: events were deleted
+  from the end.
+- ``altered`` also when a row's hash is not the one a signed checkpoint names for its seq
+  (the chain was rewritten and its hashes recomputed).
+- ``checkpoint``: the signed checkpoints themselves were deleted, edited, forged or cut
+  (see `provisioning.audit.checkpoints`).
 
-Known limit: an attacker who rewrites a row and recomputes every later hash of its chain is
-caught only through ``event_chains`` heads or an external copy of the head hashes.
+Not findings, but named in the report (``notices``): chain boundaries (a chain whose
+genesis follows another chain's head, or begins after history another database holds) and
+``restored`` ranges: seqs a gateway found missing at start although it had shipped them
+(its ``events_missing`` event names the range: a database restored from an older backup,
+or rows deleted while the writer was down). They are explained, not silently passed.
+
+What a person with full write access to the database can still hide (docs/security-model.md):
+the events after the newest checkpoint of each chain (at most ``checkpoint_interval`` of
+them while the writer runs; none after its shutdown checkpoint); with ``--checkpoints``,
+whose copies live outside the database, deleting checkpoints too no longer helps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from schemas.events import GENESIS_HASH, AuthEvent, chain_hash
+from provisioning.audit.checkpoints import CheckpointSet, Expectation, TrustStore
+from schemas.checkpoints import Checkpoint
+from schemas.events import GENESIS_HASH, AuthEvent, EventType, chain_hash
 
 Connection = Any  # asyncpg.Connection (asyncpg ships no stubs)
 
-FindingKind = Literal["altered", "reordered", "gap", "duplicate", "broken_link", "truncated"]
+FindingKind = Literal[
+    "altered", "reordered", "gap", "duplicate", "broken_link", "truncated", "checkpoint"
+]
 REORDER_WINDOW = 64
 """How far (in seq) a moved row is looked for before it is called altered instead."""
 
@@ -73,6 +91,18 @@ class Finding:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An explained boundary: not tampering, but worth reading (``boundary``, ``restored``)."""
+
+    kind: Literal["boundary", "restored"]
+    chain_id: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(slots=True)
 class VerifyReport:
     """What a verification run saw and found."""
@@ -82,6 +112,8 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     findings_total: int = 0
     since: datetime | None = None
+    notices: list[Notice] = field(default_factory=list)
+    checkpoints: int = 0
 
     @property
     def ok(self) -> bool:
@@ -94,7 +126,9 @@ class VerifyReport:
             "events": self.events,
             "findings_total": self.findings_total,
             "since": self.since.isoformat() if self.since else None,
+            "checkpoints": self.checkpoints,
             "findings": [finding.to_dict() for finding in self.findings],
+            "notices": [notice.to_dict() for notice in self.notices],
         }
 
 
@@ -105,6 +139,28 @@ def row_event(row: Mapping[str, Any]) -> AuthEvent:
     if isinstance(detail, str):
         values["detail"] = json.loads(detail)
     return AuthEvent.model_construct(**values)
+
+
+_CHAINED = tuple(name for name in _COLUMNS.split(", ") if name not in ("prev_hash", "hash"))
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """`schemas.events.chain_hash` of a row, without building an `AuthEvent` first (the
+    verifier's hot path; a test holds it to the same bytes as `canonical_bytes`)."""
+    values = {name: row[name] for name in _CHAINED}
+    moment = values["time"].astimezone(UTC)
+    values["time"] = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}Z"
+    )
+    values["id"] = str(values["id"])
+    detail = values["detail"]
+    if isinstance(detail, str):
+        values["detail"] = json.loads(detail)
+    digest = hashlib.sha256(bytes.fromhex(prev_hash))
+    digest.update(_dumps(values).encode())
+    return digest.hexdigest()
 
 
 @dataclass(slots=True)
@@ -120,7 +176,9 @@ class ChainVerifier:
 
     Args:
         chain_id: the chain.
-        prune_points: (first_seq, prev_hash) where recorded prunes let this chain start.
+        prune_points: (first_seq, prev_hash) where recorded prunes (or the chain's genesis)
+            let this chain start.
+        expect: what its signed checkpoints say the rows must show.
         anchored: whether the first row fed must be the chain's start (False when rows
             before a ``--since`` time are left out: the first row is then taken as is).
     """
@@ -131,17 +189,23 @@ class ChainVerifier:
         *,
         prune_points: frozenset[tuple[int, str]] = frozenset(),
         anchored: bool = True,
+        expect: Expectation | None = None,
     ) -> None:
         self.chain_id = chain_id
         self.prune_points = prune_points
         self.anchored = anchored
         self.previous: _Previous | None = None
         self.events = 0
+        self.expect = expect
+        self.signed = expect.hashes if expect is not None else {}
+        # Gaps wait for the chain's end: a later ``events_missing`` event may explain one.
+        self.gaps: list[Finding] = []
+        self.missing: set[tuple[int, int]] = set()
+        self.notices: list[Notice] = []
 
     def feed(self, row: Mapping[str, Any]) -> list[Finding]:
         """Check one row; returns what is wrong with it (usually nothing)."""
         self.events += 1
-        event = row_event(row)
         seq: int = row["seq"]
         event_id = str(row["id"])
         stored_hash: str = row["hash"]
@@ -187,9 +251,9 @@ class ChainVerifier:
             expected_prev = previous.hash
 
         flagged = False
-        if chain_hash(prev_hash, event) != stored_hash:
+        if row_hash(prev_hash, row) != stored_hash:
             flagged = True
-            moved_to = self._original_seq(event, prev_hash, stored_hash, seq)
+            moved_to = self._original_seq(row_event(row), prev_hash, stored_hash, seq)
             if moved_to is not None:
                 findings.append(
                     Finding(
@@ -217,11 +281,68 @@ class ChainVerifier:
                     previous_id=previous.id if previous else None,
                 )
             )  # fmt: skip
+        signed = self.signed.get(seq) if self.signed else None
+        if signed is not None and signed[0] != stored_hash and not flagged:
+            flagged = True
+            findings.append(
+                Finding(
+                    "altered", self.chain_id, seq, event_id,
+                    f"event {event_id} (seq {seq}) has hash {stored_hash[:16]}..., but "
+                    f"signed checkpoint {signed[1]} names {signed[0][:16]}...: the chain was "
+                    "rewritten",
+                )
+            )  # fmt: skip
+        if row["type"] == EventType.EVENTS_MISSING:
+            self._missing(row)
         self.previous = _Previous(seq, stored_hash, event_id, flagged or bool(findings))
+        gaps = [f for f in findings if f.kind == "gap"]
+        if gaps:
+            self.gaps.extend(gaps)
+            return [f for f in findings if f.kind != "gap"]
         return findings
 
+    def _missing(self, row: Mapping[str, Any]) -> None:
+        detail = row["detail"]
+        if isinstance(detail, str):
+            detail = json.loads(detail)
+        if isinstance(detail, dict) and detail.get("chain_id") == self.chain_id:
+            first, last = detail.get("first_seq"), detail.get("last_seq")
+            if isinstance(first, int) and isinstance(last, int):
+                self.missing.add((first, last))
+
     def finish(self, head: tuple[int, str] | None) -> list[Finding]:
-        """Compare the last row with the chain head kept in ``event_chains``, if any."""
+        """Compare the last row with the chain head kept in ``event_chains`` and the newest
+        signed checkpoint; report the gaps no ``events_missing`` event explains."""
+        findings: list[Finding] = []
+        for gap in self.gaps:
+            if (gap.seq, gap.last_seq) in self.missing:
+                self.notices.append(
+                    Notice(
+                        "restored", self.chain_id,
+                        f"seqs {gap.seq}..{gap.last_seq} are missing: the writer found them "
+                        "shipped but absent at its start (database restored from an older "
+                        "backup, or rows deleted while it was down)",
+                    )
+                )  # fmt: skip
+            else:
+                findings.append(gap)
+        newest = self.expect.newest if self.expect is not None else None
+        if newest is not None and self.anchored:
+            last = self.previous.seq if self.previous is not None else 0
+            if newest[0] > last:
+                findings.append(
+                    Finding(
+                        "truncated", self.chain_id, last + 1, None,
+                        f"signed checkpoint {newest[2]} names seq {newest[0]}, but the last "
+                        f"stored event is seq {last}: seqs {last + 1}..{newest[0]} were removed",
+                        last_seq=newest[0],
+                        previous_id=self.previous.id if self.previous is not None else None,
+                    )
+                )  # fmt: skip
+                return findings  # the event_chains head says the same or was moved back
+        return findings + self._head(head)
+
+    def _head(self, head: tuple[int, str] | None) -> list[Finding]:
         previous = self.previous
         if head is None or previous is None:
             return []
@@ -266,6 +387,33 @@ async def load_prune_points(conn: Connection) -> dict[str, frozenset[tuple[int, 
     return {chain: frozenset(values) for chain, values in points.items()}
 
 
+async def load_genesis(conn: Connection) -> dict[str, Any]:
+    """``audit_chains`` rows by chain (empty before migration 0006)."""
+    if not await conn.fetchval("SELECT to_regclass('audit_chains') IS NOT NULL"):
+        return {}
+    rows = await conn.fetch(
+        "SELECT chain_id, reason, base_seq, base_hash, previous_chain, previous_seq, "
+        "checkpoint_n, checkpoint_hash FROM audit_chains"
+    )
+    return {row["chain_id"]: row for row in rows}
+
+
+def _boundary(row: Mapping[str, Any]) -> Notice | None:
+    if row["previous_chain"] is not None:
+        return Notice(
+            "boundary", row["chain_id"],
+            f"chain {row['chain_id']} begins after chain {row['previous_chain']} at seq "
+            f"{row['previous_seq']} ({row['reason']})",
+        )  # fmt: skip
+    if row["base_seq"]:
+        return Notice(
+            "boundary", row["chain_id"],
+            f"chain {row['chain_id']} begins here at seq {row['base_seq'] + 1}: seqs "
+            f"1..{row['base_seq']} are in another database ({row['reason']})",
+        )  # fmt: skip
+    return None
+
+
 async def verify_chains(
     conn: Connection,
     *,
@@ -273,6 +421,8 @@ async def verify_chains(
     chain_id: str | None = None,
     max_findings: int = 10_000,
     prefetch: int = 5_000,
+    trust: TrustStore | None = None,
+    external: list[Checkpoint] | None = None,
 ) -> VerifyReport:
     """Walk every chain (``ORDER BY chain_id, seq``) and report what does not verify.
 
@@ -282,6 +432,10 @@ async def verify_chains(
         chain_id: only this chain.
         max_findings: findings kept in the report (all are counted).
         prefetch: rows fetched per round trip of the server-side cursor.
+        trust: the audit signers' trust anchor (``chain.pem``). None: the checkpoints'
+            signatures are not checked (their chain and contents still are): for callers
+            that verify the structure only; ``audit verify`` always passes one.
+        external: checkpoints read from outside the database (``--checkpoints DIR``).
     """
     report = VerifyReport(since=since)
     conditions: list[str] = []
@@ -300,40 +454,79 @@ async def verify_chains(
         room = max_findings - len(report.findings)
         report.findings.extend(findings[:room])
 
+    def wanted(name: str) -> bool:
+        return chain_id is None or name == chain_id
+
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         points = await load_prune_points(conn)
+        genesis = await load_genesis(conn)
+        for name, row in sorted(genesis.items()):
+            notice = _boundary(row)
+            if wanted(name) and notice is not None:
+                report.notices.append(notice)
+            if row["base_seq"]:
+                start = (row["base_seq"] + 1, row["base_hash"])
+                points[name] = points.get(name, frozenset()) | {start}
+        checkpoints = CheckpointSet(trust)
+        await checkpoints.load(conn)
+        if external is not None:
+            checkpoints.add_external(external)
+        expected = checkpoints.check(
+            {
+                name: (row["base_seq"], row["base_hash"], row["checkpoint_n"],
+                       row["checkpoint_hash"])
+                for name, row in genesis.items()
+            }
+        )  # fmt: skip
+        report.checkpoints = sum(len(c.stored) for n, c in checkpoints.chains.items() if wanted(n))
+        keep(
+            [
+                Finding("checkpoint", p.chain_id, p.seq, None, p.message, last_seq=p.last_seq)
+                for p in checkpoints.problems
+                if wanted(p.chain_id)
+            ]
+        )
         heads = {
             row["chain_id"]: (row["seq"], row["hash"])
             for row in await conn.fetch("SELECT chain_id, seq, hash FROM event_chains")
         }
         verifier: ChainVerifier | None = None
         seen: set[str] = set()
+
+        def done(verifier: ChainVerifier) -> None:
+            keep(verifier.finish(heads.get(verifier.chain_id)))
+            report.notices.extend(verifier.notices)
+            seen.add(verifier.chain_id)
+
         async for row in conn.cursor(query, *args, prefetch=prefetch):
             if verifier is None or row["chain_id"] != verifier.chain_id:
                 if verifier is not None:
-                    keep(verifier.finish(heads.get(verifier.chain_id)))
-                    seen.add(verifier.chain_id)
+                    done(verifier)
                 name = row["chain_id"]
                 verifier = ChainVerifier(
-                    name, prune_points=points.get(name, frozenset()), anchored=since is None
-                )
+                    name, prune_points=points.get(name, frozenset()), anchored=since is None,
+                    expect=expected.get(name),
+                )  # fmt: skip
                 report.chains += 1
             report.events += 1
             keep(verifier.feed(row))
         if verifier is not None:
-            keep(verifier.finish(heads.get(verifier.chain_id)))
-            seen.add(verifier.chain_id)
-        for name, (head_seq, head_hash) in sorted(heads.items()):
-            wanted = chain_id is None or name == chain_id
-            explained = head_seq == 0 or (head_seq + 1, head_hash) in points.get(name, ())
-            if wanted and since is None and name not in seen and not explained:
-                keep(
-                    [
+            done(verifier)
+        if since is None:
+            for name in sorted(set(heads) | set(expected)):
+                if not wanted(name) or name in seen:
+                    continue
+                empty = ChainVerifier(name, expect=expected.get(name))
+                findings = empty.finish(None)
+                head_seq, head_hash = heads.get(name, (0, GENESIS_HASH))
+                explained = head_seq == 0 or (head_seq + 1, head_hash) in points.get(name, ())
+                if not findings and not explained:
+                    findings = [
                         Finding(
                             "truncated", name, 1, None,
                             f"chain head is seq {head_seq} but the chain has no events",
                             last_seq=head_seq,
                         )
-                    ]
-                )  # fmt: skip
+                    ]  # fmt: skip
+                keep(findings)
     return report

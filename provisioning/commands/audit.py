@@ -14,10 +14,12 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from provisioning.audit.checkpoints import read_directory, trust_store
 from provisioning.audit.follow import FollowLost, follow
 from provisioning.audit.format import FIELDS, certificate_line, csv_cells, record
 from provisioning.audit.prune import PruneResult, plan_prune, prune
@@ -221,16 +223,40 @@ def verify(
         str | None, typer.Option(help="Only events since (each chain's first is trusted).")
     ] = None,
     chain: Annotated[str | None, typer.Option(help="Only this chain.")] = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoints",
+            help="Also check against the checkpoint files copied outside the database "
+            "(every *.jsonl under DIR): finds events deleted with their checkpoints.",
+            metavar="DIR",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Verify every hash chain; exit 1 on any gap, edit, reordering or broken link."""
+    """Verify every hash chain and its signed checkpoints; exit 1 on any gap, edit,
+    reordering, broken link, truncation or checkpoint problem.
+
+    Signers are trusted through chain.pem in the PKI directory (--pki-dir), never through
+    the database. Chain boundaries and restored ranges are named, not counted as problems.
+    """
     settings = context(ctx).settings()
     start = parse_when(since, now=utcnow(), option="--since")
+    external = None
+    if checkpoints is not None:
+        if not checkpoints.is_dir():
+            fail(f"--checkpoints: {checkpoints} is not a directory", 2)
+        external, unreadable = read_directory(checkpoints)
+        for line in unreadable:
+            errors.print(f"unreadable checkpoint line {line}")
 
     async def _verify() -> VerifyReport:
         conn = await connect(settings.database_url)
         try:
-            return await verify_chains(conn, since=start, chain_id=chain)
+            return await verify_chains(
+                conn, since=start, chain_id=chain, trust=trust_store(settings.pki_dir),
+                external=external,
+            )  # fmt: skip
         finally:
             await conn.close()
 
@@ -238,13 +264,20 @@ def verify(
     if json_output:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
+        for notice in report.notices:
+            sys.stdout.write(
+                f"{notice.kind.upper():<12} chain={notice.chain_id}: {notice.message}\n"
+            )
         for finding in report.findings:
             sys.stdout.write(
                 f"{finding.kind.upper():<12} chain={finding.chain_id} seq={finding.seq} "
                 f"event={finding.event_id or '-'}: {finding.message}\n"
             )
         verdict = "OK" if report.ok else f"{report.findings_total} problem(s)"
-        sys.stdout.write(f"verified {report.events} events in {report.chains} chains: {verdict}\n")
+        sys.stdout.write(
+            f"verified {report.events} events in {report.chains} chains: {verdict} "
+            f"(against {report.checkpoints} signed checkpoints)\n"
+        )
     if not report.ok:
         raise typer.Exit(1)
 

@@ -79,6 +79,7 @@ def init(
         ("root", summary.root),
         ("issuing", summary.issuing),
         ("server", summary.server),
+        ("audit", summary.audit),
     ):
         console.print(
             f"  {name:8} {certificate.subject.rfc4514_string()}"
@@ -86,6 +87,26 @@ def init(
         )
     console.print(f"  CRL      {crl_url}", highlight=False)
     console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
+
+
+@group.command("audit-key")
+def audit_key(ctx: typer.Context) -> None:
+    """Issue a new audit signing key (audit.key, audit.crt) for an existing PKI directory.
+
+    Gateways and provisioning sign the audit log's checkpoints with it; ship it to them
+    like server.key. Checkpoints signed with an earlier key keep verifying.
+    """
+    settings = context(ctx).settings()
+    try:
+        authority = directory.load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
+        certificate = directory.issue_audit_signer(authority, settings.pki_dir)
+    except directory.CAError as exc:
+        fail(str(exc))
+    console.print(
+        f"audit signer issued in [bold]{settings.pki_dir}[/bold]: "
+        f"sha256:{ca.fingerprint(certificate)}, valid until "
+        f"{certificate.not_valid_after_utc.isoformat()}"
+    )
 
 
 @group.command("show")

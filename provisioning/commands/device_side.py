@@ -48,7 +48,11 @@ def enroll(
     """Make a key on this device, enroll with a bootstrap token, write the files."""
     bundle = run(
         device.enroll(
-            url=url, token=token, out_dir=out, hardware_id=hardware_id, ca_cert=ca_cert,
+            url=url,
+            token=token,
+            out_dir=out,
+            hardware_id=hardware_id,
+            ca_cert=ca_cert,
             key_type=key_type,
         )
     )

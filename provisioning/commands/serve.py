@@ -57,6 +57,10 @@ def gateway(
 
     SIGTERM drains (in-flight packets finish, sessions end with DISCONNECT 0x8B on MQTT 5,
     the event spool is shipped) and exits 0; SIGHUP reloads the policy file.
+
+    State (the event spool and the signed audit checkpoints) goes to the state directory:
+    $STATE_DIRECTORY under systemd, else /var/lib/devicegate (DEVICEGATE_SPOOL_DIR and
+    DEVICEGATE_CHECKPOINT_DIR override it). The audit key is pki-dir/audit.key.
     """
     # Imported here: the control plane does not load the data plane unless asked to.
     from gateway.serve import raise_fd_limit, serve

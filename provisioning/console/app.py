@@ -29,7 +29,9 @@ log = logging.getLogger("devicegate.console")
 
 PREFIX = "/console"
 _STATIC = {
-    "console.css": "text/css", "console.js": "text/javascript", "favicon.svg": "image/svg+xml"
+    "console.css": "text/css",
+    "console.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
 }
 PUBLIC = frozenset({"/console/login", *(f"/console/static/{name}" for name in _STATIC)})
 
@@ -129,23 +131,24 @@ def build(service: ProvisioningService) -> web.Application:
     console.on_startup.append(_start_filler)
     console.on_shutdown.append(_stop_streams)
     console.on_shutdown.append(_stop_filler)
-    console.add_routes([
-        web.get("/", overview.show),
-        web.get("/login", auth.login_form),
-        web.post("/login", auth.login),
-        web.post("/logout", auth.logout),
-        web.get("/events", events.show),
-        web.get(r"/events/export.{format:csv|json}", events.export),
-        web.get("/events/live", live.stream),
-        web.get("/devices/{device_id}", devices.show),
-        web.get(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.confirm),
-        web.post(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.act),
-        web.get("/chains", chains.show),
-        web.post("/chains/verify", chains.verify),
-        web.get("/static/{name}", _static),
-    ])
+    console.add_routes(
+        [
+            web.get("/", overview.show),
+            web.get("/login", auth.login_form),
+            web.post("/login", auth.login),
+            web.post("/logout", auth.logout),
+            web.get("/events", events.show),
+            web.get(r"/events/export.{format:csv|json}", events.export),
+            web.get("/events/live", live.stream),
+            web.get("/devices/{device_id}", devices.show),
+            web.get(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.confirm),
+            web.post(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.act),
+            web.get("/chains", chains.show),
+            web.post("/chains/verify", chains.verify),
+            web.get("/static/{name}", _static),
+        ]
+    )
     return console
-
 
 
 async def _to_console(request: web.Request) -> web.StreamResponse:

@@ -46,8 +46,10 @@ def _finding_rows(findings: list[Finding]) -> Html:
             "run devicegate audit verify --json for all.")
         if len(findings) > FINDINGS_PER_CHAIN else Html("")
     )  # fmt: skip
-    return Html(f'<div class="scroll"><table class="findings"><thead><tr>{head}</tr></thead>'
-                f"<tbody>{rows}</tbody></table></div>{more}")
+    return Html(
+        f'<div class="scroll"><table class="findings"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div>{more}"
+    )
 
 
 def _report(run: ChainRun, heads: list[queries.ChainHead]) -> Html:
@@ -89,8 +91,14 @@ def _report(run: ChainRun, heads: list[queries.ChainHead]) -> Html:
             class_="chain-findings")
         for name in names if by_chain.get(name)
     )  # fmt: skip
-    return Html(summary + Html(f'<div class="scroll"><table id="chains"><thead><tr>{head}</tr>'
-                               f"</thead><tbody>{join(rows)}</tbody></table></div>") + details)
+    return Html(
+        summary
+        + Html(
+            f'<div class="scroll"><table id="chains"><thead><tr>{head}</tr>'
+            f"</thead><tbody>{join(rows)}</tbody></table></div>"
+        )
+        + details
+    )
 
 
 async def show(request: web.Request) -> web.Response:

@@ -113,9 +113,11 @@ def svg(slots: list[datetime], stride: timedelta, data: list[Series], *, label: 
 
 def legend(data: list[Series]) -> Html:
     items = "".join(
-        tag("li", Html(f'<span class="swatch {s.css}" aria-hidden="true"></span>') + escape(
-            f"{s.name} ({sum(s.counts)})"
-        ))
+        tag(
+            "li",
+            Html(f'<span class="swatch {s.css}" aria-hidden="true"></span>')
+            + escape(f"{s.name} ({sum(s.counts)})"),
+        )
         for s in data
     )
     return Html(f'<ul class="legend">{items}</ul>')
@@ -123,9 +125,11 @@ def legend(data: list[Series]) -> Html:
 
 def table(slots: list[datetime], stride: timedelta, data: list[Series]) -> Html:
     """The chart's numbers, one row per non-empty bucket."""
-    head = tag("tr", Html(tag("th", "bucket start (UTC)", scope="col")) + Html(
-        "".join(tag("th", s.name, scope="col") for s in data)
-    ))
+    head = tag(
+        "tr",
+        Html(tag("th", "bucket start (UTC)", scope="col"))
+        + Html("".join(tag("th", s.name, scope="col") for s in data)),
+    )
     body = []
     for i, moment in enumerate(slots):
         if not any(s.counts[i] for s in data):

@@ -48,8 +48,10 @@ def _certificates(certificates: list[CertificateInfo]) -> Html:
         ]), data_serial=c.serial)
         for c in certificates
     )  # fmt: skip
-    return Html(f'<div class="scroll"><table id="certificates"><thead><tr>{head}</tr></thead>'
-                f"<tbody>{rows}</tbody></table></div>")
+    return Html(
+        f'<div class="scroll"><table id="certificates"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div>"
+    )
 
 
 def _identity(device: DeviceInfo, trust_domain: str) -> Html:
@@ -137,7 +139,5 @@ async def act(request: web.Request) -> web.Response:
     action: Any = ACTIONS[name][0]
     service = request.app[SERVICE]
     async with service.pool.acquire() as conn:
-        await action(
-            conn, device_id, actor=session.actor, instance=service.settings.instance_id
-        )
+        await action(conn, device_id, actor=session.actor, instance=service.settings.instance_id)
     raise web.HTTPSeeOther(url(f"/console/devices/{segment(device_id)}", done=name))

@@ -56,16 +56,20 @@ async def show(request: web.Request) -> web.Response:
     cursor = request.query.get("cursor") or None
     async with request.app[SERVICE].pool.acquire() as conn:
         selected = filters.parse(request.query, now=await database_now(conn))
-        events, next_cursor = await query_events(
-            conn, filters=selected, limit=size, cursor=cursor
-        )
+        events, next_cursor = await query_events(conn, filters=selected, limit=size, cursor=cursor)
     kept = filters.echo(request.query)
     pager = []
     if cursor:
         pager.append(tag("a", "Newest events", href=url("/console/events", **kept, limit=size)))
     if next_cursor:
-        pager.append(tag("a", "Older events", rel="next",
-                         href=url("/console/events", **kept, limit=size, cursor=next_cursor)))
+        pager.append(
+            tag(
+                "a",
+                "Older events",
+                rel="next",
+                href=url("/console/events", **kept, limit=size, cursor=next_cursor),
+            )
+        )
     body = render(
         "events.html",
         form=filter_form(request, size),

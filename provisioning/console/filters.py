@@ -25,9 +25,9 @@ def _text(query: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _member(query: Mapping[str, str], name: str, enum: type[EventType | Outcome | Reason]) -> (
-    str | None
-):
+def _member(
+    query: Mapping[str, str], name: str, enum: type[EventType | Outcome | Reason]
+) -> str | None:
     value = _text(query, name)
     if value is not None and value not in {member.value for member in enum}:
         raise RequestInvalid(f"unknown {name} {value!r}")

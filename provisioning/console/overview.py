@@ -130,9 +130,11 @@ def _expiring(total: int, certificates: list[queries.ExpiringCertificate]) -> Ht
         for c in certificates
     )  # fmt: skip
     head = join(tag("th", name, scope="col") for name in ("device", "fleet", "serial", "expires"))
-    more = tag("p", f"{total} in all; the first {len(certificates)} shown.") if total > len(
-        certificates
-    ) else Html("")
+    more = (
+        tag("p", f"{total} in all; the first {len(certificates)} shown.")
+        if total > len(certificates)
+        else Html("")
+    )
     return Html(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{more}")
 
 
@@ -158,5 +160,3 @@ def _instances(seen: list[queries.InstanceSeen], now: datetime) -> Html:
         tag("th", name, scope="col") for name in ("instance", "last event", "age", "chains")
     )
     return Html(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-
-

@@ -135,9 +135,7 @@ def prune_boundary(partitions: list[str]) -> datetime | None:
 
 
 async def _pending_prune(conn: Connection, applied: int) -> datetime | None:
-    rows = await conn.fetch(
-        "SELECT partitions FROM audit_prunes WHERE id > $1", applied
-    )
+    rows = await conn.fetch("SELECT partitions FROM audit_prunes WHERE id > $1", applied)
     return max((b for r in rows if (b := prune_boundary(list(r["partitions"])))), default=None)
 
 
@@ -194,8 +192,9 @@ async def fill(
             # Empty, or left for longer than the backfill (a service stopped for weeks):
             # start afresh rather than count every hour since.
             for sql in _DELETE:
-                await conn.execute(sql, datetime.min.replace(tzinfo=UTC),
-                                   datetime.max.replace(tzinfo=UTC))
+                await conn.execute(
+                    sql, datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+                )
             start = upto = origin
             checked = now
         elif latest_prune > prune_id:

@@ -131,9 +131,7 @@ async def _attacks(
         attacks.rogue_ca(stack, victim),
         attacks.expired_certificate(stack, victim),
         attacks.spoofed_client_id(stack, attacker, victim),
-        attacks.topic_escape(
-            stack, attacker, victim, dashboard_foreign=lambda: len(seen.foreign)
-        ),
+        attacks.topic_escape(stack, attacker, victim, dashboard_foreign=lambda: len(seen.foreign)),
         attacks.revoked_while_connected(stack, revoked),
     ]
     results = [await attack for attack in port_attacks]

@@ -76,6 +76,7 @@ class Merge:
     spec: EventSpec
     run: MergedWork
 
+
 MAX_BATCH = 64
 RETRIES = 3
 
@@ -137,8 +138,10 @@ class Committer:
         try:
             async with self._pool.acquire() as conn:  # no BEGIN: one statement, all or nothing
                 events = await first.run(
-                    conn, [m.payload for m in merges if m is not None],
-                    [m.spec for m in merges if m is not None], expect,
+                    conn,
+                    [m.payload for m in merges if m is not None],
+                    [m.spec for m in merges if m is not None],
+                    expect,
                 )
             if events is None:
                 return False
@@ -146,7 +149,9 @@ class Committer:
             expected = isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError)
             log.log(
                 logging.INFO if expected else logging.WARNING,
-                "a merged batch of %d failed (%r); running it item by item", len(batch), exc,
+                "a merged batch of %d failed (%r); running it item by item",
+                len(batch),
+                exc,
                 exc_info=not expected,
             )
             return False

@@ -91,11 +91,17 @@ class ProvisioningService:
         await self.committer.close()
         await self.pool.close()
 
-    def _event(self, type: EventType, outcome: Outcome, reason: Reason, peer: Peer,
-               **fields: Any) -> EventSpec:
+    def _event(
+        self, type: EventType, outcome: Outcome, reason: Reason, peer: Peer, **fields: Any
+    ) -> EventSpec:
         return EventSpec(
-            type=type, outcome=outcome, reason=reason, instance=self.settings.instance_id,
-            peer_address=peer.address, tls_version=peer.tls_version, tls_cipher=peer.tls_cipher,
+            type=type,
+            outcome=outcome,
+            reason=reason,
+            instance=self.settings.instance_id,
+            peer_address=peer.address,
+            tls_version=peer.tls_version,
+            tls_cipher=peer.tls_cipher,
             **fields,
         )
 
@@ -160,9 +166,14 @@ class ProvisioningService:
 
             def allowed(event_detail: dict[str, Any]) -> EventSpec:
                 return self._event(
-                    EventType.ENROLL, Outcome.ALLOWED, Reason.OK, peer,
-                    device_id=record.device_id, fleet=issuance.identity.fleet,
-                    cert_serial=record.serial, cert_fingerprint=record.fingerprint_sha256,
+                    EventType.ENROLL,
+                    Outcome.ALLOWED,
+                    Reason.OK,
+                    peer,
+                    device_id=record.device_id,
+                    fleet=issuance.identity.fleet,
+                    cert_serial=record.serial,
+                    cert_fingerprint=record.fingerprint_sha256,
                     detail=event_detail,
                 )
 
@@ -183,9 +194,15 @@ class ProvisioningService:
             # after a write must roll back to the item's savepoint.
             simple = not issuance.reenroll and hardware_id is None
             merge = (
-                Merge(key=("enroll", token_hash), payload=(token_hash, record), result=None,
-                      spec=allowed(dict(detail)), run=self._enroll_merged)
-                if simple else None
+                Merge(
+                    key=("enroll", token_hash),
+                    payload=(token_hash, record),
+                    result=None,
+                    spec=allowed(dict(detail)),
+                    run=self._enroll_merged,
+                )
+                if simple
+                else None
             )
             with phase("storing"):
                 await self.committer.submit(write, savepoint=not simple, merge=merge)
@@ -197,7 +214,11 @@ class ProvisioningService:
                 known["fleet"] = exc.fleet
             annotate(device_id=known["device_id"], fleet=known["fleet"])
             await self.record_denied(
-                EventType.ENROLL, exc, peer, device_id=known["device_id"], fleet=known["fleet"],
+                EventType.ENROLL,
+                exc,
+                peer,
+                device_id=known["device_id"],
+                fleet=known["fleet"],
                 detail=detail,
             )
             raise
@@ -235,8 +256,11 @@ class ProvisioningService:
         """`Merge.run` for new devices without a hardware id: payloads are (token hash,
         certificate record), one token hash (it is the merge key)."""
         return await store.enroll_new_devices_chained(
-            conn, token_hash=payloads[0][0], certs=[record for _, record in payloads],
-            specs=specs, expect=expect,
+            conn,
+            token_hash=payloads[0][0],
+            certs=[record for _, record in payloads],
+            specs=specs,
+            expect=expect,
         )
 
     async def _enroll_new(
@@ -284,7 +308,10 @@ class ProvisioningService:
         """
         detail: dict[str, Any] = {"key_type": csr.key_type, "via": via}
         known: dict[str, str | None] = {
-            "device_id": None, "fleet": None, "cert_serial": None, "cert_fingerprint": None,
+            "device_id": None,
+            "fleet": None,
+            "cert_serial": None,
+            "cert_fingerprint": None,
         }
         try:
             with phase("certificate_check"):
@@ -292,9 +319,7 @@ class ProvisioningService:
                 known["cert_serial"] = serial_hex(presented.serial_number)
                 known["cert_fingerprint"] = fingerprint(presented)
                 async with self.pool.acquire() as conn:
-                    current = await store.certificate_by_fingerprint(
-                        conn, fingerprint(presented)
-                    )
+                    current = await store.certificate_by_fingerprint(conn, fingerprint(presented))
                     if current is None:
                         raise CertificateRejected(
                             "certificate was not issued by this service",
@@ -317,13 +342,20 @@ class ProvisioningService:
                 await store.notify_revocation(
                     conn,
                     RevocationNotice(
-                        kind="certificate", device_id=device.device_id, serial=locked.serial,
+                        kind="certificate",
+                        device_id=device.device_id,
+                        serial=locked.serial,
                         status="superseded",
                     ),
                 )
                 return None, self._event(
-                    EventType.RENEW, Outcome.ALLOWED, Reason.OK, peer,
-                    device_id=device.device_id, fleet=device.fleet, cert_serial=record.serial,
+                    EventType.RENEW,
+                    Outcome.ALLOWED,
+                    Reason.OK,
+                    peer,
+                    device_id=device.device_id,
+                    fleet=device.fleet,
+                    cert_serial=record.serial,
                     cert_fingerprint=record.fingerprint_sha256,
                     detail={**detail, "previous_serial": locked.serial},
                 )
@@ -380,8 +412,12 @@ class ProvisioningService:
         ):
             return
         spec = self._event(
-            type, Outcome.DENIED, exc.reason, peer,
-            detail={**(detail or {}), "message": str(exc)}, **fields,
+            type,
+            Outcome.DENIED,
+            exc.reason,
+            peer,
+            detail={**(detail or {}), "message": str(exc)},
+            **fields,
         )
         await self._write_denied(spec)
 

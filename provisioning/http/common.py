@@ -144,7 +144,10 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         log.warning("%s %s: %s", request.method, request.path, exc)
         return problem_response(Reason.REQUEST_INVALID, "a value is out of range or not valid")
     except (
-        asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, TimeoutError
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        ConnectionError,
+        TimeoutError,
     ) as exc:
         log.warning("database unavailable: %s", exc)
         return problem_response(Reason.SERVICE_UNAVAILABLE, "database unavailable")

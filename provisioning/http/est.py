@@ -64,9 +64,7 @@ def bootstrap_token(authorization: str | None) -> str:
 
 def _check_content_type(request: web.Request) -> None:
     if request.content_type != PKCS10:
-        raise RequestInvalid(
-            f"Content-Type must be {PKCS10}", reason=Reason.UNSUPPORTED_MEDIA_TYPE
-        )
+        raise RequestInvalid(f"Content-Type must be {PKCS10}", reason=Reason.UNSUPPORTED_MEDIA_TYPE)
 
 
 async def cacerts(request: web.Request) -> web.Response:

@@ -23,8 +23,17 @@ from schemas.api import (
 
 _REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
-    CertificateBundle, CertificateInfo, DeviceDetail, DeviceInfo, EnrollRequest, EventPage,
-    Problem, RenewRequest, TokenCreated, TokenCreateRequest, TokenInfo,
+    CertificateBundle,
+    CertificateInfo,
+    DeviceDetail,
+    DeviceInfo,
+    EnrollRequest,
+    EventPage,
+    Problem,
+    RenewRequest,
+    TokenCreated,
+    TokenCreateRequest,
+    TokenInfo,
 )
 
 
@@ -48,9 +57,15 @@ def _op(
     content: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     problem = {"content": {"application/problem+json": {"schema": _ref(Problem)}}}
-    operation: dict[str, Any] = {"summary": summary, "responses": {"default": {
-        "description": "A problem document (RFC 9457) with a stable reason code.", **problem,
-    }}}
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "default": {
+                "description": "A problem document (RFC 9457) with a stable reason code.",
+                **problem,
+            }
+        },
+    }
     if response is not None:
         schema: dict[str, Any] = _ref(response)
         if array:
@@ -69,8 +84,13 @@ def _op(
 
 
 def _q(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema or {"type": "string"}}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
 
 
 def _p(name: str) -> dict[str, Any]:
@@ -78,9 +98,11 @@ def _p(name: str) -> dict[str, Any]:
 
 
 _PKCS7 = {"application/pkcs7-mime": {"schema": {"type": "string", "contentEncoding": "base64"}}}
-_PKCS10_BODY = {"required": True, "description": "Base64 of a DER PKCS#10 CSR (RFC 7030).",
-                "content": {"application/pkcs10": {
-                    "schema": {"type": "string", "contentEncoding": "base64"}}}}
+_PKCS10_BODY = {
+    "required": True,
+    "description": "Base64 of a DER PKCS#10 CSR (RFC 7030).",
+    "content": {"application/pkcs10": {"schema": {"type": "string", "contentEncoding": "base64"}}},
+}
 _LIMIT = _q("limit", "Page size (1-1000).", {"type": "integer", "minimum": 1, "maximum": 1000})
 
 
@@ -93,72 +115,132 @@ def document() -> dict[str, Any]:
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     paths: dict[str, Any] = {
-        "/v1/enroll": {"post": _op(
-            "Enroll a device with a bootstrap token and a CSR.", ok=201,
-            response=CertificateBundle, body=EnrollRequest,
-        )},
-        "/v1/renew": {"post": _op(
-            "Renew with the current certificate (mutual TLS).", ok=201,
-            response=CertificateBundle, body=RenewRequest,
-        )},
-        "/v1/crl": {"get": _op(
-            "The CRL of the issuing CA (DER; PEM with ?format=pem).",
-            params=[_q("format", "der or pem", {"enum": ["der", "pem"]})],
-            content={"application/pkix-crl": {}, "application/x-pem-file": {}},
-        )},
-        "/v1/tokens": {
-            "get": _op("List bootstrap tokens.", response=TokenInfo, array=True, admin=True,
-                       params=[_q("fleet", "Only this fleet.")]),
-            "post": _op("Create a bootstrap token (the secret is shown once).", ok=201,
-                        response=TokenCreated, body=TokenCreateRequest, admin=True),
+        "/v1/enroll": {
+            "post": _op(
+                "Enroll a device with a bootstrap token and a CSR.",
+                ok=201,
+                response=CertificateBundle,
+                body=EnrollRequest,
+            )
         },
-        "/v1/tokens/{token_id}": {"get": _op(
-            "Show a token.", response=TokenInfo, admin=True, params=[_p("token_id")]
-        )},
-        "/v1/tokens/{token_id}/revoke": {"post": _op(
-            "Revoke a token.", response=TokenInfo, admin=True, params=[_p("token_id")]
-        )},
-        "/v1/devices": {"get": _op(
-            "List devices.", response=DeviceInfo, array=True, admin=True,
-            params=[_q("fleet", "Only this fleet."),
-                    _q("status", "active, disabled or revoked."), _LIMIT],
-        )},
-        "/v1/devices/{device_id}": {"get": _op(
-            "Show a device and its certificates.", response=DeviceDetail, admin=True,
-            params=[_p("device_id")],
-        )},
-        **{
-            f"/v1/devices/{{device_id}}/{action}": {"post": _op(
-                f"{action.capitalize()} a device.", response=DeviceInfo, admin=True,
+        "/v1/renew": {
+            "post": _op(
+                "Renew with the current certificate (mutual TLS).",
+                ok=201,
+                response=CertificateBundle,
+                body=RenewRequest,
+            )
+        },
+        "/v1/crl": {
+            "get": _op(
+                "The CRL of the issuing CA (DER; PEM with ?format=pem).",
+                params=[_q("format", "der or pem", {"enum": ["der", "pem"]})],
+                content={"application/pkix-crl": {}, "application/x-pem-file": {}},
+            )
+        },
+        "/v1/tokens": {
+            "get": _op(
+                "List bootstrap tokens.",
+                response=TokenInfo,
+                array=True,
+                admin=True,
+                params=[_q("fleet", "Only this fleet.")],
+            ),
+            "post": _op(
+                "Create a bootstrap token (the secret is shown once).",
+                ok=201,
+                response=TokenCreated,
+                body=TokenCreateRequest,
+                admin=True,
+            ),
+        },
+        "/v1/tokens/{token_id}": {
+            "get": _op("Show a token.", response=TokenInfo, admin=True, params=[_p("token_id")])
+        },
+        "/v1/tokens/{token_id}/revoke": {
+            "post": _op("Revoke a token.", response=TokenInfo, admin=True, params=[_p("token_id")])
+        },
+        "/v1/devices": {
+            "get": _op(
+                "List devices.",
+                response=DeviceInfo,
+                array=True,
+                admin=True,
+                params=[
+                    _q("fleet", "Only this fleet."),
+                    _q("status", "active, disabled or revoked."),
+                    _LIMIT,
+                ],
+            )
+        },
+        "/v1/devices/{device_id}": {
+            "get": _op(
+                "Show a device and its certificates.",
+                response=DeviceDetail,
+                admin=True,
                 params=[_p("device_id")],
-            )}
+            )
+        },
+        **{
+            f"/v1/devices/{{device_id}}/{action}": {
+                "post": _op(
+                    f"{action.capitalize()} a device.",
+                    response=DeviceInfo,
+                    admin=True,
+                    params=[_p("device_id")],
+                )
+            }
             for action in ("disable", "enable", "revoke")
         },
-        "/v1/certificates": {"get": _op(
-            "List certificates.", response=CertificateInfo, array=True, admin=True,
-            params=[_q("device", "Only this device."),
-                    _q("status", "active, superseded or revoked."), _LIMIT],
-        )},
-        "/v1/certificates/{serial}/revoke": {"post": _op(
-            "Revoke a certificate.", response=CertificateInfo, admin=True, params=[_p("serial")]
-        )},
-        "/v1/events": {"get": _op(
-            "Auth events, newest first, with cursor pagination.", response=EventPage,
-            admin=True,
-            params=[_q("device", "Device id."),
+        "/v1/certificates": {
+            "get": _op(
+                "List certificates.",
+                response=CertificateInfo,
+                array=True,
+                admin=True,
+                params=[
+                    _q("device", "Only this device."),
+                    _q("status", "active, superseded or revoked."),
+                    _LIMIT,
+                ],
+            )
+        },
+        "/v1/certificates/{serial}/revoke": {
+            "post": _op(
+                "Revoke a certificate.", response=CertificateInfo, admin=True, params=[_p("serial")]
+            )
+        },
+        "/v1/events": {
+            "get": _op(
+                "Auth events, newest first, with cursor pagination.",
+                response=EventPage,
+                admin=True,
+                params=[
+                    _q("device", "Device id."),
                     _q("since", "Timestamp or duration ago (10m, 7d)."),
-                    _q("until", "Timestamp or duration ago."), _q("type", "Event type."),
-                    _q("outcome", "allowed or denied."), _q("reason", "Reason code."),
-                    _q("peer", "Peer address."), _q("cursor", "next_cursor of the last page."),
-                    _LIMIT],
-        )},
+                    _q("until", "Timestamp or duration ago."),
+                    _q("type", "Event type."),
+                    _q("outcome", "allowed or denied."),
+                    _q("reason", "Reason code."),
+                    _q("peer", "Peer address."),
+                    _q("cursor", "next_cursor of the last page."),
+                    _LIMIT,
+                ],
+            )
+        },
         "/.well-known/est/cacerts": {"get": _op("EST: the CA chain.", content=_PKCS7)},
-        "/.well-known/est/simpleenroll": {"post": {**_op(
-            "EST: enroll (bootstrap token as Basic password or Bearer).", content=_PKCS7
-        ), "requestBody": _PKCS10_BODY}},
-        "/.well-known/est/simplereenroll": {"post": {**_op(
-            "EST: re-enroll with the current certificate (mutual TLS).", content=_PKCS7
-        ), "requestBody": _PKCS10_BODY}},
+        "/.well-known/est/simpleenroll": {
+            "post": {
+                **_op("EST: enroll (bootstrap token as Basic password or Bearer).", content=_PKCS7),
+                "requestBody": _PKCS10_BODY,
+            }
+        },
+        "/.well-known/est/simplereenroll": {
+            "post": {
+                **_op("EST: re-enroll with the current certificate (mutual TLS).", content=_PKCS7),
+                "requestBody": _PKCS10_BODY,
+            }
+        },
         "/healthz": {"get": _op("The process is up.")},
         "/readyz": {"get": _op("The database answers and the CA is loaded.")},
     }
@@ -168,8 +250,12 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": dict(sorted(schemas.items())),
-            "securitySchemes": {"adminKey": {
-                "type": "http", "scheme": "bearer", "description": "An admin key (dgk_...).",
-            }},
+            "securitySchemes": {
+                "adminKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An admin key (dgk_...).",
+                }
+            },
         },
     }

@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from provisioning import console
+from provisioning.audit.checkpointer import checkpoint_once, run_checkpoints
 from provisioning.db import create_pool
 from provisioning.enrollment.service import ProvisioningService
 from provisioning.http import api, est, ratelimit
@@ -32,6 +34,7 @@ from provisioning.pki.ca import crl_url_of
 from provisioning.pki.crl import CrlCache
 from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca, load_certificate
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
+from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
 from schemas.logs import configure_logging
 from schemas.settings import Settings
 from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
@@ -179,6 +182,15 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     metrics_server: asyncio.Server | None = None
     refresher: asyncio.Task[None] | None = None
+    checkpoints: asyncio.Task[None] | None = None
+    try:
+        signer: AuditSigner | None = AuditSigner.load(settings.pki_dir)
+    except CheckpointError as exc:
+        log.error("audit checkpoints are OFF: %s", exc)
+        signer = None
+    checkpoints_file = checkpoint_file(
+        settings.checkpoint_dir, f"{settings.instance_id}/provisioning"
+    )
     try:
         await runner.setup()
         site = web.TCPSite(
@@ -197,6 +209,14 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
         refresher = asyncio.create_task(
             pmetrics.run_expiring_refresher(service.pool), name="expiring-certificates"
         )
+        if signer is not None:
+            checkpoints = asyncio.create_task(
+                run_checkpoints(
+                    service.pool, signer, checkpoints_file,
+                    interval=settings.checkpoint_interval.total_seconds(),
+                ),
+                name="audit-checkpoints",
+            )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -205,13 +225,19 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
         await stop.wait()
         print("provisioning shutting down", file=sys.stderr, flush=True)
     finally:
-        if refresher is not None:
-            refresher.cancel()
-            await asyncio.gather(refresher, return_exceptions=True)
+        for task in (refresher, checkpoints):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if metrics_server is not None:
             metrics_server.close()
             await metrics_server.wait_closed()
         await runner.cleanup()
+        if signer is not None:  # the requests are done: sign where the chain ends
+            try:
+                await checkpoint_once(service.pool, signer, checkpoints_file)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.error("no final audit checkpoint: %s", exc)
         await service.close()
         telemetry.shutdown()
 

@@ -323,15 +323,25 @@ class CertificateAuthority:
 
 def _key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=key_encipherment,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
 # RSA key transport needs keyEncipherment on TLS 1.2; EC and Ed25519 only sign.
+SIGNING_KEY_USAGE = _key_usage(key_encipherment=False)
+"""digitalSignature only: device keys that only sign, and the audit signer."""
+
 _KEY_USAGE_BY_CLASS = {
-    "rsa": _key_usage(key_encipherment=True), "signing": _key_usage(key_encipherment=False),
+    "rsa": _key_usage(key_encipherment=True),
+    "signing": SIGNING_KEY_USAGE,
 }
 """A device certificate's key usage per `provisioning.pki.leaf_der.key_class`."""
 

@@ -36,11 +36,7 @@ class CrlCache:
         async with self._lock:
             now = datetime.now(UTC)
             crl = self._crl
-            if (
-                crl is None
-                or key != self._key
-                or crl.last_update_utc + CRL_VALIDITY / 2 < now
-            ):
+            if crl is None or key != self._key or crl.last_update_utc + CRL_VALIDITY / 2 < now:
                 crl = self._ca.build_crl(
                     ((int(serial, 16), at) for serial, at in revoked),
                     next_update=CRL_VALIDITY,

@@ -7,6 +7,9 @@
 - ``chain.pem``                           issuing + root: what devices and the gateway trust
 - ``server.crt``, ``server.key``          the listeners' identity; not under the passphrase,
                                           so the gateway never holds a CA secret
+- ``audit.crt``, ``audit.key``            the audit signer (Ed25519): signs the audit log's
+                                          checkpoints; shipped like server.key, never in
+                                          the database (``ca audit-key`` issues a new one)
 
 Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC).
 """
@@ -26,8 +29,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.pki.ca import CertificateAuthority, crl_distribution_points, to_pem
+from provisioning.pki.ca import (
+    SIGNING_KEY_USAGE,
+    CertificateAuthority,
+    crl_distribution_points,
+    to_pem,
+)
 from provisioning.pki.signer import CAPrivateKey, FileSigner, signature_hash
+from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY, AUDIT_SIGNER_NAME
 from schemas.errors import DevicegateError
 
 ROOT_CERT = "root-ca.crt"
@@ -37,7 +46,10 @@ ISSUING_KEY = "issuing-ca.key"
 CHAIN = "chain.pem"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
-PKI_FILES = (ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY)
+PKI_FILES = (
+    ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_CERT,
+    AUDIT_KEY,
+)  # fmt: skip
 
 
 class CAError(DevicegateError):
@@ -137,6 +149,44 @@ def _server_certificate(
     return ca.signer.sign_certificate(builder)
 
 
+def issue_audit_signer(
+    ca: CertificateAuthority, directory: Path, *, validity: timedelta = timedelta(days=397)
+) -> x509.Certificate:
+    """A new audit signing key (Ed25519, ``audit.key`` 0600) and its certificate
+    (``audit.crt``: CN `AUDIT_SIGNER_NAME`, keyUsage digitalSignature only, no CA), issued
+    by the issuing CA. The previous certificate stays valid for the checkpoints it signed."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    now = datetime.now(UTC)
+    issuer_key = ca.issuing.public_key()
+    assert isinstance(issuer_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devicegate"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, AUDIT_SIGNER_NAME),
+                ]
+            )
+        )
+        .issuer_name(ca.issuing.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + validity, ca.issuing.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(SIGNING_KEY_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False
+        )
+    )
+    certificate = ca.signer.sign_certificate(builder)
+    _write(directory / AUDIT_KEY, _encrypted_pem(key, None), secret=True)
+    _write(directory / AUDIT_CERT, to_pem(certificate).encode(), secret=False)
+    return certificate
+
+
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
     """Write atomically; secrets are created 0600 from the start, never chmod-ed after."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -166,6 +216,7 @@ class PkiSummary:
     root: x509.Certificate
     issuing: x509.Certificate
     server: x509.Certificate
+    audit: x509.Certificate
 
 
 def init_pki(
@@ -234,7 +285,8 @@ def init_pki(
     _write(directory / ISSUING_CERT, to_pem(issuing).encode(), secret=False)
     _write(directory / CHAIN, to_pem(issuing, root).encode(), secret=False)
     _write(directory / SERVER_CERT, to_pem(server, issuing).encode(), secret=False)
-    return PkiSummary(directory, root, issuing, server)
+    audit = issue_audit_signer(ca, directory, validity=server_validity)
+    return PkiSummary(directory, root, issuing, server, audit)
 
 
 def _read(path: Path) -> bytes:
@@ -296,5 +348,6 @@ def describe_pki(directory: Path) -> list[tuple[str, x509.Certificate]]:
     """The certificates of the PKI directory, for ``ca show``."""
     return [
         (name, load_certificate(directory / name))
-        for name in (ROOT_CERT, ISSUING_CERT, SERVER_CERT)
+        for name in (ROOT_CERT, ISSUING_CERT, SERVER_CERT, AUDIT_CERT)
+        if name != AUDIT_CERT or (directory / name).exists()
     ]

@@ -92,15 +92,24 @@ async def test_a_restarted_sink_continues_its_chain(
             for i in range(10):
                 await sink.record(events(start * 10 + i))
     assert [r["seq"] for r in await _stored(db, chain)] == list(range(1, 31))
-    # A wiped spool directory takes the head from PostgreSQL instead.
+    # A wiped spool directory never continues the chain from PostgreSQL's head (which the
+    # database alone vouches for): it begins a new chain whose genesis names that head.
     for path in (tmp_path / "s").iterdir():
         path.unlink()
     async with SpoolSink(
         database_url=database_url, spool_dir=tmp_path / "s", chain_id=chain
     ) as sink:
         await sink.record(events(99))
-    assert (await _stored(db, chain))[-1]["seq"] == 31
+        new_chain = sink.chain_id
+    assert new_chain.startswith(f"{chain}#")
+    assert (await _stored(db, chain))[-1]["seq"] == 30
+    assert [r["seq"] for r in await _stored(db, new_chain)] == [1]
+    genesis = await db.fetchrow("SELECT * FROM audit_chains WHERE chain_id = $1", new_chain)
+    assert (genesis["reason"], genesis["previous_chain"], genesis["previous_seq"]) == (
+        "new_spool", chain, 30,
+    )  # fmt: skip
     assert (await verify_chains(db, chain_id=chain)).ok
+    assert (await verify_chains(db, chain_id=new_chain)).ok
 
 
 async def test_kill_9_loses_no_acknowledged_event(

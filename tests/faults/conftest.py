@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from gateway.events.spool import SpoolError, read_segment
 from gateway.mqtt import NEED_DATA, Connack, Connect, Disconnect, decode, encode
 from provisioning.audit.verify import VerifyReport, verify_chains
 from provisioning.pki.ca import fingerprint
@@ -209,7 +210,14 @@ class GatewayProcess:
         return found
 
     def chain(self, index: int) -> str:
-        return f"{self.instance}/w{index}"
+        """Worker ``index``'s chain id: ``<instance>/w<index>#<random>``, the random part
+        made with its spool (read from a segment header)."""
+        assert self.log is not None
+        spool = self.log.parent / "spool" / f"w{index}"
+        for segment in sorted(spool.glob("*.seg")):
+            with contextlib.suppress(SpoolError):
+                return str(read_segment(segment.read_bytes())[0]["chain_id"])
+        raise AssertionError(f"no spool segment in {spool}")
 
     def log_text(self, tail: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-tail:]

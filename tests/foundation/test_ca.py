@@ -221,7 +221,8 @@ def test_ca_init_and_show_from_the_command_line(tmp_path: Path) -> None:
     assert again.returncode == 1 and "--force" in again.stderr
     shown = _devicegate("ca", "show", "--json", env=env)
     assert shown.returncode == 0, shown.stderr
-    assert [line.count('"file"') for line in shown.stdout.splitlines()] == [1, 1, 1]
+    # root, issuing, server, audit
+    assert [line.count('"file"') for line in shown.stdout.splitlines()] == [1, 1, 1, 1]
     assert "gw.example" in shown.stdout
     wrong = _devicegate("db", "migrate", env={"DEVICEGATE_DATABASE_URL": "mysql://x"})
     assert wrong.returncode == 2
