@@ -106,7 +106,8 @@ def test_record_commands(env: dict[str, str], server: Server, pki: Pki, tmp_path
     certs = lines(cli(env, "cert", "list", "--device", device_id, "--status", "active", "--json"))
     assert [c["serial"] for c in certs] == [renewed["serial"]]
     assert lines(cli(env, "cert", "revoke", renewed["serial"], "--json"))[0]["status"] == "revoked"
-    assert lines(cli(env, "device", "revoke", device_id, "--json"))[0]["status"] == "revoked"
+    revoked_device = lines(cli(env, "device", "revoke", device_id, "--yes", "--json"))[0]
+    assert revoked_device["status"] == "revoked"
     assert "revoked" in cli(env, "device", "enable", device_id, code=1)
     assert "no device" in cli(env, "device", "show", "nope", code=1)
 
