@@ -9,25 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from provisioning.commands.cli import app
-from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.helpers import free_port, wait_for_port
 from tests.provisioning.conftest import Server
-
-
-@pytest.fixture
-def env(settings: Settings, pki: Pki) -> dict[str, str]:
-    return {
-        "DEVICEGATE_DATABASE_URL": settings.database_url,
-        "DEVICEGATE_PKI_DIR": str(pki.directory),
-        "DEVICEGATE_CA_PASSPHRASE": pki.passphrase.decode(),
-        "DEVICEGATE_INSTANCE_ID": "cli-test",
-        "COLUMNS": "250",
-    }
 
 
 def cli(env: dict[str, str], *args: str, code: int = 0) -> str:

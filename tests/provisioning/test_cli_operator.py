@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from provisioning.commands import COMMANDS
 from provisioning.commands.cli import app
 from provisioning.commands.root import hoist_global_options
-from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.provisioning.conftest import Server, new_fleet
 
@@ -25,14 +24,9 @@ DEVICEGATE = str(Path(sys.executable).with_name("devicegate"))
 
 
 @pytest.fixture
-def env(settings: Settings, pki: Pki) -> dict[str, str]:
-    return {
-        "DEVICEGATE_DATABASE_URL": settings.database_url,
-        "DEVICEGATE_PKI_DIR": str(pki.directory),
-        "DEVICEGATE_CA_PASSPHRASE": pki.passphrase.decode(),
-        "DEVICEGATE_INSTANCE_ID": "cli-operator-test",
-        "COLUMNS": "80",  # a narrow window: ids must still come out whole
-    }
+def env(env: dict[str, str]) -> dict[str, str]:
+    """The suite's command environment in a narrow window: ids must still come out whole."""
+    return {**env, "COLUMNS": "80"}
 
 
 def run(env: dict[str, str], *args: str, code: int = 0) -> tuple[str, str]:
