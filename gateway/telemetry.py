@@ -61,7 +61,7 @@ __all__ = [
 
 _AUTHZ_CONNECT_REASONS = frozenset({Reason.CLIENT_ID_MISMATCH, Reason.TOPIC_NOT_AUTHORIZED})
 # Accept-time refusals: counted one by one by `GatewayMetrics.refused` when they happen;
-# their events are throttled summaries (``detail.refused`` = how many), not attempts.
+# their events are throttled summaries (``detail.count`` = how many), not attempts.
 _COUNTED_AT_ACCEPT = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
 
 audit_log = logging.getLogger("devicegate.gateway.audit")
@@ -185,7 +185,7 @@ class GatewayMetrics:
         kind = event.type
         if (
             kind is EventType.TLS_HANDSHAKE
-            and "refused" in event.detail
+            and "count" in event.detail
             and (event.reason in _COUNTED_AT_ACCEPT)
         ):
             return  # a throttled summary of refusals already counted by `refused`
