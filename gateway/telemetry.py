@@ -36,6 +36,7 @@ from schemas.metrics import (
     EVENTS_BATCH_SIZE,
     EVENTS_FLUSH_DURATION,
     EVENTS_LOST,
+    EVENTS_MISSING,
     EVENTS_QUEUE_DEPTH,
     EVENTS_SPOOL_BYTES,
     HANDSHAKES,
@@ -100,6 +101,9 @@ class _SinkStats(Protocol):
     @property
     def events_lost_total(self) -> int: ...
 
+    @property
+    def events_missing_total(self) -> int: ...
+
 
 _DIAL_OK: Final = {"outcome": "ok"}
 _DIAL_ERROR: Final = {"outcome": "error"}
@@ -161,6 +165,7 @@ class GatewayMetrics:
         instrument(meter, EVENTS_QUEUE_DEPTH, [self._observe_queue])
         instrument(meter, EVENTS_SPOOL_BYTES, [self._observe_spool])
         instrument(meter, EVENTS_LOST, [self._observe_lost])
+        instrument(meter, EVENTS_MISSING, [self._observe_missing])
         instrument(meter, REVOCATION_STATE_AGE, [self._observe_revocation])
 
     # --- sources read at collection -----------------------------------------------------
@@ -295,6 +300,10 @@ class GatewayMetrics:
     def _observe_lost(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._sink_stats is not None:
             yield Observation(self._sink_stats().events_lost_total)
+
+    def _observe_missing(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().events_missing_total)
 
     def _observe_revocation(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._revocation_age is not None:

@@ -24,27 +24,69 @@ from tests.conftest import _create_database, _drop_database
 # (type, outcome, reason, peer address, device, detail): rows as the writers shape them.
 ROWS: list[tuple[EventType, Outcome, Reason, str | None, str | None, dict[str, Any]]] = [
     # The gateway's throttled refusals at accept: the first at once, then the burst.
-    (EventType.TLS_HANDSHAKE, Outcome.DENIED, Reason.RATE_LIMITED, "1.2.3.4:5", None,
-     {"summary": True, "count": 1, "address": "1.2.3.4", "window_seconds": 10.0}),
-    (EventType.TLS_HANDSHAKE, Outcome.DENIED, Reason.RATE_LIMITED, "1.2.3.4:6", None,
-     {"summary": True, "count": 599, "address": "1.2.3.4", "window_seconds": 10.0}),
+    (
+        EventType.TLS_HANDSHAKE,
+        Outcome.DENIED,
+        Reason.RATE_LIMITED,
+        "1.2.3.4:5",
+        None,
+        {"summary": True, "count": 1, "address": "1.2.3.4", "window_seconds": 10.0},
+    ),
+    (
+        EventType.TLS_HANDSHAKE,
+        Outcome.DENIED,
+        Reason.RATE_LIMITED,
+        "1.2.3.4:6",
+        None,
+        {"summary": True, "count": 599, "address": "1.2.3.4", "window_seconds": 10.0},
+    ),
     # A row written before the key was unified.
-    (EventType.TLS_HANDSHAKE, Outcome.DENIED, Reason.TOO_MANY_CONNECTIONS, "1.2.3.4", None,
-     {"refused": 7, "window_seconds": 10.0, "max_connections": 3}),
+    (
+        EventType.TLS_HANDSHAKE,
+        Outcome.DENIED,
+        Reason.TOO_MANY_CONNECTIONS,
+        "1.2.3.4",
+        None,
+        {"refused": 7, "window_seconds": 10.0, "max_connections": 3},
+    ),
     # An admitted session's denial summary and one SUBSCRIBE denying three filters.
-    (EventType.PUBLISH, Outcome.DENIED, Reason.TOPIC_NOT_AUTHORIZED, "[2001:db8::1]:5", "dev-a",
-     {"summary": True, "count": 250, "topics": ["x"], "window_seconds": 60.0}),
-    (EventType.SUBSCRIBE, Outcome.DENIED, Reason.TOPIC_NOT_AUTHORIZED, "2001:db8::1", "dev-a",
-     {"count": 3, "filters": ["a", "b", "c"]}),
+    (
+        EventType.PUBLISH,
+        Outcome.DENIED,
+        Reason.TOPIC_NOT_AUTHORIZED,
+        "[2001:db8::1]:5",
+        "dev-a",
+        {"summary": True, "count": 250, "topics": ["x"], "window_seconds": 60.0},
+    ),
+    (
+        EventType.SUBSCRIBE,
+        Outcome.DENIED,
+        Reason.TOPIC_NOT_AUTHORIZED,
+        "2001:db8::1",
+        "dev-a",
+        {"count": 3, "filters": ["a", "b", "c"]},
+    ),
     # An anonymous flood's summary (provisioning's refusal budget).
-    (EventType.RENEW, Outcome.DENIED, Reason.NO_CLIENT_CERTIFICATE, "[2001:db8::1]:7", None,
-     {"summary": True, "count": 9990, "method": "POST", "path": "/v1/renew"}),
+    (
+        EventType.RENEW,
+        Outcome.DENIED,
+        Reason.NO_CLIENT_CERTIFICATE,
+        "[2001:db8::1]:7",
+        None,
+        {"summary": True, "count": 9990, "method": "POST", "path": "/v1/renew"},
+    ),
     # One full decision each.
     (EventType.CONNECT, Outcome.ALLOWED, Reason.OK, "198.51.100.9:4000", "dev-b", {}),
     (EventType.CONNECT, Outcome.DENIED, Reason.CLIENT_ID_MISMATCH, "1.2.3.4:9", "dev-b", {}),
     # A record of lost log records: its count is not of decisions.
-    (EventType.EVENTS_LOST, Outcome.DENIED, Reason.EVENT_LOG_UNAVAILABLE, None, None,
-     {"count": 1000, "lost": []}),
+    (
+        EventType.EVENTS_LOST,
+        Outcome.DENIED,
+        Reason.EVENT_LOG_UNAVAILABLE,
+        None,
+        None,
+        {"count": 1000, "lost": []},
+    ),
 ]
 DENIED_BY_REASON = {
     ("denied", "rate_limited"): 600,
@@ -119,4 +161,3 @@ async def test_overview_counts_decisions_live_and_rolled_up(conn: asyncpg.Connec
     # The rollup's row counts still match the events: no hour is recounted for nothing.
     checked = await rollup.fill(conn, now=now, reconcile=timedelta(0))
     assert checked is not None and checked.recounted_hours == 0
-
