@@ -18,7 +18,7 @@ Invariants:
   device id in the `gateway.sessions.SessionRegistry` (no scan of all connections).
 * Refusals at accept cost no TLS work and are recorded as ``tls_handshake`` denials,
   throttled (`gateway.limits.EventThrottle`: one event per address, or per worker for
-  ``too_many_connections``, per window, counting the refusals in ``detail.refused``): an
+  ``too_many_connections``, per window, counting the refusals in ``detail.count``): an
   address whose failed handshakes exhausted its token bucket (``rate_limited``), and any
   connection beyond ``max_connections``. Every ``tls_handshake`` denial that reaches
   `Gateway.record` takes a token from its address (except ``proxy_protocol_error``, which
@@ -351,7 +351,8 @@ class Gateway:
         for burst in bursts:
             reason = Reason(burst.key.partition(" ")[0])
             detail: dict[str, object] = {
-                "refused": burst.count,
+                "summary": True,
+                "count": burst.count,
                 "window_seconds": self.refusals.interval,
             }
             if reason is Reason.TOO_MANY_CONNECTIONS:

@@ -36,6 +36,7 @@ from schemas.metrics import (
     EVENTS_BATCH_SIZE,
     EVENTS_FLUSH_DURATION,
     EVENTS_LOST,
+    EVENTS_MISSING,
     EVENTS_QUEUE_DEPTH,
     EVENTS_SPOOL_BYTES,
     HANDSHAKES,
@@ -61,7 +62,7 @@ __all__ = [
 
 _AUTHZ_CONNECT_REASONS = frozenset({Reason.CLIENT_ID_MISMATCH, Reason.TOPIC_NOT_AUTHORIZED})
 # Accept-time refusals: counted one by one by `GatewayMetrics.refused` when they happen;
-# their events are throttled summaries (``detail.refused`` = how many), not attempts.
+# their events are throttled summaries (``detail.count`` = how many), not attempts.
 _COUNTED_AT_ACCEPT = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
 
 audit_log = logging.getLogger("devicegate.gateway.audit")
@@ -99,6 +100,9 @@ class _SinkStats(Protocol):
 
     @property
     def events_lost_total(self) -> int: ...
+
+    @property
+    def events_missing_total(self) -> int: ...
 
 
 _DIAL_OK: Final = {"outcome": "ok"}
@@ -161,6 +165,7 @@ class GatewayMetrics:
         instrument(meter, EVENTS_QUEUE_DEPTH, [self._observe_queue])
         instrument(meter, EVENTS_SPOOL_BYTES, [self._observe_spool])
         instrument(meter, EVENTS_LOST, [self._observe_lost])
+        instrument(meter, EVENTS_MISSING, [self._observe_missing])
         instrument(meter, REVOCATION_STATE_AGE, [self._observe_revocation])
 
     # --- sources read at collection -----------------------------------------------------
@@ -185,7 +190,7 @@ class GatewayMetrics:
         kind = event.type
         if (
             kind is EventType.TLS_HANDSHAKE
-            and "refused" in event.detail
+            and "count" in event.detail
             and (event.reason in _COUNTED_AT_ACCEPT)
         ):
             return  # a throttled summary of refusals already counted by `refused`
@@ -295,6 +300,10 @@ class GatewayMetrics:
     def _observe_lost(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._sink_stats is not None:
             yield Observation(self._sink_stats().events_lost_total)
+
+    def _observe_missing(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().events_missing_total)
 
     def _observe_revocation(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._revocation_age is not None:

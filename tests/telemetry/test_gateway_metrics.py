@@ -45,6 +45,7 @@ class Stats:
     queue_depth: int
     spool_bytes: int
     events_lost_total: int = 0
+    events_missing_total: int = 0
 
 
 def _event(type_: EventType, reason: Reason, outcome: Outcome | None = None) -> AuthEvent:
