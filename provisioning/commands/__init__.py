@@ -3,7 +3,8 @@
 A command module parses options and calls the packages below it (``pki``, ``audit``,
 ``agent``, ``demo``, the registry modules, the server in ``http``); it holds no logic of
 its own that another surface would need. The only import of ``gateway`` in the control
-plane is here, in `serve` (``devicegate serve gateway``), and it happens inside the command.
+plane is in `serve` (``devicegate serve gateway``) and in `policy` (``devicegate policy
+explain`` runs ``gateway.policy``'s own decision), each inside the command.
 """
 
 from __future__ import annotations
@@ -22,9 +23,22 @@ def register(app: typer.Typer) -> None:
         demo,
         device_side,
         devices,
+        policy,
         serve,
         tokens,
     )
 
-    for module in (ca, db, admin_keys, tokens, devices, certs, serve, device_side, audit, demo):
+    for module in (
+        ca,
+        db,
+        admin_keys,
+        tokens,
+        devices,
+        certs,
+        serve,
+        policy,
+        device_side,
+        audit,
+        demo,
+    ):
         module.register(app)

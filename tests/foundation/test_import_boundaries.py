@@ -55,7 +55,15 @@ RULES = (
         "the control plane imports the gateway only to serve it",
         ("provisioning",),
         ("gateway",),
-        exempt=("provisioning.commands.serve",),
+        # serve runs the gateway; policy explains with gateway.policy's own decision (a
+        # copy of the rules could disagree with the gateway that enforces them).
+        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
+    ),
+    Rule(
+        "the policy command imports only the gateway's pure policy",
+        ("provisioning.commands.policy",),
+        ("gateway",),
+        allowed=("gateway.policy",),
     ),
     Rule(
         "the device agent imports only schemas",
@@ -213,6 +221,11 @@ def _write(root: Path, relative: str, text: str) -> None:
             "the control plane imports the gateway only to serve it",
         ),
         (
+            "provisioning/commands/policy.py",
+            "from gateway.server import GatewayServer\n",
+            "the policy command imports only the gateway's pure policy",
+        ),
+        (
             "provisioning/agent/device.py",
             "from ..pki.ca import fingerprint\n",
             "the device agent imports only schemas",
@@ -244,6 +257,7 @@ def test_a_forbidden_import_is_found(tmp_path: Path, relative: str, source: str,
 def test_allowed_imports_pass(tmp_path: Path) -> None:
     _write(tmp_path, "gateway/events/sink.py", "from gateway.database import DB_ERRORS\n")
     _write(tmp_path, "provisioning/commands/serve.py", "def f():\n    import gateway.serve\n")
+    _write(tmp_path, "provisioning/commands/policy.py", "from gateway.policy import explain\n")
     _write(tmp_path, "provisioning/agent/device.py", "from . import keys\nimport schemas.api\n")
     _write(tmp_path, "provisioning/http/server.py", "from provisioning import console\n")
     _write(tmp_path, "schemas/api.py", "from schemas.events import AuthEvent\n")
