@@ -65,7 +65,7 @@ async def _drop(name: str) -> None:
 def test_manual_quickstart_runs_as_written(tmp_path: Path) -> None:
     database = f"dg_docs_{secrets.token_hex(4)}"
     script = "\n".join(_blocks("By hand"))
-    for port in ("1883", "8443", "8883"):
+    for port in ("1883", "8443", "8883", "9464", "9465"):
         script = script.replace(port, str(free_port()))
     script = script.replace("devicegate_try", database)
     (tmp_path / "quickstart.sh").write_text(script)
@@ -90,6 +90,7 @@ def test_manual_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert "refused, as it should be" in output
     assert re.search(r"verified \d+ events in \d+ chains: OK", output), output
     assert "client_id_mismatch" in output or "connect" in output
+    assert "metrics not served" not in output, output  # each service its own metrics port
 
 
 AUDIT_GUIDE = DOCS / "audit-guide.md"
