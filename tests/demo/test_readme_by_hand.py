@@ -10,17 +10,15 @@ broker (a private Mosquitto on a free port instead of the system one on 1883).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import secrets
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import _drop_database
+from tests.demo.shell import run_bash
 from tests.helpers import free_port, mosquitto
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -61,21 +59,11 @@ def test_readme_by_hand_block_runs_on_a_fresh_database(tmp_path: Path) -> None:
                 )
             },
         }  # fmt: skip
-        process = subprocess.Popen(
-            ["bash", "-euo", "pipefail", "by-hand.sh"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )  # fmt: skip
         try:
-            output, _ = process.communicate(timeout=90)
+            status, output = run_bash("by-hand.sh", tmp_path, env, timeout=90)
         finally:
-            # Also when the script hung: its process group holds the services it started.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            if process.poll() is None:
-                process.wait()
             asyncio.run(_drop_database(database))
-    assert process.returncode == 0, output
+    assert status == 0, output
     enrolled = json.loads((tmp_path / "devicegate-try" / "device1.json").read_text())
     device_id = str(enrolled["device_id"])
     connects = [
