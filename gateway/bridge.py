@@ -60,7 +60,8 @@ from gateway.denials import DenialBudget, DenialLimits
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
-from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
+from gateway.spans import ATTR_PEER, ConnectionTrace
+from gateway.telemetry import GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
 from gateway.upstream import UpstreamTarget, close_lingering, dial
 from schemas.certificates import describe_certificate
