@@ -9,8 +9,9 @@ Invariants:
   `gateway.actions` in order. The pure steps live beside it: `gateway.admission` (the
   CONNECT judged, the broker's CONNECT, the device's CONNACK), `gateway.codes` (the
   CONNACK and DISCONNECT codes per reason); tests/foundation/test_import_boundaries.py
-  fails if any of them imports asyncio, ssl, sockets or the bridge. The one clock read is the denial budget's, injected with
-  it (`gateway.denials.DenialBudget`), so tests step it by hand.
+  fails if any of them imports asyncio, ssl, sockets or the bridge. The one clock read
+  is the denial budget's, injected with it (`gateway.denials.DenialBudget`), so tests
+  step it by hand.
 * CONNECT is the first packet. Nothing is sent upstream before the device, its
   certificate, its client id and its will topic are authorised, and the device gets its
   CONNACK only through `Admit`, i.e. after its connect event is durable.
