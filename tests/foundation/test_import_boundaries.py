@@ -30,6 +30,24 @@ _SURFACES = (
 )
 
 
+# The session state machine and its pure steps (gateway/connection.py's invariants): no
+# event loop, no sockets, no TLS objects, none of the modules that hold them.
+_SANS_IO = tuple(
+    f"gateway.{name}"
+    for name in ("connection", "admission", "codes", "actions", "downstream", "fastpath", "denials")
+)
+_IO = (
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "gateway.bridge",
+    "gateway.upstream",
+    "gateway.server",
+    "gateway.tls",
+)
+
+
 @dataclass(frozen=True)
 class Rule:
     """Modules under any of ``scope`` must not import any of ``forbidden``, except what is
@@ -100,6 +118,7 @@ RULES = (
         ("gateway", "schemas", "provisioning"),
         allowed=("gateway.mqtt",),
     ),
+    Rule("the session state machine is sans-IO", _SANS_IO, _IO),
     Rule(
         "the event sink imports only schemas and gateway.database",
         ("gateway.events",),
@@ -244,6 +263,16 @@ def _write(root: Path, relative: str, text: str) -> None:
             "gateway/events/spool.py",
             "from gateway.identity import DeviceIdentity\n",
             "the event sink imports only schemas and gateway.database",
+        ),
+        (
+            "gateway/admission.py",
+            "import asyncio\n",
+            "the session state machine is sans-IO",
+        ),
+        (
+            "gateway/connection.py",
+            "from gateway.upstream import dial\n",
+            "the session state machine is sans-IO",
         ),
     ],
 )
