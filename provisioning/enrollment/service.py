@@ -407,7 +407,10 @@ class ProvisioningService:
         """Record a refusal (its own writes, if any, were rolled back already), or count it
         for a summary when its route's budget for this address is spent (`refusal_budget`)."""
         if not self.refusals.charge(
-            peer.route, peer.address, type=type, reason=exc.reason,
+            peer.route,
+            peer.address,
+            type=type,
+            reason=exc.reason,
             device_id=fields.get("device_id"),
         ):
             return
@@ -443,7 +446,10 @@ class ProvisioningService:
         method, _, path = summary.route.partition(" ")
         budget = self.refusals.table[summary.route]
         detail: dict[str, Any] = {
-            "summary": True, "count": summary.count, "method": method, "path": path,
+            "summary": True,
+            "count": summary.count,
+            "method": method,
+            "path": path,
             "address": summary.address,
             "first": summary.first.isoformat(timespec="milliseconds"),
             "last": summary.last.isoformat(timespec="milliseconds"),
@@ -454,8 +460,12 @@ class ProvisioningService:
         if summary.other_devices:
             detail["other_devices"] = summary.other_devices
         return self._event(
-            summary.type, Outcome.DENIED, summary.reason, Peer(address=summary.sample),
-            device_id=summary.device_id, detail=detail,
+            summary.type,
+            Outcome.DENIED,
+            summary.reason,
+            Peer(address=summary.sample),
+            device_id=summary.device_id,
+            detail=detail,
         )
 
     async def _submit(self, spec: EventSpec) -> None:
