@@ -115,39 +115,85 @@ async def explain(conn: asyncpg.Connection) -> str:
     last_hour = (upto - rollup.HOUR, upto)
     types = list(queries.CONNECTION_TYPES)
     plans: list[tuple[str, str, tuple[Any, ...]]] = [
-        ("week overview: rollup hours by bucket, admission, outcome, reason",
-         rollup._ROLLUP_ACTIVITY, (week_start, upto, week_stride, queries.ORIGIN)),
-        ("week overview: the hours after the rollup, from the events",
-         queries._ACTIVITY, (upto, week_end, week_stride, queries.ORIGIN, types)),
-        ("week overview: top devices by denials (rollup + newest hours)",
-         rollup._TOP_DENIALS, (True, week_start, upto, week_end, 10)),
-        ("week overview: top peer hosts by denials (rollup + newest hours)",
-         rollup._TOP_DENIALS, (False, week_start, upto, week_end, 10)),
-        ("filler: one hour by admission, outcome, reason (rolled back here)",
-         rollup._INSERT_ACTIVITY, (*last_hour, queries.ORIGIN, types)),
-        ("filler: one hour of denials by device and peer host (rolled back here)",
-         rollup._INSERT_DENIALS, (*last_hour, queries.ORIGIN)),
-        ("filler: late-event check, event totals per hour over 8 days",
-         rollup._EVENT_TOTALS, (upto - rollup.RECONCILE_SPAN, upto, queries.ORIGIN)),
+        (
+            "week overview: rollup hours by bucket, admission, outcome, reason",
+            rollup._ROLLUP_ACTIVITY,
+            (week_start, upto, week_stride, queries.ORIGIN),
+        ),
+        (
+            "week overview: the hours after the rollup, from the events",
+            queries._ACTIVITY,
+            (upto, week_end, week_stride, queries.ORIGIN, types),
+        ),
+        (
+            "week overview: top devices by denials (rollup + newest hours)",
+            rollup._TOP_DENIALS,
+            (True, week_start, upto, week_end, 10),
+        ),
+        (
+            "week overview: top peer hosts by denials (rollup + newest hours)",
+            rollup._TOP_DENIALS,
+            (False, week_start, upto, week_end, 10),
+        ),
+        (
+            "filler: one hour by admission, outcome, reason (rolled back here)",
+            rollup._INSERT_ACTIVITY,
+            (*last_hour, queries.ORIGIN, types),
+        ),
+        (
+            "filler: one hour of denials by device and peer host (rolled back here)",
+            rollup._INSERT_DENIALS,
+            (*last_hour, queries.ORIGIN),
+        ),
+        (
+            "filler: late-event check, event totals per hour over 8 days",
+            rollup._EVENT_TOTALS,
+            (upto - rollup.RECONCILE_SPAN, upto, queries.ORIGIN),
+        ),
         ("chain heads (skip scan)", queries._CHAIN_HEADS, ()),
-        ("expiring certificates", """SELECT c.serial, c.device_id, d.fleet, c.not_after,
+        (
+            "expiring certificates",
+            """SELECT c.serial, c.device_id, d.fleet, c.not_after,
             count(*) OVER () AS total FROM certificates c JOIN devices d USING (device_id)
             WHERE c.status = 'active' AND c.not_after >= now()
             AND c.not_after < now() + interval '7 days' ORDER BY c.not_after, c.serial
-            LIMIT 10""", ()),
-        ("events page, no filter", """SELECT * FROM auth_events
-            ORDER BY time DESC, id DESC LIMIT 101""", ()),
-        ("events page, reason filter", """SELECT * FROM auth_events
-            WHERE reason = 'certificate_expired' ORDER BY time DESC, id DESC LIMIT 101""", ()),
-        ("events page, device filter", """SELECT * FROM auth_events
-            WHERE device_id = 'dev-00017' ORDER BY time DESC, id DESC LIMIT 51""", ()),
-        ("events page, peer host filter", """SELECT * FROM auth_events
+            LIMIT 10""",
+            (),
+        ),
+        (
+            "events page, no filter",
+            """SELECT * FROM auth_events
+            ORDER BY time DESC, id DESC LIMIT 101""",
+            (),
+        ),
+        (
+            "events page, reason filter",
+            """SELECT * FROM auth_events
+            WHERE reason = 'certificate_expired' ORDER BY time DESC, id DESC LIMIT 101""",
+            (),
+        ),
+        (
+            "events page, device filter",
+            """SELECT * FROM auth_events
+            WHERE device_id = 'dev-00017' ORDER BY time DESC, id DESC LIMIT 51""",
+            (),
+        ),
+        (
+            "events page, peer host filter",
+            """SELECT * FROM auth_events
             WHERE (peer_address = '203.0.113.5' OR peer_address LIKE '203.0.113.5:%'
             OR peer_address LIKE '[203.0.113.5]:%') ORDER BY time DESC, id DESC LIMIT 101""",
-         ()),
+            (),
+        ),
     ]
-    aggregates = (queries._ACTIVITY, rollup._ROLLUP_ACTIVITY, rollup._TOP_DENIALS,
-                  rollup._INSERT_ACTIVITY, rollup._INSERT_DENIALS, rollup._EVENT_TOTALS)
+    aggregates = (
+        queries._ACTIVITY,
+        rollup._ROLLUP_ACTIVITY,
+        rollup._TOP_DENIALS,
+        rollup._INSERT_ACTIVITY,
+        rollup._INSERT_DENIALS,
+        rollup._EVENT_TOTALS,
+    )
     out = []
     for title, sql, args in plans:
         if sql in aggregates:  # as the console runs them
@@ -191,8 +237,10 @@ async def main() -> None:
         began = time.perf_counter()
         filled = await rollup.fill(conn)
         assert filled is not None
-        print(f"rollup backfill, {filled.new_hours} hours (once, in the background at a first "
-              f"start): {time.perf_counter() - began:.2f} s")
+        print(
+            f"rollup backfill, {filled.new_hours} hours (once, in the background at a first "
+            f"start): {time.perf_counter() - began:.2f} s"
+        )
         await conn.execute("VACUUM (ANALYZE) auth_event_hourly, auth_event_hourly_denials")
         key = (await admin.create_admin_key(conn, "bench", actor="cli", instance="bench")).key
         with tempfile.TemporaryDirectory() as pki:
@@ -238,8 +286,10 @@ async def cold_overview(url: str, runs: int = 3) -> None:
                     took[use_rollup].append((time.perf_counter() - began) * 1000)
                 finally:
                     await conn.close()
-        print(f"{key:<30} {statistics.median(took[True]):>10.1f} "
-              f"{statistics.median(took[False]):>15.1f}")
+        print(
+            f"{key:<30} {statistics.median(took[True]):>10.1f} "
+            f"{statistics.median(took[False]):>15.1f}"
+        )
 
 
 async def late_and_fill(url: str) -> None:
@@ -288,14 +338,17 @@ async def run_pages(port: int, chain: Path, key: str, runs: int) -> None:
                 else:  # the first: a fresh process's first view of the page
                     first = elapsed
                 size = len(body)
-            print(f"{title:<30} {first:>9.1f} {statistics.median(times):>10.1f} "
-                  f"{max(times):>10.1f} {size:>10,}")
+            print(
+                f"{title:<30} {first:>9.1f} {statistics.median(times):>10.1f} "
+                f"{max(times):>10.1f} {size:>10,}"
+            )
         async with client.get("/console/chains") as response:
             csrf = re.search(r'name="csrf" value="([^"]+)"', await response.text())
         assert csrf
         began = time.perf_counter()
-        async with client.post("/console/chains/verify",
-                               data={"csrf": csrf.group(1), "window": "day"}) as response:
+        async with client.post(
+            "/console/chains/verify", data={"csrf": csrf.group(1), "window": "day"}
+        ) as response:
             await response.read()
         while True:
             async with client.get("/console/chains") as response:
@@ -304,8 +357,10 @@ async def run_pages(port: int, chain: Path, key: str, runs: int) -> None:
                 break
             await asyncio.sleep(0.5)
         found = re.search(r'id="verify-summary">([^<]+)<', text)
-        print(f"\nchain verification, last day (background): "
-              f"{time.perf_counter() - began:.1f} s: {found.group(1) if found else text[-300:]}")
+        print(
+            f"\nchain verification, last day (background): "
+            f"{time.perf_counter() - began:.1f} s: {found.group(1) if found else text[-300:]}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ PASSPHRASE = "bench-passphrase"
 
 
 async def _load(
-    seconds: float, concurrency: int, request: Callable[[aiohttp.ClientSession], Awaitable[int]],
+    seconds: float,
+    concurrency: int,
+    request: Callable[[aiohttp.ClientSession], Awaitable[int]],
     context: ssl.SSLContext,
 ) -> tuple[float, int, int]:
     """(requests/s, ok, failed) of ``concurrency`` workers for ``seconds``."""
@@ -136,16 +138,22 @@ class Measured:
 def _median(runs: list[Measured]) -> Measured:
     """Each column's own median over the runs (the ok/failed counts are summed)."""
     return Measured(
-        statistics.median(m.rate for m in runs), sum(m.ok for m in runs),
-        sum(m.failed for m in runs), statistics.median(m.server_ms for m in runs),
+        statistics.median(m.rate for m in runs),
+        sum(m.ok for m in runs),
+        sum(m.failed for m in runs),
+        statistics.median(m.server_ms for m in runs),
         statistics.median(m.postgres_ms for m in runs),
         statistics.median(m.client_ms for m in runs),
     )
 
 
 def _measure(
-    pid: int, database_url: str, seconds: float, concurrency: int,
-    request: Callable[[aiohttp.ClientSession], Awaitable[int]], context: ssl.SSLContext,
+    pid: int,
+    database_url: str,
+    seconds: float,
+    concurrency: int,
+    request: Callable[[aiohttp.ClientSession], Awaitable[int]],
+    context: ssl.SSLContext,
 ) -> Measured:
     """`_load` plus CPU milliseconds per successful request: server, its PostgreSQL
     backends (the pool is open and warm by now) and the load generator."""
@@ -154,8 +162,12 @@ def _measure(
     rate, ok, failed = uvloop.run(_load(seconds, concurrency, request, context))
     per = 1000 / max(ok, 1)
     return Measured(
-        rate, ok, failed, (_cpu_seconds(pid) - before) * per,
-        (_cpu_of(backends) - pg_before) * per, (time.process_time() - client_before) * per,
+        rate,
+        ok,
+        failed,
+        (_cpu_seconds(pid) - before) * per,
+        (_cpu_of(backends) - pg_before) * per,
+        (time.process_time() - client_before) * per,
     )
 
 
@@ -167,7 +179,8 @@ def _profiled(py_spy: str | None, pid: int, out: Path) -> Iterator[None]:
         return
     proc = subprocess.Popen(
         [py_spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)  # let it attach before the load starts
     try:
@@ -204,7 +217,9 @@ async def _service_rate(
         nonlocal done
         while time.perf_counter() < deadline:
             await service.enroll(
-                token=token, csr=accepted[index % len(accepted)], hardware_id=None,
+                token=token,
+                csr=accepted[index % len(accepted)],
+                hardware_id=None,
                 peer=Peer(address="127.0.0.1"),
             )
             done += 1
@@ -222,8 +237,10 @@ async def _prepare(url: str) -> str:
     try:
         await migrate(conn)
         created = await admin.create_token(
-            conn, TokenCreateRequest(fleet="bench", uses=1_000_000, ttl="1h"),
-            actor="bench", instance="bench",
+            conn,
+            TokenCreateRequest(fleet="bench", uses=1_000_000, ttl="1h"),
+            actor="bench",
+            instance="bench",
         )
     finally:
         await conn.close()
@@ -262,7 +279,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--port", type=int, default=0, help="Listener port (0: a free one).")
     parser.add_argument(
-        "--py-spy", default=None, metavar="BINARY",
+        "--py-spy",
+        default=None,
+        metavar="BINARY",
         help="py-spy binary: sample the server during both HTTP measurements and write "
         "raw stacks to profile-healthz.txt and profile-enroll.txt (in the current directory)",
     )
@@ -292,7 +311,8 @@ def main() -> int:
             devicegate = str(Path(sys.executable).with_name("devicegate"))
             server = subprocess.Popen(
                 [devicegate, "serve", "provisioning", "--listen", f"127.0.0.1:{args.port}"],
-                env=env, stderr=subprocess.DEVNULL,
+                env=env,
+                stderr=subprocess.DEVNULL,
             )
             url = f"https://127.0.0.1:{args.port}"
             context = ssl.create_default_context(cafile=str(pki_dir / "chain.pem"))
@@ -334,7 +354,9 @@ def main() -> int:
             enrolled = _median([e for _, e in pairs])
             signing = _sign_rate(pki_dir, args.seconds)
             settings = Settings(
-                database_url=database_url, pki_dir=pki_dir, ca_passphrase=PASSPHRASE,
+                database_url=database_url,
+                pki_dir=pki_dir,
+                ca_passphrase=PASSPHRASE,
                 instance_id="bench",
             )
             in_process = uvloop.run(
@@ -346,14 +368,20 @@ def main() -> int:
                 server.wait(15)
             uvloop.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-    print(f"concurrency {args.concurrency}, new TLS connection per request, "
-          f"{args.seconds:g} s per measurement, {os.cpu_count()} CPUs (client shares them)")
+    print(
+        f"concurrency {args.concurrency}, new TLS connection per request, "
+        f"{args.seconds:g} s per measurement, {os.cpu_count()} CPUs (client shares them)"
+    )
     rows = [("GET /healthz (trivial ceiling)", trivial), ("POST /v1/enroll", enrolled)]
-    print(f"{'measurement':<34}{'per second':>11}{'ok':>7}{'failed':>7}"
-          f"{'server CPU ms/req':>19}{'PostgreSQL':>11}{'client':>8}")
+    print(
+        f"{'measurement':<34}{'per second':>11}{'ok':>7}{'failed':>7}"
+        f"{'server CPU ms/req':>19}{'PostgreSQL':>11}{'client':>8}"
+    )
     for label, m in rows:
-        print(f"{label:<34}{m.rate:>11.1f}{m.ok:>7}{m.failed:>7}{m.server_ms:>19.2f}"
-              f"{m.postgres_ms:>11.2f}{m.client_ms:>8.2f}")
+        print(
+            f"{label:<34}{m.rate:>11.1f}{m.ok:>7}{m.failed:>7}{m.server_ms:>19.2f}"
+            f"{m.postgres_ms:>11.2f}{m.client_ms:>8.2f}"
+        )
     print(f"{'enroll in-process (no HTTP/TLS)':<34}{in_process:>11.1f}")
     print(f"{'cryptography signing, 1 process':<34}{signing:>11.1f}")
     ratios = " ".join(f"{e.rate / t.rate:.2f}" for t, e in pairs)

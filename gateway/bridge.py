@@ -39,7 +39,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any, Protocol, cast
@@ -55,19 +55,21 @@ from gateway.actions import (
     ToUpstream,
 )
 from gateway.audit import EventContext, EventSink
+from gateway.config import BridgeConfig
 from gateway.connection import Session, State
-from gateway.denials import DenialBudget, DenialLimits
+from gateway.denials import DenialBudget
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
-from gateway.telemetry import ATTR_PEER, ConnectionTrace, GatewayMetrics
+from gateway.spans import ATTR_PEER, ConnectionTrace
+from gateway.telemetry import GatewayMetrics
 from gateway.tls import TlsFailure, TlsPump
-from gateway.upstream import UpstreamTarget, close_lingering, dial
+from gateway.upstream import close_lingering, dial
 from schemas.certificates import describe_certificate
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
-__all__ = ["BridgeConfig", "DeviceConnection", "Hub"]
+__all__ = ["DeviceConnection", "Hub"]
 
 log = logging.getLogger("devicegate.gateway")
 
@@ -75,24 +77,6 @@ _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 LINGER_SECONDS = 2.0
 """How long a closed connection keeps draining input while the peer reads our last bytes."""
-
-
-@dataclass(frozen=True, slots=True)
-class BridgeConfig:
-    """What every connection of one gateway shares."""
-
-    instance: str
-    trust_domain: str
-    ssl_context: ssl.SSLContext
-    upstream: UpstreamTarget
-    handshake_timeout: float
-    connect_timeout: float
-    max_packet_size: int
-    dial_timeout: float = 5.0
-    proxy_protocol_from: tuple[IPv4Network | IPv6Network, ...] = ()
-    """Peers that must send a PROXY v2 header (empty: PROXY protocol off)."""
-    denials: DenialLimits = field(default_factory=DenialLimits)
-    """Each session's denial budget (`gateway.denials`)."""
 
 
 class Hub(Protocol):

@@ -6,8 +6,12 @@ CONNACK, the durable connect event) -> ``ACTIVE`` -> ``CLOSED``.
 Invariants:
 
 * No I/O, no await: the bridge feeds bytes and outcomes in and executes the returned
-  `gateway.actions` in order. The one clock read is the denial budget's, injected with
-  it (`gateway.denials.DenialBudget`), so tests step it by hand.
+  `gateway.actions` in order. The pure steps live beside it: `gateway.admission` (the
+  CONNECT judged, the broker's CONNECT, the device's CONNACK), `gateway.codes` (the
+  CONNACK and DISCONNECT codes per reason); tests/foundation/test_import_boundaries.py
+  fails if any of them imports asyncio, ssl, sockets or the bridge. The one clock read
+  is the denial budget's, injected with it (`gateway.denials.DenialBudget`), so tests
+  step it by hand.
 * CONNECT is the first packet. Nothing is sent upstream before the device, its
   certificate, its client id and its will topic are authorised, and the device gets its
   CONNACK only through `Admit`, i.e. after its connect event is durable.
@@ -60,7 +64,18 @@ from gateway.actions import (
     ToDevice,
     ToUpstream,
 )
+from gateway.admission import connect_refusal, device_connack, upstream_connect
 from gateway.audit import EventContext
+from gateway.codes import (
+    CLEAN_CUTS,
+    DISCONNECT_BYTES,
+    NORMAL_ENDS,
+    PROTOCOL_ERROR,
+    QUOTA_EXCEEDED,
+    TOPIC_ALIAS_INVALID,
+    connack_code,
+    disconnect_code,
+)
 from gateway.denials import DenialBudget, Summary, clip, sample
 from gateway.downstream import Downstream, SubackMerge
 from gateway.fastpath import MORE, allowed_publish_end
@@ -81,78 +96,18 @@ from gateway.mqtt.packets import (
     Suback,
     Subscribe,
 )
-from gateway.mqtt.properties import Properties, PropertyId
 from gateway.policy import Action as PolicyAction
-from gateway.policy import authorize, client_id_allowed, upstream_client_id
+from gateway.policy import authorize
 from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
-__all__ = ["Session", "State", "connack_code", "disconnect_code"]
+__all__ = ["Session", "State"]
 
 _CACHE_LIMIT: Final = 1024
-_TOPIC_ALIAS_INVALID: Final = 0x94
-_PROTOCOL_ERROR: Final = 0x82
-_BAD_AUTH_METHOD: Final = 0x8C
-# Quota exceeded ("an implementation or administrative imposed limit has been exceeded"):
-# the budget, not the credential, ended the session; each denial was already answered
-# with 0x87, and 0x87 on DISCONNECT means "renew your certificate" here (expiry).
-_QUOTA_EXCEEDED: Final = 0x97
 # Packet types a client may send after CONNECT (AUTH only on v5).
 _FROM_CLIENT: Final = frozenset({3, 4, 5, 6, 7, 8, 10, 12, 14, 15})
 _PUBLISH, _PUBREL, _SUBSCRIBE, _DISCONNECT, _CONNECT = 3, 6, 8, 14, 1
-
-# CONNACK codes per refusal reason: (MQTT 3.1.1 return code, MQTT 5 reason code).
-_CONNACK: Final = {
-    Reason.CLIENT_ID_MISMATCH: (0x02, 0x85),
-    Reason.UNSUPPORTED_PROTOCOL_VERSION: (0x01, 0x84),
-    Reason.UPSTREAM_UNAVAILABLE: (0x03, 0x88),
-    Reason.REVOCATION_STATE_STALE: (0x03, 0x88),
-    Reason.EVENT_LOG_UNAVAILABLE: (0x03, 0x88),
-    Reason.SERVER_SHUTTING_DOWN: (0x03, 0x88),
-    Reason.TOO_MANY_CONNECTIONS: (0x03, 0x97),
-}
-_NOT_AUTHORIZED: Final = (0x05, 0x87)
-# MQTT 5 DISCONNECT codes for sessions ended from outside (`Session.cut`).
-_CUT_CODES: Final = {
-    Reason.SESSION_TAKEN_OVER: 0x8E,  # Session taken over
-    Reason.SERVER_SHUTTING_DOWN: 0x8B,  # Server shutting down
-    Reason.CERTIFICATE_REVOKED: 0x98,  # Administrative action
-    Reason.CERTIFICATE_SUPERSEDED: 0x98,
-    Reason.DEVICE_REVOKED: 0x98,
-    Reason.DEVICE_DISABLED: 0x98,
-    # Not authorized: the credential is no longer valid. Not 0x98 (no operator acted) nor
-    # 0xA0 Maximum connect time (a client would just reconnect): the device must renew.
-    Reason.CERTIFICATE_EXPIRED: 0x87,
-}
-_UNSPECIFIED_ERROR: Final = 0x80
-# Ends from outside after which the broker gets a DISCONNECT, so it drops the will: the
-# gateway itself is going away, not the device (docs/mqtt-behaviour.md, "What the broker
-# sees when a session ends"). No other cut sends one: a takeover is left to the broker's
-# own, and the rest close the broker connection without one, so the will fires.
-_CLEAN_CUTS: Final = frozenset({Reason.SERVER_SHUTTING_DOWN})
-_DISCONNECT_BYTES: Final = b"\xe0\x00"  # DISCONNECT, reason 0: the same on 3.1.1 and 5
-# Session ends that are not the device's fault.
-_NORMAL_ENDS: Final = frozenset(
-    {
-        Reason.CLIENT_DISCONNECTED,
-        Reason.CONNECTION_LOST,
-        Reason.UPSTREAM_CLOSED,
-        Reason.SERVER_SHUTTING_DOWN,
-        Reason.SESSION_TAKEN_OVER,
-    }
-)
-
-
-def connack_code(reason: Reason, version: int) -> int:
-    """The CONNACK code refusing a connection for ``reason`` on ``version``."""
-    v3, v5 = _CONNACK.get(reason, _NOT_AUTHORIZED)
-    return v5 if version == MQTT_5 else v3
-
-
-def disconnect_code(reason: Reason) -> int:
-    """The MQTT 5 DISCONNECT code ending a live session from outside for ``reason``."""
-    return _CUT_CODES.get(reason, _UNSPECIFIED_ERROR)
 
 
 class State(Enum):
@@ -253,7 +208,7 @@ class Session:
         type_: EventType = EventType.SESSION_END,
     ) -> AuthEvent:
         """The ``session_end`` (or ``session_revoked``) event alone: see `end_events`."""
-        outcome = Outcome.ALLOWED if reason in _NORMAL_ENDS else Outcome.DENIED
+        outcome = Outcome.ALLOWED if reason in NORMAL_ENDS else Outcome.DENIED
         detail: dict[str, object] = {
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -341,23 +296,13 @@ class Session:
         self.version = connect.protocol_level
         self.downstream.version = self.version
         self.connect = connect
-        device_id = self.identity.device_id
-        client_id = connect.client_id
-        self.client_id = client_id
-        if self.version == MQTT_5 and connect.properties.authentication_method is not None:
-            # Identity comes from the certificate; an AUTH exchange with the broker would
-            # bypass it. 0x8C: Bad authentication method.
-            detail = {"error": "enhanced authentication is not supported"}
-            return self._refuse(Reason.PROTOCOL_ERROR, detail, _BAD_AUTH_METHOD)
-        if not client_id:
-            if self.version == MQTT_3_1_1 and not connect.clean_start:
-                return self._refuse(
-                    Reason.CLIENT_ID_MISMATCH, {"error": "empty client id without clean session"}
-                )
+        self.client_id = connect.client_id
+        refusal = connect_refusal(connect, self.identity, self.policy)
+        if refusal is not None:
+            return self._refuse(refusal.reason, refusal.detail, refusal.code)
+        if not connect.client_id:  # the gateway names it after the device
             self._assign_client_id = self.version == MQTT_5
-            self.client_id = device_id
-        elif not client_id_allowed(self.identity, client_id, self.policy):
-            return self._refuse(Reason.CLIENT_ID_MISMATCH, {"requested": client_id})
+            self.client_id = self.identity.device_id
         if connect.will is not None and not self._allowed(PolicyAction.PUBLISH, connect.will.topic):
             return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": connect.will.topic})
         return [CheckDevice()]
@@ -372,13 +317,8 @@ class Session:
             detail = {"presented": presented_detail(describe_certificate(der))} if der else None
             return self._refuse(reason, detail)
         assert self.connect is not None and self.client_id is not None
-        upstream_connect = replace(
-            self.connect,
-            client_id=upstream_client_id(self.identity.device_id, self.client_id),
-            username=self.identity.device_id,
-            password=None,
-        )
-        return [DialUpstream(encode(upstream_connect, version=self.version))]
+        connect = upstream_connect(self.connect, self.identity, self.client_id)
+        return [DialUpstream(encode(connect, version=self.version))]
 
     def upstream_failed(self, detail: str) -> list[Action]:
         """The broker could not be reached (or closed before its CONNACK)."""
@@ -436,18 +376,10 @@ class Session:
             ]
         if self.version == MQTT_5:
             self._alias_max = connack.properties.topic_alias_maximum or 0
-            items = connack.properties.items
-            broker_max = connack.properties.maximum_packet_size
-            if broker_max is None or broker_max > self.max_packet_size:
-                items = (
-                    *(i for i in items if i[0] != PropertyId.MAXIMUM_PACKET_SIZE),
-                    (PropertyId.MAXIMUM_PACKET_SIZE, self.max_packet_size),
-                )
-            if self._assign_client_id:
-                assert self.client_id is not None
-                items = (*items, (PropertyId.ASSIGNED_CLIENT_IDENTIFIER, self.client_id))
-            if items is not connack.properties.items:
-                connack = replace(connack, properties=Properties(tuple(items)))
+            assigned = self.client_id if self._assign_client_id else None
+            connack = device_connack(
+                connack, max_packet_size=self.max_packet_size, assigned_client_id=assigned
+            )
         connack_bytes = encode(connack, version=self.version)
         self._connack_size = len(connack_bytes)
         self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
@@ -562,7 +494,7 @@ class Session:
                 packet_type = data[pos] >> 4
                 if packet_type not in _FROM_CLIENT:
                     raise MalformedPacket(
-                        f"packet type {packet_type} from a client", _PROTOCOL_ERROR
+                        f"packet type {packet_type} from a client", PROTOCOL_ERROR
                     )
                 verdict: list[Action] | None = None
                 if packet_type == _PUBLISH:
@@ -618,13 +550,13 @@ class Session:
             alias = packet.properties.topic_alias
             if alias is not None:
                 if alias == 0 or alias > self._alias_max:
-                    raise MalformedPacket(f"topic alias {alias} invalid", _TOPIC_ALIAS_INVALID)
+                    raise MalformedPacket(f"topic alias {alias} invalid", TOPIC_ALIAS_INVALID)
                 if topic:
                     self._aliases[alias] = topic
                 else:
                     known = self._aliases.get(alias)
                     if known is None:
-                        raise MalformedPacket(f"unknown topic alias {alias}", _PROTOCOL_ERROR)
+                        raise MalformedPacket(f"unknown topic alias {alias}", PROTOCOL_ERROR)
                     topic = known
         if self._allowed(PolicyAction.PUBLISH, topic):
             if topic is packet.topic:  # not via an alias: the fast path may skip decoding
@@ -682,7 +614,7 @@ class Session:
     def _too_many_denials(self, actions: list[Action]) -> list[Action]:
         limits = self.denials.limits
         error = f"more than {limits.per_window} denials in {limits.window:g} s"
-        actions.extend(self._protocol_close(Reason.TOO_MANY_DENIALS, _QUOTA_EXCEEDED, error))
+        actions.extend(self._protocol_close(Reason.TOO_MANY_DENIALS, QUOTA_EXCEEDED, error))
         return actions
 
     def _pubrel(self, packet: Pubrel) -> list[Action] | None:
@@ -758,8 +690,8 @@ class Session:
         # Forwarded frames end on a packet boundary, so the DISCONNECT follows them cleanly
         # (dropped by the bridge if the broker connection is not open).
         goodbye: list[Action] = (
-            [ToUpstream(_DISCONNECT_BYTES)]
-            if reason in _CLEAN_CUTS and state is not State.AWAIT_CONNECT
+            [ToUpstream(DISCONNECT_BYTES)]
+            if reason in CLEAN_CUTS and state is not State.AWAIT_CONNECT
             else []
         )
         if state is State.ACTIVE or self._admitting:

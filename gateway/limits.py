@@ -19,7 +19,7 @@ Invariants:
   by charging one another's failures too (`gateway.failure_channel`).
 * `EventThrottle` lets at most one event per key through per ``interval`` seconds and
   counts the rest; `EventThrottle.due` hands the counts of closed windows back, so every
-  refusal is accounted for in some event (``refused`` in its detail) without one event per
+  refusal is accounted for in some event (``count`` in its detail) without one event per
   refusal.
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,21 +29,29 @@ from typing import Final, Protocol
 from pydantic import ValidationError
 
 from gateway.mqtt.errors import InvalidTopic
-from gateway.mqtt.topics import filter_contains, matches, parse_shared, validate_topic_filter
+from gateway.mqtt.topics import (
+    filter_contains,
+    matches,
+    parse_shared,
+    validate_topic_filter,
+    validate_topic_name,
+)
 from schemas.errors import DevicegateError
 from schemas.events import Reason
-from schemas.policy import FleetPolicy, PolicyDocument
+from schemas.policy import FleetPolicy, PolicyDocument, Problem, problems_of
 
 __all__ = [
     "ALLOWED",
     "DENIED",
     "Action",
     "Decision",
+    "Explanation",
     "PolicyError",
     "Subject",
     "authorize",
     "client_id_allowed",
     "expand",
+    "explain",
     "load_policy",
 ]
 
@@ -77,7 +86,15 @@ DENIED: Final = Decision(False, Reason.TOPIC_NOT_AUTHORIZED)
 
 
 class PolicyError(DevicegateError):
-    """The policy file is missing, unreadable or invalid."""
+    """The policy file is missing, unreadable or invalid.
+
+    Attributes:
+        problems: One ``FILE[:LINE]: sentence`` per problem found.
+    """
+
+    def __init__(self, message: str, *, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message,)
 
 
 def _safe(value: str) -> bool:
@@ -97,7 +114,7 @@ def _substitute(template: str, device_id: str, fleet: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _expand(templates: tuple[str, ...], device_id: str, fleet: str) -> tuple[str, ...]:
+def _expand(templates: tuple[str, ...], device_id: str, fleet: str) -> tuple[tuple[str, str], ...]:
     out = []
     for template in templates:
         topic_filter = _substitute(template, device_id, fleet)
@@ -107,13 +124,36 @@ def _expand(templates: tuple[str, ...], device_id: str, fleet: str) -> tuple[str
             validate_topic_filter(topic_filter)
         except InvalidTopic:
             continue
-        out.append(topic_filter)
+        out.append((template, topic_filter))
     return tuple(out)
 
 
 def expand(templates: tuple[str, ...], subject: Subject) -> tuple[str, ...]:
     """The filters ``templates`` allow for ``subject`` (unsafe substitutions dropped)."""
-    return _expand(templates, subject.device_id, subject.fleet)
+    return tuple(
+        topic_filter for _, topic_filter in _expand(templates, subject.device_id, subject.fleet)
+    )
+
+
+def _allowing(
+    subject: Subject, action: Action, topic_or_filter: str, policy: FleetPolicy
+) -> tuple[str, str] | None:
+    """The first (template, expanded filter) that allows the request, or ``None``."""
+    if action is Action.PUBLISH:
+        if not topic_or_filter or "+" in topic_or_filter or "#" in topic_or_filter:
+            return None
+        for template, allowed in _expand(policy.publish, subject.device_id, subject.fleet):
+            if matches(allowed, topic_or_filter):
+                return template, allowed
+        return None
+    try:
+        _, inner = parse_shared(topic_or_filter)
+    except InvalidTopic:
+        return None
+    for template, allowed in _expand(policy.subscribe, subject.device_id, subject.fleet):
+        if filter_contains(allowed, inner):
+            return template, allowed
+    return None
 
 
 def authorize(
@@ -131,21 +171,54 @@ def authorize(
     Returns:
         `ALLOWED` or `DENIED` (``topic_not_authorized``).
     """
+    return DENIED if _allowing(subject, action, topic_or_filter, policy) is None else ALLOWED
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why `authorize` decides what it decides (``devicegate policy explain``).
+
+    Attributes:
+        decision: What `authorize` returns for the same arguments.
+        template: The template that allowed it, as written; ``None`` when denied.
+        expanded: That template with the device's values substituted.
+        why: The reason in words.
+    """
+
+    decision: Decision
+    template: str | None
+    expanded: str | None
+    why: str
+
+
+def explain(
+    subject: Subject, action: Action, topic_or_filter: str, policy: FleetPolicy
+) -> Explanation:
+    """`authorize`, with the template that made the decision."""
+    found = _allowing(subject, action, topic_or_filter, policy)
+    if found is not None:
+        template, expanded = found
+        how = "matches" if action is Action.PUBLISH else "is contained in"
+        why = f"{topic_or_filter!r} {how} {expanded!r}, from the template {template!r}"
+        return Explanation(ALLOWED, template, expanded, why)
+    templates = policy.publish if action is Action.PUBLISH else policy.subscribe
     if action is Action.PUBLISH:
-        if not topic_or_filter or "+" in topic_or_filter or "#" in topic_or_filter:
-            return DENIED
-        for allowed in expand(policy.publish, subject):
-            if matches(allowed, topic_or_filter):
-                return ALLOWED
-        return DENIED
-    try:
-        _, inner = parse_shared(topic_or_filter)
-    except InvalidTopic:
-        return DENIED
-    for allowed in expand(policy.subscribe, subject):
-        if filter_contains(allowed, inner):
-            return ALLOWED
-    return DENIED
+        try:
+            validate_topic_name(topic_or_filter)
+        except InvalidTopic as exc:
+            return Explanation(DENIED, None, None, f"not a valid topic name: {exc}")
+    else:
+        try:
+            parse_shared(topic_or_filter)
+        except InvalidTopic as exc:
+            return Explanation(DENIED, None, None, f"not a valid topic filter: {exc}")
+    dropped = set(templates) - {t for t, _ in _expand(templates, subject.device_id, subject.fleet)}
+    why = f"no {action.value} template allows it (deny by default)"
+    if dropped:
+        why += "; left out because a value holds '+', '#', '/' or is empty: " + ", ".join(
+            repr(t) for t in templates if t in dropped
+        )
+    return Explanation(DENIED, None, None, why)
 
 
 def upstream_client_id(device_id: str, client_id: str) -> str:
@@ -179,32 +252,85 @@ def client_id_allowed(subject: Subject, client_id: str, policy: FleetPolicy) -> 
     return False
 
 
-def _check(document: PolicyDocument) -> None:
-    fleets = [("default", document.default), *document.fleets.items()]
-    for name, fleet_policy in fleets:
-        for template in (*fleet_policy.publish, *fleet_policy.subscribe):
-            expanded = _substitute(template, "device", "fleet")
-            try:
-                validate_topic_filter(expanded or "")
-            except InvalidTopic as exc:
-                raise PolicyError(f"fleet {name!r}: template {template!r}: {exc}") from None
+def _filter_problems(document: PolicyDocument) -> list[Problem]:
+    problems = []
+    fleets: list[tuple[tuple[str, ...], FleetPolicy]] = [(("default",), document.default)]
+    fleets += [(("fleets", name), policy) for name, policy in document.fleets.items()]
+    for where, fleet_policy in fleets:
+        for field in ("publish", "subscribe"):
+            for index, template in enumerate(getattr(fleet_policy, field)):
+                expanded = _substitute(template, "device", "fleet")
+                try:
+                    validate_topic_filter(expanded or "")
+                except InvalidTopic as exc:
+                    path = (*where, field, index)
+                    name = ".".join(where) + f".{field}[{index}]"
+                    problems.append(Problem(path, f"{name}: {exc}", template))
+    return problems
+
+
+_WORD: Final = r"(?<![\w-]){}(?![\w-])"
+_TOML_AT: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def _line(text: str, problem: Problem) -> int | None:
+    """The line of ``problem`` in the file: each key of its path in turn, then its token."""
+    pos, found = 0, False
+    for part in problem.path:
+        if isinstance(part, str):
+            match = re.compile(_WORD.format(re.escape(part))).search(text, pos)
+            if match is not None:
+                pos, found = match.start(), True
+    if problem.token:
+        at = text.find(problem.token, pos)
+        if at < 0:
+            at = text.find(problem.token)
+        if at >= 0:
+            pos, found = at, True
+    return text.count("\n", 0, pos) + 1 if found else None
+
+
+def _decode(path: Path, text: str) -> object:
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PolicyError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        at = _TOML_AT.search(message)
+        if at is None:
+            raise PolicyError(f"{path}: not valid TOML: {message}") from None
+        where = f"{path}:{at.group(1)}"
+        raise PolicyError(f"{where}: not valid TOML: {message[: at.start()]}") from None
 
 
 def load_policy(path: Path | None) -> PolicyDocument:
     """Read a policy document (TOML, or JSON for a ``.json`` file); ``None``: the default.
 
     Raises:
-        PolicyError: unreadable file, bad syntax, unknown keys or invalid templates.
+        PolicyError: unreadable file, bad syntax, unknown keys or placeholders, invalid
+            templates; ``problems`` holds one ``FILE[:LINE]: sentence`` per problem.
     """
     if path is None:
         return PolicyDocument()
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PolicyError(f"{path}: cannot read the policy file: {why}") from None
+    data = _decode(path, text)
+    try:
         document = PolicyDocument.model_validate(data)
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
-    except (ValueError, ValidationError) as exc:  # JSON/TOML decode errors are ValueErrors
-        raise PolicyError(f"invalid policy file {path}: {exc}") from None
-    _check(document)
+    except ValidationError as exc:
+        problems = problems_of(exc)
+    else:
+        problems = _filter_problems(document)
+    if problems:
+        lines = []
+        for problem in problems:
+            line = _line(text, problem)
+            lines.append(f"{path}{'' if line is None else f':{line}'}: {problem.message}")
+        raise PolicyError("\n".join(lines), problems=tuple(lines))
     return document

@@ -34,11 +34,12 @@ from collections.abc import Callable
 
 import uvloop
 
+from gateway.config import config_from_settings
 from gateway.events.checkpoints import CheckpointPolicy
 from gateway.events.sink import SpoolSink
 from gateway.failure_channel import ChannelFds, FailureChannel
 from gateway.revocation_listen import RevocationCache
-from gateway.server import Gateway, config_from_settings
+from gateway.server import Gateway
 from gateway.takeover import SessionBus
 from gateway.telemetry import GatewayMetrics, ObservingSink
 from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file

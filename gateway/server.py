@@ -18,7 +18,7 @@ Invariants:
   device id in the `gateway.sessions.SessionRegistry` (no scan of all connections).
 * Refusals at accept cost no TLS work and are recorded as ``tls_handshake`` denials,
   throttled (`gateway.limits.EventThrottle`: one event per address, or per worker for
-  ``too_many_connections``, per window, counting the refusals in ``detail.refused``): an
+  ``too_many_connections``, per window, counting the refusals in ``detail.count``): an
   address whose failed handshakes exhausted its token bucket (``rate_limited``), and any
   connection beyond ``max_connections``. Every ``tls_handshake`` denial that reaches
   `Gateway.record` takes a token from its address (except ``proxy_protocol_error``, which
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -48,8 +47,8 @@ from opentelemetry.metrics import NoOpMeter
 from opentelemetry.trace import NoOpTracer
 
 from gateway.audit import EventContext, EventSink
-from gateway.bridge import BridgeConfig, DeviceConnection
-from gateway.denials import DenialLimits
+from gateway.bridge import DeviceConnection
+from gateway.config import BridgeConfig
 from gateway.failure_channel import FailureChannel
 from gateway.identity import DeviceIdentity
 from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
@@ -58,15 +57,11 @@ from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
 from gateway.takeover import Claim, SessionBus
 from gateway.telemetry import GatewayMetrics
-from gateway.tls import server_context
-from gateway.upstream import UpstreamTarget
-from schemas.errors import DevicegateError
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.notify import SessionNotice
 from schemas.policy import FleetPolicy, PolicyDocument
-from schemas.settings import Settings
 
-__all__ = ["Gateway", "GatewayConfigError", "config_from_settings"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger("devicegate.gateway")
 
@@ -83,41 +78,6 @@ as a step (NTP slews far slower than this)."""
 def _unexported_metrics() -> GatewayMetrics:
     """Metrics on a no-op meter and tracer, for a Gateway built without telemetry (tests)."""
     return GatewayMetrics(meter=NoOpMeter("devicegate"), tracer=NoOpTracer())
-
-
-class GatewayConfigError(DevicegateError):
-    """The gateway cannot start with this configuration (message says why)."""
-
-
-def config_from_settings(settings: Settings) -> BridgeConfig:
-    """The connection settings from ``Settings`` (reads the server's TLS files).
-
-    Raises:
-        GatewayConfigError: the TLS files are missing or unusable.
-    """
-    pki = settings.pki_dir
-    try:
-        context = server_context(pki / "chain.pem", pki / "server.crt", pki / "server.key")
-    except (OSError, ssl.SSLError) as exc:
-        raise GatewayConfigError(
-            f"cannot load chain.pem, server.crt and server.key from {pki}: {exc}; "
-            "run `devicegate ca init` first"
-        ) from None
-    return BridgeConfig(
-        instance=settings.instance_id,
-        trust_domain=settings.trust_domain,
-        ssl_context=context,
-        upstream=UpstreamTarget.from_url(settings.upstream_url),
-        handshake_timeout=settings.handshake_timeout.total_seconds(),
-        connect_timeout=settings.connect_timeout.total_seconds(),
-        max_packet_size=settings.max_packet_size,
-        proxy_protocol_from=tuple(settings.proxy_protocol_from),
-        denials=DenialLimits(
-            per_window=settings.denials_per_window,
-            events_per_window=settings.denial_events_per_window,
-            window=settings.denial_window.total_seconds(),
-        ),
-    )
 
 
 class Gateway:
@@ -351,7 +311,8 @@ class Gateway:
         for burst in bursts:
             reason = Reason(burst.key.partition(" ")[0])
             detail: dict[str, object] = {
-                "refused": burst.count,
+                "summary": True,
+                "count": burst.count,
                 "window_seconds": self.refusals.interval,
             }
             if reason is Reason.TOO_MANY_CONNECTIONS:

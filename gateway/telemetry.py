@@ -1,4 +1,4 @@
-"""The gateway's metrics and connection spans, kept off the per-packet path.
+"""The gateway's metrics and its audit log lines, kept off the per-packet path.
 
 Invariants:
 
@@ -8,8 +8,8 @@ Invariants:
   (observable counters): the sessions it tracks plus the totals folded in from ended ones.
 * Per connection: `GatewayMetrics.observe_event` and `log_event` (once per recorded auth
   event, in `ObservingSink`; INFO for denials, DEBUG for what was allowed),
-  `session_started` / `session_ended` (admission and close), a `ConnectionTrace` (a few
-  spans), `time_dial` (one histogram record).
+  `session_started` / `session_ended` (admission and close), `connection` (a
+  `gateway.spans.ConnectionTrace`: a few spans), `time_dial` (one histogram record).
 * Collection may run on another thread (the OTLP exporter's): the fold of an ending session
   and the snapshot of the live ones happen under one lock, so every session is counted
   either live or folded, never both, and the counters never go down.
@@ -20,15 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Protocol
 
-from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Tracer
 
+from gateway.spans import ConnectionTrace
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.metrics import (
     AUTHZ_DENIALS,
@@ -36,6 +35,7 @@ from schemas.metrics import (
     EVENTS_BATCH_SIZE,
     EVENTS_FLUSH_DURATION,
     EVENTS_LOST,
+    EVENTS_MISSING,
     EVENTS_QUEUE_DEPTH,
     EVENTS_SPOOL_BYTES,
     HANDSHAKES,
@@ -47,21 +47,12 @@ from schemas.metrics import (
     histogram,
     instrument,
 )
-from schemas.telemetry import trace_detail
 
-__all__ = [
-    "ConnectionTrace",
-    "GatewayMetrics",
-    "ObservingSink",
-    "SessionCounters",
-    "connection_span",
-    "log_event",
-    "with_trace_id",
-]
+__all__ = ["GatewayMetrics", "ObservingSink", "SessionCounters", "log_event"]
 
 _AUTHZ_CONNECT_REASONS = frozenset({Reason.CLIENT_ID_MISMATCH, Reason.TOPIC_NOT_AUTHORIZED})
 # Accept-time refusals: counted one by one by `GatewayMetrics.refused` when they happen;
-# their events are throttled summaries (``detail.refused`` = how many), not attempts.
+# their events are throttled summaries (``detail.count`` = how many), not attempts.
 _COUNTED_AT_ACCEPT = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
 
 audit_log = logging.getLogger("devicegate.gateway.audit")
@@ -99,6 +90,9 @@ class _SinkStats(Protocol):
 
     @property
     def events_lost_total(self) -> int: ...
+
+    @property
+    def events_missing_total(self) -> int: ...
 
 
 _DIAL_OK: Final = {"outcome": "ok"}
@@ -161,6 +155,7 @@ class GatewayMetrics:
         instrument(meter, EVENTS_QUEUE_DEPTH, [self._observe_queue])
         instrument(meter, EVENTS_SPOOL_BYTES, [self._observe_spool])
         instrument(meter, EVENTS_LOST, [self._observe_lost])
+        instrument(meter, EVENTS_MISSING, [self._observe_missing])
         instrument(meter, REVOCATION_STATE_AGE, [self._observe_revocation])
 
     # --- sources read at collection -----------------------------------------------------
@@ -185,7 +180,7 @@ class GatewayMetrics:
         kind = event.type
         if (
             kind is EventType.TLS_HANDSHAKE
-            and "refused" in event.detail
+            and "count" in event.detail
             and (event.reason in _COUNTED_AT_ACCEPT)
         ):
             return  # a throttled summary of refusals already counted by `refused`
@@ -296,6 +291,10 @@ class GatewayMetrics:
         if self._sink_stats is not None:
             yield Observation(self._sink_stats().events_lost_total)
 
+    def _observe_missing(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._sink_stats is not None:
+            yield Observation(self._sink_stats().events_missing_total)
+
     def _observe_revocation(self, options: CallbackOptions) -> Iterable[Observation]:
         if self._revocation_age is not None:
             age = self._revocation_age()
@@ -356,139 +355,3 @@ def log_event(event: AuthEvent) -> None:
     audit_log.log(
         level, "%s %s %s", event.type.value, event.outcome.value, event.reason.value, extra=extra
     )
-
-
-# --- spans -------------------------------------------------------------------------------
-
-ATTR_PEER = "devicegate.peer"
-ATTR_DEVICE = "devicegate.device_id"
-ATTR_FLEET = "devicegate.fleet"
-ATTR_OUTCOME = "devicegate.outcome"
-ATTR_REASON = "devicegate.reason"
-
-
-class ConnectionTrace:
-    """The span of one connection attempt, for callback-style code (an asyncio.Protocol).
-
-    The root span ``devicegate.connection`` starts at once, with a ``handshake`` child that
-    ends in `handshake_done` (or `end`). `phase` opens further children (``authorize``,
-    ``upstream_dial``). `decided` sets outcome and reason; `end` adds a ``session_end``
-    event if the session was admitted, and ends everything (idempotent).
-    """
-
-    __slots__ = (
-        "_admitted",
-        "_ctx",
-        "_decided",
-        "_ended",
-        "_handshake",
-        "_tracer",
-        "recording",
-        "span",
-    )
-
-    def __init__(self, tracer: Tracer, *, peer: str | None) -> None:
-        self._tracer = tracer
-        attributes = {ATTR_PEER: peer} if peer is not None else None
-        self.span: Span = tracer.start_span(
-            "devicegate.connection", kind=SpanKind.SERVER, attributes=attributes
-        )
-        # A sampled-out connection keeps its trace id (for logs and events) but gets no
-        # children: they would cost as much as the root and record nothing.
-        self.recording = self.span.is_recording()
-        self._ctx = trace.set_span_in_context(self.span) if self.recording else None
-        self._handshake: Span | None = (
-            tracer.start_span("handshake", context=self._ctx) if self.recording else None
-        )
-        self._admitted = False
-        self._decided = False
-        self._ended = False
-
-    @property
-    def trace_id(self) -> str | None:
-        """32 hex digits, or ``None`` when tracing is disabled."""
-        context = self.span.get_span_context()
-        return trace.format_trace_id(context.trace_id) if context.is_valid else None
-
-    def handshake_done(
-        self,
-        *,
-        device_id: str | None = None,
-        fleet: str | None = None,
-        failure: Reason | None = None,
-    ) -> None:
-        """The TLS handshake finished (``failure``: it or the certificate was refused)."""
-        if device_id is not None:
-            self.span.set_attribute(ATTR_DEVICE, device_id)
-        if fleet is not None:
-            self.span.set_attribute(ATTR_FLEET, fleet)
-        handshake, self._handshake = self._handshake, None
-        if handshake is not None:
-            if failure is not None:
-                handshake.set_attribute(ATTR_REASON, failure.value)
-            handshake.end()
-        if failure is not None:
-            self.decided(Outcome.DENIED, failure)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[Span]:
-        """A child span, current inside the block: ``with trace.phase("authorize"): ...``."""
-        if not self.recording:
-            yield self.span
-            return
-        span = self._tracer.start_span(name, context=self._ctx)
-        with trace.use_span(span, end_on_exit=True):
-            yield span
-
-    def decided(self, outcome: Outcome, reason: Reason) -> None:
-        """The admission decision (allowed + ok marks the session admitted)."""
-        self.span.set_attribute(ATTR_OUTCOME, outcome.value)
-        self.span.set_attribute(ATTR_REASON, reason.value)
-        self._admitted = outcome is Outcome.ALLOWED
-        self._decided = True
-
-    def stamp(self, event: AuthEvent) -> AuthEvent:
-        """``event`` with this connection's ``trace_id`` in its detail (before it is chained).
-
-        Also takes the decision from admission events (``tls_handshake``, ``connect``).
-        """
-        if event.type is EventType.CONNECT or event.type is EventType.TLS_HANDSHAKE:
-            self.decided(event.outcome, event.reason)
-        context = self.span.get_span_context()
-        if not context.is_valid:
-            return event
-        return event.model_copy(update={"detail": with_trace_id(event.detail, self.span)})
-
-    def end(self, cause: Reason | None = None) -> None:
-        """The connection is closed; ``cause`` is why (a session-end reason)."""
-        if self._ended:
-            return
-        self._ended = True
-        if self._handshake is not None:
-            self._handshake.end()
-            self._handshake = None
-        if cause is not None:
-            if self._admitted:
-                self.span.add_event("session_end", {"cause": cause.value})
-            elif not self._decided:
-                self.decided(Outcome.DENIED, cause)
-        self.span.end()
-
-
-@contextmanager
-def connection_span(tracer: Tracer, *, peer: str | None) -> Iterator[ConnectionTrace]:
-    """`ConnectionTrace` as a context manager (ends on exit, recording an exception)."""
-    conn = ConnectionTrace(tracer, peer=peer)
-    try:
-        yield conn
-    except BaseException as exc:
-        conn.span.record_exception(exc)
-        conn.end(Reason.INTERNAL_ERROR)
-        raise
-    finally:
-        conn.end()
-
-
-def with_trace_id(detail: Mapping[str, Any] | None, span: Span | None = None) -> dict[str, Any]:
-    """A new detail dict with ``trace_id`` of ``span`` (or the current span), if any."""
-    return trace_detail(detail, span)

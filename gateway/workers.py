@@ -42,11 +42,11 @@ from types import FrameType
 from typing import Final
 
 from gateway import tls
+from gateway.config import config_from_settings
 from gateway.events import codec as event_codec
 from gateway.failure_channel import Mesh
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
-from gateway.server import config_from_settings
 from schemas.logs import configure_logging
 from schemas.settings import Settings
 

@@ -22,6 +22,11 @@ Invariants:
   evicted; counts pending on an evicted entry are kept until the next `sweep` (they become
   summaries like any other). Idle entries (bucket full, nothing pending) are dropped by
   `sweep`. IPv6 clients are keyed by their /64 (`address_key`).
+* A summary the caller could not write (the database is away) is handed back with `keep`
+  and comes out of the next `sweep` again, merged with what was counted since: the same
+  (route, address key, reason) stays one summary, so memory stays bounded by the keys
+  (beyond ``max_keys`` kept keys, the rest merge per route and reason under the address
+  ``*``). Counts are added, never dropped.
 * Sans-IO: no I/O, no event loop; the monotonic ``clock`` and the ``wall`` clock are
   injectable (tests step them by hand).
 """
@@ -33,7 +38,7 @@ import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
 
@@ -183,6 +188,7 @@ class RefusalBudget:
         self.wall = wall
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._evicted: list[tuple[tuple[str, str], _Entry]] = []
+        self._kept: dict[tuple[str, str, Reason], RefusalSummary] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -229,8 +235,23 @@ class RefusalBudget:
         entry.tokens = min(float(budget.events), entry.tokens + (now - entry.updated) * rate)
         entry.updated = now
 
+    def kept_refusals(self) -> int:
+        """How many refusals are in summaries kept for the next `sweep`."""
+        return sum(summary.count for summary in self._kept.values())
+
+    def keep(self, summaries: Iterable[RefusalSummary]) -> None:
+        """Summaries that could not be written: the next `sweep` returns them again."""
+        for summary in summaries:
+            key = (summary.route, summary.address, summary.reason)
+            if key not in self._kept and len(self._kept) >= self.max_keys:
+                key = (summary.route, "*", summary.reason)
+                summary = replace(summary, address="*")
+            old = self._kept.get(key)
+            self._kept[key] = summary if old is None else merge(old, summary)
+
     def sweep(self) -> list[RefusalSummary]:
-        """Every count pending (they are reset); idle entries are dropped."""
+        """Every count pending and every one kept (they are reset); idle entries are
+        dropped."""
         now = self.clock()
         due: list[RefusalSummary] = []
         for key, entry in self._evicted:
@@ -245,7 +266,33 @@ class RefusalBudget:
             self._refill(entry, budget, now)
             if entry.tokens >= budget.events:
                 del self._entries[key]  # a full bucket with nothing pending is the same as none
+        if self._kept:
+            self.keep(due)  # merged into the kept ones: one summary per key
+            due = list(self._kept.values())
+            self._kept = {}
         return due
+
+
+def merge(a: RefusalSummary, b: RefusalSummary) -> RefusalSummary:
+    """Two summaries of one (route, reason) as one: counts added, times widened, device
+    counts summed (at most `MAX_DEVICES` named, the rest counted in ``other_devices``)."""
+    devices = dict(a.devices)
+    other = a.other_devices + b.other_devices
+    for device, n in b.devices.items():
+        if device in devices or len(devices) < MAX_DEVICES:
+            devices[device] = devices.get(device, 0) + n
+        else:
+            other += n
+    return replace(
+        a,
+        sample=b.sample or a.sample,
+        count=a.count + b.count,
+        first=min(a.first, b.first),
+        last=max(a.last, b.last),
+        devices=devices,
+        other_devices=other,
+        anonymous=a.anonymous + b.anonymous,
+    )
 
 
 def _summaries(

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.durations import Duration
 from schemas.events import AuthEvent
+from schemas.validation import FLEET_PATTERN
 
 
 class _Model(BaseModel):
@@ -49,7 +50,7 @@ class RenewRequest(_Model):
 
 
 class TokenCreateRequest(_Model):
-    fleet: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    fleet: str = Field(pattern=FLEET_PATTERN)
     uses: int = Field(1, ge=1, le=1_000_000)
     ttl: Duration = Field(timedelta(hours=8), description="Lifetime, e.g. 8h or 7d.")
     note: str | None = Field(None, max_length=500)

@@ -66,7 +66,12 @@ devicegate reads one settings model. Each setting comes from, highest precedence
 
 A value that does not validate stops the program at start with a message naming the
 variable or flag. Durations are written `500ms`, `30s`, `10m`, `8h`, `7d`, `1w` (or a
-number of seconds); lists of networks are comma-separated in the environment.
+number of seconds); lists of networks are comma-separated in the environment. A
+`DEVICEGATE_*` variable that is no setting is ignored with a warning naming the nearest
+setting (`DEVICEGATE_DATABSE_URL ... did you mean DEVICEGATE_DATABASE_URL?`).
+
+The topic policy file that `policy_file` names has its own page: [policy.md](policy.md)
+(format, placeholders, `devicegate policy check` and `devicegate policy explain`).
 """
 
 FOOTER = """

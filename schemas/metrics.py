@@ -114,6 +114,12 @@ EVENTS_LOST = MetricSpec(
     "Auth events refused for lack of spool space (each later summarised in an events_lost "
     "event).",
 )  # fmt: skip
+EVENTS_MISSING = MetricSpec(
+    "devicegate.events.missing", "observable_counter", "{event}",
+    "Auth events this worker had shipped that PostgreSQL lacked at start (a database "
+    "restored from an older backup: 'database behind spool'; recorded in an events_missing "
+    "event).",
+)  # fmt: skip
 EVENTS_BATCH_SIZE = MetricSpec(
     "devicegate.events.batch.size", "histogram", "{event}",
     "Events per batch shipped to PostgreSQL.", (), BATCH_BUCKETS,
@@ -144,7 +150,7 @@ CERTIFICATES_EXPIRING = MetricSpec(
 METRICS: Final = (
     HANDSHAKES, SESSIONS_ACTIVE, SESSIONS_ENDED, MESSAGES, BYTES, AUTHZ_DENIALS,
     UPSTREAM_DIAL_DURATION, EVENTS_QUEUE_DEPTH, EVENTS_SPOOL_BYTES, EVENTS_LOST,
-    EVENTS_BATCH_SIZE, EVENTS_FLUSH_DURATION, REVOCATION_STATE_AGE, ENROLLMENTS,
+    EVENTS_MISSING, EVENTS_BATCH_SIZE, EVENTS_FLUSH_DURATION, REVOCATION_STATE_AGE, ENROLLMENTS,
     ENROLLMENT_DURATION, CERTIFICATES_EXPIRING,
 )  # fmt: skip
 """Every instrument devicegate exports."""

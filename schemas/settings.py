@@ -6,7 +6,10 @@ variables, the TOML file given by ``--config``, the defaults below.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -24,11 +27,31 @@ from pydantic_settings import (
 )
 
 from schemas.durations import Duration
+from schemas.validation import sentence
 
 ENV_PREFIX = "DEVICEGATE_"
 CRL_PATH = "/v1/crl"
 """Where provisioning serves the CRL, below ``public_url``."""
 METRICS_OFF = ("off", "")
+OTHER_VARIABLES = frozenset(
+    ENV_PREFIX + name
+    for name in (
+        "TOKEN",  # the bootstrap token of `devicegate enroll` and `demo device`
+        # Test suite, benchmarks and fuzzing knobs (tests/, bench/):
+        "TEST_ADMIN_URL",
+        "TEST_PG_RESTART",
+        "BENCH_ADMIN_URL",
+        "FUZZ_SECONDS",
+        "OPENAPI_EXAMPLES",
+        "CONSOLE_TEST_EVENTS",
+        "UPDATE_SCREENSHOTS",
+        "CHROMIUM",
+    )
+)
+"""``DEVICEGATE_*`` variables that are read, but not as settings: never called unknown."""
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 """``metrics_listen`` values that turn the ``/metrics`` endpoint off."""
 
 
@@ -319,6 +342,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
         model = type("Settings", (Settings,), {"model_config": config})
     given = {key: value for key, value in overrides.items() if value is not None}
+    for name, suggestion in unknown_variables(os.environ):
+        if name not in _warned:  # once per process, however often settings are loaded
+            _warned.add(name)
+            hint = f"; did you mean {suggestion}?" if suggestion else ""
+            log.warning("%s is not a devicegate setting and is ignored%s", name, hint)
     try:
         return model(**given)
     except ValidationError as exc:
@@ -327,13 +355,31 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each ``DEVICEGATE_*`` variable that is no setting, with the nearest setting's name.
+
+    A misspelt variable (``DEVICEGATE_DATABSE_URL``) is otherwise silently ignored and the
+    default used in its place.
+    """
+    known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads the environment case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_VARIABLES:
+            continue
+        near = difflib.get_close_matches(upper, [*known, *OTHER_VARIABLES], n=1, cutoff=0.75)
+        out.append((name, near[0] if near else None))
+    return out
+
+
 def _describe(exc: ValidationError, given: dict[str, Any]) -> str:
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         origin = f"--{field.replace('_', '-')}" if field in given else ENV_PREFIX + field.upper()
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = sentence(error)
         if error["type"] == "extra_forbidden":
-            message = "unknown setting"
+            near = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
+            message = "unknown setting" + (f"; did you mean {near[0]}?" if near else "")
         lines.append(f"{origin}: {message} (got {error.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -17,7 +17,9 @@ from provisioning.pki.directory import init_pki, load_ca
 from schemas.migrate import migrate
 from tests.helpers import mosquitto
 
-ADMIN_URL = os.environ.get("DEVICEGATE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "DEVICEGATE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 PASSPHRASE = b"test-passphrase-not-secret"
 
 

@@ -62,6 +62,8 @@ class SinkStats:
             in an ``events_lost`` event.
         events_lost_total: events refused for lack of space since the sink started
             (admissions excluded: their refusal is recorded instead).
+        events_missing_total: seqs shipped before but absent from the database at start
+            (database behind spool; recorded in an ``events_missing`` event).
     """
 
     chain_id: str
@@ -81,3 +83,4 @@ class SinkStats:
     full: bool
     events_lost: int = 0
     events_lost_total: int = 0
+    events_missing_total: int = 0

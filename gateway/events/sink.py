@@ -210,6 +210,7 @@ class SpoolSink:
         self._durable_digest = self._head_digest
         self._lost = LostEvents()
         self._lost_total = 0
+        self._missing_total = 0  # database behind spool: seqs it lacked at start
         self._durable: deque[Row] = deque()  # fsynced, not yet committed in PostgreSQL
         self._uncertain_seq = 0  # events up to this seq may already be in PostgreSQL
 
@@ -388,6 +389,7 @@ class SpoolSink:
             await self._new_chain("spool_behind_database", (self._chain_id, db_seq, db_hash))
         elif db_seq < first_unshipped - 1:
             self._behind = (db_seq + 1, first_unshipped - 1)
+            self._missing_total += first_unshipped - 1 - db_seq
             log.error(
                 "DATABASE BEHIND SPOOL: chain %s: seqs %d..%d were shipped but the database "
                 "lacks them (restored from an older backup?); recorded as events_missing",
@@ -859,6 +861,7 @@ class SpoolSink:
             full=self._refuses(self._last_frame, True),
             events_lost=self._lost.count,
             events_lost_total=self._lost_total,
+            events_missing_total=self._missing_total,
         )
 
 

@@ -1,7 +1,9 @@
 """Counting the auth event log over a window (``devicegate audit summary``, dashboards).
 
 Three aggregate queries over ``time >= since`` (and ``< until``), each served by the
-``(outcome|reason, time)`` indexes on recent partitions.
+``(outcome|reason, time)`` indexes on recent partitions. They count decisions, not rows
+(`counting.DECISIONS`: a throttled summary of 600 refusals counts 600), and group peers by
+host (`counting.PEER_HOST`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from provisioning.audit.counting import DECISIONS, PEER_HOST
 
 Connection = Any  # asyncpg.Connection
 
@@ -39,7 +43,7 @@ class Summary:
                 {"device_id": device, "count": count} for device, count in self.top_denied_devices
             ],
             "top_denied_peers": [
-                {"peer_address": peer, "count": count} for peer, count in self.top_denied_peers
+                {"peer_host": peer, "count": count} for peer, count in self.top_denied_peers
             ],
         }
 
@@ -47,23 +51,24 @@ class Summary:
 async def summarize(
     conn: Connection, *, since: datetime, until: datetime | None = None, top: int = 10
 ) -> Summary:
-    """Aggregate the events of ``[since, until)``."""
+    """Aggregate the decisions of ``[since, until)``."""
     window = "time >= $1 AND ($2::timestamptz IS NULL OR time < $2)"
+    n = f"sum({DECISIONS})::bigint AS n"
     by_reason = await conn.fetch(
-        f"SELECT outcome, reason, count(*) AS n FROM auth_events WHERE {window} "  # noqa: S608
+        f"SELECT outcome, reason, {n} FROM auth_events WHERE {window} "  # noqa: S608
         "GROUP BY outcome, reason ORDER BY n DESC, outcome, reason",
         since, until,
     )  # fmt: skip
     devices = await conn.fetch(
-        f"SELECT device_id, count(*) AS n FROM auth_events WHERE {window} "  # noqa: S608
+        f"SELECT device_id, {n} FROM auth_events WHERE {window} "  # noqa: S608
         "AND outcome = 'denied' AND device_id IS NOT NULL "
         "GROUP BY device_id ORDER BY n DESC, device_id LIMIT $3",
         since, until, top,
     )  # fmt: skip
     peers = await conn.fetch(
-        f"SELECT peer_address, count(*) AS n FROM auth_events WHERE {window} "  # noqa: S608
+        f"SELECT {PEER_HOST} AS host, {n} FROM auth_events WHERE {window} "  # noqa: S608
         "AND outcome = 'denied' AND peer_address IS NOT NULL "
-        "GROUP BY peer_address ORDER BY n DESC, peer_address LIMIT $3",
+        "GROUP BY host ORDER BY n DESC, host LIMIT $3",
         since, until, top,
     )  # fmt: skip
     by_outcome: dict[str, int] = {}
@@ -76,5 +81,5 @@ async def summarize(
         by_outcome=by_outcome,
         by_reason=[(row["outcome"], row["reason"], row["n"]) for row in by_reason],
         top_denied_devices=[(row["device_id"], row["n"]) for row in devices],
-        top_denied_peers=[(row["peer_address"], row["n"]) for row in peers],
+        top_denied_peers=[(row["host"], row["n"]) for row in peers],
     )

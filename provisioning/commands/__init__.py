@@ -3,7 +3,8 @@
 A command module parses options and calls the packages below it (``pki``, ``audit``,
 ``agent``, ``demo``, the registry modules, the server in ``http``); it holds no logic of
 its own that another surface would need. The only import of ``gateway`` in the control
-plane is here, in `serve` (``devicegate serve gateway``), and it happens inside the command.
+plane is in `serve` (``devicegate serve gateway``) and in `policy` (``devicegate policy
+explain`` runs ``gateway.policy``'s own decision), each inside the command.
 
 `COMMANDS` names every top-level command, the module that defines it and its one-line help:
 ``devicegate --help`` prints the table without importing a module, and a command's module
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("devices", "Inspect, disable, enable and revoke devices."),
     "cert": ("certs", "List and revoke certificates."),
     "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
+    "policy": ("policy", "Check a topic policy file, or explain its decisions."),
     "enroll": (
         "device_side",
         "Make a key on this device, enroll with a bootstrap token, write the files.",

@@ -211,7 +211,7 @@ def summary(
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
         return
     window = f"{result.since.isoformat()} .. {result.until.isoformat() if result.until else 'now'}"
-    lines = [f"auth events {window}: {result.total}"]
+    lines = [f"auth decisions {window}: {result.total}"]
     lines.append(
         "by outcome: "
         + (", ".join(f"{name} {count}" for name, count in sorted(result.by_outcome.items())) or "-")
@@ -220,7 +220,7 @@ def summary(
     lines += [f"  {o:<8} {r:<28} {n:>10}" for o, r, n in result.by_reason] or ["  -"]
     lines.append("devices with the most denials:")
     lines += [f"  {d:<36} {n:>10}" for d, n in result.top_denied_devices] or ["  -"]
-    lines.append("peers with the most denials:")
+    lines.append("peer hosts with the most denials:")
     lines += [f"  {p:<36} {n:>10}" for p, n in result.top_denied_peers] or ["  -"]
     sys.stdout.write("\n".join(lines) + "\n")
 

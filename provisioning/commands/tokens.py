@@ -13,6 +13,7 @@ from provisioning import admin, store
 from provisioning.commands.common import console, context, fail
 from provisioning.commands.records import CLI_ACTOR, show, with_connection
 from schemas.api import TokenCreateRequest
+from schemas.validation import sentence
 
 group = typer.Typer(help="Manage bootstrap tokens for fleets and batches.", no_args_is_help=True)
 
@@ -43,7 +44,7 @@ def create_(
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        fail(f"--{first['loc'][0]}: {first['msg']}", code=2)
+        fail(f"--{first['loc'][0]}: {sentence(first)} (got {first['input']!r})", code=2)
     created = with_connection(
         settings,
         lambda conn: admin.create_token(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from provisioning.audit.counting import DECISIONS
+
 Connection = Any  # asyncpg.Connection
 
 CONNECTION_TYPES = ("tls_handshake", "connect")
@@ -38,14 +40,14 @@ ACTIVITY_WORK_MEM = "64MB"
 """For the aggregates: the grouping sets hash in memory; at the default 4 MB they may sort on
 disk."""
 
-# Counts by (bucket, admission, outcome, reason) of the events in [$1, $2): the newest hour
+# Decisions by (bucket, admission, outcome, reason) of the events in [$1, $2): the newest hour
 # of a day or week view (older hours come from the rollup, `rollup`), or the whole last hour.
-_ACTIVITY = """
+_ACTIVITY = f"""
 SELECT date_bin($3::interval, time, $4::timestamptz) AS bucket,
-       type = ANY($5::text[]) AS connection, outcome, reason, count(*) AS n
+       type = ANY($5::text[]) AS connection, outcome, reason, sum({DECISIONS})::bigint AS n
 FROM auth_events WHERE time >= $1 AND time < $2
 GROUP BY 1, 2, 3, 4
-"""
+"""  # noqa: S608 (constant SQL from provisioning.audit.counting)
 
 
 async def live_activity(

@@ -6,7 +6,8 @@ and ``auth_event_hourly_denials`` (denials by device and by peer host), and a vi
 day or the week reads those rows plus the hours since the last filled one from the events.
 
 Invariants:
-- Rollup rows are exact counts of every hour in ``[filled_from, filled_upto)``; `fill`
+- Rollup rows are exact counts of every hour in ``[filled_from, filled_upto)``: of decisions
+  (`provisioning.audit.counting.DECISIONS`), and of rows for the reconciliation; `fill`
   rewrites an hour (delete + insert) and moves the bounds in one transaction, so a reader's
   snapshot never sees half of it. A reader takes rows before ``filled_upto`` from the rollup
   and the rest from ``auth_events``, in one snapshot: the counts equal a GROUP BY over the
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from provisioning.audit.counting import DECISIONS, PEER_HOST
 from provisioning.console.queries import (
     ACTIVITY_WORK_MEM,
     CONNECTION_TYPES,
@@ -66,26 +68,24 @@ _STATE = """SELECT filled_from, filled_upto, prune_id, reconciled_at, now() AS n
 _DELETE = ("DELETE FROM auth_event_hourly WHERE hour >= $1 AND hour < $2",
            "DELETE FROM auth_event_hourly_denials WHERE hour >= $1 AND hour < $2")  # fmt: skip
 
-_INSERT_ACTIVITY = """
-INSERT INTO auth_event_hourly (hour, connection, outcome, reason, events)
+_INSERT_ACTIVITY = f"""
+INSERT INTO auth_event_hourly (hour, connection, outcome, reason, events, rows)
 SELECT date_bin('1 hour', time, $3::timestamptz), type = ANY($4::text[]), outcome, reason,
-       count(*)
+       sum({DECISIONS}), count(*)
 FROM auth_events WHERE time >= $1 AND time < $2
 GROUP BY 1, 2, 3, 4
-"""
+"""  # noqa: S608 (constant SQL from provisioning.audit.counting)
 
-# Denials by device and by peer host (the address up to its last ':', as the gateway and
-# provisioning record it: "203.0.113.5:4711", "[2001:db8::1]:4711") in one pass.
-_INSERT_DENIALS = """
+# Denials by device and by peer host (`PEER_HOST`) in one pass.
+_INSERT_DENIALS = f"""
 INSERT INTO auth_event_hourly_denials (hour, device, value, events)
 SELECT hour, by_device = 0, CASE WHEN by_device = 0 THEN device ELSE peer END, n FROM (
     SELECT date_bin('1 hour', time, $3::timestamptz) AS hour, device_id AS device,
-           left(peer_address, -strpos(reverse(peer_address), ':')) AS peer,
-           GROUPING(device_id) AS by_device, count(*) AS n
+           {PEER_HOST} AS peer, GROUPING(device_id) AS by_device, sum({DECISIONS}) AS n
     FROM auth_events WHERE outcome = 'denied' AND time >= $1 AND time < $2
     GROUP BY GROUPING SETS ((1, 2), (1, 3))
 ) AS grouped WHERE (CASE WHEN by_device = 0 THEN device ELSE peer END) IS NOT NULL
-"""
+"""  # noqa: S608 (constant SQL from provisioning.audit.counting)
 
 # Per-hour totals, events against rollup: the index-only count finds the hours that got
 # late events (or lost some) without aggregating them.
@@ -94,7 +94,7 @@ SELECT date_bin('1 hour', time, $3::timestamptz) AS hour, count(*) AS n
 FROM auth_events WHERE time >= $1 AND time < $2 GROUP BY 1
 """
 _ROLLUP_TOTALS = """
-SELECT hour, sum(events)::bigint AS n FROM auth_event_hourly
+SELECT hour, sum(rows)::bigint AS n FROM auth_event_hourly
 WHERE hour >= $1 AND hour < $2 GROUP BY 1
 """
 
@@ -106,17 +106,16 @@ GROUP BY 1, 2, 3, 4
 """
 
 # Top denials of a window: rollup hours [$2, $3), then the events of [$3, $4).
-_TOP_DENIALS = """
+_TOP_DENIALS = f"""
 SELECT value, sum(n)::bigint AS n FROM (
     SELECT value, events AS n FROM auth_event_hourly_denials
     WHERE device = $1 AND hour >= $2 AND hour < $3
     UNION ALL
-    SELECT CASE WHEN $1 THEN device_id
-                ELSE left(peer_address, -strpos(reverse(peer_address), ':')) END, 1
+    SELECT CASE WHEN $1 THEN device_id ELSE {PEER_HOST} END, {DECISIONS}
     FROM auth_events WHERE outcome = 'denied' AND time >= $3 AND time < $4
 ) AS counted WHERE value IS NOT NULL
 GROUP BY value ORDER BY n DESC, value COLLATE "C" LIMIT $5
-"""
+"""  # noqa: S608 (constant SQL from provisioning.audit.counting)
 
 
 def floor_hour(moment: datetime) -> datetime:

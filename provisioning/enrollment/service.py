@@ -407,7 +407,10 @@ class ProvisioningService:
         """Record a refusal (its own writes, if any, were rolled back already), or count it
         for a summary when its route's budget for this address is spent (`refusal_budget`)."""
         if not self.refusals.charge(
-            peer.route, peer.address, type=type, reason=exc.reason,
+            peer.route,
+            peer.address,
+            type=type,
+            reason=exc.reason,
             device_id=fields.get("device_id"),
         ):
             return
@@ -422,17 +425,31 @@ class ProvisioningService:
         await self._write_denied(spec)
 
     async def record_refusal_summaries(self) -> int:
-        """Write the refusals counted beyond their budget as summary events; how many."""
+        """Write the refusals counted beyond their budget as summary events; how many.
+
+        A summary that cannot be written (the database is away) is not dropped: it and the
+        rest go back to the budget (`RefusalBudget.keep`) for the next sweep, and the error
+        is raised for the sweeper to log.
+        """
         summaries = self.refusals.sweep()
-        for summary in summaries:
-            await self._write_denied(self._summary_event(summary))
-        return len(summaries)
+        written = 0
+        try:
+            for summary in summaries:
+                await self._submit(self._summary_event(summary))
+                written += 1
+        except BaseException:
+            self.refusals.keep(summaries[written:])
+            raise
+        return written
 
     def _summary_event(self, summary: RefusalSummary) -> EventSpec:
         method, _, path = summary.route.partition(" ")
         budget = self.refusals.table[summary.route]
         detail: dict[str, Any] = {
-            "summary": True, "refused": summary.count, "method": method, "path": path,
+            "summary": True,
+            "count": summary.count,
+            "method": method,
+            "path": path,
             "address": summary.address,
             "first": summary.first.isoformat(timespec="milliseconds"),
             "last": summary.last.isoformat(timespec="milliseconds"),
@@ -443,16 +460,23 @@ class ProvisioningService:
         if summary.other_devices:
             detail["other_devices"] = summary.other_devices
         return self._event(
-            summary.type, Outcome.DENIED, summary.reason, Peer(address=summary.sample),
-            device_id=summary.device_id, detail=detail,
+            summary.type,
+            Outcome.DENIED,
+            summary.reason,
+            Peer(address=summary.sample),
+            device_id=summary.device_id,
+            detail=detail,
         )
 
-    async def _write_denied(self, spec: EventSpec) -> None:
+    async def _submit(self, spec: EventSpec) -> None:
         async def write(conn: Any) -> tuple[None, EventSpec]:
             return None, spec
 
+        await self.committer.submit(write, savepoint=False)
+
+    async def _write_denied(self, spec: EventSpec) -> None:
         try:
-            await self.committer.submit(write, savepoint=False)
+            await self._submit(spec)
         except (asyncpg.PostgresError, OSError):
             # The refusal stands even when it cannot be recorded; say so in the log.
             log.exception("could not record a denied %s event", spec.type)

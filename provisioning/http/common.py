@@ -19,6 +19,7 @@ from provisioning.http.problems import problem_response, reason_for_status
 from provisioning.pki.crl import CrlCache
 from schemas.errors import DevicegateError
 from schemas.events import EventType, Reason, holds_nul
+from schemas.validation import sentence
 
 log = logging.getLogger("devicegate.provisioning")
 
@@ -80,7 +81,7 @@ def parse_model(model: type[M], body: bytes) -> M:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise RequestInvalid(f"{where}: {first['msg']}") from None
+        raise RequestInvalid(f"{where}: {sentence(first)}") from None
     # In valid JSON a U+0000 can only be the escape \u0000 (a raw control character is
     # refused by the parser), so a body without one needs no walk over the parsed model.
     if b"\\u0000" in body and holds_nul(parsed.model_dump()):

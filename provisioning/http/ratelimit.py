@@ -207,8 +207,8 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     async def flush() -> None:
         try:
             await service.record_refusal_summaries()
-        except Exception:  # the sweeper must outlive a failed write; it is logged
-            log.exception("could not record refusal summaries")
+        except Exception:  # the sweeper must outlive a failed write; the counts are kept
+            log.exception("could not record refusal summaries; kept for the next sweep")
 
     async def loop() -> None:
         interval = service.settings.refusal_summary_interval.total_seconds()
@@ -225,6 +225,8 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await flush()
+        if lost := service.refusals.kept_refusals():
+            log.error("stopping with %d refusals counted but not recorded (database away)", lost)
 
 
 def setup(app: web.Application, limiter: TokenFailureLimiter | None = None) -> None:

@@ -122,7 +122,8 @@ async def log_in(client: aiohttp.ClientSession, key: str) -> str:
     async with client.get("/console/login") as response:
         token = csrf_of(await response.text())
     async with client.post(
-        "/console/login", data={"key": key, "csrf": token, "next": "/console/"},
+        "/console/login",
+        data={"key": key, "csrf": token, "next": "/console/"},
         allow_redirects=False,
     ) as response:
         assert response.status == 303, await response.text()

@@ -128,7 +128,7 @@ async def test_live_stream_delivers_a_new_event_within_a_second(
                 if line.startswith(b"data: ") and b'"device_disable"' in line:
                     break
             assert time.monotonic() - began < 1.0
-            event = json.loads(line[len(b"data: "):])
+            event = json.loads(line[len(b"data: ") :])
             assert event["device_id"] == "dev-00006" and event["detail"]["actor"] == "sse"
     finally:
         async with conn.transaction():
@@ -160,7 +160,8 @@ async def test_disable_and_enable_through_the_confirmation_form(
     finally:
         await conn.close()
     assert [(r["type"], r["actor"]) for r in actors] == [
-        ("device_disable", "security-team"), ("device_enable", "security-team")
+        ("device_disable", "security-team"),
+        ("device_enable", "security-team"),
     ]
 
 

@@ -46,8 +46,9 @@ async def _rollup_rows(conn: asyncpg.Connection) -> tuple[set[Any], set[Any]]:
     return {tuple(r) for r in activity}, {tuple(r) for r in denials}
 
 
-async def _grouped(conn: asyncpg.Connection, start: datetime, end: datetime) -> tuple[set[Any],
-                                                                                      set[Any]]:
+async def _grouped(
+    conn: asyncpg.Connection, start: datetime, end: datetime
+) -> tuple[set[Any], set[Any]]:
     """The same rows written independently (date_trunc, a regular expression for hosts)."""
     activity = await conn.fetch(
         """SELECT date_trunc('hour', time), type IN ('tls_handshake', 'connect'), outcome,
@@ -158,9 +159,12 @@ async def test_fill_then_new_hours_then_late_events(conn: asyncpg.Connection) ->
     assert later is not None and later.new_hours >= 1
     _, end = await assert_rollup_exact(conn)
     assert end > now
-    assert await conn.fetchval(
-        "SELECT events FROM auth_event_hourly_denials WHERE device AND value = 'fresh-device'"
-    ) == 3
+    assert (
+        await conn.fetchval(
+            "SELECT events FROM auth_event_hourly_denials WHERE device AND value = 'fresh-device'"
+        )
+        == 3
+    )
 
     # A gateway replays an old event from its spool into a filled hour: the next
     # reconciliation finds that one hour and recounts it.
@@ -186,9 +190,12 @@ async def test_prune_leaves_no_stale_rows(conn: asyncpg.Connection) -> None:
     assert filled is not None
     start, _ = await assert_rollup_exact(conn)
     assert start <= ancient
-    assert await conn.fetchval(
-        "SELECT sum(events) FROM auth_event_hourly_denials WHERE value = 'old-device'"
-    ) == 2
+    assert (
+        await conn.fetchval(
+            "SELECT sum(events) FROM auth_event_hourly_denials WHERE value = 'old-device'"
+        )
+        == 2
+    )
 
     result = await prune(conn, older_than=timedelta(days=62), instance="rollup-test")
     assert result.partitions and result.events >= 2
@@ -205,12 +212,18 @@ async def test_prune_leaves_no_stale_rows(conn: asyncpg.Connection) -> None:
     after = await rollup.fill(conn, reconcile=WEEK[0])
     assert after is not None and after.recounted_hours > 0
     await assert_rollup_exact(conn)  # the dropped hours are gone, the default one kept
-    assert await conn.fetchval(
-        "SELECT count(*) FROM auth_event_hourly_denials WHERE value = 'old-device'"
-    ) == 0
-    assert await conn.fetchval(
-        "SELECT events FROM auth_event_hourly_denials WHERE value = 'ancient-device'"
-    ) == 1
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM auth_event_hourly_denials WHERE value = 'old-device'"
+        )
+        == 0
+    )
+    assert (
+        await conn.fetchval(
+            "SELECT events FROM auth_event_hourly_denials WHERE value = 'ancient-device'"
+        )
+        == 1
+    )
     shown = await assert_overview_exact(conn, span=span, stride=timedelta(days=1))
     assert shown.rolled_upto is not None
 

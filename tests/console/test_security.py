@@ -196,9 +196,7 @@ async def test_revoking_the_admin_key_ends_its_sessions(
 ) -> None:
     conn = await asyncpg.connect(console_server.database_url)
     try:
-        created = await admin.create_admin_key(
-            conn, "short-lived", actor="cli", instance=INSTANCE
-        )
+        created = await admin.create_admin_key(conn, "short-lived", actor="cli", instance=INSTANCE)
         await log_in(anonymous, created.key)
         async with anonymous.get("/console/", allow_redirects=False) as response:
             assert response.status == 200
@@ -228,7 +226,8 @@ async def test_event_fields_render_as_text(
             )  # fmt: skip
             await conn.execute(
                 "UPDATE auth_events SET client_id = $1 WHERE device_id = $2",
-                HOSTILE_CLIENT, HOSTILE_DEVICE,
+                HOSTILE_CLIENT,
+                HOSTILE_DEVICE,
             )  # an edit of the chain: undone below, so chain tests still verify
         await _check_pages_escape(client)
     finally:

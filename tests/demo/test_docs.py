@@ -8,11 +8,9 @@ are replaced, so that the run collides with nothing else on the machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ from typer.testing import CliRunner
 
 from provisioning.commands.cli import app
 from tests.conftest import ADMIN_URL
+from tests.demo.shell import run_bash
 from tests.helpers import free_port
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -65,31 +64,22 @@ async def _drop(name: str) -> None:
 def test_manual_quickstart_runs_as_written(tmp_path: Path) -> None:
     database = f"dg_docs_{secrets.token_hex(4)}"
     script = "\n".join(_blocks("By hand"))
-    for port in ("1883", "8443", "8883"):
+    for port in ("1883", "8443", "8883", "9464", "9465"):
         script = script.replace(port, str(free_port()))
     script = script.replace("devicegate_try", database)
     (tmp_path / "quickstart.sh").write_text(script)
     env = {key: value for key, value in os.environ.items() if not key.startswith("DEVICEGATE_")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin"
-    process = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "quickstart.sh"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
     try:
-        output, _ = process.communicate(timeout=120)
+        status, output = run_bash("quickstart.sh", tmp_path, env, timeout=120)
     finally:
-        # The script's background services share its process group: stop what is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.poll() is None:
-            process.wait()
         asyncio.run(_drop(database))
-    assert process.returncode == 0, output
+    assert status == 0, output
     assert (tmp_path / "devicegate-try" / "device1" / "device.crt").exists()
     assert "refused, as it should be" in output
     assert re.search(r"verified \d+ events in \d+ chains: OK", output), output
     assert "client_id_mismatch" in output or "connect" in output
+    assert "metrics not served" not in output, output  # each service its own metrics port
 
 
 AUDIT_GUIDE = DOCS / "audit-guide.md"

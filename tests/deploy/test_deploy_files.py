@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from provisioning.pki.directory import CHAIN, ISSUING_KEY, ROOT_KEY, SERVER_CERT, SERVER_KEY
+from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY
 from schemas.policy import PolicyDocument
 from schemas.settings import ENV_PREFIX, Settings, load_settings
 from tests.helpers import free_port, wait_for_port
@@ -35,7 +36,7 @@ COMPOSE = DEPLOY / "compose" / "compose.yaml"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 
-GATEWAY_PKI_FILES = {CHAIN, SERVER_CERT, SERVER_KEY}
+GATEWAY_PKI_FILES = {CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_KEY, AUDIT_CERT}
 CA_SECRETS = ("devicegate-ca", "devicegate-ca-passphrase")
 PASSPHRASE_VARS = (ENV_PREFIX + "CA_PASSPHRASE", ENV_PREFIX + "CA_PASSPHRASE_FILE")
 SETTING_NAMES = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
@@ -325,7 +326,8 @@ def test_only_provisioning_gets_the_ca_passphrase() -> None:
     unset = " ".join(_values(gateway, "UnsetEnvironment")).split()
     assert set(PASSPHRASE_VARS) <= set(unset)
     assert any(v.startswith("DEVICEGATE_SPOOL_DIR=") for v in _values(gateway, "Environment"))
-    assert _values(gateway, "StateDirectory") == ["devicegate/spool"]
+    assert _values(gateway, "StateDirectory") == ["devicegate"]
+    assert "DEVICEGATE_CHECKPOINT_DIR=%S/devicegate/checkpoints" in _values(gateway, "Environment")
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
@@ -467,14 +469,16 @@ def test_compose_gateways_hold_no_ca_secret(compose: dict[str, Any]) -> None:
         assert pki == ["pki-gateway:/var/lib/devicegate/pki:ro"], gateway["volumes"]
         assert not any(v.startswith("pki:") for v in gateway["volumes"])
         assert any(v.startswith(f"spool-{name}:") for v in gateway["volumes"])
+        checkpoints = gateway["environment"]["DEVICEGATE_CHECKPOINT_DIR"]
+        assert checkpoints.startswith(gateway["environment"]["DEVICEGATE_SPOOL_DIR"] + "/")
         assert gateway["environment"]["DEVICEGATE_PROXY_PROTOCOL_FROM"] == f"{haproxy_ip}/32"
     # Only ca-init sees the root key, as if it had gone offline.
     for name, service in services.items():
         volumes = service.get("volumes", [])
         assert any(v.startswith("root-offline:") for v in volumes) == (name == "ca-init"), name
-    # ca-init copies exactly the three public-side files into the gateways' volume.
+    # ca-init copies exactly the gateway-side files (TLS, audit signer) into their volume.
     script = " ".join(services["ca-init"]["command"])
-    assert "for f in chain.pem server.crt server.key" in script
+    assert "for f in chain.pem server.crt server.key audit.key audit.crt" in script
 
 
 def test_compose_settings_load(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -585,7 +589,7 @@ def test_gateway_pods_never_see_a_ca_key_or_the_passphrase(
     assert files == GATEWAY_PKI_FILES
     for container in pod["containers"]:
         assert not {e["name"] for e in container.get("env", [])} & set(PASSPHRASE_VARS)
-    # The gateways' secret holds the three files and nothing else.
+    # The gateways' secret holds those files (TLS, audit signer) and nothing else.
     tls = _find(manifests, "Secret", "devicegate-gateway-tls")
     assert set(tls["stringData"]) == GATEWAY_PKI_FILES
 

@@ -107,7 +107,7 @@ def test_summary(scratch_url: str, tmp_path: Path, events: Callable[..., AuthEve
     }
     assert summary["top_denied_devices"][0] == {"device_id": "dev-bad", "count": 2}
     code, out = _devicegate(scratch_url, "audit", "summary", "--since", "24h")
-    assert code == 0 and "dev-bad" in out and "auth events" in out
+    assert code == 0 and "dev-bad" in out and "auth decisions" in out
 
 
 def test_verify_and_prune_exit_codes(

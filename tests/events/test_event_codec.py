@@ -141,7 +141,7 @@ def test_both_paths_agree_on_any_event(
         {"x": 1.5, "y": [0.1]},  # floats: json's repr rules stay in Python
         {"n": 2**70, "b": True, "z": None, "t": (1, "two")},
         {"deep": [[[[{"k": "v"}]]]], "empty": {}, "list": []},
-        {"ctl": "\x01\x1f\x7f\b\f\n\r\t\"\\", "ü": "日本"},
+        {"ctl": '\x01\x1f\x7f\b\f\n\r\t"\\', "ü": "日本"},
     ],
 )
 def test_details_of_every_json_kind(encode: Encoder, detail: dict[str, Any]) -> None:

@@ -38,7 +38,9 @@ def _openssl_verify(chain: Path, certificate: x509.Certificate, tmp_path: Path) 
     leaf.write_text(to_pem(certificate))
     result = subprocess.run(
         ["openssl", "verify", "-purpose", "sslclient", "-CAfile", str(chain), str(leaf)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return result.stdout + result.stderr
 
@@ -108,7 +110,8 @@ def test_pki_files_names_and_modes(pki: Pki) -> None:
         assert (pki.directory / name).is_file()
     chain = x509.load_pem_x509_certificates((pki.directory / "chain.pem").read_bytes())
     assert [c.subject.rfc4514_string() for c in chain] == [
-        "CN=devicegate Issuing CA,O=devicegate", "CN=devicegate Root CA,O=devicegate"
+        "CN=devicegate Issuing CA,O=devicegate",
+        "CN=devicegate Root CA,O=devicegate",
     ]
 
 
@@ -141,8 +144,18 @@ def test_server_certificate_covers_the_listener_names(pki: Pki, tmp_path: Path) 
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     result = subprocess.run(
-        ["openssl", "verify", "-purpose", "sslserver", "-CAfile", str(pki.chain),
-         str(pki.server_cert)], capture_output=True, text=True, check=False,
+        [
+            "openssl",
+            "verify",
+            "-purpose",
+            "sslserver",
+            "-CAfile",
+            str(pki.chain),
+            str(pki.server_cert),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.stdout.strip().endswith(": OK"), result.stdout + result.stderr
 
@@ -175,7 +188,9 @@ def test_crl_lists_revoked_serials(pki: Pki, tmp_path: Path) -> None:
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     text = subprocess.run(
         ["openssl", "crl", "-in", str(path), "-noout", "-text"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "Serial Number: 0ABC" in text and "Serial Number: 0DEF" in text
     assert crl.is_signature_valid(pki.ca.issuing.public_key())  # type: ignore[arg-type]
@@ -183,10 +198,14 @@ def test_crl_lists_revoked_serials(pki: Pki, tmp_path: Path) -> None:
 
 # --- the command line ------------------------------------------------------------------
 
+
 def _devicegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "provisioning.commands.cli", *args],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
 
@@ -194,14 +213,29 @@ def _devicegate(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_help_lists_every_command_of_the_design() -> None:
     result = _devicegate("--help")
     assert result.returncode == 0
-    for command in ("ca", "db", "admin-key", "token", "device", "cert", "serve", "enroll",
-                    "renew", "audit", "demo", "simulate"):
+    for command in (
+        "ca",
+        "db",
+        "admin-key",
+        "token",
+        "device",
+        "cert",
+        "serve",
+        "enroll",
+        "renew",
+        "audit",
+        "demo",
+        "simulate",
+    ):
         assert f" {command} " in result.stdout, command
     for group, commands in {
-        "ca": ("init", "show"), "db": ("migrate",), "admin-key": ("create", "list", "revoke"),
+        "ca": ("init", "show"),
+        "db": ("migrate",),
+        "admin-key": ("create", "list", "revoke"),
         "token": ("create", "list", "revoke"),
         "device": ("list", "show", "disable", "enable", "revoke"),
-        "cert": ("list", "revoke"), "serve": ("provisioning", "gateway"),
+        "cert": ("list", "revoke"),
+        "serve": ("provisioning", "gateway"),
         "audit": ("summary", "verify", "prune"),
     }.items():
         result = _devicegate(group, "--help")
@@ -212,8 +246,11 @@ def test_help_lists_every_command_of_the_design() -> None:
 
 def test_ca_init_and_show_from_the_command_line(tmp_path: Path) -> None:
     env = {"DEVICEGATE_PKI_DIR": str(tmp_path / "pki"), "DEVICEGATE_CA_PASSPHRASE": "long enough"}
-    refused = _devicegate("ca", "init", env={"DEVICEGATE_PKI_DIR": str(tmp_path / "x"),
-                                               "DEVICEGATE_CA_PASSPHRASE": ""})
+    refused = _devicegate(
+        "ca",
+        "init",
+        env={"DEVICEGATE_PKI_DIR": str(tmp_path / "x"), "DEVICEGATE_CA_PASSPHRASE": ""},
+    )
     assert refused.returncode == 2
     created = _devicegate("ca", "init", "--server-name", "gw.example", env=env)
     assert created.returncode == 0, created.stderr
@@ -277,6 +314,8 @@ def test_derived_public_url_brackets_ipv6() -> None:
 
 
 def test_server_certificate_names_the_crl_when_asked(tmp_path: Path) -> None:
-    with_url = init_pki(tmp_path / "a", passphrase=b"passphrase", crl_url="https://p.example/v1/crl")
+    with_url = init_pki(
+        tmp_path / "a", passphrase=b"passphrase", crl_url="https://p.example/v1/crl"
+    )
     assert crl_url_of(with_url.server) == "https://p.example/v1/crl"
     assert crl_url_of(init_pki(tmp_path / "b", passphrase=b"passphrase").server) is None

@@ -59,8 +59,13 @@ def test_chain_hash_is_sha256_of_previous_and_canonical() -> None:
 def test_any_edit_changes_the_hash() -> None:
     event = _event().chained(chain_id="c", seq=1, prev_hash=GENESIS_HASH)
     assert event.hash is not None
-    for change in ({"reason": Reason.OK}, {"device_id": "other"}, {"seq": 2},
-                   {"detail": {"z": 2, "a": [1, 2]}}, {"peer_address": "10.0.0.1"}):
+    for change in (
+        {"reason": Reason.OK},
+        {"device_id": "other"},
+        {"seq": 2},
+        {"detail": {"z": 2, "a": [1, 2]}},
+        {"peer_address": "10.0.0.1"},
+    ):
         edited = event.model_copy(update=change)
         assert chain_hash(GENESIS_HASH, edited) != event.hash, change
 

@@ -30,6 +30,24 @@ _SURFACES = (
 )
 
 
+# The session state machine and its pure steps (gateway/connection.py's invariants): no
+# event loop, no sockets, no TLS objects, none of the modules that hold them.
+_SANS_IO = tuple(
+    f"gateway.{name}"
+    for name in ("connection", "admission", "codes", "actions", "downstream", "fastpath", "denials")
+)
+_IO = (
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "gateway.bridge",
+    "gateway.upstream",
+    "gateway.server",
+    "gateway.tls",
+)
+
+
 @dataclass(frozen=True)
 class Rule:
     """Modules under any of ``scope`` must not import any of ``forbidden``, except what is
@@ -55,7 +73,15 @@ RULES = (
         "the control plane imports the gateway only to serve it",
         ("provisioning",),
         ("gateway",),
-        exempt=("provisioning.commands.serve",),
+        # serve runs the gateway; policy explains with gateway.policy's own decision (a
+        # copy of the rules could disagree with the gateway that enforces them).
+        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
+    ),
+    Rule(
+        "the policy command imports only the gateway's pure policy",
+        ("provisioning.commands.policy",),
+        ("gateway",),
+        allowed=("gateway.policy",),
     ),
     Rule(
         "the device agent imports only schemas",
@@ -92,6 +118,7 @@ RULES = (
         ("gateway", "schemas", "provisioning"),
         allowed=("gateway.mqtt",),
     ),
+    Rule("the session state machine is sans-IO", _SANS_IO, _IO),
     Rule(
         "the event sink imports only schemas and gateway.database",
         ("gateway.events",),
@@ -213,6 +240,11 @@ def _write(root: Path, relative: str, text: str) -> None:
             "the control plane imports the gateway only to serve it",
         ),
         (
+            "provisioning/commands/policy.py",
+            "from gateway.server import GatewayServer\n",
+            "the policy command imports only the gateway's pure policy",
+        ),
+        (
             "provisioning/agent/device.py",
             "from ..pki.ca import fingerprint\n",
             "the device agent imports only schemas",
@@ -232,6 +264,16 @@ def _write(root: Path, relative: str, text: str) -> None:
             "from gateway.identity import DeviceIdentity\n",
             "the event sink imports only schemas and gateway.database",
         ),
+        (
+            "gateway/admission.py",
+            "import asyncio\n",
+            "the session state machine is sans-IO",
+        ),
+        (
+            "gateway/connection.py",
+            "from gateway.upstream import dial\n",
+            "the session state machine is sans-IO",
+        ),
     ],
 )
 def test_a_forbidden_import_is_found(tmp_path: Path, relative: str, source: str, rule: str) -> None:
@@ -244,6 +286,7 @@ def test_a_forbidden_import_is_found(tmp_path: Path, relative: str, source: str,
 def test_allowed_imports_pass(tmp_path: Path) -> None:
     _write(tmp_path, "gateway/events/sink.py", "from gateway.database import DB_ERRORS\n")
     _write(tmp_path, "provisioning/commands/serve.py", "def f():\n    import gateway.serve\n")
+    _write(tmp_path, "provisioning/commands/policy.py", "from gateway.policy import explain\n")
     _write(tmp_path, "provisioning/agent/device.py", "from . import keys\nimport schemas.api\n")
     _write(tmp_path, "provisioning/http/server.py", "from provisioning import console\n")
     _write(tmp_path, "schemas/api.py", "from schemas.events import AuthEvent\n")

@@ -35,8 +35,16 @@ async def test_migrations_apply_to_an_empty_database_then_change_nothing(
         assert await migrate(connection) == []
         assert await _schema(url) == before
         tables = {name for name, _ in before}
-        for table in ("fleets", "bootstrap_tokens", "devices", "certificates", "auth_events",
-                      "schema_migrations", "event_chains", "admin_keys"):
+        for table in (
+            "fleets",
+            "bootstrap_tokens",
+            "devices",
+            "certificates",
+            "auth_events",
+            "schema_migrations",
+            "event_chains",
+            "admin_keys",
+        ):
             assert table in tables
     finally:
         await connection.close()
@@ -70,8 +78,11 @@ async def test_auth_events_is_partitioned_by_month_with_partitions_ahead(
                 "SELECT indexdef FROM pg_indexes WHERE tablename = 'auth_events'"
             )
         }
-        for columns in ("(device_id, \"time\" DESC)", "(reason, \"time\" DESC)",
-                        "(outcome, \"time\" DESC)"):
+        for columns in (
+            '(device_id, "time" DESC)',
+            '(reason, "time" DESC)',
+            '(outcome, "time" DESC)',
+        ):
             assert any(columns in index for index in indexes), (columns, indexes)
     finally:
         await connection.close()

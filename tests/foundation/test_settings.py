@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from schemas.durations import format_duration, parse_duration
-from schemas.settings import ConfigError, load_settings
+from schemas.settings import ENV_PREFIX, ConfigError, load_settings, unknown_variables
 
 
 def test_defaults_match_the_design_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,7 +42,7 @@ def test_environment_then_file_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_p
 @pytest.mark.parametrize(
     ("variable", "value", "complaint"),
     [
-        ("DEVICEGATE_MAX_PACKET_SIZE", "lots", "valid integer"),
+        ("DEVICEGATE_MAX_PACKET_SIZE", "lots", "must be a whole number"),
         ("DEVICEGATE_GATEWAY_LISTEN", "8883", "HOST:PORT"),
         ("DEVICEGATE_UPSTREAM_URL", "http://broker", "mqtt://"),
         ("DEVICEGATE_DATABASE_URL", "mysql://x", "postgresql://"),
@@ -128,3 +132,54 @@ def test_bad_durations(text: str) -> None:
 def test_duration_formatting_round_trips() -> None:
     for text in ("30s", "10m", "8h", "3d", "2w", "90s"):
         assert format_duration(parse_duration(text)) == text
+
+
+def test_an_unknown_variable_is_warned_about_once_with_the_nearest_name() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env |= {"DEVICEGATE_DATABSE_URL": "postgresql://x@127.0.0.1/y", "DEVICEGATE_TOKEN": "t"}
+    env |= {"DEVICEGATE_TEST_ADMIN_URL": "postgresql://x", "DEVICEGATE_LOG_LEVEL": "info"}
+    args = ["policy", "explain", "--device", "d1", "--fleet", "f", "--publish", "devices/d1/x"]
+    done = subprocess.run(
+        [sys.executable, "-m", "provisioning.commands.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "DEVICEGATE_DATABSE_URL is not a devicegate setting and is ignored; "
+        "did you mean DEVICEGATE_DATABASE_URL?"
+    ]
+
+
+def test_known_and_far_off_names() -> None:
+    assert (
+        unknown_variables({"DEVICEGATE_PKI_DIR": "x", "DEVICEGATE_TOKEN": "t", "HOME": "/"}) == []
+    )
+    assert unknown_variables({"DEVICEGATE_ZZZ": "1", "DEVICEGATE_WORKER": "2"}) == [
+        ("DEVICEGATE_WORKER", "DEVICEGATE_WORKERS"),
+        ("DEVICEGATE_ZZZ", None),
+    ]
+
+
+def test_every_devicegate_variable_the_tree_reads_is_known() -> None:
+    """A variable read anywhere (code, tests, deploy files) must not be warned about."""
+    root = Path(__file__).resolve().parents[2]
+    named: set[str] = set()
+    for folder in ("gateway", "provisioning", "schemas", "tests", "bench", "deploy", "fuzz"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".yaml", ".yml", ".env", ".service", ""):
+                named |= set(
+                    re.findall(
+                        r"\bDEVICEGATE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")
+                    )
+                )
+    typos = {
+        "DEVICEGATE_UPSTREAM_URI",
+        "DEVICEGATE_DATABSE_URL",
+        "DEVICEGATE_ZZZ",
+        "DEVICEGATE_WORKER",
+    }
+    assert [name for name, _ in unknown_variables(dict.fromkeys(named - typos, ""))] == []

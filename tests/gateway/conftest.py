@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.bridge import BridgeConfig
+from gateway.config import BridgeConfig
 from gateway.revocation import PostgresDirectory
 from gateway.server import Gateway
 from gateway.tls import server_context

@@ -19,10 +19,11 @@ import pytest
 from opentelemetry.metrics import NoOpMeter
 from opentelemetry.trace import NoOpTracer
 
+from gateway.config import config_from_settings
 from gateway.events.sink import SpoolSink
 from gateway.mqtt import Disconnect, Publish, Subscribe, Subscription, encode
 from gateway.revocation import PostgresDirectory
-from gateway.server import Gateway, config_from_settings
+from gateway.server import Gateway
 from gateway.telemetry import GatewayMetrics, ObservingSink, audit_log
 from schemas.settings import Settings
 from tests.conftest import Pki

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.actions import Action, Close, Record
 from gateway.audit import EventContext
+from gateway.config import config_from_settings
 from gateway.connection import Session, State
 from gateway.denials import (
     SAMPLE_SIZE,
@@ -21,7 +22,6 @@ from gateway.denials import (
     sample,
 )
 from gateway.mqtt import Disconnect, Puback, Publish, Suback, Subscribe, Subscription, encode
-from gateway.server import config_from_settings
 from schemas.events import AuthEvent, EventType, Outcome, Reason, canonical_bytes
 from schemas.policy import FleetPolicy
 from schemas.settings import ConfigError, Settings, load_settings

@@ -219,7 +219,7 @@ def test_failed_handshakes_are_rate_limited_per_address(
         ("tls_handshake", "denied", refused[-1]),
     ]
     details = [json.loads(r["detail"]) for r in rows]
-    assert [d["refused"] for d in details] == [1, 3]
+    assert [d["count"] for d in details] == [1, 3]
     assert {d["address"] for d in details} == {attacker}
     failures = harness.events(mark, reason="no_client_certificate")
     assert len(failures) == FAILURES_PER_MINUTE
@@ -249,6 +249,6 @@ def test_too_many_connections(
         ("tls_handshake", "denied", refused[0]),
         ("tls_handshake", "denied", refused[-1]),
     ]
-    assert [json.loads(r["detail"])["refused"] for r in rows] == [1, 2]
+    assert [json.loads(r["detail"])["count"] for r in rows] == [1, 2]
     assert json.loads(rows[0]["detail"])["max_connections"] == 3
     publisher.keeps_publishing()

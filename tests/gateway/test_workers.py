@@ -318,7 +318,7 @@ def test_failed_handshakes_share_one_budget_per_instance(
     )
     failed = [r for r in rows if r["reason"] not in NOT_FAILURES]
     limited = [r for r in rows if r["reason"] == "rate_limited"]
-    refused = sum(json.loads(r["detail"])["refused"] for r in limited)
+    refused = sum(json.loads(r["detail"])["count"] for r in limited)
     wanted = {f"{served.instance}/w0", f"{served.instance}/w1"}
 
     def writers(rows: list[Any]) -> set[str]:  # the chain id without its random part

@@ -212,7 +212,7 @@ def test_rogue_ca_flood_is_rate_limited_per_address(
     # together counting every refused attempt (close() flushes the last window).
     limited = harness.wait_events(2, timeout=WINDOW + 5, after=mark, reason="rate_limited")
     details = [json.loads(r["detail"]) for r in limited]
-    assert sum(d["refused"] for d in details) == FLOOD - FAILURES
+    assert sum(d["count"] for d in details) == FLOOD - FAILURES
     assert {d["address"] for d in details} == {"127.0.0.7"}
     assert {r["peer_address"] for r in limited} <= set(attempts[FAILURES:])
     assert len(limited) <= 1 + int(flood_time / WINDOW) + 2  # throttled, not one per attempt

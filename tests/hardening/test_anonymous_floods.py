@@ -216,10 +216,10 @@ async def rows_from(db: asyncpg.Connection, address: str) -> list[asyncpg.Record
 
 
 def accounted(rows: list[asyncpg.Record]) -> Counter[str]:
-    """Refusals by reason: one per event, ``detail.refused`` per summary."""
+    """Refusals by reason: one per event, ``detail.count`` per summary."""
     total: Counter[str] = Counter()
     for row in rows:
-        total[row["reason"]] += json.loads(row["detail"]).get("refused", 1)
+        total[row["reason"]] += json.loads(row["detail"]).get("count", 1)
     return total
 
 

@@ -72,8 +72,8 @@ async def events(db: asyncpg.Connection, peer: str, reason: str) -> list[asyncpg
 
 
 def counted(rows: list[asyncpg.Record]) -> int:
-    """Refusals the rows account for: one per event, ``detail.refused`` per summary."""
-    return sum(json.loads(row["detail"]).get("refused", 1) for row in rows)
+    """Refusals the rows account for: one per event, ``detail.count`` per summary."""
+    return sum(json.loads(row["detail"]).get("count", 1) for row in rows)
 
 
 async def refusals(

@@ -122,3 +122,35 @@ def test_the_table_covers_every_unauthenticated_route() -> None:
 )
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(cell: object, safe: object) -> None:
     assert neutralise(cell) == safe
+
+
+def test_summaries_not_written_are_kept_merged_and_bounded() -> None:
+    """The database is away: the sweep's summaries go back (`keep`) and come out of the next
+    sweep merged with what was counted since, one per key; beyond ``max_keys`` kept keys
+    they merge under the address ``*``. Not one refusal is lost."""
+    budget, now = ledger(1, max_keys=4)
+    a, b = "192.0.2.1", "192.0.2.2"
+    for address, n in ((a, 6), (b, 4)):
+        for i in range(n):
+            charge(budget, RENEW, address, device_id=f"d{i % 20}")
+    first = budget.sweep()
+    assert sum(s.count for s in first) == 5 + 3
+    budget.keep(first)  # the write failed
+    assert budget.kept_refusals() == 8
+    now[0] += 1  # a bucket refills one token a minute: still empty
+    for i in range(MAX_DEVICES + 5):
+        charge(budget, RENEW, a, device_id=f"e{i}")
+    second = {s.address: s for s in budget.sweep()}
+    assert set(second) == {a, b} and budget.kept_refusals() == 0
+    assert (second[a].count, second[b].count) == (5 + MAX_DEVICES + 5, 3)
+    assert len(second[a].devices) == MAX_DEVICES
+    assert sum(second[a].devices.values()) + second[a].other_devices == second[a].count
+    assert second[a].first < second[a].last
+    # Many addresses while the database stays away: the kept keys stay bounded.
+    for i in range(10):  # each: one refusal in full, one counted
+        assert [charge(budget, RENEW, f"198.51.100.{i}") for _ in range(2)] == [True, False]
+    budget.keep(list(second.values()))
+    budget.keep(budget.sweep())
+    kept = budget.sweep()
+    assert len(kept) <= 4 + 1
+    assert sum(s.count for s in kept) == second[a].count + second[b].count + 10

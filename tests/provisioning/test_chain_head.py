@@ -37,8 +37,14 @@ async def _head(db: asyncpg.Connection) -> tuple[int, str]:
 async def test_a_stale_expected_head_writes_nothing(db: asyncpg.Connection) -> None:
     fleet = f"ch-{secrets.token_hex(3)}"
     async with db.transaction():
-        await append_event(db, instance="t", type=EventType.ADMIN, outcome=Outcome.ALLOWED,
-                           reason=Reason.OK, fleet=fleet)
+        await append_event(
+            db,
+            instance="t",
+            type=EventType.ADMIN,
+            outcome=Outcome.ALLOWED,
+            reason=Reason.OK,
+            fleet=fleet,
+        )
     seq, hash_ = await _head(db)
     stale = ChainHead(seq - 1, hash_, (await db.fetchval("SELECT now()")))
     async with db.transaction():
@@ -66,8 +72,14 @@ async def test_batches_interleaved_with_another_writer_keep_one_chain(
             await asyncio.gather(*(committer.submit(write, savepoint=False) for _ in range(4)))
             # Another writer (an admin command, another replica) moves the head.
             async with db.transaction():
-                await append_event(db, instance="other", type=EventType.ADMIN,
-                                   outcome=Outcome.ALLOWED, reason=Reason.OK, fleet=fleet)
+                await append_event(
+                    db,
+                    instance="other",
+                    type=EventType.ADMIN,
+                    outcome=Outcome.ALLOWED,
+                    reason=Reason.OK,
+                    fleet=fleet,
+                )
         await asyncio.gather(*(committer.submit(write, savepoint=False) for _ in range(4)))
         before = await _head(db)
         await committer.submit(write, savepoint=False)  # chains onto its own last head
@@ -105,11 +117,18 @@ async def _enroll_all(
     store.enroll_new_devices_chained = counted  # type: ignore[assignment]
     try:
         # One first, so the committer knows the head; then the rest arrive together.
-        results: list[Any] = [await service.enroll(
-            token=token, csr=csr, hardware_id=None, peer=Peer(address="127.0.0.1"))]
+        results: list[Any] = [
+            await service.enroll(
+                token=token, csr=csr, hardware_id=None, peer=Peer(address="127.0.0.1")
+            )
+        ]
         results += await asyncio.gather(
-            *(service.enroll(token=token, csr=csr, hardware_id=None,
-                             peer=Peer(address="127.0.0.1")) for _ in range(count - 1)),
+            *(
+                service.enroll(
+                    token=token, csr=csr, hardware_id=None, peer=Peer(address="127.0.0.1")
+                )
+                for _ in range(count - 1)
+            ),
             return_exceptions=True,
         )
     finally:
@@ -141,12 +160,14 @@ async def test_merged_enrollments_are_all_or_nothing(
 
     devices = await db.fetch(
         "SELECT d.device_id, c.serial FROM devices d JOIN certificates c USING (device_id) "
-        "WHERE d.fleet = $1", fleet,
+        "WHERE d.fleet = $1",
+        fleet,
     )
     assert len(devices) == 24 + 7
     allowed = await db.fetch(
         "SELECT device_id, cert_serial FROM auth_events WHERE fleet = $1 AND type = 'enroll' "
-        "AND outcome = 'allowed'", fleet,
+        "AND outcome = 'allowed'",
+        fleet,
     )
     assert {(r["device_id"], r["cert_serial"]) for r in allowed} == {
         (r["device_id"], r["serial"]) for r in devices
@@ -168,11 +189,16 @@ async def test_a_merged_batch_after_another_writer_spends_no_extra_use(
         # The head moves under the committer: its merged statement spends the token's uses,
         # then finds the head changed; the rollback must give those uses back.
         async with db.transaction():
-            await append_event(db, instance="other", type=EventType.ADMIN,
-                               outcome=Outcome.ALLOWED, reason=Reason.OK, fleet=fleet)
+            await append_event(
+                db,
+                instance="other",
+                type=EventType.ADMIN,
+                outcome=Outcome.ALLOWED,
+                reason=Reason.OK,
+                fleet=fleet,
+            )
         await asyncio.gather(
-            *(service.enroll(token=token, csr=csr, hardware_id=None, peer=peer)
-              for _ in range(10))
+            *(service.enroll(token=token, csr=csr, hardware_id=None, peer=peer) for _ in range(10))
         )
     finally:
         await service.close()

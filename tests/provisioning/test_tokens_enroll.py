@@ -114,7 +114,10 @@ async def test_token_secret_is_only_stored_as_hash(
     assert stored == hashlib.sha256(token.encode()).digest()
     dumped = subprocess.run(
         ["pg_dump", "--data-only", "--table=bootstrap_tokens", database_url],
-        capture_output=True, check=True, timeout=30, text=True,
+        capture_output=True,
+        check=True,
+        timeout=30,
+        text=True,
     ).stdout
     assert token_id in dumped  # the dump does hold the row...
     assert token not in dumped and token[4:] not in dumped  # ...but not the secret

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from gateway.connection import Session
-from gateway.telemetry import GatewayMetrics, ObservingSink, SessionCounters, connection_span
+from gateway.spans import connection_span
+from gateway.telemetry import GatewayMetrics, ObservingSink, SessionCounters
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from tests.telemetry.conftest import Harness
 
@@ -45,6 +46,7 @@ class Stats:
     queue_depth: int
     spool_bytes: int
     events_lost_total: int = 0
+    events_missing_total: int = 0
 
 
 def _event(type_: EventType, reason: Reason, outcome: Outcome | None = None) -> AuthEvent:

@@ -65,6 +65,7 @@ def test_alert_rules_use_only_contract_metrics() -> None:
         "DevicegateHandshakeFailureSpike",
         "DevicegateEventSpoolGrowing",
         "DevicegateAuthEventsLost",
+        "DevicegateDatabaseBehindSpool",
         "DevicegateRevocationStateStale",
         "DevicegateCertificatesExpiring",
     }

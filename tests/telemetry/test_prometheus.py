@@ -87,7 +87,8 @@ def test_prometheus_names_of_the_contract() -> None:
     )
     assert all(spec.name.startswith("devicegate.") for spec in METRICS)
     assert names["devicegate.events.lost"] == ("devicegate_events_lost_total",)
-    assert len(names) == len(METRICS) == 16
+    assert names["devicegate.events.missing"] == ("devicegate_events_missing_total",)
+    assert len(names) == len(METRICS) == 17
 
 
 def test_every_contract_instrument_renders_under_its_prometheus_name() -> None:

@@ -35,7 +35,7 @@ import asyncpg
 import pytest
 import uvloop
 
-from gateway.bridge import BridgeConfig
+from gateway.config import BridgeConfig
 from gateway.events.sink import SpoolSink
 from gateway.mqtt import Disconnect, Puback, Publish, Suback, Subscribe, Subscription
 from gateway.revocation import PostgresDirectory

@@ -1,0 +1,76 @@
+"""What every connection of one gateway shares (`BridgeConfig`), and how `Settings` make it.
+
+Invariants:
+
+* Built once per worker, before the listener opens, and never changed: a connection reads
+  its timeouts, limits and TLS context from here, not from `Settings`.
+* A configuration that cannot work (TLS files missing or unusable) fails here, at start,
+  with `GatewayConfigError` saying what to do, never at the first handshake.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+
+from gateway.denials import DenialLimits
+from gateway.tls import server_context
+from gateway.upstream import UpstreamTarget
+from schemas.errors import DevicegateError
+from schemas.settings import Settings
+
+__all__ = ["BridgeConfig", "GatewayConfigError", "config_from_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """What every connection of one gateway shares."""
+
+    instance: str
+    trust_domain: str
+    ssl_context: ssl.SSLContext
+    upstream: UpstreamTarget
+    handshake_timeout: float
+    connect_timeout: float
+    max_packet_size: int
+    dial_timeout: float = 5.0
+    proxy_protocol_from: tuple[IPv4Network | IPv6Network, ...] = ()
+    """Peers that must send a PROXY v2 header (empty: PROXY protocol off)."""
+    denials: DenialLimits = field(default_factory=DenialLimits)
+    """Each session's denial budget (`gateway.denials`)."""
+
+
+class GatewayConfigError(DevicegateError):
+    """The gateway cannot start with this configuration (message says why)."""
+
+
+def config_from_settings(settings: Settings) -> BridgeConfig:
+    """The connection settings from ``Settings`` (reads the server's TLS files).
+
+    Raises:
+        GatewayConfigError: the TLS files are missing or unusable.
+    """
+    pki = settings.pki_dir
+    try:
+        context = server_context(pki / "chain.pem", pki / "server.crt", pki / "server.key")
+    except (OSError, ssl.SSLError) as exc:
+        raise GatewayConfigError(
+            f"cannot load chain.pem, server.crt and server.key from {pki}: {exc}; "
+            "run `devicegate ca init` first"
+        ) from None
+    return BridgeConfig(
+        instance=settings.instance_id,
+        trust_domain=settings.trust_domain,
+        ssl_context=context,
+        upstream=UpstreamTarget.from_url(settings.upstream_url),
+        handshake_timeout=settings.handshake_timeout.total_seconds(),
+        connect_timeout=settings.connect_timeout.total_seconds(),
+        max_packet_size=settings.max_packet_size,
+        proxy_protocol_from=tuple(settings.proxy_protocol_from),
+        denials=DenialLimits(
+            per_window=settings.denials_per_window,
+            events_per_window=settings.denial_events_per_window,
+            window=settings.denial_window.total_seconds(),
+        ),
+    )
