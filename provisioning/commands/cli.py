@@ -32,7 +32,9 @@ app = typer.Typer(
     name="devicegate",
     cls=RootGroup,
     rich_markup_mode=None,  # plain help: `devicegate --help` does not load rich
-    help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.",
+    help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.\n\n"
+    "The options below go before or after the command; a failure is one error: line "
+    "(--debug adds the traceback).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
