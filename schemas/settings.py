@@ -303,7 +303,8 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise ConfigError(
                     f"{ENV_PREFIX}CA_PASSPHRASE_FILE: cannot read {self.ca_passphrase_file}: "
-                    f"{exc.strerror}"
+                    f"{exc.strerror}; write the passphrase (8 characters or more) on its "
+                    f"first line, mode 0600, or set {ENV_PREFIX}CA_PASSPHRASE instead"
                 ) from exc
             return text.splitlines()[0].encode() if text else b""
         return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from provisioning.agent.layout import CERT_FILE as CERT_FILE  # re-exported: the layout
+from provisioning.agent.layout import CHAIN_FILE as CHAIN_FILE
+from provisioning.agent.layout import KEY_FILE as KEY_FILE
+from provisioning.agent.layout import NEXT_KEY_FILE as NEXT_KEY_FILE
+from provisioning.agent.layout import KeyType as KeyType
 from schemas.api import CertificateBundle, Problem
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
-KEY_FILE = "device.key"
-CERT_FILE = "device.crt"
-CHAIN_FILE = "chain.pem"
-NEXT_KEY_FILE = "device.key.next"
 REQUEST_TIMEOUT = 30.0
 """Seconds for one enrollment or renewal request, connection included."""
 
 DeviceKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
-
-
-class KeyType(StrEnum):
-    P256 = "p256"
-    P384 = "p384"
-    ED25519 = "ed25519"
-    RSA2048 = "rsa2048"
 
 
 class EnrollmentError(DevicegateError):

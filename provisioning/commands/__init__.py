@@ -5,40 +5,37 @@ A command module parses options and calls the packages below it (``pki``, ``audi
 its own that another surface would need. The only import of ``gateway`` in the control
 plane is in `serve` (``devicegate serve gateway``) and in `policy` (``devicegate policy
 explain`` runs ``gateway.policy``'s own decision), each inside the command.
+
+`COMMANDS` names every top-level command, the module that defines it and its one-line help:
+``devicegate --help`` prints the table without importing a module, and a command's module
+is imported only when that command runs (`provisioning.commands.root`), so the device-side
+``enroll`` never loads asyncpg, the CA code or the gateway.
 """
 
 from __future__ import annotations
 
-import typer
-
-
-def register(app: typer.Typer) -> None:
-    """Attach every command group to the root application."""
-    from provisioning.commands import (
-        admin_keys,
-        audit,
-        ca,
-        certs,
-        db,
-        demo,
-        device_side,
-        devices,
-        policy,
-        serve,
-        tokens,
-    )
-
-    for module in (
-        ca,
-        db,
-        admin_keys,
-        tokens,
-        devices,
-        certs,
-        serve,
-        policy,
-        device_side,
-        audit,
-        demo,
-    ):
-        module.register(app)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ca": ("ca", "Create and inspect the certificate authority."),
+    "db": ("db", "Manage the database schema."),
+    "admin-key": ("admin_keys", "Manage admin API keys."),
+    "token": ("tokens", "Manage bootstrap tokens for fleets and batches."),
+    "device": ("devices", "Inspect, disable, enable and revoke devices."),
+    "cert": ("certs", "List and revoke certificates."),
+    "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
+    "policy": ("policy", "Check a topic policy file, or explain its decisions."),
+    "enroll": (
+        "device_side",
+        "Make a key on this device, enroll with a bootstrap token, write the files.",
+    ),
+    "renew": (
+        "device_side",
+        "Renew this device's certificate with its current one, for a new key.",
+    ),
+    "audit": ("audit", "Query and verify the auth event log."),
+    "demo": ("demo", "Run the whole product end to end on this machine, on scratch state."),
+    "simulate": (
+        "demo",
+        "Load and soak a deployment with simulated devices, bounded by --duration.",
+    ),
+}
+"""name -> (module in this package, short help shown by ``devicegate --help``)."""

@@ -27,6 +27,7 @@ from provisioning.audit.query import MAX_LIMIT, EventFilter, query_events
 from provisioning.audit.summary import Summary, summarize
 from provisioning.audit.verify import VerifyReport, verify_chains
 from provisioning.commands.common import context, errors, fail, run
+from provisioning.commands.records import report_count
 from provisioning.db import connect
 from schemas.durations import parse_duration
 from schemas.events import AuthEvent, EventType, Outcome, Reason, utcnow
@@ -162,8 +163,16 @@ def audit(
                 events.extend(page)
                 if cursor is None:
                     break
+            more = False
+            if cursor is not None and limit > 0:  # cut at --limit: does anything older match?
+                more = bool((await query_events(conn, filters=filters, limit=1, cursor=cursor))[0])
             for event in reversed(events):
                 printer(event)
+            if limit > 0:
+                report_count(
+                    len(events), limit=limit, more=more, noun="events",
+                    narrow="--since, --until, --device, --type, --outcome or --reason",
+                )  # fmt: skip
         finally:
             await conn.close()
 

@@ -63,17 +63,14 @@ def init(
             "parties reach provisioning at, then run ca init again.",
             highlight=False,
         )
-    try:
-        summary = directory.init_pki(
-            settings.pki_dir,
-            passphrase=passphrase,
-            key_type=key_type,
-            server_names=names,
-            crl_url=crl_url,
-            force=force,
-        )
-    except directory.CAError as exc:
-        fail(str(exc))
+    summary = directory.init_pki(
+        settings.pki_dir,
+        passphrase=passphrase,
+        key_type=key_type,
+        server_names=names,
+        crl_url=crl_url,
+        force=force,
+    )
     console.print(f"CA created in [bold]{summary.directory}[/bold]")
     for name, certificate in (
         ("root", summary.root),
@@ -97,11 +94,8 @@ def audit_key(ctx: typer.Context) -> None:
     like server.key. Checkpoints signed with an earlier key keep verifying.
     """
     settings = context(ctx).settings()
-    try:
-        authority = directory.load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
-        certificate = directory.issue_audit_signer(authority, settings.pki_dir)
-    except directory.CAError as exc:
-        fail(str(exc))
+    authority = directory.load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
+    certificate = directory.issue_audit_signer(authority, settings.pki_dir)
     console.print(
         f"audit signer issued in [bold]{settings.pki_dir}[/bold]: "
         f"sha256:{ca.fingerprint(certificate)}, valid until "
@@ -116,10 +110,7 @@ def show(
 ) -> None:
     """Print the CA certificates: subjects, fingerprints, validity."""
     settings = context(ctx).settings()
-    try:
-        certificates = directory.describe_pki(settings.pki_dir)
-    except directory.CAError as exc:
-        fail(str(exc))
+    certificates = directory.describe_pki(settings.pki_dir)
     records = [
         {
             "file": name,

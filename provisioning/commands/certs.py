@@ -8,7 +8,7 @@ import typer
 
 from provisioning import admin, store
 from provisioning.commands.common import context
-from provisioning.commands.records import CLI_ACTOR, show, with_connection
+from provisioning.commands.records import CLI_ACTOR, show, show_limited, with_connection
 
 group = typer.Typer(help="List and revoke certificates.", no_args_is_help=True)
 
@@ -33,9 +33,14 @@ def list_(
     settings = context(ctx).settings()
     certificates = with_connection(
         settings,
-        lambda conn: store.list_certificates(conn, device_id=device, status=status, limit=limit),
+        lambda conn: store.list_certificates(
+            conn, device_id=device, status=status, limit=limit + 1
+        ),
     )
-    show(certificates, json_output=json_output, title="certificates", columns=COLUMNS)
+    show_limited(
+        certificates, limit=limit, json_output=json_output, title="certificates",
+        columns=COLUMNS, narrow="--device or --status",
+    )  # fmt: skip
 
 
 @group.command("revoke")

@@ -1,6 +1,8 @@
 """The ``devicegate`` command: one entry point for operators, factory lines and devices.
 
-Each command group lives in ``provisioning/commands/``; this module only assembles them.
+Each command group lives in ``provisioning/commands/``; this module holds the global options.
+`provisioning.commands.root.RootGroup` loads the groups lazily, accepts the global options
+after the subcommand too, and turns failures into one line (a traceback under ``--debug``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from typing import Annotated
 
 import typer
 
-from provisioning.commands import register
-from provisioning.commands.common import Context
+from provisioning.commands.root import RootGroup
 
 
 class LogFormat(StrEnum):
@@ -29,7 +30,11 @@ class LogLevel(StrEnum):
 
 app = typer.Typer(
     name="devicegate",
-    help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.",
+    cls=RootGroup,
+    rich_markup_mode=None,  # plain help: `devicegate --help` does not load rich
+    help="Zero-trust device identity gateway: provisioning CA, mTLS MQTT bridge, audit log.\n\n"
+    "The options below go before or after the command; a failure is one error: line "
+    "(--debug adds the traceback).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -64,7 +69,12 @@ def _root(
         LogLevel | None,
         typer.Option(help="Lowest level logged (env DEVICEGATE_LOG_LEVEL)."),
     ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Print the traceback of a failure.")
+    ] = False,
 ) -> None:
+    from provisioning.commands.common import Context
+
     ctx.obj = Context(
         config,
         {
@@ -75,9 +85,6 @@ def _root(
             "log_level": log_level.value if log_level is not None else None,
         },
     )
-
-
-register(app)
 
 
 def main() -> None:

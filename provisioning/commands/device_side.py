@@ -1,16 +1,22 @@
-"""``devicegate enroll`` and ``devicegate renew``: the device side."""
+"""``devicegate enroll`` and ``devicegate renew``: the device side.
+
+The HTTP and crypto modules are imported inside the commands: ``--help`` and the refusals
+below answer at once, also on a small device.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from provisioning.agent import device
-from provisioning.commands.common import console, run
-from schemas.api import CertificateBundle
+from provisioning.agent.layout import KEY_FILE, KeyType
+from provisioning.commands.common import console, fail, run
+
+if TYPE_CHECKING:
+    from schemas.api import CertificateBundle
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
@@ -42,10 +48,21 @@ def enroll(
     ca_cert: Annotated[
         Path | None, typer.Option(help="CA file to trust for the service (default: system).")
     ] = None,
-    key_type: Annotated[device.KeyType, typer.Option(help="Key to make.")] = device.KeyType.P256,
+    key_type: Annotated[KeyType, typer.Option(help="Key to make.")] = KeyType.P256,
+    force: Annotated[
+        bool, typer.Option(help="Replace the identity already in --out (its key is lost).")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Make a key on this device, enroll with a bootstrap token, write the files."""
+    if (out / KEY_FILE).exists() and not force:
+        # An enrolled device renews; enrolling again would orphan its key and certificate.
+        fail(
+            f"{out} already holds a device identity ({KEY_FILE}): use `devicegate renew "
+            f"--dir {out}` to renew it, or pass --force to replace it"
+        )
+    from provisioning.agent import device
+
     bundle = run(
         device.enroll(
             url=url,
@@ -66,10 +83,12 @@ def renew(
         Path | None, typer.Option(help="CA file to trust (default: DIR/chain.pem).")
     ] = None,
     key_type: Annotated[
-        device.KeyType | None, typer.Option(help="New key type (default: the current one's).")
+        KeyType | None, typer.Option(help="New key type (default: the current one's).")
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Renew this device's certificate with its current one, for a new key."""
+    from provisioning.agent import device
+
     bundle = run(device.renew(url=url, directory=dir, ca_cert=ca_cert, key_type=key_type))
     _report(bundle, dir, json_output)

@@ -10,8 +10,8 @@ import typer
 
 from provisioning import admin, store
 from provisioning.commands.certs import COLUMNS as CERT_COLUMNS
-from provisioning.commands.common import console, context
-from provisioning.commands.records import CLI_ACTOR, show, with_connection
+from provisioning.commands.common import confirm, console, context
+from provisioning.commands.records import CLI_ACTOR, show, show_limited, with_connection
 from schemas.api import DeviceInfo
 
 group = typer.Typer(help="Inspect, disable, enable and revoke devices.", no_args_is_help=True)
@@ -39,9 +39,13 @@ def list_(
     """List devices, newest first."""
     settings = context(ctx).settings()
     devices = with_connection(
-        settings, lambda conn: store.list_devices(conn, fleet=fleet, status=status, limit=limit)
+        settings,
+        lambda conn: store.list_devices(conn, fleet=fleet, status=status, limit=limit + 1),
     )
-    show(devices, json_output=json_output, title="devices", columns=COLUMNS)
+    show_limited(
+        devices, limit=limit, json_output=json_output, title="devices", columns=COLUMNS,
+        narrow="--fleet or --status",
+    )  # fmt: skip
 
 
 @group.command("show")
@@ -85,6 +89,12 @@ def enable_(ctx: typer.Context, device_id: DeviceId, json_output: JsonOption = F
 
 
 @group.command("revoke")
-def revoke_(ctx: typer.Context, device_id: DeviceId, json_output: JsonOption = False) -> None:
-    """Revoke a device and all its certificates (final)."""
+def revoke_(
+    ctx: typer.Context,
+    device_id: DeviceId,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (for scripts).")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke a device and all its certificates (final): asks first on a terminal."""
+    confirm(f"revoke device {device_id} and all its certificates? This cannot be undone", yes)
     _act(ctx, device_id, admin.revoke_device, json_output)

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from provisioning.commands.common import context, fail, run
-from schemas.errors import DevicegateError
+from provisioning.commands.common import context, run
 
 group = typer.Typer(help="Run the provisioning service or the MQTT gateway.", no_args_is_help=True)
 
@@ -28,7 +27,9 @@ def provisioning(
     """Run the provisioning HTTPS service until SIGTERM (needs the CA passphrase)."""
     from provisioning.http.server import serve
 
-    settings = context(ctx).settings(provisioning_listen=listen)
+    options = context(ctx)
+    settings = options.settings(provisioning_listen=listen)
+    options.listen = settings.provisioning_listen  # named if the port is taken
     run(serve(settings))
 
 
@@ -65,9 +66,11 @@ def gateway(
     # Imported here: the control plane does not load the data plane unless asked to.
     from gateway.serve import raise_fd_limit, serve
 
-    settings = context(ctx).settings(
+    options = context(ctx)
+    settings = options.settings(
         gateway_listen=listen, upstream_url=upstream, policy_file=policy, workers=workers
     )
+    options.listen = settings.gateway_listen  # named if the port is taken
     count = settings.workers or os.cpu_count() or 1
     if count == 1:
         raise_fd_limit()
@@ -75,10 +78,5 @@ def gateway(
         return
     from gateway.workers import supervise
 
-    try:
-        status = supervise(settings, workers=count)
-    except OSError as exc:
-        fail(f"cannot listen on {settings.gateway_listen}: {exc.strerror or exc}")
-    except DevicegateError as exc:  # the TLS files or the policy file
-        fail(str(exc))
-    raise typer.Exit(status)
+    # A port in use, the TLS files or the policy file: one line (commands.failures).
+    raise typer.Exit(supervise(settings, workers=count))

@@ -7,6 +7,7 @@ key; device endpoints are authenticated by a bootstrap token or the TLS client c
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 
@@ -31,6 +32,9 @@ from provisioning.telemetry import phase
 from schemas.api import EnrollRequest, EventPage, RenewRequest, TokenCreateRequest
 from schemas.durations import parse_duration
 from schemas.events import EventType, Outcome, Reason
+from schemas.migrate import pending
+
+log = logging.getLogger("devicegate.provisioning")
 
 PEM_CRL = "application/x-pem-file"
 
@@ -84,14 +88,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The database answers and the CA is loaded."""
+    """The database answers, its schema is this release's (no migration pending: on an
+    unmigrated database every enrollment would fail) and the CA is loaded."""
     svc = service(request)
-    checks = {"ca": svc.ca is not None, "database": False}
+    checks = {"ca": svc.ca is not None, "database": False, "schema": False}
     try:
         async with svc.pool.acquire(timeout=2) as conn:
             checks["database"] = await conn.fetchval("SELECT 1", timeout=2) == 1
-    except Exception:  # any failure means "not ready"
-        checks["database"] = False
+            checks["schema"] = not await pending(conn)
+    except Exception as exc:  # any failure means "not ready": the checks not done stay False
+        log.debug("readyz: %s", exc)
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},

@@ -36,6 +36,7 @@ from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca, 
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
 from schemas.logs import configure_logging
+from schemas.migrate import pending
 from schemas.settings import Settings
 from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
@@ -80,7 +81,6 @@ async def _base_headers(request: web.Request, response: web.StreamResponse) -> N
 
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
-
 
 
 def build_app(
@@ -178,6 +178,14 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
     except BaseException:
         telemetry.shutdown()
         raise
+    async with service.pool.acquire() as conn:
+        missing = await pending(conn)
+    if missing:  # served anyway (a rolling upgrade migrates next), but said, and not ready
+        log.error(
+            "the database is not migrated (pending: %s): run `devicegate db migrate`; "
+            "/readyz answers not ready until then",
+            ", ".join(missing),
+        )
     app = build_app(service, telemetry=telemetry, metrics=pmetrics)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     metrics_server: asyncio.Server | None = None
@@ -191,6 +199,7 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
     checkpoints_file = checkpoint_file(
         settings.checkpoint_dir, f"{settings.instance_id}/provisioning"
     )
+    started = False  # a port that cannot be bound: no final checkpoint, just the error
     try:
         await runner.setup()
         site = web.TCPSite(
@@ -202,6 +211,7 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
             shutdown_timeout=10.0,
         )
         await site.start()
+        started = True
         # What start-up allocated (modules, the app, the CA, the pool) lives as long as the
         # process: keep it out of the collector's full passes, which requests trigger.
         gc.freeze()
@@ -233,7 +243,7 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
             metrics_server.close()
             await metrics_server.wait_closed()
         await runner.cleanup()
-        if signer is not None:  # the requests are done: sign where the chain ends
+        if signer is not None and started:  # the requests are done: sign where the chain ends
             try:
                 await checkpoint_once(service.pool, signer, checkpoints_file)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -66,10 +66,11 @@ def doc_commands() -> list[tuple[str, list[str]]]:
 Command = Any
 
 
-def _takes_value(command: Command, word: str) -> bool:
-    """Whether option ``word`` of ``command`` takes a value; AssertionError when unknown."""
+def _takes_value(command: Command, word: str, root: Command) -> bool:
+    """Whether option ``word`` of ``command`` (or a global option of ``root``, which may
+    follow any subcommand) takes a value; AssertionError when unknown."""
     name = word.split("=", 1)[0]
-    for param in command.params:
+    for param in (*command.params, *root.params):
         if param.param_type_name == "option" and name in (*param.opts, *param.secondary_opts):
             return not (param.is_flag or param.count) and "=" not in word
     assert name in ("--help", "-h"), f"{command.name}: no option {name}"
@@ -79,6 +80,7 @@ def _takes_value(command: Command, word: str) -> bool:
 def check(words: list[str]) -> list[str]:
     """The subcommand path of ``devicegate <words>``; raises AssertionError when wrong."""
     command: Command = typer.main.get_command(app)
+    root = command
     path: list[str] = []
     positional = 0
     words = list(words)
@@ -87,7 +89,7 @@ def check(words: list[str]) -> list[str]:
         if word in PLACEHOLDER:
             break
         if word.startswith("-") and word != "-":
-            if _takes_value(command, word) and words:
+            if _takes_value(command, word, root) and words:
                 words.pop(0)
             continue
         if hasattr(command, "commands"):  # a group: the word names a subcommand

@@ -41,6 +41,18 @@ def settings(database_url: str, pki: Pki) -> Settings:
     )
 
 
+@pytest.fixture
+def env(settings: Settings, pki: Pki) -> dict[str, str]:
+    """The environment of a ``devicegate`` command run against the session's database."""
+    return {
+        "DEVICEGATE_DATABASE_URL": settings.database_url,
+        "DEVICEGATE_PKI_DIR": str(pki.directory),
+        "DEVICEGATE_CA_PASSPHRASE": pki.passphrase.decode(),
+        "DEVICEGATE_INSTANCE_ID": "cli-test",
+        "COLUMNS": "250",
+    }
+
+
 @dataclass(frozen=True)
 class Server:
     url: str

@@ -305,7 +305,7 @@ async def test_openapi_health_and_unknown_routes(
     assert {ref.rsplit("/", 1)[1] for ref in refs} <= set(schemas)
     assert (await call(http, server, "GET", "/healthz"))[0] == 200
     status, ready = await call(http, server, "GET", "/readyz")
-    assert (status, ready["checks"]) == (200, {"ca": True, "database": True})
+    assert (status, ready["checks"]) == (200, {"ca": True, "database": True, "schema": True})
     status, problem = await call(http, server, "GET", "/nope")
     assert (status, problem["reason"]) == (404, "not_found")
     status, problem = await call(http, server, "GET", "/v1/enroll")

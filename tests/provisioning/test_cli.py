@@ -9,25 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from provisioning.commands.cli import app
-from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.helpers import free_port, wait_for_port
 from tests.provisioning.conftest import Server
-
-
-@pytest.fixture
-def env(settings: Settings, pki: Pki) -> dict[str, str]:
-    return {
-        "DEVICEGATE_DATABASE_URL": settings.database_url,
-        "DEVICEGATE_PKI_DIR": str(pki.directory),
-        "DEVICEGATE_CA_PASSPHRASE": pki.passphrase.decode(),
-        "DEVICEGATE_INSTANCE_ID": "cli-test",
-        "COLUMNS": "250",
-    }
 
 
 def cli(env: dict[str, str], *args: str, code: int = 0) -> str:
@@ -106,7 +93,8 @@ def test_record_commands(env: dict[str, str], server: Server, pki: Pki, tmp_path
     certs = lines(cli(env, "cert", "list", "--device", device_id, "--status", "active", "--json"))
     assert [c["serial"] for c in certs] == [renewed["serial"]]
     assert lines(cli(env, "cert", "revoke", renewed["serial"], "--json"))[0]["status"] == "revoked"
-    assert lines(cli(env, "device", "revoke", device_id, "--json"))[0]["status"] == "revoked"
+    revoked_device = lines(cli(env, "device", "revoke", device_id, "--yes", "--json"))[0]
+    assert revoked_device["status"] == "revoked"
     assert "revoked" in cli(env, "device", "enable", device_id, code=1)
     assert "no device" in cli(env, "device", "show", "nope", code=1)
 
