@@ -29,6 +29,7 @@ test: $(STAMP) services
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway provisioning schemas tests bench fuzz
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway provisioning schemas fuzz
 
 bench: $(STAMP) services
