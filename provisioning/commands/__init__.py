@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         devices,
         policy,
         serve,
+        ticket_keys,
         tokens,
     )
 
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         certs,
         serve,
         policy,
+        ticket_keys,
         device_side,
         audit,
         demo,
