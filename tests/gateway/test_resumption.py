@@ -80,7 +80,7 @@ class Attempt:
                     encode(Connect(protocol_level=4, client_id=device.device_id), version=4)
                 )
                 data = b""
-                result = NEED_DATA
+                result: object = NEED_DATA
                 while result is NEED_DATA:
                     chunk = sock.recv(1024)
                     if not chunk:
