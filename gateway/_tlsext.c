@@ -24,15 +24,30 @@
  * to load when _ssl resolves OpenSSL to another copy of the library than this module does
  * (a statically linked _ssl, or headers of another OpenSSL version): ex_data indexes and
  * callbacks only mean something within one copy. context_ssl_ctx() is the one place that
- * reaches the SSL_CTX (later services, such as session ticket keys, use it too).
+ * reaches the SSL_CTX.
+ *
+ * Session tickets (set_ticket_keys): Python's ssl has no API for ticket keys, and OpenSSL's
+ * own are random per SSL_CTX, so a ticket issued by one worker would not resume on another
+ * worker or instance. set_ticket_keys gives the SSL_CTX a key ring (keys shared through a
+ * file, gateway/tickets.py): the first key encrypts new tickets, every key decrypts, and a
+ * ticket of an older key is renewed under the current one. A ticket's lifetime is the
+ * smaller of the setting and what is left of its certificate's validity; a ticket whose
+ * certificate is past notAfter (or before notBefore) is ignored at decryption, so the
+ * client falls back to a full handshake, where verification refuses it. The ring is
+ * guarded by a mutex: handshakes run with the GIL released.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
+#include <pthread.h>
 #include <openssl/x509.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* A leaf bigger than this is not kept (the code and depth still are): device certificates
  * are well under 2 KiB, and what is kept is device-chosen bytes held until the event. */
@@ -165,6 +180,192 @@ static PyObject *negotiated(PyObject *module, PyObject *sslobj) {
     return Py_BuildValue("(zz)", version, cipher != NULL ? SSL_CIPHER_get_name(cipher) : NULL);
 }
 
+/* --- session tickets ---------------------------------------------------------------- */
+
+#define TICKET_NAME 16
+#define TICKET_AES 32
+#define TICKET_HMAC 32
+#define TICKET_KEY (TICKET_NAME + TICKET_AES + TICKET_HMAC)
+#define MAX_TICKET_KEYS 8
+
+typedef struct {
+    unsigned char name[TICKET_NAME];
+    unsigned char aes[TICKET_AES];
+    unsigned char hmac[TICKET_HMAC];
+} TicketKey;
+
+typedef struct {
+    pthread_mutex_t lock;
+    int count; /* keys[0] encrypts; every key decrypts */
+    long lifetime;
+    TicketKey keys[MAX_TICKET_KEYS];
+} TicketRing;
+
+static int ring_index = -1;
+static char sha256_name[] = "SHA256";
+
+static void free_ring(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                      void *argp) {
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    TicketRing *ring = ptr;
+    if (ring == NULL) return;
+    pthread_mutex_destroy(&ring->lock);
+    OPENSSL_cleanse(ring->keys, sizeof(ring->keys));
+    free(ring);
+}
+
+static int set_hmac_key(EVP_MAC_CTX *hctx, unsigned char *key) {
+    OSSL_PARAM params[3];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, key, TICKET_HMAC);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, sha256_name, 0);
+    params[2] = OSSL_PARAM_construct_end();
+    return EVP_MAC_CTX_set_params(hctx, params);
+}
+
+/* OpenSSL's ticket key callback (runs inside the handshake, GIL released). Encrypt: the
+ * current key, a fresh IV. Decrypt: the key named in the ticket; 0 (not found: a full
+ * handshake) if the ring has none of that name, 2 (use, and renew under the current key)
+ * if it is not the current one. */
+static int ticket_key_cb(SSL *ssl, unsigned char name[16], unsigned char iv[EVP_MAX_IV_LENGTH],
+                         EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx, int enc) {
+    TicketRing *ring = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ring_index);
+    if (ring == NULL) return enc ? -1 : 0;
+    TicketKey key;
+    int found = -1;
+    pthread_mutex_lock(&ring->lock);
+    if (enc) {
+        if (ring->count > 0) found = 0;
+    } else {
+        for (int i = 0; i < ring->count; i++)
+            if (memcmp(ring->keys[i].name, name, TICKET_NAME) == 0) {
+                found = i;
+                break;
+            }
+    }
+    if (found >= 0) key = ring->keys[found];
+    pthread_mutex_unlock(&ring->lock);
+    int result;
+    if (found < 0) {
+        result = enc ? -1 : 0;
+    } else if (enc) {
+        memcpy(name, key.name, TICKET_NAME);
+        int iv_len = EVP_CIPHER_get_iv_length(EVP_aes_256_cbc());
+        result = RAND_bytes(iv, iv_len) == 1 &&
+                         EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, key.aes, iv) == 1 &&
+                         set_hmac_key(hctx, key.hmac) == 1
+                     ? 1
+                     : -1;
+    } else {
+        result = EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, key.aes, iv) == 1 &&
+                         set_hmac_key(hctx, key.hmac) == 1
+                     ? (found == 0 ? 1 : 2)
+                     : -1;
+    }
+    OPENSSL_cleanse(&key, sizeof(key));
+    return result;
+}
+
+/* Seconds from now to the certificate's notAfter (negative once past; 0 before notBefore). */
+static long validity_left(X509 *cert) {
+    int days = 0, seconds = 0;
+    if (X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0) return 0;
+    if (!ASN1_TIME_diff(&days, &seconds, NULL, X509_get0_notAfter(cert))) return 0;
+    return (long)days * 86400L + seconds;
+}
+
+/* A new ticket lives min(lifetime, what is left of its certificate's validity). */
+static int ticket_generated(SSL *ssl, void *arg) {
+    (void)arg;
+    SSL_SESSION *session = SSL_get0_session(ssl);
+    TicketRing *ring = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ring_index);
+    if (session == NULL || ring == NULL) return 0;
+    pthread_mutex_lock(&ring->lock);
+    long timeout = ring->lifetime;
+    pthread_mutex_unlock(&ring->lock);
+    X509 *peer = SSL_SESSION_get0_peer(session);
+    if (peer != NULL) {
+        long left = validity_left(peer);
+        if (left < timeout) timeout = left;
+    }
+    if (timeout < 1) timeout = 1; /* 0 would mean OpenSSL's default; decryption refuses it */
+    SSL_SESSION_set_timeout(session, timeout);
+    return 1;
+}
+
+/* A decrypted ticket resumes only within its lifetime and its certificate's validity. */
+static SSL_TICKET_RETURN ticket_decrypted(SSL *ssl, SSL_SESSION *session,
+                                          const unsigned char *keyname, size_t keyname_len,
+                                          SSL_TICKET_STATUS status, void *arg) {
+    (void)ssl, (void)keyname, (void)keyname_len, (void)arg;
+    /* _RENEW: a new ticket after the full handshake (TLS 1.2: an empty ticket extension
+     * asks for one, and plain IGNORE would turn that into "no ticket"). */
+    if (status == SSL_TICKET_EMPTY || status == SSL_TICKET_NO_DECRYPT)
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    if (status != SSL_TICKET_SUCCESS && status != SSL_TICKET_SUCCESS_RENEW)
+        return SSL_TICKET_RETURN_IGNORE;
+    X509 *peer = session != NULL ? SSL_SESSION_get0_peer(session) : NULL;
+    if (peer == NULL || validity_left(peer) <= 0) return SSL_TICKET_RETURN_IGNORE_RENEW;
+    /* The lifetime, checked here too: not every OpenSSL path checks it on TLS 1.3. */
+    if ((long)(time(NULL) - SSL_SESSION_get_time(session)) >= SSL_SESSION_get_timeout(session))
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW
+                                              : SSL_TICKET_RETURN_USE;
+}
+
+static PyObject *set_ticket_keys(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *context;
+    Py_buffer keys;
+    long lifetime;
+    if (!PyArg_ParseTuple(args, "Oy*l", &context, &keys, &lifetime)) return NULL;
+    PyObject *result = NULL;
+    SSL_CTX *ctx = context_ssl_ctx(context);
+    if (ctx == NULL) goto done;
+    if (keys.len == 0 || keys.len % TICKET_KEY != 0 || keys.len / TICKET_KEY > MAX_TICKET_KEYS) {
+        PyErr_Format(PyExc_ValueError, "ticket keys: 1 to %d keys of %d bytes", MAX_TICKET_KEYS,
+                     TICKET_KEY);
+        goto done;
+    }
+    if (lifetime < 1) {
+        PyErr_SetString(PyExc_ValueError, "ticket lifetime: at least 1 second");
+        goto done;
+    }
+    TicketRing *ring = SSL_CTX_get_ex_data(ctx, ring_index);
+    if (ring == NULL) {
+        ring = calloc(1, sizeof(TicketRing));
+        if (ring == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        pthread_mutex_init(&ring->lock, NULL);
+        if (!SSL_CTX_set_ex_data(ctx, ring_index, ring)) {
+            free_ring(NULL, ring, NULL, 0, 0, NULL);
+            PyErr_SetString(PyExc_RuntimeError, "SSL_CTX_set_ex_data failed");
+            goto done;
+        }
+        static const unsigned char sid_ctx[] = "devicegate";
+        if (!SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1) ||
+            !SSL_CTX_set_session_ticket_cb(ctx, ticket_generated, ticket_decrypted, NULL) ||
+            !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_key_cb)) {
+            PyErr_SetString(PyExc_RuntimeError, "cannot install the session ticket callbacks");
+            goto done;
+        }
+        /* Tickets only: no server-side cache, so workers share nothing but the keys. */
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    }
+    SSL_CTX_set_timeout(ctx, lifetime);
+    pthread_mutex_lock(&ring->lock);
+    OPENSSL_cleanse(ring->keys, sizeof(ring->keys));
+    ring->count = (int)(keys.len / TICKET_KEY);
+    memcpy(ring->keys, keys.buf, (size_t)keys.len);
+    ring->lifetime = lifetime;
+    pthread_mutex_unlock(&ring->lock);
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&keys);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"capture_refusals", capture_refusals, METH_O,
      "Install the verify callback that keeps a refused connection's leaf certificate."},
@@ -173,6 +374,9 @@ static PyMethodDef methods[] = {
      "(leaf DER or None, X509_V_ERR code, depth) of a refused connection, once; else None."},
     {"negotiated", negotiated, METH_O,
      "(TLS version, cipher) chosen so far, also of a handshake that did not complete."},
+    {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
+     "set_ticket_keys(context, keys, lifetime): session tickets under these keys (80 bytes "
+     "each: name, AES-256, HMAC-SHA256; the first encrypts), living at most lifetime s."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -222,6 +426,11 @@ PyMODINIT_FUNC PyInit__tlsext(void) {
     }
     refusal_index = SSL_get_ex_new_index(0, "devicegate refusal", NULL, NULL, free_refusal);
     if (refusal_index < 0) {
+        PyErr_SetString(PyExc_ImportError, "no OpenSSL ex_data index left");
+        goto fail;
+    }
+    ring_index = SSL_CTX_get_ex_new_index(0, "devicegate tickets", NULL, NULL, free_ring);
+    if (ring_index < 0) {
         PyErr_SetString(PyExc_ImportError, "no OpenSSL ex_data index left");
         goto fail;
     }

@@ -21,6 +21,9 @@ from schemas.events import AuthEvent, EventType, Outcome, Reason
 
 __all__ = ["EventContext", "EventSink"]
 
+# The events that say how the connection was established.
+_RESUMPTION_EVENTS = frozenset({EventType.CONNECT, EventType.TLS_HANDSHAKE})
+
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
@@ -35,14 +38,29 @@ class EventContext:
     """The load balancer's address when ``peer_address`` came from a PROXY v2 header."""
     trace_id: str | None = None
     """The connection's trace (32 hex digits), put in every event's ``detail.trace_id``."""
+    resumed: bool = False
+    """The TLS session was resumed from a ticket: its CONNECT and TLS events say
+    ``detail.resumed`` (true), so a resumption is as visible as a full handshake."""
 
     def with_tls(
-        self, version: str | None, cipher: str | None, identity: DeviceIdentity | None = None
+        self,
+        version: str | None,
+        cipher: str | None,
+        identity: DeviceIdentity | None = None,
+        *,
+        resumed: bool = False,
     ) -> EventContext:
         """This context once the handshake is done (and, when read, the certificate's
         identity). Built directly: ``dataclasses.replace`` costs more, once per connection."""
         return EventContext(
-            self.instance, self.peer_address, version, cipher, identity, self.proxy, self.trace_id
+            self.instance,
+            self.peer_address,
+            version,
+            cipher,
+            identity,
+            self.proxy,
+            self.trace_id,
+            resumed,
         )
 
     def event(
@@ -68,6 +86,8 @@ class EventContext:
             detail = {**(detail or {}), "proxy": self.proxy}
         if self.trace_id is not None:
             detail = {**(detail or {}), "trace_id": self.trace_id}
+        if self.resumed and type_ in _RESUMPTION_EVENTS:
+            detail = {**(detail or {}), "resumed": True}
         serial = fingerprint = None
         if identity is not None:
             serial, fingerprint = identity.serial, identity.fingerprint

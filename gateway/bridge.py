@@ -127,6 +127,10 @@ def _trusted(peer: Any, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool
     return any(address in network for network in networks)
 
 
+def _expired(identity: DeviceIdentity) -> bool:
+    return identity.not_after is not None and identity.not_after <= datetime.now(UTC)
+
+
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection, from accept to close."""
 
@@ -338,7 +342,9 @@ class DeviceConnection(asyncio.Protocol):
     # --- handshake -------------------------------------------------------------------
 
     def _tls_context(self, identity: DeviceIdentity | None = None) -> EventContext:
-        return self.context.with_tls(self.pump.version(), self.pump.cipher(), identity)
+        return self.context.with_tls(
+            self.pump.version(), self.pump.cipher(), identity, resumed=self.pump.resumed()
+        )
 
     def _start_session(self) -> Session | None:
         der = self.pump.peer_certificate()
@@ -349,6 +355,13 @@ class DeviceConnection(asyncio.Protocol):
         except IdentityError as exc:
             self.context = self._tls_context()
             self._tls_failed(TlsFailure(exc.reason, str(exc), presented=der))
+            return None
+        if self.pump.resumed() and _expired(identity):
+            # OpenSSL does not verify the certificate again on resumption; the ticket
+            # callback already ignores such tickets, and this holds if it ever did not.
+            self.context = self._tls_context()
+            failure = TlsFailure(Reason.CERTIFICATE_EXPIRED, "resumed past notAfter", presented=der)
+            self._tls_failed(failure)
             return None
         self.context = self._tls_context(identity)
         if self.trace is not None:

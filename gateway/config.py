@@ -10,17 +10,21 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from gateway.denials import DenialLimits
+from gateway.tickets import RESUMPTION, TicketKeyError, TicketKeys
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
 from schemas.errors import DevicegateError
 from schemas.settings import Settings
 
 __all__ = ["BridgeConfig", "GatewayConfigError", "config_from_settings"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,8 @@ class BridgeConfig:
     """Peers that must send a PROXY v2 header (empty: PROXY protocol off)."""
     denials: DenialLimits = field(default_factory=DenialLimits)
     """Each session's denial budget (`gateway.denials`)."""
+    tickets: TicketKeys | None = None
+    """The session ticket keys (None: resumption off, every connection a full handshake)."""
 
 
 class GatewayConfigError(DevicegateError):
@@ -60,6 +66,7 @@ def config_from_settings(settings: Settings) -> BridgeConfig:
             "run `devicegate ca init` first"
         ) from None
     return BridgeConfig(
+        tickets=_tickets(settings, context),
         instance=settings.instance_id,
         trust_domain=settings.trust_domain,
         ssl_context=context,
@@ -74,3 +81,27 @@ def config_from_settings(settings: Settings) -> BridgeConfig:
             window=settings.denial_window.total_seconds(),
         ),
     )
+
+
+def _tickets(settings: Settings, context: ssl.SSLContext) -> TicketKeys | None:
+    """Resumption as configured: on with the key file, off (warned) without it."""
+    if not settings.tls_resumption:
+        return None
+    path = settings.tls_ticket_keys or settings.pki_dir / "ticket-keys"
+    if not RESUMPTION:
+        log.warning(
+            "TLS resumption is off: gateway._tlsext is not built (reinstall with a C "
+            "compiler and OpenSSL's headers at hand)"
+        )
+        return None
+    if not path.exists():
+        log.warning(
+            "TLS resumption is off: no ticket key file %s (run `devicegate ticket-keys "
+            "rotate`, or set DEVICEGATE_TLS_RESUMPTION=false to silence this)",
+            path,
+        )
+        return None
+    try:
+        return TicketKeys(context, path, settings.tls_ticket_lifetime.total_seconds())
+    except TicketKeyError as exc:
+        raise GatewayConfigError(str(exc)) from None

@@ -324,12 +324,15 @@ class Gateway:
             self.record(context.event(EventType.TLS_HANDSHAKE, reason, detail=detail))
 
     async def _tick(self) -> None:
-        """Record the refusals counted but not yet reported, as their windows close; and
-        re-arm every session's notAfter timer when the wall clock steps."""
+        """Record the refusals counted but not yet reported, as their windows close;
+        re-read a changed ticket key file; and re-arm every session's notAfter timer when
+        the wall clock steps."""
         offset = time.time() - time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.refusals.interval))
             self._record_bursts(self.refusals.due())
+            if self.config.tickets is not None:  # a rotated key file
+                self.config.tickets.refresh()
             previous, offset = offset, time.time() - time.monotonic()
             if abs(offset - previous) > CLOCK_STEP:
                 log.warning(

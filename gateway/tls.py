@@ -15,8 +15,9 @@ Invariants:
   `Reason`; the alert OpenSSL produced is left in the outgoing BIO for the caller to flush
   before closing.
 * The server context: TLS 1.2+ (1.3 preferred), ECDHE + AEAD suites only on 1.2, a client
-  certificate required and verified against ``chain.pem``, no session tickets (every
-  connection presents and proves its certificate), no renegotiation, no compression.
+  certificate required and verified against ``chain.pem``, no session tickets unless
+  `gateway.tickets.TicketKeys` turns them on (shared keys, bounded lifetime), no
+  renegotiation, no compression.
   Every certificate in ``chain.pem`` is a trust anchor (``VERIFY_X509_PARTIAL_CHAIN``): a
   device chain ends at the issuing CA the operator configured, so OpenSSL does not verify
   the root's signature on that CA again in every handshake (~0.2 ms of ~1.1 ms).
@@ -241,6 +242,10 @@ class TlsPump:
     def peer_certificate(self) -> bytes | None:
         """The verified peer certificate (DER), once the handshake is complete."""
         return self._ssl.getpeercert(binary_form=True)
+
+    def resumed(self) -> bool:
+        """Whether the handshake resumed a session from a ticket (no certificate sent)."""
+        return self._ssl.session_reused
 
     def version(self) -> str | None:
         """The TLS version, also of a handshake refused before it completed."""

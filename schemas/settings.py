@@ -122,6 +122,22 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long sessions get to finish the packets in flight.",
     )
     handshake_timeout: Duration = Field(timedelta(seconds=10), description="TLS handshake limit.")
+    tls_resumption: bool = Field(
+        True,
+        description="Let devices resume TLS sessions with tickets (needs TLS_TICKET_KEYS; "
+        "a resumed session is judged like a new one). False: every connection does a full "
+        "handshake.",
+    )
+    tls_ticket_keys: Path | None = Field(
+        None,
+        description="Session ticket key file shared by every worker and instance (a secret, "
+        "like server.key; `devicegate ticket-keys rotate` makes and rotates it). Unset: "
+        "`<pki_dir>/ticket-keys`; missing: resumption off, with a warning.",
+    )
+    tls_ticket_lifetime: Duration = Field(
+        timedelta(hours=1),
+        description="Longest life of a session ticket (never past its certificate's notAfter).",
+    )
     connect_timeout: Duration = Field(
         timedelta(seconds=10), description="Time allowed between handshake and CONNECT."
     )

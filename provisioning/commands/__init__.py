@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cert": ("certs", "List and revoke certificates."),
     "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
     "policy": ("policy", "Check a topic policy file, or explain its decisions."),
+    "ticket-keys": ("ticket_keys", "TLS session ticket keys of the gateway."),
     "enroll": (
         "device_side",
         "Make a key on this device, enroll with a bootstrap token, write the files.",
