@@ -97,6 +97,8 @@ class Hub(Protocol):
 
     def screen(self, connection: DeviceConnection) -> bool: ...
 
+    def handshake_done(self, connection: DeviceConnection) -> None: ...
+
     def identified(self, connection: DeviceConnection) -> None: ...
 
     def claim(self, connection: DeviceConnection) -> None: ...
@@ -155,6 +157,8 @@ class DeviceConnection(asyncio.Protocol):
         self._admitted = False  # CONNACKed, and in the metrics' live set
         self._held = False  # closed, but the socket waits for the refusal's event
         self._device_gone = False  # the device closed while its CONNECT was authorised
+        self._waiting = False  # queued for a handshake slot (`hold`): reading paused
+        self._pending = b""  # bytes after the PROXY header, kept while waiting
 
     # --- asyncio.Protocol, device side -----------------------------------------------
 
@@ -181,8 +185,32 @@ class DeviceConnection(asyncio.Protocol):
         )
         if self.config.proxy_protocol_from:
             self._gate = ProxyGate(trusted=_trusted(peer, self.config.proxy_protocol_from))
+        if not self._waiting:
+            self._arm_handshake_timer()
+
+    def _arm_handshake_timer(self) -> None:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+
+    def hold(self) -> None:
+        """Wait for a handshake slot (`gateway.limits.HandshakeSlots`): read nothing, do no
+        TLS work, and start no handshake timer until `proceed`."""
+        self._waiting = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def proceed(self) -> None:
+        """A handshake slot is ours: read again, and start the handshake timer."""
+        if self.closed or not self._waiting:
+            return
+        self._waiting = False
+        if self.transport is not None and not self._device_paused:
+            self.transport.resume_reading()
+        if self._timer is None:
+            self._arm_handshake_timer()
+        pending, self._pending = self._pending, b""
+        if pending:
+            self.data_received(pending)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -217,6 +245,12 @@ class DeviceConnection(asyncio.Protocol):
                 self.trace.span.set_attribute(ATTR_PEER, self.context.peer_address or "")
             if not self.hub.screen(self):  # the real address is rate limited (recorded)
                 self._close(Reason.RATE_LIMITED, graceful=False, linger=False)
+                return b""
+            if self._waiting:  # for a handshake slot of the real address (`proceed`)
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._pending = rest
                 return b""
         return rest
 
@@ -347,6 +381,7 @@ class DeviceConnection(asyncio.Protocol):
         )
 
     def _start_session(self) -> Session | None:
+        self.hub.handshake_done(self)
         der = self.pump.peer_certificate()
         try:
             if der is None:
@@ -678,6 +713,7 @@ class DeviceConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.hub.handshake_done(self)
         if self.session is not None and self.session.state is not State.CLOSED:
             self.session.state = State.CLOSED
         if self._timer is not None:

@@ -5,6 +5,9 @@ With ``--workers N`` the kernel spreads an attacker's connections over N listene
 private buckets would let N times the documented budget through. Here each worker sends
 the failures it saw to its siblings, and every worker charges its own limiter with all the
 failures of the instance, so each limiter sees the instance's budget.
+The budget decides whether an address's failures are events of their own or summarised,
+and whether its handshakes wait for slots (`gateway.limits`); it never refuses at accept
+while the address's queue has room.
 
 Why messages and not a shared-memory table: the check at accept stays what it was, a
 lookup in the worker's own dict (no lock, no shared hash table to size, no entry a dead

@@ -1,5 +1,29 @@
-"""Abuse limits that hold state across connections: failed handshakes per address, and
-throttled refusal events.
+"""Abuse limits that hold state across connections: failed handshakes per address, the
+handshakes an over-budget address may have in flight, and throttled refusal events.
+
+Why no refusal at accept for a failing address: nothing is known about a connection at
+accept, and a factory line or site behind one NAT address is the normal case. Refusing
+an address whose failures are over budget refused its good devices with it (600 bad
+handshakes got 250 good devices behind the same address reset). So the budget decides
+what an address costs us, never whether its next connection is served:
+
+* Within budget (`FailureLimiter`): each failed handshake is one event.
+* Over budget: the address's failed handshakes are counted in summary events (one per
+  reason and address per window, `EventThrottle`, exact ``count``), and its new
+  connections go through `HandshakeSlots`: at most ``in_flight`` of them in their TLS
+  handshake at once, the others waiting in a FIFO (accepted, not read, no TLS work)
+  bounded at ``queue``; only beyond that queue is a connection refused at accept
+  (``rate_limited``, summarised too). The attacker's share of the event loop is K
+  handshakes among everyone's, its events are bounded per window, its memory by K + queue;
+  a good device behind the same address waits its turn (a few handshake times), and gets
+  in. Successful handshakes are never charged.
+* Trusted networks (`TrustedNetworks`, setting ``TRUSTED_NETWORKS``) never wait and are
+  never refused at accept; their failures are still charged and summarised beyond budget.
+
+The price: a slot holder that never finishes its handshake keeps its slot until the
+handshake timeout, so an over-budget address that holds its K slots with silent
+connections delays its own queue by up to that timeout per K connections (never other
+addresses); the handshake timeout of a waiting connection starts when it gets its slot.
 
 Invariants:
 
@@ -7,20 +31,20 @@ Invariants:
   monotonic ``clock``, so tests step it by hand.
 * Bounded memory: every table is an LRU capped at ``max_keys`` entries; an entry that has
   nothing left to say (a full bucket, a closed window with no suppressed refusals) is
-  dropped as soon as it is seen, and at most one is kept per address key.
+  dropped as soon as it is seen, and at most one is kept per address key. `HandshakeSlots`
+  holds only live connections (each leaves when its handshake ends or it closes).
 * Addresses are keyed by host (the port is ignored); an IPv6 host by its /64, the unit one
   subscriber (or attacker) usually holds, so walking through a /64 does not escape the
   limit. IPv4-mapped IPv6 addresses count as their IPv4 address.
 * `FailureLimiter` is a token bucket per address: ``per_minute`` tokens of burst, refilled
   at ``per_minute / 60`` per second; each failed handshake takes one; an address with less
-  than one token is refused at accept until the bucket refills. Refusals take no token
-  (they cost no TLS work), so a refused address is let in again at the refill rate.
+  than one token is over budget until the bucket refills.
   Each worker process has its own limiter; the workers of one instance share the budget
   by charging one another's failures too (`gateway.failure_channel`).
 * `EventThrottle` lets at most one event per key through per ``interval`` seconds and
   counts the rest; `EventThrottle.due` hands the counts of closed windows back, so every
-  refusal is accounted for in some event (``count`` in its detail) without one event per
-  refusal.
+  refusal or over-budget failure is accounted for in some event (``count`` in its detail)
+  without one event per refusal.
 """
 
 from __future__ import annotations
@@ -28,26 +52,62 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
-from typing import Final
+from ipaddress import IPv4Network, IPv6Network
+from typing import Final, Generic, TypeVar
 
-__all__ = ["Burst", "EventThrottle", "FailureLimiter", "address_key"]
+__all__ = [
+    "Burst",
+    "EventThrottle",
+    "FailureLimiter",
+    "HandshakeSlots",
+    "Slot",
+    "TrustedNetworks",
+    "address_key",
+]
 
 DEFAULT_MAX_KEYS: Final = 65_536
+T = TypeVar("T", bound=Hashable)
+
+
+def _host(peer_address: str) -> str:
+    host = peer_address
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    return host
 
 
 def address_key(peer_address: str | None) -> str | None:
     """The rate-limit key of ``host:port`` / ``[v6]:port`` (None if there is no host)."""
     if not peer_address:
         return None
-    host = peer_address
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        host = host.rpartition(":")[0]
-    return _host_key(host)
+    return _host_key(_host(peer_address))
+
+
+class TrustedNetworks:
+    """Networks whose connections never wait for a handshake slot nor are refused at accept."""
+
+    def __init__(self, networks: Iterable[IPv4Network | IPv6Network] = ()) -> None:
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, peer_address: object) -> bool:
+        if not self.networks or not isinstance(peer_address, str):
+            return False
+        try:
+            ip = ipaddress.ip_address(_host(peer_address))
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
 
 
 @lru_cache(maxsize=4096)  # every connection asks; parsing an address costs more than this
@@ -95,7 +155,7 @@ class FailureLimiter:
         return tokens
 
     def allowed(self, key: str | None) -> bool:
-        """Whether a new connection from ``key`` may start a handshake now."""
+        """Whether ``key`` is within its budget (its next failure is an event of its own)."""
         if key is None:
             return True
         return self._tokens(key, self._clock()) >= 1.0
@@ -110,6 +170,77 @@ class FailureLimiter:
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+
+
+class Slot(Enum):
+    """What `HandshakeSlots.enter` decided for one connection."""
+
+    GO = "go"  # a slot: start the handshake now
+    WAIT = "wait"  # queued: do no TLS work until `HandshakeSlots.leave` hands it a slot
+    FULL = "full"  # the queue is full: refuse at accept
+
+
+class HandshakeSlots(Generic[T]):
+    """At most ``in_flight`` handshakes per address key at once, and a FIFO of ``queue``
+    more; for the connections of over-budget addresses only (see the module notes)."""
+
+    def __init__(self, *, in_flight: int, queue: int) -> None:
+        if in_flight < 1 or queue < 0:
+            raise ValueError("in_flight must be at least 1, queue at least 0")
+        self.in_flight = in_flight
+        self.queue = queue
+        self._key_of: dict[T, str] = {}
+        self._running: dict[str, int] = {}
+        self._waiting: dict[str, dict[T, None]] = {}  # insertion-ordered: the FIFO
+
+    def __len__(self) -> int:
+        return len(self._key_of)
+
+    def waiting(self, key: str) -> int:
+        return len(self._waiting.get(key, ()))
+
+    def enter(self, key: str, item: T) -> Slot:
+        """Ask a slot for ``item`` under ``key`` (an item already in leaves first)."""
+        self.leave(item)
+        if self._running.get(key, 0) < self.in_flight:
+            self._running[key] = self._running.get(key, 0) + 1
+            self._key_of[item] = key
+            return Slot.GO
+        waiting = self._waiting.setdefault(key, {})
+        if len(waiting) >= self.queue:
+            if not waiting:
+                del self._waiting[key]
+            return Slot.FULL
+        waiting[item] = None
+        self._key_of[item] = key
+        return Slot.WAIT
+
+    def leave(self, item: T) -> T | None:
+        """``item``'s handshake ended (or it closed); the waiting item now given its slot.
+
+        Leaving twice, or without having entered, does nothing.
+        """
+        key = self._key_of.pop(item, None)
+        if key is None:
+            return None
+        waiting = self._waiting.get(key)
+        if waiting is not None and item in waiting:
+            del waiting[item]
+            if not waiting:
+                del self._waiting[key]
+            return None
+        if waiting:
+            successor = next(iter(waiting))
+            del waiting[successor]
+            if not waiting:
+                del self._waiting[key]
+            return successor  # takes over the slot: the running count stays
+        running = self._running[key] - 1
+        if running:
+            self._running[key] = running
+        else:
+            del self._running[key]
+        return None
 
 
 @dataclass(frozen=True, slots=True)

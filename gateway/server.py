@@ -16,16 +16,22 @@ Invariants:
 * A live directory (`gateway.revocation.LiveDirectory`, i.e. the revocation cache) is
   attached on start: its notifications cut sessions through `Gateway.revoke`, found by
   device id in the `gateway.sessions.SessionRegistry` (no scan of all connections).
-* Refusals at accept cost no TLS work and are recorded as ``tls_handshake`` denials,
-  throttled (`gateway.limits.EventThrottle`: one event per address, or per worker for
-  ``too_many_connections``, per window, counting the refusals in ``detail.count``): an
-  address whose failed handshakes exhausted its token bucket (``rate_limited``), and any
-  connection beyond ``max_connections``. Every ``tls_handshake`` denial that reaches
-  `Gateway.record` takes a token from its address (except ``proxy_protocol_error``, which
-  names the load balancer, and the accept-time refusals themselves), so no failure
-  path can be forgotten. With a `gateway.failure_channel.FailureChannel` (several
-  workers), each such failure is also sent to the sibling workers, which charge it too:
-  the budget is the instance's, while the check at accept stays a local lookup.
+* Failed handshakes are budgeted per address, and the budget never refuses a good device
+  behind the same (NAT) address (`gateway.limits` says why and how): an address over its
+  budget gets its failures counted in summary events and its new connections served at
+  most ``throttled_in_flight`` handshakes at a time, the rest waiting their turn in a
+  bounded queue. Refusals at accept cost no TLS work and are recorded as
+  ``tls_handshake`` denials, throttled (`gateway.limits.EventThrottle`: one event per
+  address, or per worker for ``too_many_connections``, per window, counting the refusals
+  in ``detail.count``): a connection of an over-budget address beyond that queue
+  (``rate_limited``), and any connection beyond ``max_connections``. Every
+  ``tls_handshake`` denial that reaches `Gateway.record` takes a token from its address
+  (except ``proxy_protocol_error``, which names the load balancer, the accept-time
+  refusals, and summaries, already charged), so no failure path can be forgotten. With a
+  `gateway.failure_channel.FailureChannel` (several workers), each such failure is also
+  sent to the sibling workers, which charge it too: the budget is the instance's, while
+  the check at accept stays a local lookup. Connections from ``trusted_networks`` never
+  wait and are never refused at accept; their failures are charged and summarised alike.
 * Events that do not gate admission are recorded in the background; `Gateway.close`
   waits for them, so a clean shutdown loses none.
 * The policy document is swapped atomically on reload; sessions keep the fleet policy
@@ -38,7 +44,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,7 +58,15 @@ from gateway.bridge import DeviceConnection
 from gateway.config import BridgeConfig
 from gateway.failure_channel import FailureChannel
 from gateway.identity import DeviceIdentity
-from gateway.limits import Burst, EventThrottle, FailureLimiter, address_key
+from gateway.limits import (
+    Burst,
+    EventThrottle,
+    FailureLimiter,
+    HandshakeSlots,
+    Slot,
+    TrustedNetworks,
+    address_key,
+)
 from gateway.policy import PolicyError, load_policy
 from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
@@ -75,6 +90,10 @@ CLOCK_STEP = 1.0
 as a step (NTP slews far slower than this)."""
 
 
+async def _nothing() -> None:
+    """The record of a failure counted in a summary: the summary is recorded later."""
+
+
 def _unexported_metrics() -> GatewayMetrics:
     """Metrics on a no-op meter and tracer, for a Gateway built without telemetry (tests)."""
     return GatewayMetrics(meter=NoOpMeter("devicegate"), tracer=NoOpTracer())
@@ -86,6 +105,8 @@ class Gateway:
     Use as ``async with Gateway(...) as gateway:``, or ``await start()`` / ``await close()``.
 
     ``failed_handshakes_per_minute`` (None: no limit) sizes the per-address token bucket;
+    beyond it an address's handshakes run ``throttled_in_flight`` at a time, with at most
+    ``throttled_queue`` more waiting, except from ``trusted_networks``;
     ``refusal_event_interval`` is the throttle window of accept-time refusal events.
     ``failure_channel`` shares the failed handshakes with the sibling workers (None: this
     worker is the whole instance); the gateway starts and closes it.
@@ -110,6 +131,9 @@ class Gateway:
         bus: SessionBus | None = None,
         metrics: GatewayMetrics | None = None,
         failure_channel: FailureChannel | None = None,
+        throttled_in_flight: int = 4,
+        throttled_queue: int = 1000,
+        trusted_networks: Iterable[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else _unexported_metrics()
@@ -129,6 +153,10 @@ class Gateway:
             else None
         )
         self.failure_channel = failure_channel
+        self.slots: HandshakeSlots[DeviceConnection] = HandshakeSlots(
+            in_flight=throttled_in_flight, queue=throttled_queue
+        )
+        self.trusted = TrustedNetworks(trusted_networks)
         self.refusals = EventThrottle(interval=refusal_event_interval)
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -259,11 +287,17 @@ class Gateway:
             and event.type is EventType.TLS_HANDSHAKE
             and event.outcome is Outcome.DENIED
             and event.reason not in _NOT_FAILURES
+            and "count" not in event.detail  # a summary: its failures were charged one by one
         ):
             key = address_key(event.peer_address)
+            within = self.failures.allowed(key)
             self.failures.failed(key)
             if self.failure_channel is not None and key is not None:
                 self.failure_channel.failed(key)
+            if not within and key is not None:
+                # Over budget: counted in the (reason, address) summary of this window.
+                self._record_bursts(self.refusals.hit(f"{event.reason} {key}", event.peer_address))
+                return self.spawn(_nothing(), "record-summarised")
         return self.spawn(self._record(event), "record-event")
 
     async def _record(self, event: AuthEvent) -> None:
@@ -283,23 +317,38 @@ class Gateway:
         if not self.screen(connection):
             return False
         if len(self.connections) >= self.max_connections:
+            self.handshake_done(connection)
             self._refused(connection, Reason.TOO_MANY_CONNECTIONS, _ALL_ADDRESSES)
             return False
         self.connections.add(connection)
         return True
 
     def screen(self, connection: DeviceConnection) -> bool:
-        """Whether the connection's address may start a handshake (False: recorded).
+        """Whether the connection may go on (False: refused, recorded); an over-budget
+        address's connection may have to wait for a handshake slot (`DeviceConnection.hold`).
 
         Called at accept, and again once a PROXY v2 header has named the real address.
         """
+        self.handshake_done(connection)  # the load balancer's slot, if it had one
         if self.failures is None:
             return True
-        key = address_key(connection.context.peer_address)
-        if self.failures.allowed(key):
+        peer = connection.context.peer_address
+        key = address_key(peer)
+        if key is None or self.failures.allowed(key) or peer in self.trusted:
             return True
-        self._refused(connection, Reason.RATE_LIMITED, key or _ALL_ADDRESSES)
-        return False
+        slot = self.slots.enter(key, connection)
+        if slot is Slot.WAIT:
+            connection.hold()
+        elif slot is Slot.FULL:
+            self._refused(connection, Reason.RATE_LIMITED, key)
+            return False
+        return True
+
+    def handshake_done(self, connection: DeviceConnection) -> None:
+        """The connection's handshake ended (or it closed): its slot to the next in line."""
+        successor = self.slots.leave(connection)
+        if successor is not None:
+            successor.proceed()
 
     def _refused(self, connection: DeviceConnection, reason: Reason, key: str) -> None:
         # Counted here, once per refused connection; the throttled event summarising the
@@ -320,6 +369,9 @@ class Gateway:
             elif self.failures is not None:
                 detail["address"] = burst.key.partition(" ")[2]
                 detail["failed_handshakes_per_minute"] = int(self.failures.capacity)
+                if reason is Reason.RATE_LIMITED:
+                    detail["handshakes_in_flight"] = self.slots.in_flight
+                    detail["handshake_queue"] = self.slots.queue
             context = EventContext(instance=self.config.instance, peer_address=burst.sample)
             self.record(context.event(EventType.TLS_HANDSHAKE, reason, detail=detail))
 
@@ -392,6 +444,7 @@ class Gateway:
         return 1
 
     def closed(self, connection: DeviceConnection) -> None:
+        self.handshake_done(connection)
         self.connections.discard(connection)
         if self._idle is not None and not self.connections:
             self._idle.set()

@@ -186,7 +186,11 @@ class GatewayMetrics:
             return  # a throttled summary of refusals already counted by `refused`
         if kind is EventType.TLS_HANDSHAKE or kind is EventType.CONNECT:
             key = (event.outcome.value, event.reason.value)
-            self.handshakes[key] = self.handshakes.get(key, 0) + 1
+            # An over-budget address's failed handshakes come as summaries (`count`).
+            count = event.detail.get("count", 1) if kind is EventType.TLS_HANDSHAKE else 1
+            self.handshakes[key] = self.handshakes.get(key, 0) + (
+                count if isinstance(count, int) else 1
+            )
             if kind is EventType.CONNECT and event.reason in _AUTHZ_CONNECT_REASONS:
                 key = ("connect", event.reason.value)
                 self.authz_denials[key] = self.authz_denials.get(key, 0) + 1

@@ -149,9 +149,30 @@ class Settings(BaseSettings):
         30,
         ge=1,
         description=(
-            "Failed handshakes allowed per peer address per minute, for the whole gateway"
-            " instance (all its workers)."
+            "Failed handshakes recorded one by one per peer address per minute, for the whole"
+            " gateway instance (all its workers). Beyond it the address is over budget: its"
+            " failures are counted in summary events and its new connections are handshaken"
+            " THROTTLED_HANDSHAKES_IN_FLIGHT at a time (never refused while its queue has"
+            " room), so good devices behind the same NAT address still connect."
         ),
+    )
+    throttled_handshakes_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Handshakes an over-budget address may have in flight at once, per "
+        "worker; its other connections wait their turn, unread.",
+    )
+    throttled_handshake_queue: int = Field(
+        1000,
+        ge=0,
+        description="Connections of an over-budget address that may wait for a handshake "
+        "slot, per worker; beyond it they are refused at accept (rate_limited).",
+    )
+    trusted_networks: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list,
+        description="Networks (CIDRs, comma-separated) never throttled nor refused for "
+        "failed handshakes; their failures are still recorded, and summarised beyond the "
+        "budget.",
     )
     denials_per_window: int = Field(
         100,
@@ -289,7 +310,7 @@ class Settings(BaseSettings):
             raise ValueError("must be longer than zero")
         return value
 
-    @field_validator("proxy_protocol_from", mode="before")
+    @field_validator("proxy_protocol_from", "trusted_networks", mode="before")
     @classmethod
     def _split_networks(cls, value: Any) -> Any:
         if isinstance(value, str):

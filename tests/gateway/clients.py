@@ -35,10 +35,13 @@ class RawClient:
         version: int = 4,
         tls_version: ssl.TLSVersion | None = None,
         timeout: float = 5.0,
+        source: str | None = None,
     ) -> None:
         self.version = version
         context = client_context(device, chain, tls_version=tls_version)
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.sock = context.wrap_socket(raw, server_hostname="localhost")
         self.buf = b""
 

@@ -188,7 +188,7 @@ def _rogue_handshake(address: str, port: int, context: ssl.SSLContext) -> str:
     return local
 
 
-def test_rogue_ca_flood_is_rate_limited_per_address(
+def test_rogue_ca_flood_is_summarised_per_address(
     harness: Harness, make_device: DeviceFactory, rogue_ca: object
 ) -> None:
     genuine = make_device("genuine")
@@ -207,15 +207,20 @@ def test_rogue_ca_flood_is_rate_limited_per_address(
             _publish_ok(client, genuine, 1)
     assert flood_time < 10
     failed = harness.events(mark, reason="unknown_issuer")
-    assert [r["peer_address"] for r in failed] == attempts[:FAILURES]
-    # Refused at accept, before any TLS work: one event at once, then summaries per window,
-    # together counting every refused attempt (close() flushes the last window).
-    limited = harness.wait_events(2, timeout=WINDOW + 5, after=mark, reason="rate_limited")
-    details = [json.loads(r["detail"]) for r in limited]
-    assert sum(d["count"] for d in details) == FLOOD - FAILURES
-    assert {d["address"] for d in details} == {"127.0.0.7"}
-    assert {r["peer_address"] for r in limited} <= set(attempts[FAILURES:])
-    assert len(limited) <= 1 + int(flood_time / WINDOW) + 2  # throttled, not one per attempt
+    single = [r for r in failed if "count" not in json.loads(r["detail"])]
+    assert [r["peer_address"] for r in single] == attempts[:FAILURES]
+    # Beyond the budget the address is not refused at accept (a good device may share it):
+    # its failures are counted in summaries, one at once then one per window, exactly.
+    deadline = time.monotonic() + WINDOW + 5
+    while True:
+        summaries = [json.loads(r["detail"]) for r in harness.events(mark, reason="unknown_issuer")]
+        counted = sum(d.get("count", 0) for d in summaries)
+        if counted >= FLOOD - FAILURES or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert counted == FLOOD - FAILURES
+    assert {d["address"] for d in summaries if "count" in d} == {"127.0.0.7"}
+    assert len(summaries) - FAILURES <= 1 + int(flood_time / WINDOW) + 2  # throttled
     (ok,) = harness.events(mark, device_id=genuine.device_id, type="connect")
     assert (ok["reason"], ok["peer_address"]) == ("ok", local)
 
