@@ -16,7 +16,7 @@ from provisioning import admin
 from provisioning.audit.counting import DECISIONS
 from provisioning.console import chart
 from provisioning.console.queries import ActivityRow
-from tests.console.conftest import INSTANCE, ConsoleServer
+from tests.console.conftest import INSTANCE, ConsoleServer, edited_event
 
 Client = tuple[aiohttp.ClientSession, str]
 
@@ -111,27 +111,14 @@ async def test_an_edited_row_raises_a_banner_on_every_page(
     client, token = admin_client
     await _clean_verification(client, token)
     await _banner_on(client, False)
-    conn = await asyncpg.connect(console_server.database_url)
-    try:
-        victim = await conn.fetchrow(
-            "SELECT id, client_id FROM auth_events WHERE chain_id = 'bulk-gw-1/w0' "
-            "AND time > now() - interval '30 minutes' ORDER BY seq DESC LIMIT 1 OFFSET 2"
-        )
-        await conn.execute("UPDATE auth_events SET client_id = 'edited' WHERE id = $1", victim[0])
-        try:
-            page = await _banner_on(client, True)
-            banner = re.search(rf"<div[^>]*{BANNER}[^>]*>(.*?)</div>", page, re.S)
-            assert banner and "bulk-gw-1/w0" in banner.group(1)
-            assert 'class="banner broken" role="alert"' in page
-            for path in PATHS:
-                _, other = await _get(client, path)
-                assert BANNER in other, path
-        finally:
-            await conn.execute(
-                "UPDATE auth_events SET client_id = $2 WHERE id = $1", victim[0], victim[1]
-            )
-    finally:
-        await conn.close()
+    async with edited_event(console_server.database_url, "bulk-gw-1/w0"):
+        page = await _banner_on(client, True)
+        banner = re.search(rf"<div[^>]*{BANNER}[^>]*>(.*?)</div>", page, re.S)
+        assert banner and "bulk-gw-1/w0" in banner.group(1)
+        assert 'class="banner broken" role="alert"' in page
+        for path in PATHS:
+            _, other = await _get(client, path)
+            assert BANNER in other, path
     await _banner_on(client, False)
 
 
