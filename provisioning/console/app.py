@@ -14,8 +14,8 @@ from importlib import resources
 import asyncpg
 from aiohttp import web
 
-from provisioning.console import auth, chains, devices, events, live, overview, rollup
-from provisioning.console.html import Html, escape, page, tag, url
+from provisioning.console import auth, chains, devices, events, integrity, live, overview, rollup
+from provisioning.console.html import BANNER, Html, escape, page, tag, url
 from provisioning.console.sessions import COOKIE, attach, load
 from provisioning.console.state import CHAINS, FILLER, LIVE, ChainRuns, LiveStreams
 from provisioning.db import DatabaseUnavailable
@@ -75,6 +75,10 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
                     raise web.HTTPSeeOther(url(f"{PREFIX}/login", next=request.path_qs))
                 raise web.HTTPUnauthorized(text="log in to the console first")
             attach(request, session)
+            if request.method == "GET" and not request.path.endswith(("/live", ".csv", ".json")):
+                watch = request.app[integrity.WATCH]
+                await watch.poke()
+                request[BANNER] = watch.banner(request.app[CHAINS])
         return await handler(request)
     except DevicegateError as exc:
         if isinstance(exc, DatabaseUnavailable):
@@ -114,6 +118,10 @@ async def _start_filler(app: web.Application) -> None:
     )
 
 
+async def _stop_watch(app: web.Application) -> None:
+    await app[integrity.WATCH].close()
+
+
 async def _stop_filler(app: web.Application) -> None:
     for task in app[FILLER]:
         task.cancel()
@@ -126,11 +134,13 @@ def build(service: ProvisioningService) -> web.Application:
     console[SERVICE] = service
     console[LIVE] = LiveStreams()
     console[CHAINS] = ChainRuns(service.settings.database_url)
+    console[integrity.WATCH] = integrity.ChainWatch(service.settings.database_url)
     console.on_response_prepare.append(_security_headers)
     console[FILLER] = []
     console.on_startup.append(_start_filler)
     console.on_shutdown.append(_stop_streams)
     console.on_shutdown.append(_stop_filler)
+    console.on_shutdown.append(_stop_watch)
     console.add_routes(
         [
             web.get("/", overview.show),

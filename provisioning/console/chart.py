@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 from provisioning.console.html import Html, escape, tag, when
 from provisioning.console.queries import ActivityRow
 
-WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 720, 240, 48, 28, 8
+WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 720, 200, 64, 28, 10
+MIN_BAR = 1.5
+"""A non-zero count is never thinner than this (user units): one denial stays visible."""
 SERIES_MAX = 5
 OTHER = "other denials"
 
@@ -56,40 +58,58 @@ def series(rows: list[ActivityRow], slots: list[datetime]) -> list[Series]:
     ]
 
 
-def _nice_max(value: int) -> int:
-    if value <= 5:
-        return 5
-    magnitude: int = 10 ** (len(str(value)) - 1)
-    for step in (1, 2, 5, 10):
-        if step * magnitude >= value:
-            return step * magnitude
-    return value
+def ticks(value: int) -> list[int]:
+    """Axis ticks from 0 to at least ``value`` in 1, 2 or 5 times a power of ten, about four
+    steps: 4 reads 0..4, 2,000 reads 0, 500, .., 2,000."""
+    raw = max(value, 1) / 4
+    magnitude = 1
+    while magnitude * 10 <= raw:
+        magnitude *= 10
+    step = next(f * magnitude for f in (1, 2, 5, 10) if f * magnitude >= raw)
+    top = -(-max(value, 1) // step) * step
+    return list(range(0, top + 1, step))
 
 
-def svg(slots: list[datetime], stride: timedelta, data: list[Series], *, label: str) -> Html:
-    """Stacked bars, one per bucket, with axis labels and a title per bar."""
+def tick_label(value: int) -> str:
+    """Short enough for the axis at phone width: 2,000; 20k; 1.5M."""
+    if value < 10_000:
+        return f"{value:,}"
+    if value < 1_000_000:
+        return f"{value / 1000:g}k"
+    return f"{value / 1_000_000:g}M"
+
+
+def svg(
+    slots: list[datetime], stride: timedelta, data: list[Series], *, label: str, name: str
+) -> Html:
+    """Stacked bars, one per bucket, on an axis of its own with labelled ticks and grid
+    lines; a title per bar. ``name`` is the chart's id and CSS class."""
     totals = [sum(s.counts[i] for s in data) for i in range(len(slots))]
-    top = _nice_max(max(totals, default=0))
+    marks = ticks(max(totals, default=0))
+    top = marks[-1]
     plot_w, plot_h = WIDTH - LEFT - 4, HEIGHT - BOTTOM - TOP
+    base = TOP + plot_h
     step = plot_w / max(len(slots), 1)
-    parts: list[str] = [
-        f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - 4}" '
-        f'y2="{TOP + plot_h}"/>',
-        f'<text class="tick" x="{LEFT - 6}" y="{TOP + 10}" text-anchor="end">{top}</text>',
-        f'<text class="tick" x="{LEFT - 6}" y="{TOP + plot_h}" text-anchor="end">0</text>',
-        f'<line class="grid" x1="{LEFT}" y1="{TOP}" x2="{WIDTH - 4}" y2="{TOP}"/>',
-    ]
+    parts: list[str] = []
+    for mark in marks:
+        level = base - plot_h * mark / top
+        parts.append(
+            f'<line class="{"axis" if mark == 0 else "grid"}" x1="{LEFT}" y1="{level:.1f}" '
+            f'x2="{WIDTH - 4}" y2="{level:.1f}"/>'
+            f'<text class="tick" x="{LEFT - 6}" y="{level + 4:.1f}" text-anchor="end">'
+            f"{tick_label(mark)}</text>"
+        )
     for i, moment in enumerate(slots):
         x = LEFT + i * step + step * 0.1
-        y: float = TOP + plot_h
+        y: float = base
         title = f"{when(moment)} to {when(moment + stride)}: " + ", ".join(
             f"{s.name} {s.counts[i]}" for s in data if s.counts[i]
         )
         rects = []
         for s in data:
-            height = plot_h * s.counts[i] / top
-            if height <= 0:
+            if s.counts[i] <= 0:
                 continue
+            height = max(plot_h * s.counts[i] / top, MIN_BAR)
             y -= height
             rects.append(
                 f'<rect class="{s.css}" x="{x:.1f}" y="{y:.1f}" width="{step * 0.8:.1f}" '
@@ -106,8 +126,9 @@ def svg(slots: list[datetime], stride: timedelta, data: list[Series], *, label: 
             f"{escape(when(slots[-1] + stride)[:16])}</text>"
         )
     return Html(
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'aria-label="{escape(label)}">{"".join(parts)}</svg>'
+        f'<svg class="chart {escape(name)}" id="chart-{escape(name)}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
+        f'data-top="{top}">{"".join(parts)}</svg>'
     )
 
 

@@ -89,6 +89,8 @@ async def show(request: web.Request) -> web.Response:
         events, next_cursor = await query_events(
             conn, filters=EventFilter(device_id=device_id), limit=TIMELINE, cursor=cursor
         )
+    if device is None and not events and not certificates:
+        return _unknown(request, device_id)
     done = request.query.get("done")
     notice = (
         tag("p", f"Done: {ACTIONS[done][1].lower()}d.", class_="notice", role="status")
@@ -112,6 +114,18 @@ async def show(request: web.Request) -> web.Response:
         pager=join(pager, " "),
     )  # fmt: skip
     return page(request, title=f"Device {device_id}", body=body)
+
+
+def _unknown(request: web.Request, device_id: str) -> web.Response:
+    """404: neither registered nor named by any event (a typo, or a pruned log)."""
+    body = Html(
+        tag("h1", "No such device")
+        + tag("p", Html("No device ") + tag("span", device_id, class_="mono")
+              + " is in the registry, and no stored event names it.")
+        + tag("ul", tag("li", tag("a", "Browse the events", href="/console/events"))
+              + tag("li", tag("a", "Back to the overview", href="/console/")), class_="way-back")
+    )  # fmt: skip
+    return page(request, title="No such device", body=body, status=404)
 
 
 async def confirm(request: web.Request) -> web.Response:

@@ -18,11 +18,30 @@ from schemas.events import EventType, Outcome, Reason
 NAMES = ("device", "type", "outcome", "reason", "peer", "since", "until")
 
 
+class FilterInvalid(RequestInvalid):
+    """A filter field that does not validate; ``field`` names it, so the page can show the
+    message beside that field (``limit`` and ``cursor`` are fields too)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _text(query: Mapping[str, str], name: str) -> str | None:
     value = query.get(name, "").strip()
     if len(value) > 512:
-        raise RequestInvalid(f"{name} is too long")
+        raise FilterInvalid(name, f"{name} is too long (at most 512 characters)")
     return value or None
+
+
+def _time(query: Mapping[str, str], name: str, now: datetime) -> datetime | None:
+    text = _text(query, name)
+    if text is None:
+        return None
+    try:
+        return parse_time(text, now=now)
+    except RequestInvalid as exc:
+        raise FilterInvalid(name, str(exc)) from None
 
 
 def _member(
@@ -30,17 +49,16 @@ def _member(
 ) -> str | None:
     value = _text(query, name)
     if value is not None and value not in {member.value for member in enum}:
-        raise RequestInvalid(f"unknown {name} {value!r}")
+        raise FilterInvalid(name, f"unknown {name} {value!r}")
     return value
 
 
 def parse(query: Mapping[str, str], *, now: datetime) -> EventFilter:
-    """Raises: RequestInvalid: an unknown type, outcome or reason, or a bad time."""
-    since, until = _text(query, "since"), _text(query, "until")
+    """Raises: FilterInvalid: an unknown type, outcome or reason, a bad time, too long."""
     return EventFilter(
         device_id=_text(query, "device"),
-        since=parse_time(since, now=now) if since else None,
-        until=parse_time(until, now=now) if until else None,
+        since=_time(query, "since", now),
+        until=_time(query, "until", now),
         type=_member(query, "type", EventType),
         outcome=_member(query, "outcome", Outcome),
         reason=_member(query, "reason", Reason),

@@ -22,6 +22,10 @@ from aiohttp import web
 
 from provisioning.console.sessions import current_session
 
+BANNER = web.RequestKey("console_banner", str)
+"""Request key of the markup shown above every page's content (the broken-chain banner, set
+by the session gate from `integrity.ChainWatch`)."""
+
 
 class Html(str):
     """Markup that is already safe: built from escaped parts or constant text.
@@ -114,6 +118,7 @@ def page(
         "layout.html",
         title=title,
         navigation=navigation,
+        banner=request.get(BANNER, "") if nav else "",
         body=body,
         refresh=Html(f'<meta http-equiv="refresh" content="{int(refresh)}">') if refresh else "",
     )

@@ -75,6 +75,8 @@ async def show(request: web.Request) -> web.Response:
     rows = counted.rows
     slots = chart.buckets(start, end, stride)
     data = chart.series(rows, slots)
+    allowed_data = [s for s in data if s.name == "allowed"]
+    denied_data = [s for s in data if s.name != "allowed"]
     allowed = sum(r.count for r in rows if r.connection and r.outcome == "allowed")
     denied = sum(r.count for r in rows if r.connection and r.outcome == "denied")
     reasons = Counter[str]()
@@ -92,8 +94,14 @@ async def show(request: web.Request) -> web.Response:
         denied=denied,
         events=sum(r.count for r in rows),
         denials=sum(reasons.values()),
-        chart=chart.svg(slots, stride, data, label=f"Connections allowed and denied, {label}"),
-        legend=chart.legend(data),
+        freshness=_freshness(counted.rolled_upto, now),
+        chart=chart.svg(slots, stride, allowed_data, name="allowed",
+                        label=f"Allowed connections per time bucket, {label}"),
+        legend=chart.legend(allowed_data),
+        denial_chart=chart.svg(slots, stride, denied_data, name="denials",
+                               label=f"Denied connections per time bucket by reason, {label}"),
+        denial_legend=chart.legend(denied_data) if denied_data else tag(
+            "p", "No connection was denied in this window."),
         chart_table=chart.table(slots, stride, data),
         reasons=_ranked(
             _top(reasons), "reason",
@@ -111,6 +119,22 @@ async def show(request: web.Request) -> web.Response:
         instances=_instances(queries.instances(heads), now),
     )  # fmt: skip
     return page(request, title="Overview", body=body)
+
+
+def _freshness(rolled_upto: datetime | None, now: datetime) -> Html:
+    """How current the counts are: hours before ``rolled_upto`` come from the hourly rollup,
+    which misses an event stored late with an older time until it is reconciled."""
+    clock = when(now)[11:19]
+    if rolled_upto is None:
+        return tag("p", f"Counted from the events at {clock} UTC: reload for newer ones.",
+                   class_="freshness", id="freshness")  # fmt: skip
+    late = int(rollup.RECONCILE.total_seconds() // 60)
+    return tag(
+        "p", f"Counts up to {when(rolled_upto)[11:16]} UTC come from the hourly rollup, "
+        f"the rest from the events at {clock} UTC. An event stored late with an older time "
+        f"(a gateway replaying its spool) is counted within about {late} minutes.",
+        class_="freshness stale", id="freshness", data_rolled_upto=rolled_upto.isoformat(),
+    )  # fmt: skip
 
 
 def _top(counter: Counter[str], n: int = 10) -> list[tuple[str, int]]:

@@ -60,7 +60,7 @@ class ChainRun:
     report: VerifyReport | None = field(default=None)
 
 
-def _verify_blocking(database_url: str, since: datetime | None) -> VerifyReport:
+def verify_blocking(database_url: str, since: datetime | None) -> VerifyReport:
     """The whole verification on a connection and an event loop of its own, in a thread:
     hashing every row is CPU work that must not stall the service's event loop."""
 
@@ -91,7 +91,7 @@ class ChainRuns:
             return self.last
         began = time.monotonic()
         task = asyncio.create_task(
-            asyncio.to_thread(_verify_blocking, self.database_url, since), name="console-verify"
+            asyncio.to_thread(verify_blocking, self.database_url, since), name="console-verify"
         )
         run = ChainRun(since=since, started_at=now, started_by=actor, task=task)
 

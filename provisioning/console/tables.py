@@ -8,8 +8,16 @@ from provisioning.audit.format import certificate_line
 from provisioning.console.html import Html, join, segment, tag, when
 from schemas.events import AuthEvent
 
-COLUMNS = ("time (UTC)", "type", "outcome", "reason", "device", "client id", "peer",
+COLUMNS = ("time (UTC)", "type", "outcome", "reason", "device", "actor", "client id", "peer",
            "certificate", "instance", "chain:seq", "detail")  # fmt: skip
+"""Also each cell's ``data-label``: the phone layout shows rows as cards, labelled in CSS."""
+
+
+def actor(event: AuthEvent) -> str:
+    """Who did an admin action: ``detail.actor`` (`provisioning.admin` writes the admin key's
+    name, or ``cli``); empty for the gateways' own decisions."""
+    value = event.detail.get("actor") if event.detail else None
+    return value if isinstance(value, str) else ""
 
 
 def outcome_label(outcome: str) -> Html:
@@ -36,25 +44,33 @@ def row(event: AuthEvent) -> Html:
     )
     detail = json.dumps(event.detail, sort_keys=True, ensure_ascii=False) if event.detail else ""
     cells = [
-        tag("td", when(event.time), class_="mono"),
-        tag("td", str(event.type)),
-        tag("td", outcome_label(str(event.outcome))),
-        tag("td", str(event.reason)),
-        tag("td", device),
-        tag("td", event.client_id),
-        tag("td", event.peer_address, class_="mono"),
-        tag("td", certificate_cell(event), class_="certificate"),
-        tag("td", event.instance),
-        tag("td", f"{event.chain_id}:{event.seq}", class_="mono"),
-        tag("td", detail, class_="detail"),
+        (when(event.time), "mono"),
+        (str(event.type), "type"),
+        (outcome_label(str(event.outcome)), None),
+        (str(event.reason), "reason"),
+        (device, None),
+        (actor(event), "actor"),
+        (event.client_id, None),
+        (event.peer_address, "mono"),
+        (certificate_cell(event), "certificate"),
+        (event.instance, None),
+        (f"{event.chain_id}:{event.seq}", "mono"),
+        (detail, "detail"),
     ]
-    return tag("tr", join(cells), data_id=str(event.id))
+    return tag(
+        "tr",
+        join(
+            tag("td", value, class_=css, data_label=label)
+            for label, (value, css) in zip(COLUMNS, cells, strict=True)
+        ),
+        data_id=str(event.id),
+    )
 
 
 def table(events: list[AuthEvent], *, table_id: str = "events") -> Html:
     head = join(tag("th", name, scope="col") for name in COLUMNS)
     body = join(row(event) for event in events)
     return Html(
-        f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+        f'<div class="scroll"><table id="{table_id}" class="events"><thead><tr>{head}</tr></thead>'
         f"<tbody>{body}</tbody></table></div>"
     )

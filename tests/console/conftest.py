@@ -14,6 +14,7 @@ import re
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -139,3 +140,26 @@ async def admin_client(
     """(client, CSRF token) of a logged-in session."""
     token = await log_in(anonymous, console_key)
     yield anonymous, token
+
+
+@asynccontextmanager
+async def edited_event(database_url: str, chain_id: str) -> AsyncIterator[str]:
+    """A recent event of ``chain_id`` with its client id changed in the database (an edit
+    the chain's hashes expose), restored on exit; yields the event's id."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        victim = await conn.fetchrow(
+            "SELECT id, client_id FROM auth_events WHERE chain_id = $1 "
+            "AND time > now() - interval '30 minutes' ORDER BY seq DESC LIMIT 1 OFFSET 3",
+            chain_id,
+        )
+        assert victim is not None, f"no recent event in {chain_id}"
+        await conn.execute("UPDATE auth_events SET client_id = 'edited' WHERE id = $1", victim[0])
+        try:
+            yield str(victim[0])
+        finally:
+            await conn.execute(
+                "UPDATE auth_events SET client_id = $2 WHERE id = $1", victim[0], victim[1]
+            )
+    finally:
+        await conn.close()

@@ -34,7 +34,7 @@ from provisioning.commands.cli import app as cli_app
 from schemas.api import TokenCreateRequest
 from tests.conftest import Pki
 from tests.console.browser import ARGS, CHROMIUM, SCREENSHOTS, requires_browser, update_screenshots
-from tests.console.conftest import INSTANCE, ConsoleServer
+from tests.console.conftest import INSTANCE, ConsoleServer, edited_event
 from tests.gateway.clients import client_context
 from tests.gateway.conftest import Device, Harness
 from tests.gateway.live import Live, live_gateway
@@ -193,16 +193,13 @@ async def test_security_team_story(
         )  # fmt: skip
         first = page.locator("section[aria-labelledby=h-reasons] tbody tr").first
         assert (await first.locator("td").first.inner_text()) == top
-        if update_screenshots():
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
 
         # --- events filtered by reason ------------------------------------------------
         await page.get_by_role("link", name="Events").click()
         await page.get_by_label("Reason").select_option("certificate_expired")
         await page.get_by_role("button", name="Apply filters").click()
         await page.wait_for_url("**reason=certificate_expired**")
-        reasons = await page.locator("#events tbody tr td:nth-child(4)").all_inner_texts()
+        reasons = await page.locator("#events tbody tr td.reason").all_inner_texts()
         assert reasons and set(reasons) == {"certificate_expired"}
         assert len(reasons) == 100
 
@@ -250,8 +247,6 @@ async def test_security_team_story(
             await page.goto(f"{base}/console/devices/{device_id}")
             assert await page.locator(f'#certificates tr[data-serial="{serial}"]').count() == 1
             assert "ACTIVE" in await page.locator("#certificates tbody").inner_text()
-            if update_screenshots():
-                await page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
             await page.get_by_role("link", name="Revoke").click()
             assert "/revoke" in page.url
             assert not session.ended.is_set()
@@ -332,3 +327,126 @@ async def test_narrow_window_and_keyboard(
     await page.keyboard.press("Tab")
     focused = await page.evaluate("document.activeElement.textContent")
     assert focused == "Skip to content"
+
+
+VIEWPORTS = {"desktop": (1440, 900), "phone": (390, 844)}
+PAGES = {  # screenshot name: path (logged in, except the login page)
+    "overview": "/console/?range=day",
+    "events": "/console/events?outcome=denied",
+    "events-bad-filter": "/console/events?reason=nope&since=2h",
+    "device": "/console/devices/dev-00003",
+    "device-unknown": "/console/devices/never-enrolled",
+    "confirm": "/console/devices/dev-00003/disable",
+    "chains": "/console/chains",
+}
+
+
+async def _log_in(page: Any, base: str, key: str) -> None:
+    await page.goto(f"{base}/console/login")
+    await page.get_by_label("Admin key").fill(key)
+    await page.get_by_role("button", name="Log in").click()
+    await page.wait_for_url(f"{base}/console/")
+
+
+async def _no_horizontal_scroll(page: Any, name: str, width: int) -> None:
+    scroll = await page.evaluate("document.documentElement.scrollWidth")
+    assert scroll <= width, (name, width, scroll)
+
+
+async def _shoot(page: Any, name: str, *, full: bool = False) -> None:
+    """The first screen, what an operator sees on arrival (``full``: the whole page)."""
+    if update_screenshots():
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full)
+
+
+def _errors_into(errors: list[str]) -> Any:
+    """Console errors, but not the 400 and 404 the bad-filter and unknown-device pages are."""
+
+    def record(message: Any) -> None:
+        if message.type == "error" and "status of 40" not in message.text:
+            errors.append(message.text)
+
+    return record
+
+
+async def test_every_page_at_desktop_and_phone_width(
+    browser: Any, console_server: ConsoleServer, console_key: str
+) -> None:
+    """Each page at 1440x900 and 390x844: no horizontal scroll, the denial chart on the
+    overview, event rows as cards and the filters folded on a phone; screenshots written
+    with DEVICEGATE_UPDATE_SCREENSHOTS=1."""
+    base = console_server.url
+    for viewport, (width, height) in VIEWPORTS.items():
+        context = await browser.new_context(
+            ignore_https_errors=True, viewport={"width": width, "height": height}
+        )
+        errors: list[str] = []
+        page = await context.new_page()
+        page.on("console", _errors_into(errors))
+        await page.goto(f"{base}/console/login")
+        await _no_horizontal_scroll(page, "login", width)
+        await _shoot(page, f"login-{viewport}")
+        await _log_in(page, base, console_key)
+        for name, path in PAGES.items():
+            await page.goto(base + path)
+            await _no_horizontal_scroll(page, name, width)
+            await _shoot(page, f"{name}-{viewport}", full=name == "overview")
+        await page.goto(base + PAGES["overview"])
+        chart = page.locator("#chart-denials")
+        assert await chart.is_visible()
+        box = await chart.bounding_box()
+        assert box["width"] >= width * 0.8 and box["x"] + box["width"] <= width
+        assert await page.locator("#chart-denials rect").count() > 0
+        await page.goto(base + PAGES["events"])
+        folded = not await page.locator("#filters-box").evaluate("box => box.open")
+        assert folded == (viewport == "phone")
+        card = page.locator("#events tbody tr").first
+        reason = await card.locator("td.reason").bounding_box()
+        assert reason["x"] + reason["width"] <= width, "the reason is cut off"
+        if viewport == "phone":  # a card, not a 300 px squeezed row
+            assert (await card.bounding_box())["width"] <= width
+            assert (
+                await card.locator("td.reason").evaluate(
+                    "td => getComputedStyle(td, '::before').content"
+                )
+                == '"reason"'
+            )
+        await page.goto(base + PAGES["events-bad-filter"])
+        assert await page.locator("#filters-box").evaluate("box => box.open")
+        assert await page.locator("#e-reason").is_visible()
+        await context.close()
+        assert not errors, f"browser errors (CSP violations included): {errors}"
+
+
+async def test_an_edited_row_shows_the_broken_chain_banner(
+    page: Any, console_server: ConsoleServer, console_key: str
+) -> None:
+    base = console_server.url
+    await _log_in(page, base, console_key)
+    await page.goto(f"{base}/console/chains")  # a clean full run clears older findings
+    await page.get_by_role("button", name="Run verification").click()
+    await page.locator("#verify-summary").wait_for(timeout=20_000)
+    async with edited_event(console_server.database_url, "bulk-gw-0/w1"):
+        for _ in range(60):  # the banner's check runs at most every integrity.FRESH s
+            await page.goto(f"{base}/console/")
+            if await page.locator("#chain-banner").count():
+                break
+            await asyncio.sleep(0.5)
+        banner = page.locator("#chain-banner")
+        assert await banner.is_visible(), "no banner within 30 s of the edit"
+        assert "bulk-gw-0/w1" in await banner.inner_text()
+        color = await banner.evaluate("b => getComputedStyle(b).borderTopColor")
+        assert color == "rgb(179, 38, 30)"  # --denied: red
+        for viewport, (width, height) in VIEWPORTS.items():
+            await page.set_viewport_size({"width": width, "height": height})
+            await page.goto(f"{base}/console/events")
+            assert await page.locator("#chain-banner").is_visible()
+            await _no_horizontal_scroll(page, "banner", width)
+            await _shoot(page, f"banner-{viewport}")
+    for _ in range(60):
+        await page.goto(f"{base}/console/")
+        if not await page.locator("#chain-banner").count():
+            break
+        await asyncio.sleep(0.5)
+    assert not await page.locator("#chain-banner").count(), "the banner stayed"

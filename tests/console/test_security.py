@@ -315,7 +315,9 @@ async def test_refused_certificate_column_is_text(
         await conn.close()
     async with client.get("/console/events?reason=unknown_issuer&limit=500") as response:
         text = await response.text()
-    cell = re.findall(r'<td class="certificate">([^<]*)</td>', text)[0]  # newest first
+    cell = re.findall(r'<td class="certificate" data-label="certificate">([^<]*)</td>', text)[
+        0
+    ]  # newest first
     # RFC 4514 escapes < and > with a backslash; ESC is escaped as \x1b when recorded.
     name = r"CN=\&lt;script\&gt;alert(4)\&lt;/script\&gt;\x1b[2J"
     assert cell.startswith(f"presented {name} serial {presented.serial} sha256 ")

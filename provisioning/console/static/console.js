@@ -10,9 +10,11 @@
     return d.toISOString().replace("T", " ");
   }
 
-  function cell(text, className) {
+  // Labels as the server writes them (tables.COLUMNS): the phone layout shows them in cards.
+  function cell(label, text, className) {
     const td = document.createElement("td");
     if (className) td.className = className;
+    td.dataset.label = label;
     td.textContent = text == null ? "" : String(text);
     return td;
   }
@@ -21,16 +23,16 @@
     const tr = document.createElement("tr");
     tr.dataset.id = event.id;
     tr.className = "fresh";
-    tr.appendChild(cell(when(event.time), "mono"));
-    tr.appendChild(cell(event.type));
-    const outcome = document.createElement("td");
+    tr.appendChild(cell("time (UTC)", when(event.time), "mono"));
+    tr.appendChild(cell("type", event.type, "type"));
+    const outcome = cell("outcome", "");
     const label = document.createElement("span");
     label.className = "outcome " + (event.outcome === "denied" ? "denied" : "allowed");
     label.textContent = String(event.outcome).toUpperCase();
     outcome.appendChild(label);
     tr.appendChild(outcome);
-    tr.appendChild(cell(event.reason));
-    const device = document.createElement("td");
+    tr.appendChild(cell("reason", event.reason, "reason"));
+    const device = cell("device", "");
     if (event.device_id) {
       const a = document.createElement("a");
       a.href = "/console/devices/" + encodeURIComponent(event.device_id);
@@ -38,14 +40,23 @@
       device.appendChild(a);
     }
     tr.appendChild(device);
-    tr.appendChild(cell(event.client_id));
-    tr.appendChild(cell(event.peer_address, "mono"));
-    tr.appendChild(cell(event.certificate, "certificate")); // formatted by the server
-    tr.appendChild(cell(event.instance));
-    tr.appendChild(cell(event.chain_id + ":" + event.seq, "mono"));
+    const actor = event.detail && typeof event.detail.actor === "string" ? event.detail.actor : "";
+    tr.appendChild(cell("actor", actor, "actor"));
+    tr.appendChild(cell("client id", event.client_id));
+    tr.appendChild(cell("peer", event.peer_address, "mono"));
+    tr.appendChild(cell("certificate", event.certificate, "certificate")); // formatted by the server
+    tr.appendChild(cell("instance", event.instance));
+    tr.appendChild(cell("chain:seq", event.chain_id + ":" + event.seq, "mono"));
     const detail = event.detail && Object.keys(event.detail).length ? JSON.stringify(event.detail) : "";
-    tr.appendChild(cell(detail, "detail"));
+    tr.appendChild(cell("detail", detail, "detail"));
     return tr;
+  }
+
+  // Phones: the filter form folds away (details/summary) unless it reports an error.
+  function foldFilters() {
+    const box = document.getElementById("filters-box");
+    if (!box || box.querySelector("[aria-invalid]") || document.getElementById("filter-error")) return;
+    if (window.matchMedia("(max-width: 640px)").matches) box.open = false;
   }
 
   function setupLive() {
@@ -91,5 +102,8 @@
     });
   }
 
-  document.addEventListener("DOMContentLoaded", setupLive);
+  document.addEventListener("DOMContentLoaded", function () {
+    foldFilters();
+    setupLive();
+  });
 })();
