@@ -21,6 +21,7 @@ from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
 from schemas.errors import DevicegateError
 from schemas.settings import Settings
+from schemas.ticket_keys import TICKET_KEYS_FILE
 
 __all__ = ["BridgeConfig", "GatewayConfigError", "config_from_settings"]
 
@@ -87,7 +88,7 @@ def _tickets(settings: Settings, context: ssl.SSLContext) -> TicketKeys | None:
     """Resumption as configured: on with the key file, off (warned) without it."""
     if not settings.tls_resumption:
         return None
-    path = settings.tls_ticket_keys or settings.pki_dir / "ticket-keys"
+    path = settings.tls_ticket_keys or settings.pki_dir / TICKET_KEYS_FILE
     if not RESUMPTION:
         log.warning(
             "TLS resumption is off: gateway._tlsext is not built (reinstall with a C "

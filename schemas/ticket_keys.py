@@ -22,10 +22,19 @@ from typing import Final
 
 from schemas.errors import DevicegateError
 
-__all__ = ["KEY_BYTES", "MAX_KEYS", "TicketKeyError", "read_ticket_keys", "rotate_ticket_keys"]
+__all__ = [
+    "KEY_BYTES",
+    "MAX_KEYS",
+    "TICKET_KEYS_FILE",
+    "TicketKeyError",
+    "read_ticket_keys",
+    "rotate_ticket_keys",
+]
 
 KEY_BYTES: Final = 80
 MAX_KEYS: Final = 8
+TICKET_KEYS_FILE: Final = "ticket-keys"
+"""Its name in the PKI directory, where ``ca init`` writes it and the gateway looks by default."""
 _HEADER: Final = (
     "# devicegate TLS session ticket keys: a secret, like server.key. First line encrypts,\n"
     "# every line decrypts. Rotate with `devicegate ticket-keys rotate`.\n"

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from provisioning.commands.common import console, context, fail
-from schemas.ticket_keys import MAX_KEYS, TicketKeyError, rotate_ticket_keys
+from schemas.ticket_keys import MAX_KEYS, TICKET_KEYS_FILE, TicketKeyError, rotate_ticket_keys
 
 group = typer.Typer(help="TLS session ticket keys of the gateway.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def rotate(
 ) -> None:
     """Put a new current key first in the ticket key file (creating it 0600 if missing)."""
     settings = context(ctx).settings()
-    path = settings.tls_ticket_keys or settings.pki_dir / "ticket-keys"
+    path = settings.tls_ticket_keys or settings.pki_dir / TICKET_KEYS_FILE
     try:
         keys = rotate_ticket_keys(path, keep=keep)
     except (TicketKeyError, OSError) as exc:

@@ -10,6 +10,8 @@
 - ``audit.crt``, ``audit.key``            the audit signer (Ed25519): signs the audit log's
                                           checkpoints; shipped like server.key, never in
                                           the database (``ca audit-key`` issues a new one)
+- ``ticket-keys``                         the gateway's TLS session ticket keys (a secret,
+                                          shipped like server.key; ``ticket-keys rotate``)
 
 Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC).
 """
@@ -38,6 +40,7 @@ from provisioning.pki.ca import (
 from provisioning.pki.signer import CAPrivateKey, FileSigner, signature_hash
 from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY, AUDIT_SIGNER_NAME
 from schemas.errors import DevicegateError
+from schemas.ticket_keys import TICKET_KEYS_FILE, rotate_ticket_keys
 
 ROOT_CERT = "root-ca.crt"
 ROOT_KEY = "root-ca.key"
@@ -48,7 +51,7 @@ SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
 PKI_FILES = (
     ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_CERT,
-    AUDIT_KEY,
+    AUDIT_KEY, TICKET_KEYS_FILE,
 )  # fmt: skip
 
 
@@ -286,6 +289,9 @@ def init_pki(
     _write(directory / CHAIN, to_pem(issuing, root).encode(), secret=False)
     _write(directory / SERVER_CERT, to_pem(server, issuing).encode(), secret=False)
     audit = issue_audit_signer(ca, directory, validity=server_validity)
+    # A new PKI gets new ticket keys: a ticket from the old one must not resume.
+    (directory / TICKET_KEYS_FILE).unlink(missing_ok=True)
+    rotate_ticket_keys(directory / TICKET_KEYS_FILE, keep=0)
     return PkiSummary(directory, root, issuing, server, audit)
 
 

@@ -24,6 +24,7 @@ from provisioning.pki.ca import (
     to_pem,
 )
 from provisioning.pki.directory import CAError, CAKeyType, init_pki, load_ca, load_private_key
+from schemas.ticket_keys import TICKET_KEYS_FILE, read_ticket_keys
 from tests.conftest import Pki
 
 IDENTITY = DeviceIdentity("line-a-000001", "line-a", "devicegate.local")
@@ -104,7 +105,7 @@ def test_serials_are_unique_and_fingerprints_are_sha256(pki: Pki) -> None:
 
 def test_pki_files_names_and_modes(pki: Pki) -> None:
     assert stat.S_IMODE(pki.directory.stat().st_mode) == 0o700
-    for name in ("root-ca.key", "issuing-ca.key", "server.key"):
+    for name in ("root-ca.key", "issuing-ca.key", "server.key", "audit.key", "ticket-keys"):
         assert stat.S_IMODE((pki.directory / name).stat().st_mode) == 0o600, name
     for name in ("root-ca.crt", "issuing-ca.crt", "chain.pem", "server.crt"):
         assert (pki.directory / name).is_file()
@@ -319,3 +320,13 @@ def test_server_certificate_names_the_crl_when_asked(tmp_path: Path) -> None:
     )
     assert crl_url_of(with_url.server) == "https://p.example/v1/crl"
     assert crl_url_of(init_pki(tmp_path / "b", passphrase=b"passphrase").server) is None
+
+
+def test_a_new_pki_gets_new_ticket_keys(tmp_path: Path) -> None:
+    """`ca init` writes one ticket key, and --force replaces it: a ticket issued under the
+    old PKI must not resume under the new one."""
+    first = init_pki(tmp_path, passphrase=b"passphrase")
+    keys = read_ticket_keys(first.directory / TICKET_KEYS_FILE)
+    again = init_pki(tmp_path, passphrase=b"passphrase", force=True)
+    renewed = read_ticket_keys(again.directory / TICKET_KEYS_FILE)
+    assert len(keys) == len(renewed) == 1 and keys != renewed
