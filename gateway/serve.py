@@ -38,6 +38,7 @@ from gateway.config import config_from_settings
 from gateway.events.checkpoints import CheckpointPolicy
 from gateway.events.sink import SpoolSink
 from gateway.failure_channel import ChannelFds, FailureChannel
+from gateway.preflight import BrokerWatch, Readiness, schema_problem
 from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway
 from gateway.takeover import SessionBus
@@ -128,11 +129,20 @@ async def serve(
     bus.listen_on(directory)
     await bus.start()
     await directory.start()
+    # Say plainly what is missing around the worker (and keep saying it on /readyz).
+    schema = await schema_problem(settings.database_url)
+    if schema is not None:
+        log.error("%s", schema)
+    broker = BrokerWatch(config.upstream.host, config.upstream.port)
+    await broker.start()
+    readiness = Readiness(broker=broker, revocation_stale=directory.stale, schema=schema)
     if not await directory.wait_current(within=10.0):
         log.warning("revocation state is not current yet; refusing devices until it is")
     metrics_server: asyncio.Server | None = None
     try:
-        metrics_server = await _serve_metrics(telemetry, metrics_at, worker_index)
+        metrics_server = await _serve_metrics(
+            telemetry, metrics_at, worker_index, readiness=readiness.problems
+        )
         async with SpoolSink(
             database_url=settings.database_url,
             spool_dir=settings.spool_dir / worker,
@@ -181,6 +191,7 @@ async def serve(
             finally:
                 await gateway.close()
     finally:
+        await broker.close()
         await directory.close()
         await bus.close()
         if metrics_server is not None:
@@ -191,9 +202,14 @@ async def serve(
 
 
 async def _serve_metrics(
-    telemetry: Telemetry, at: tuple[str, int] | None, worker_index: int
+    telemetry: Telemetry,
+    at: tuple[str, int] | None,
+    worker_index: int,
+    *,
+    readiness: Callable[[], list[str]],
 ) -> asyncio.Server | None:
-    """``GET /metrics`` of worker ``i`` on port ``P + i`` (None: off, or not bindable).
+    """``GET /metrics`` (and ``GET /readyz``: `gateway.preflight.Readiness`) of worker ``i``
+    on port ``P + i`` (None: off, or not bindable).
 
     A port that cannot be bound is logged as an error and the worker serves devices
     without it: metrics are not worth refusing devices for (and its scrape target shows
@@ -203,7 +219,7 @@ async def _serve_metrics(
         return None
     host, port = at[0], at[1] + worker_index if at[1] else 0
     try:
-        server = await serve_metrics(telemetry, host, port)
+        server = await serve_metrics(telemetry, host, port, readiness=readiness)
     except OSError as exc:
         log.error(
             "metrics not served: cannot listen on %s:%s: %s (DEVICEGATE_METRICS_LISTEN; "

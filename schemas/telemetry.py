@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -211,7 +211,10 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 
 
 async def _handle(
-    telemetry: Telemetry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    telemetry: Telemetry,
+    readiness: Callable[[], list[str]] | None,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
 ) -> None:
     try:
         async with asyncio.timeout(_REQUEST_TIMEOUT):
@@ -219,7 +222,11 @@ async def _handle(
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         method, _, rest = request_line.partition(" ")
         path = rest.partition(" ")[0].partition("?")[0]
-        if path != "/metrics":
+        if path == "/readyz" and readiness is not None and method == "GET":
+            problems = readiness()
+            body = "".join(f"{line}\n" for line in problems).encode() or b"ready\n"
+            reply = _response("503 Service Unavailable" if problems else "200 OK", body)
+        elif path != "/metrics":
             reply = _response("404 Not Found", b"not found\n")
         elif method not in ("GET", "HEAD"):
             reply = _response("405 Method Not Allowed", b"method not allowed\n")
@@ -240,15 +247,23 @@ async def _handle(
         writer.close()
 
 
-async def serve_metrics(telemetry: Telemetry, host: str, port: int) -> asyncio.Server:
+async def serve_metrics(
+    telemetry: Telemetry,
+    host: str,
+    port: int,
+    *,
+    readiness: Callable[[], list[str]] | None = None,
+) -> asyncio.Server:
     """Serve ``GET /metrics`` on ``host:port`` (404 for any other path) until closed.
 
     A deliberately tiny HTTP/1.1 server (one request per connection) so a gateway worker
-    needs no web framework. Port 0 picks a free port (see ``server.sockets``).
+    needs no web framework. Port 0 picks a free port (see ``server.sockets``). With
+    ``readiness``, ``GET /readyz`` answers 200 ``ready``, or 503 with what it returns (what
+    is missing, one line each).
     """
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _handle(telemetry, reader, writer)
+        await _handle(telemetry, readiness, reader, writer)
 
     return await asyncio.start_server(handler, host, port, limit=_REQUEST_LIMIT)
 

@@ -35,9 +35,9 @@ def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 10.0) 
 
 
 @contextlib.contextmanager
-def mosquitto(directory: Path, *, extra_config: str = "") -> Iterator[int]:
-    """A private Mosquitto on a free loopback port, stopped on exit."""
-    port = free_port()
+def mosquitto(directory: Path, *, extra_config: str = "", port: int | None = None) -> Iterator[int]:
+    """A private Mosquitto on a free loopback port (or ``port``), stopped on exit."""
+    port = port or free_port()
     config = directory / f"mosquitto-{port}.conf"
     config.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"

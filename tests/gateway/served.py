@@ -40,6 +40,7 @@ def serve_gateway(
     directory: Path,
     workers: int = 2,
     name: str = "served",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Served]:
     """Run the gateway on a free loopback port until exit (then SIGKILL what is left).
 
@@ -60,6 +61,7 @@ def serve_gateway(
         "DEVICEGATE_METRICS_LISTEN": "127.0.0.1:0",  # any free port: tests run side by side
         "DEVICEGATE_DRAIN_TIMEOUT": "5s",
         "DEVICEGATE_LOG_FORMAT": "text",
+        **(env or {}),
     }
     log = directory / "gateway.log"
     command = [
