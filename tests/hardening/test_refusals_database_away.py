@@ -13,12 +13,14 @@ away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -87,17 +89,36 @@ def through(proxy: ThreadedProxy, database_url: str) -> str:
 
 
 async def flood_while_cut(
-    proxy: ThreadedProxy, address: str, context: ssl.SSLContext, url: str
+    proxy: ThreadedProxy,
+    db: asyncpg.Connection,
+    address: str,
+    context: ssl.SSLContext,
+    url: str,
 ) -> Counter[str]:
     """Cut the database, flood two routes from ``address``, restore it; sent, per reason."""
     await proxy.cut()
     seen = Counter[tuple[int, str]]()
     for send in SENDS:
         seen += await flood(address, context, url, send, requests=REQUESTS)
+    assert await rows_from(db, address) == []  # nothing could be written meanwhile
     await proxy.restore()
     # Refused as before, the database away or not.
     assert seen == {(401, "no_client_certificate"): 2 * REQUESTS, (400, "csr_invalid"): REQUESTS}
     return Counter({reason: n for (_, reason), n in seen.items()})
+
+
+@contextlib.contextmanager
+def served_through_proxy(
+    database_url: str, pki: Pki, *, interval: str, log: Path
+) -> Iterator[tuple[ThreadedProxy, str, subprocess.Popen[str]]]:
+    """(proxy, URL, process) of a service whose database connections go through the proxy."""
+    with (
+        ThreadedProxy(database_url) as proxy,
+        serve_provisioning(
+            through(proxy, database_url), pki, interval=interval, log=log
+        ) as process,
+    ):
+        yield proxy, process.url, process  # type: ignore[attr-defined]
 
 
 async def test_refusals_counted_while_the_database_is_cut_are_all_written_after(
@@ -109,13 +130,8 @@ async def test_refusals_counted_while_the_database_is_cut_are_all_written_after(
 ) -> None:
     address = f"127.0.0.{next(_addresses)}"
     log = tmp_path / "service.log"
-    with (
-        ThreadedProxy(database_url) as proxy,
-        serve_provisioning(through(proxy, database_url), pki, interval="1s", log=log) as process,
-    ):
-        url: str = process.url  # type: ignore[attr-defined]
-        expected = await flood_while_cut(proxy, address, client_context, url)
-        assert await rows_from(db, address) == []  # nothing could be written meanwhile
+    with served_through_proxy(database_url, pki, interval="1s", log=log) as (proxy, url, process):
+        expected = await flood_while_cut(proxy, db, address, client_context, url)
         deadline = time.monotonic() + 30
         while accounted(rows := await rows_from(db, address)) != expected:
             assert time.monotonic() < deadline, (accounted(rows), expected)
@@ -135,14 +151,9 @@ async def test_refusals_counted_while_the_database_was_cut_are_written_at_sigter
     """With the next sweep an hour away, SIGTERM (the database back) writes them all."""
     address = f"127.0.0.{next(_addresses)}"
     log = tmp_path / "service.log"
-    with ThreadedProxy(database_url) as proxy:
-        with serve_provisioning(
-            through(proxy, database_url), pki, interval="1h", log=log
-        ) as process:
-            url: str = process.url  # type: ignore[attr-defined]
-            expected = await flood_while_cut(proxy, address, client_context, url)
-            assert await rows_from(db, address) == []
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(30) == 0
-        assert accounted(await rows_from(db, address)) == expected
-        assert "counted but not recorded" not in log.read_text()
+    with served_through_proxy(database_url, pki, interval="1h", log=log) as (proxy, url, process):
+        expected = await flood_while_cut(proxy, db, address, client_context, url)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert accounted(await rows_from(db, address)) == expected
+    assert "counted but not recorded" not in log.read_text()
