@@ -22,6 +22,7 @@ __all__ = [
     "BAD_AUTH_METHOD",
     "CLEAN_CUTS",
     "DISCONNECT_BYTES",
+    "HANDED_OVER",
     "NORMAL_ENDS",
     "PROTOCOL_ERROR",
     "QUOTA_EXCEEDED",
@@ -80,8 +81,14 @@ NORMAL_ENDS: Final = frozenset(
         Reason.UPSTREAM_CLOSED,
         Reason.SERVER_SHUTTING_DOWN,
         Reason.SESSION_TAKEN_OVER,
+        Reason.CERTIFICATE_SUPERSEDED,
     }
 )
+
+# Cuts on the revocation path that are no revocation: the device renewed, and its live
+# session on the old certificate is handed over to the new one (`session_superseded`,
+# allowed; the device reconnects with its new certificate).
+HANDED_OVER: Final = frozenset({Reason.CERTIFICATE_SUPERSEDED})
 
 
 def connack_code(reason: Reason, version: int) -> int:

@@ -69,6 +69,7 @@ from gateway.audit import EventContext
 from gateway.codes import (
     CLEAN_CUTS,
     DISCONNECT_BYTES,
+    HANDED_OVER,
     NORMAL_ENDS,
     PROTOCOL_ERROR,
     QUOTA_EXCEEDED,
@@ -679,7 +680,8 @@ class Session:
     ) -> list[Action]:
         """End the session from outside: takeover, revocation, expiry, shutdown.
 
-        ``revoked`` records ``session_revoked`` instead of ``session_end``; ``detail`` is
+        ``revoked`` records ``session_revoked`` instead of ``session_end`` (``session_superseded``,
+        allowed, when the device renewed: `HANDED_OVER`); ``detail`` is
         added to the end event's detail (e.g. which session took over). See the module
         invariants for what is recorded and sent in each state.
         """
@@ -695,7 +697,10 @@ class Session:
             else []
         )
         if state is State.ACTIVE or self._admitting:
-            type_ = EventType.SESSION_REVOKED if revoked else EventType.SESSION_END
+            type_ = EventType.SESSION_END
+            if revoked:
+                handed_over = reason in HANDED_OVER
+                type_ = EventType.SESSION_SUPERSEDED if handed_over else EventType.SESSION_REVOKED
             *summaries, event = self.end_events(reason, type_=type_)
             if detail:
                 event = event.model_copy(update={"detail": {**event.detail, **detail}})

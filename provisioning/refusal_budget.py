@@ -26,7 +26,8 @@ Invariants:
   and comes out of the next `sweep` again, merged with what was counted since: the same
   (route, address key, reason) stays one summary, so memory stays bounded by the keys
   (beyond ``max_keys`` kept keys, the rest merge per route and reason under the address
-  ``*``). Counts are added, never dropped.
+  ``*``). Counts are added, never dropped. A refusal let through in full whose event could
+  not be written is kept the same way (`unwritten`), as a summary of one.
 * Sans-IO: no I/O, no event loop; the monotonic ``clock`` and the ``wall`` clock are
   injectable (tests step them by hand).
 """
@@ -238,6 +239,24 @@ class RefusalBudget:
     def kept_refusals(self) -> int:
         """How many refusals are in summaries kept for the next `sweep`."""
         return sum(summary.count for summary in self._kept.values())
+
+    def unwritten(
+        self,
+        route: str | None,
+        address: str | None,
+        *,
+        type: EventType,
+        reason: Reason,
+        device_id: str | None = None,
+    ) -> bool:
+        """A refusal `charge` let through in full whose event could not be written: kept as
+        a summary of one for the next `sweep` (False: the route is not budgeted)."""
+        if route is None or route not in self.table:
+            return False
+        pending = _Pending(type, self.wall())
+        pending.add(device_id, address, pending.first)
+        self.keep(_summaries((route, address_key(address)), [(reason, pending)]))
+        return True
 
     def keep(self, summaries: Iterable[RefusalSummary]) -> None:
         """Summaries that could not be written: the next `sweep` returns them again."""

@@ -33,6 +33,9 @@ class EventType(StrEnum):
     SUBSCRIBE = "subscribe"
     SESSION_END = "session_end"
     SESSION_REVOKED = "session_revoked"
+    SESSION_SUPERSEDED = "session_superseded"
+    """A live session on a certificate its device just renewed, handed over (outcome
+    allowed, reason ``certificate_superseded``): the device reconnects with the new one."""
     ENROLL = "enroll"
     RENEW = "renew"
     REVOKE = "revoke"

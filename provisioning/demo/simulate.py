@@ -35,12 +35,20 @@ from rich.live import Live
 from rich.table import Table
 
 from provisioning.agent import device
+from provisioning.demo.failures import mqtt_failure, tls_failure
 from schemas.errors import DevicegateError
 
 RETRY_PAUSE = 1.0
 """Seconds a device waits after a failure before trying again."""
 SHUTDOWN_GRACE = 5.0
 """Seconds past the duration that devices get to disconnect cleanly."""
+SHORTFALL = 0.5
+"""An achieved rate below this fraction of the one asked for is warned about."""
+LIKELY_CAUSES = (
+    "likely the simulator's CPU (one process on one core: run fewer devices, or several "
+    "simulators) or the gateway's limits (its rate_limited and too_many_connections "
+    "refusals in the audit log)"
+)
 
 
 class SimulationError(DevicegateError):
@@ -85,6 +93,11 @@ class Stats:
     last_connect: float | None = None
     first_enroll: float | None = None
     last_enroll: float | None = None
+    publishing_s: float = 0.0
+    """Seconds devices spent in their publish loops, summed: the messages asked for are
+    this times ``--messages-per-second``."""
+    started: list[float] = field(default_factory=list)
+    """When each device first got online (the start rate asked for is ``--rate``)."""
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -102,13 +115,10 @@ def error_reason(exc: BaseException) -> str:
         if exc.reason is not None:
             return f"enroll:{exc.reason.value}"
         return f"enroll:http_{exc.status}" if exc.status else "enroll:unreachable"
-    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc is not None:
-        name = str(exc.rc) if not isinstance(exc.rc, int) else f"rc_{exc.rc}"
-        return "mqtt:" + name.lower().replace(" ", "_")
     if isinstance(exc, aiomqtt.MqttError):
-        return "mqtt:" + (" ".join(str(exc).split()[:4]).lower().replace(" ", "_") or "error")
+        return mqtt_failure(exc)
     if isinstance(exc, ssl.SSLError):
-        return f"tls:{(exc.reason or 'error').lower()}"
+        return tls_failure(exc)
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, OSError):
@@ -131,6 +141,7 @@ class Simulator:
         self.deadline = self.started + config.duration
         # Hardware ids are unique per run: the registry refuses a second device with one.
         self.run_id = secrets.token_hex(3)
+        self._online: set[str] = set()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -193,6 +204,9 @@ class Simulator:
             self.stats.first_connect = self.stats.first_connect or begun
             self.stats.last_connect = connected
             self.stats.connected += 1
+            if device_id not in self._online:
+                self._online.add(device_id)
+                self.stats.started.append(connected)
             try:
                 await self._publish(client, device_id, until)
             finally:
@@ -203,21 +217,24 @@ class Simulator:
         interval = 1 / rate if rate > 0 else math.inf
         topic = f"devices/{device_id}/telemetry"
         sequence = 0
-        next_at = time.monotonic()
-        while True:
-            pause = min(next_at - time.monotonic(), until - time.monotonic())
-            if pause > 0:
-                await asyncio.sleep(pause)
-            if time.monotonic() >= until:
-                return
-            payload = json.dumps({"from": device_id, "seq": sequence, "ts": time.time()})
-            begun = time.monotonic()
-            await client.publish(topic, payload.encode(), qos=self.config.qos)
-            if self.config.qos:
-                self.stats.publish_latency.append(time.monotonic() - begun)
-            self.stats.messages += 1
-            sequence += 1
-            next_at += interval
+        next_at = began_loop = time.monotonic()
+        try:
+            while True:
+                pause = min(next_at - time.monotonic(), until - time.monotonic())
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                if time.monotonic() >= until:
+                    return
+                payload = json.dumps({"from": device_id, "seq": sequence, "ts": time.time()})
+                begun = time.monotonic()
+                await client.publish(topic, payload.encode(), qos=self.config.qos)
+                if self.config.qos:
+                    self.stats.publish_latency.append(time.monotonic() - begun)
+                self.stats.messages += 1
+                sequence += 1
+                next_at += interval
+        finally:
+            self.stats.publishing_s += min(time.monotonic(), until) - began_loop
 
     async def run_device(self, index: int) -> None:
         """One simulated device, from enrollment to the end of the run."""
@@ -294,7 +311,26 @@ def report(stats: Stats, elapsed: float, config: SimulationConfig) -> dict[str, 
         },
         "errors": dict(stats.errors.most_common()),
         "errors_total": sum(stats.errors.values()),
+        "warnings": shortfalls(stats, config),
     }
+
+
+def shortfalls(stats: Stats, config: SimulationConfig) -> list[str]:
+    """A sentence per rate achieved far below (`SHORTFALL`) the one asked for: how far,
+    and the likely cause."""
+    rates: list[tuple[str, float, float]] = []  # (what, achieved, asked)
+    if config.messages_per_second > 0 and stats.publishing_s >= 1:
+        achieved = stats.messages / stats.publishing_s
+        rates.append(("messages per second per device", achieved, config.messages_per_second))
+    if len(stats.started) >= 3 and (spread := max(stats.started) - min(stats.started)) > 0:
+        # Device i is due at i / rate: n devices online take (n - 1) / rate seconds.
+        rates.append(("devices online per second", (len(stats.started) - 1) / spread, config.rate))
+    return [
+        f"{what}: {achieved:.1f} achieved of {asked:g} asked for ({achieved / asked:.0%}); "
+        + LIKELY_CAUSES
+        for what, achieved, asked in rates
+        if achieved < SHORTFALL * asked
+    ]
 
 
 def _live(simulator: Simulator) -> Table:
@@ -344,6 +380,8 @@ def print_report(data: dict[str, Any], console: Console) -> None:
     if not data["errors"]:
         errors.add_row("-", "0")
     console.print(errors)
+    for warning in data["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def _check(config: SimulationConfig, identities: Path) -> None:

@@ -422,7 +422,25 @@ class ProvisioningService:
             detail={**(detail or {}), "message": str(exc)},
             **fields,
         )
-        await self._write_denied(spec)
+        try:
+            await self._submit(spec)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            # The refusal stands even when it cannot be recorded: on a budgeted route it is
+            # counted for the next summary instead (none lost while the database is away).
+            counted = self.refusals.unwritten(
+                peer.route,
+                peer.address,
+                type=type,
+                reason=exc.reason,
+                device_id=fields.get("device_id"),
+            )
+            log.log(
+                logging.WARNING if counted else logging.ERROR,
+                "could not record a denied %s event%s",
+                type,
+                "; counted for the next refusal summary" if counted else "",
+                exc_info=not counted,
+            )
 
     async def record_refusal_summaries(self) -> int:
         """Write the refusals counted beyond their budget as summary events; how many.
@@ -473,10 +491,3 @@ class ProvisioningService:
             return None, spec
 
         await self.committer.submit(write, savepoint=False)
-
-    async def _write_denied(self, spec: EventSpec) -> None:
-        try:
-            await self._submit(spec)
-        except (asyncpg.PostgresError, OSError):
-            # The refusal stands even when it cannot be recorded; say so in the log.
-            log.exception("could not record a denied %s event", spec.type)

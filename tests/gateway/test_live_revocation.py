@@ -154,7 +154,7 @@ def test_superseded_certificate_is_cut_and_the_renewed_one_connects(
     rows = _decisions(harness.events(mark, device_id=old.device_id))
     assert [(r["type"], r["reason"], r["cert_serial"]) for r in rows] == [
         ("connect", "ok", old.serial),
-        ("session_revoked", "certificate_superseded", old.serial),
+        ("session_superseded", "certificate_superseded", old.serial),
         ("connect", "ok", new.serial),
         ("connect", "certificate_superseded", old.serial),
     ]

@@ -184,7 +184,7 @@ def _until_connack(session: Session, version: int, props: Properties | None = No
     ("reason", "revoked", "code", "type_"),
     [
         (Reason.CERTIFICATE_REVOKED, True, 0x98, EventType.SESSION_REVOKED),
-        (Reason.CERTIFICATE_SUPERSEDED, True, 0x98, EventType.SESSION_REVOKED),
+        (Reason.CERTIFICATE_SUPERSEDED, True, 0x98, EventType.SESSION_SUPERSEDED),
         (Reason.DEVICE_DISABLED, True, 0x98, EventType.SESSION_REVOKED),
         (Reason.DEVICE_REVOKED, True, 0x98, EventType.SESSION_REVOKED),
         (Reason.CERTIFICATE_EXPIRED, False, 0x87, EventType.SESSION_END),
@@ -203,7 +203,11 @@ def test_cut_a_live_session(
     assert _to_device(actions, version) == ([Disconnect(reason_code=code)] if version == 5 else [])
     (event,) = _records(actions)
     assert (event.type, event.reason) == (type_, reason)
-    normal = reason in (Reason.SESSION_TAKEN_OVER, Reason.SERVER_SHUTTING_DOWN)
+    normal = reason in (
+        Reason.SESSION_TAKEN_OVER,
+        Reason.SERVER_SHUTTING_DOWN,
+        Reason.CERTIFICATE_SUPERSEDED,  # a renewal's hand-over
+    )
     assert event.outcome is (Outcome.ALLOWED if normal else Outcome.DENIED)
     # Only a shutdown tells the broker goodbye (no will); every other cut is a drop to it.
     upstream = b"".join(bytes(a.data) for a in actions if isinstance(a, ToUpstream))

@@ -170,9 +170,10 @@ async def flood(
 
 @contextlib.contextmanager
 def serve_provisioning(
-    database_url: str, pki: Pki, *, interval: str
+    database_url: str, pki: Pki, *, interval: str, log: Path | None = None
 ) -> Iterator[subprocess.Popen[str]]:
-    """``devicegate serve provisioning`` on ``port`` (the process), killed if still running."""
+    """``devicegate serve provisioning`` on ``port`` (the process), killed if still running;
+    its stderr goes to ``log`` (never a pipe nobody reads: a full one stalls the service)."""
     env = {
         **os.environ,
         "DEVICEGATE_DATABASE_URL": database_url,
@@ -184,12 +185,13 @@ def serve_provisioning(
     }
     port = free_port()
     devicegate = str(Path(sys.executable).with_name("devicegate"))
-    process = subprocess.Popen(
-        [devicegate, "serve", "provisioning", "--listen", f"127.0.0.1:{port}"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(log or os.devnull, "w") as stderr:
+        process = subprocess.Popen(
+            [devicegate, "serve", "provisioning", "--listen", f"127.0.0.1:{port}"],
+            env=env,
+            stderr=stderr,
+            text=True,
+        )
     process.url = f"https://127.0.0.1:{port}"  # type: ignore[attr-defined]
     try:
         wait_for_port(port, timeout=20)

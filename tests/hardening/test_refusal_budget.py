@@ -154,3 +154,22 @@ def test_summaries_not_written_are_kept_merged_and_bounded() -> None:
     kept = budget.sweep()
     assert len(kept) <= 4 + 1
     assert sum(s.count for s in kept) == second[a].count + second[b].count + 10
+
+
+def test_a_refusal_in_full_that_could_not_be_written_is_counted() -> None:
+    """`unwritten`: the full event of a refusal within the budget failed to be written; it
+    comes out of the next sweep as a summary of one, merged with the counts of its key."""
+    budget, _ = ledger(1)
+    a = "192.0.2.1"
+    assert charge(budget, RENEW, a, device_id="d1")  # in full ...
+    assert budget.unwritten(
+        RENEW, a, type=EventType.RENEW, reason=Reason.NO_CLIENT_CERTIFICATE, device_id="d1"
+    )  # ... but the write failed
+    assert not charge(budget, RENEW, a, device_id="d1")  # beyond the budget: counted
+    (summary,) = budget.sweep()
+    assert (summary.route, summary.address, summary.count) == (RENEW, a, 2)
+    assert summary.devices == {"d1": 2} and summary.device_id == "d1"
+    assert not budget.unwritten(
+        "POST /v1/unbudgeted", a, type=EventType.RENEW, reason=Reason.NO_CLIENT_CERTIFICATE
+    )
+    assert not budget.unwritten(None, a, type=EventType.RENEW, reason=Reason.CSR_INVALID)
