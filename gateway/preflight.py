@@ -70,8 +70,8 @@ class BrokerWatch:
     async def start(self) -> None:
         """Probe once now (logged either way), then keep probing in the background while
         the broker is down."""
-        if await self._probe():
-            log.info("upstream broker %s:%d is reachable", self.host, self.port)
+        if await self._probe():  # nothing missing, nothing to say
+            log.debug("upstream broker %s:%d is reachable", self.host, self.port)
             return
         log.warning(
             "upstream broker %s:%d is not reachable (%s): devices are refused with "

@@ -206,7 +206,7 @@ async def _serve_metrics(
     at: tuple[str, int] | None,
     worker_index: int,
     *,
-    readiness: Callable[[], list[str]],
+    readiness: Callable[[], list[str]] | None = None,
 ) -> asyncio.Server | None:
     """``GET /metrics`` (and ``GET /readyz``: `gateway.preflight.Readiness`) of worker ``i``
     on port ``P + i`` (None: off, or not bindable).
