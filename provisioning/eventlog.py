@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import (
+    COLUMNS,
     GENESIS_HASH,
     AuthEvent,
     EventType,
@@ -42,27 +43,6 @@ Connection = Any
 
 _LOCK_HEAD = "SELECT seq, hash FROM event_chains WHERE chain_id = $1 FOR UPDATE"
 
-_EVENT_COLUMNS = (
-    "id",
-    "time",
-    "instance",
-    "type",
-    "outcome",
-    "reason",
-    "device_id",
-    "fleet",
-    "cert_serial",
-    "cert_fingerprint",
-    "client_id",
-    "peer_address",
-    "tls_version",
-    "tls_cipher",
-    "detail",
-    "chain_id",
-    "seq",
-    "prev_hash",
-    "hash",
-)
 _EVENT_TYPES = (
     "uuid",
     "timestamptz",
@@ -89,9 +69,9 @@ _EVENT_TYPES = (
 def insert_events_sql(first: int, *, gate: str) -> str:
     """``INSERT INTO auth_events`` of the arrays `event_arrays` returns, bound from ``$first``
     on, inserting only ``WHERE`` ``gate`` holds (for a CTE of a larger statement)."""
-    columns = ", ".join(_EVENT_COLUMNS)
+    columns = ", ".join(COLUMNS)
     selected = ", ".join(
-        f"e.{name}::jsonb" if name == "detail" else f"e.{name}" for name in _EVENT_COLUMNS
+        f"e.{name}::jsonb" if name == "detail" else f"e.{name}" for name in COLUMNS
     )
     arrays = ", ".join(f"${first + i}::{kind}[]" for i, kind in enumerate(_EVENT_TYPES))
     return (

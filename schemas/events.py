@@ -120,7 +120,7 @@ class Reason(StrEnum):
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first event of every chain."""
 
-_CHAINED_FIELDS = (
+CHAINED_FIELDS = (
     "id",
     "time",
     "instance",
@@ -139,6 +139,9 @@ _CHAINED_FIELDS = (
     "chain_id",
     "seq",
 )
+"""The fields an event's hash covers, in their canonical order."""
+COLUMNS = (*CHAINED_FIELDS, "prev_hash", "hash")
+"""``auth_events`` columns in the order every writer (COPY rows, INSERTs) uses."""
 
 
 _uuid7_lock = threading.Lock()
@@ -233,7 +236,7 @@ def holds_nul(value: Any) -> bool:
 def canonical_bytes(event: AuthEvent) -> bytes:
     """The exact bytes that are hashed for ``event``: sorted, compact JSON of its fields."""
     values: dict[str, Any] = {}
-    for name in _CHAINED_FIELDS:
+    for name in CHAINED_FIELDS:
         value = getattr(event, name)
         if isinstance(value, datetime):
             value = _canonical_time(value)

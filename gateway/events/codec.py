@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from schemas.events import AuthEvent, canonical_bytes, holds_nul
+from schemas.events import COLUMNS, AuthEvent, canonical_bytes, holds_nul
 
 _Encoder = Callable[[dict[str, Any], str, int, bytes], tuple[bytes, bytes, tuple[Any, ...]] | None]
 _encode_c: _Encoder | None
@@ -35,12 +35,6 @@ __all__ = ["ACCELERATED", "COLUMNS", "Row", "decode_payload", "encode_event", "e
 ACCELERATED = _encode_c is not None
 """Whether `encode_event` has its C accelerator (the gateway warns at start when not)."""
 
-COLUMNS = (
-    "id", "time", "instance", "type", "outcome", "reason", "device_id", "fleet",
-    "cert_serial", "cert_fingerprint", "client_id", "peer_address", "tls_version",
-    "tls_cipher", "detail", "chain_id", "seq", "prev_hash", "hash",
-)  # fmt: skip
-"""auth_events columns in the order of the COPY rows built here."""
 
 Row = tuple[Any, ...]
 
