@@ -57,7 +57,6 @@ from gateway.actions import (
 from gateway.audit import EventContext, EventSink
 from gateway.config import BridgeConfig
 from gateway.connection import Session, State
-from gateway.denials import DenialBudget
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
@@ -406,7 +405,7 @@ class DeviceConnection(asyncio.Protocol):
             policy=self.hub.fleet_policy(identity.fleet),
             context=self.context,
             max_packet_size=self.config.max_packet_size,
-            denials=DenialBudget(self.config.denials),
+            denial_limits=self.config.denials,
         )
         self.hub.identified(self)
         if self._timer is not None:

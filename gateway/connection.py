@@ -77,7 +77,7 @@ from gateway.codes import (
     connack_code,
     disconnect_code,
 )
-from gateway.denials import DenialBudget, Summary, clip, sample
+from gateway.denials import DenialBudget, DenialLimits, Summary, clip, sample
 from gateway.downstream import Downstream, SubackMerge
 from gateway.fastpath import MORE, allowed_publish_end
 from gateway.identity import DeviceIdentity
@@ -128,6 +128,7 @@ class Session:
         policy: FleetPolicy,
         context: EventContext,
         max_packet_size: int,
+        denial_limits: DenialLimits | None = None,
         denials: DenialBudget | None = None,
     ) -> None:
         self.identity = identity
@@ -143,7 +144,8 @@ class Session:
         self.bytes_out = 0
         self.packets_in = 0
         self.denied = 0
-        self.denials = denials if denials is not None else DenialBudget()
+        self._denial_limits = denial_limits
+        self._denials = denials  # made at the first denial: most sessions never have one
         self._buf = b""  # before admission: bytes not yet judged
         self._pending: list[bytes | memoryview] = []  # once active: a partial frame's pieces
         self._pending_len = 0
@@ -174,6 +176,13 @@ class Session:
             type_, reason, outcome=outcome, client_id=self.client_id, detail=dict(detail or {})
         )
 
+    @property
+    def denials(self) -> DenialBudget:
+        """The session's denial budget (`gateway.denials`), made when first needed."""
+        if self._denials is None:
+            self._denials = DenialBudget(self._denial_limits)
+        return self._denials
+
     def end_events(
         self,
         reason: Reason,
@@ -182,7 +191,8 @@ class Session:
     ) -> list[AuthEvent]:
         """The last events of an admitted session: the summaries of the denials still held,
         then its ``session_end`` (or ``session_revoked``)."""
-        events = [self._summary_event(s) for s in self.denials.flush()]
+        held = self._denials.flush() if self._denials is not None else []
+        events = [self._summary_event(s) for s in held]
         events.append(self._end_event(reason, error, type_))
         return events
 
@@ -198,7 +208,7 @@ class Session:
 
     def denials_due(self) -> list[Action]:
         """The bridge's timer: record the summaries of a denial window that has closed."""
-        if self.state is not State.ACTIVE:
+        if self.state is not State.ACTIVE or self._denials is None:
             return []
         return [Record(self._summary_event(s)) for s in self.denials.due()]
 
