@@ -513,7 +513,7 @@ class DeviceConnection(asyncio.Protocol):
         session = self.session
         if self.closed or session is None or session.state is not State.ACTIVE:
             return
-        delay = session.denials.due_in()
+        delay = session.denials_due_in()
         if delay is not None:
             self._denials = asyncio.get_running_loop().call_later(delay, self._denials_due)
 

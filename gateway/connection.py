@@ -206,6 +206,10 @@ class Session:
         }
         return self._event(summary.type, summary.reason, detail)
 
+    def denials_due_in(self) -> float | None:
+        """Seconds until the open denial window closes (None: no window open)."""
+        return self._denials.due_in() if self._denials is not None else None
+
     def denials_due(self) -> list[Action]:
         """The bridge's timer: record the summaries of a denial window that has closed."""
         if self.state is not State.ACTIVE or self._denials is None:
