@@ -74,3 +74,6 @@ def test_readme_by_hand_block_runs_on_a_fresh_database(tmp_path: Path) -> None:
     assert re.search(r"verified \d+ events in \d+ chains: OK", output), output
     # Distinct metrics ports: neither service complained that its port was taken.
     assert "metrics not served" not in output, output
+    # Every state directory the block names is its own (a first-day operator is not root):
+    # the signed audit checkpoints land there, not under /var/lib/devicegate.
+    assert list((tmp_path / "devicegate-try" / "checkpoints").glob("*.jsonl")), output
