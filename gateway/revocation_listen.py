@@ -40,8 +40,9 @@ import asyncpg
 from pydantic import ValidationError
 
 from gateway.database import DB_ERRORS, close_quietly, keep_session
+from gateway.device_lookup import BATCH_LOOKUP, LookupBatcher, Row
 from gateway.identity import DeviceIdentity
-from gateway.revocation import LOOKUP, DeviceStates, RevocationListener, cut_reason, verdict
+from gateway.revocation import DeviceStates, RevocationListener, cut_reason, verdict
 from schemas.events import Reason
 from schemas.notify import REVOCATION_CHANNEL, RevocationNotice
 
@@ -107,6 +108,7 @@ class RevocationCache:
         self._resync = False  # a full reload is due (an unreadable notice)
         self._became_current = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
+        self._lookups = LookupBatcher(self._fetch_rows)
         self._task: asyncio.Task[None] | None = None
         self.notifications = 0
         self.reloads = 0
@@ -136,6 +138,7 @@ class RevocationCache:
         return self._became_current.is_set()
 
     async def close(self) -> None:
+        await self._lookups.close()
         task, self._task = self._task, None
         pool, self._pool = self._pool, None
         await close_quietly(task, pool, grace=self.timeout)
@@ -234,16 +237,20 @@ class RevocationCache:
                 )
             return Reason.REVOCATION_STATE_STALE
 
-    async def _lookup(self, device_id: str, fleet: str, serial: str) -> Reason:
+    async def _fetch_rows(self, device_ids: list[str], serials: list[str]) -> list[Row]:
         pool = self._pool
         if pool is None:
             raise asyncpg.InterfaceError("the revocation cache is not started")
+        async with asyncio.timeout(self.timeout):
+            rows: list[Row] = await pool.fetch(BATCH_LOOKUP, device_ids, serials)
+        return rows
+
+    async def _lookup(self, device_id: str, fleet: str, serial: str) -> Reason:
         row = None
         cacheable = False
         for _ in range(_LOOKUP_TRIES):
             epoch = self._epoch
-            async with asyncio.timeout(self.timeout):
-                row = await pool.fetchrow(LOOKUP, device_id, serial)
+            row = await self._lookups.lookup(device_id, serial)
             if self._epoch == epoch:
                 cacheable = True
                 break

@@ -7,6 +7,7 @@ real TLS clients, the `RevocationCache` as the gateway's directory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -239,11 +240,11 @@ def test_lookup_racing_a_notification_is_retried(
     reads = 0
 
     class Racing:
-        async def fetchrow(self, *args: Any) -> Any:
+        async def fetch(self, *args: Any) -> Any:
             nonlocal reads
             reads += 1
             assert pool is not None
-            row = await pool.fetchrow(*args)
+            row = await pool.fetch(*args)
             if reads == 1:  # the revocation commits and is heard while this read is in flight
                 await pool.execute(
                     "UPDATE devices SET status = 'disabled' WHERE device_id = $1", device.device_id
@@ -291,3 +292,50 @@ def _pg_port(url: str) -> int:
     from urllib.parse import urlsplit
 
     return urlsplit(url).port or 5432
+
+
+def test_a_storm_of_misses_is_looked_up_in_batches(harness: Harness, live: Live) -> None:
+    """After a restart every device misses the cache at once: 2,000 concurrent checks are
+    answered by a few batched queries, each verdict right, none refused as stale."""
+    cache = live.cache
+    pool = cache._pool
+    assert pool is not None
+    count = 2000
+    ids = [f"storm-{i:04d}" for i in range(count)]
+    serials = [f"5707{i:04x}" for i in range(count)]
+
+    async def seed() -> None:
+        assert pool is not None
+        await pool.execute("INSERT INTO fleets (name) VALUES ('storm') ON CONFLICT DO NOTHING")
+        await pool.execute(
+            "INSERT INTO devices (device_id, fleet, status)"
+            " SELECT d, 'storm', CASE WHEN n % 10 = 0 THEN 'disabled' ELSE 'active' END"
+            " FROM unnest($1::text[]) WITH ORDINALITY AS t(d, n)",
+            ids,
+        )
+        await pool.execute(
+            "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
+            " not_after, key_type, pem)"
+            " SELECT s, d, md5(s), now(), now() + interval '1 day', 'ec', ''"
+            " FROM unnest($1::text[], $2::text[]) AS t(s, d)",
+            serials,
+            ids,
+        )
+
+    async def storm() -> list[object]:
+        before = cache._lookups.queries
+        verdicts = await asyncio.gather(
+            *(
+                cache.check(device_id=d, fleet="storm", serial=s)
+                for d, s in zip(ids, serials, strict=True)
+            ),
+            cache.check(device_id="storm-unknown", fleet="storm", serial="00"),
+        )
+        return [cache._lookups.queries - before, *verdicts]
+
+    harness.call(seed())
+    queries, *verdicts = harness.call(storm())
+    assert verdicts[-1] == "device_unknown"
+    expected = ["device_disabled" if (i + 1) % 10 == 0 else "ok" for i in range(count)]
+    assert verdicts[:-1] == expected
+    assert isinstance(queries, int) and 1 <= queries <= 5, queries
