@@ -201,8 +201,8 @@ def test_a_resumed_session_is_refused_like_a_full_handshake(
     )
     time.sleep(0.5)  # "within a second" (DESIGN.md)
     # Both workers (the kernel picks one per connection): full and resumed, refused alike.
-    attempts = [(Attempt(served.port, device), Attempt(served.port, device, ticket)) for _ in range(4)]
-    for full, resumed in attempts:
+    for _ in range(4):
+        full, resumed = Attempt(served.port, device), Attempt(served.port, device, ticket)
         assert resumed.reused and not full.reused
         assert resumed.connack == full.connack == Connack(reason_code=0x05)
     time.sleep(0.5)  # let the events ship (the spool's group commit and COPY)
@@ -225,7 +225,8 @@ def _s_client(port: int, device: Device, session: str, tmp_path: Path) -> str:
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as process:
         assert process.stdin is not None
-        process.stdin.write(encode(Connect(protocol_level=4, client_id=device.device_id), version=4))
+        connect = Connect(protocol_level=4, client_id=device.device_id)
+        process.stdin.write(encode(connect, version=4))
         process.stdin.flush()
         time.sleep(1.0)  # the CONNACK and the ticket arrive
         process.stdin.close()
