@@ -189,7 +189,7 @@ def test_a_resumed_session_is_refused_like_a_full_handshake(
         kind="certificate" if table == "certificates" else "device",
         device_id=device.device_id,
         serial=device.serial if table == "certificates" else None,
-        status=status,  # type: ignore[arg-type]
+        status=status,
     )
     harness.execute(
         f"WITH changed AS (UPDATE {table} SET status = $1{extra} WHERE {key} = $2 RETURNING 1)"
