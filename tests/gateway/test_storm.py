@@ -45,8 +45,8 @@ def _storm(devices: int) -> None:
             upstream.stop()
     assert check(phases) == []
     full, resumed = phases
-    assert full.report.resumed == 0 and full.events == full.report.connects >= devices
-    assert resumed.events == resumed.report.connects >= devices
+    assert full.report.resumed == 0 and full.events >= full.report.connects >= devices
+    assert resumed.events >= resumed.report.connects >= devices
     if RESUMPTION:  # the ticket key file outlives the processes: the new one resumes
         assert resumed.report.resumed == resumed.report.connects
 
