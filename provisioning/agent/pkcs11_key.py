@@ -286,7 +286,10 @@ def use_pkcs11_key(
         failure = Pkcs11Failure.MODULE if "module" in str(error) else Pkcs11Failure.ENGINE
         raise Pkcs11KeyError(str(error), failure) from error
     except LookupError as error:
-        raise _not_found(_tlsext.pkcs11_token_labels, uri, module, str(error)) from error
+        message = str(error)
+        if pin is None:
+            message += " (no PIN was given, and tokens show private keys only after login)"
+        raise _not_found(_tlsext.pkcs11_token_labels, uri, module, message) from error
     except ValueError as error:
         failure = (
             Pkcs11Failure.MISMATCH if "does not match" in str(error) else Pkcs11Failure.CERTIFICATE
