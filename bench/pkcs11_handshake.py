@@ -4,8 +4,9 @@ The agent can present a key that lives in a secure element or TPM (provisioning/
 pkcs11_key.py: OpenSSL's pkcs11 engine; every handshake signature is a C_Sign in the
 token). This measures what that costs the device, with SoftHSM2 standing in for the
 token: SoftHSM2 signs in software inside the client process, so its CPU is counted here,
-where a real secure element would sign on its own chip (slower in wall time, ~50-200 ms
-for an ATECC608 or SE050 ECDSA P-256 signature, and cheaper in host CPU).
+where a real secure element would sign on its own chip (slower in wall time: tens of
+milliseconds or more per ECDSA P-256 signature on I2C parts, by vendor figures not
+measured here; cheaper in host CPU).
 
 Setup, in a scratch directory: a SoftHSM2 token with an EC P-256 key generated inside it
 (pkcs11-tool), a file key of the same type, both certified by a test manufacturer CA, and
