@@ -120,13 +120,6 @@ def _uri_error(message: str) -> Pkcs11KeyError:
     return Pkcs11KeyError(f"key URI: {message}", Pkcs11Failure.URI)
 
 
-def _decode(name: str, raw: str) -> bytes:
-    try:
-        return unquote_to_bytes(raw)
-    except ValueError as error:  # pragma: no cover - unquote_to_bytes keeps bad escapes
-        raise _uri_error(f"{name}: bad percent-encoding") from error
-
-
 def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     """Parse an RFC 7512 URI naming a private key; `Pkcs11KeyError` (URI) if it does not."""
     if len(uri) > MAX_URI:
@@ -160,10 +153,10 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     for name in (*_TOKEN_ATTRIBUTES, "object", "pin-source", "module-path"):
         if name in values:
             try:
-                text[name] = _decode(name, values[name]).decode("utf-8")
+                text[name] = unquote_to_bytes(values[name]).decode("utf-8")
             except UnicodeDecodeError as error:
                 raise _uri_error(f"{name}: not UTF-8") from error
-    key_id = _decode("id", values["id"]) if "id" in values else None
+    key_id = unquote_to_bytes(values["id"]) if "id" in values else None
     if key_id == b"":
         raise _uri_error("id is empty")
     if "object" not in text and key_id is None:
