@@ -366,6 +366,11 @@ done:
     return result;
 }
 
+/* --- PKCS#11 private keys: declarations (the section is at the end of the file) ----- */
+static PyObject *use_engine_key(PyObject *module, PyObject *args, PyObject *kwargs);
+static PyObject *pkcs11_token_labels(PyObject *module, PyObject *args);
+/* --- end PKCS#11 declarations -------------------------------------------------------- */
+
 static PyMethodDef methods[] = {
     {"capture_refusals", capture_refusals, METH_O,
      "Install the verify callback that keeps a refused connection's leaf certificate."},
@@ -377,6 +382,15 @@ static PyMethodDef methods[] = {
     {"set_ticket_keys", set_ticket_keys, METH_VARARGS,
      "set_ticket_keys(context, keys, lifetime): session tickets under these keys (80 bytes "
      "each: name, AES-256, HMAC-SHA256; the first encrypts), living at most lifetime s."},
+    /* --- PKCS#11 private keys (the section at the end of the file) --- */
+    {"use_engine_key", (PyCFunction)(void (*)(void))use_engine_key, METH_VARARGS | METH_KEYWORDS,
+     "use_engine_key(context, certfile, key_uri, module_path, pin, engine_path=None): present "
+     "certfile's chain with the private key key_uri of a PKCS#11 token (OpenSSL's pkcs11 "
+     "engine); the key never leaves the token."},
+    {"pkcs11_token_labels", pkcs11_token_labels, METH_VARARGS,
+     "pkcs11_token_labels(module_path): the labels of the tokens present in the module's "
+     "slots (to explain a key that was not found)."},
+    /* --- end PKCS#11 entries --- */
     {NULL, NULL, 0, NULL},
 };
 
@@ -440,3 +454,334 @@ fail:
     Py_DECREF(ssl_module);
     return NULL;
 }
+
+/* === PKCS#11 private keys (use_engine_key, pkcs11_token_labels) ========================
+ *
+ * A device's identity key may live in a secure element or TPM that only speaks PKCS#11:
+ * the key cannot be read out, only asked to sign. Python's ssl takes private keys from
+ * files only (load_cert_chain), so use_engine_key hands the SSL_CTX behind an
+ * ssl.SSLContext a key of OpenSSL's "pkcs11" engine (libp11's engine_pkcs11; OpenSSL 3.0
+ * still runs engines, and Debian bookworm has no pkcs11-provider). The EVP_PKEY it loads
+ * is a handle: every signature of a handshake is a C_Sign in the token (with the GIL
+ * released, as handshakes run).
+ *
+ * Lifetimes. SSL_CTX_use_PrivateKey takes its own reference to the key; ours is dropped.
+ * The engine is NOT finished or freed, on purpose: libp11 frees every key object of its
+ * slots when its engine finishes (ctx_finish), while an SSL_CTX may still hold an EVP_PKEY
+ * whose EC_KEY/RSA points at one (a use-after-free at the next handshake). It could not
+ * finish anyway: libp11 keeps each key's EVP_PKEY cached in its key object, and that
+ * EVP_PKEY holds a functional reference on the engine (EVP_PKEY_set1_engine in its
+ * load_privkey). So one initialised engine is kept per (engine path, module path) for the
+ * life of the process and reused by later calls (MAX_ENGINES: a device has one or two
+ * tokens); loading the same key again returns libp11's cached EVP_PKEY, so repeated calls
+ * do not grow memory. PKCS#11 login state is per process anyway (C_Login holds for all
+ * sessions of the application), so a second engine would not add isolation.
+ *
+ * The PIN is given to the engine by its "PIN" control (libp11 keeps a copy to log in again
+ * after fork); it never appears in a URI here. OpenSSL's interactive UI is replaced by
+ * UI_null(): an agent must never wait on a terminal for a PIN.
+ *
+ * Errors are one-line Python exceptions: FileNotFoundError/OSError (the module or the
+ * engine cannot be loaded), PermissionError (wrong or locked PIN), LookupError (no such
+ * key), ValueError (the key does not match the certificate, or a bad certificate file).
+ * The OpenSSL error queue is emptied on every path, so nothing stale reaches ssl.
+ *
+ * The engine API is deprecated in OpenSSL 3.0 (not removed). The headers were included
+ * above without OPENSSL_SUPPRESS_DEPRECATED (the rest of the module should keep its
+ * warnings), so the deprecation warnings are silenced for this section only.
+ */
+#include <openssl/err.h>
+#include <openssl/ui.h>
+#include <unistd.h>
+#ifndef OPENSSL_NO_ENGINE
+#include <openssl/engine.h>
+#endif
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+
+#define MAX_ENGINES 4
+
+/* The beginning of PKCS#11's CK_FUNCTION_LIST: its order is fixed by the standard, and
+ * only the first seven entries are called. (No pkcs11.h is needed to build.) */
+typedef unsigned long p11_ulong;
+typedef struct {
+    unsigned char major, minor;
+} p11_version;
+typedef struct p11_functions {
+    p11_version version;
+    p11_ulong (*C_Initialize)(void *args);
+    p11_ulong (*C_Finalize)(void *reserved);
+    p11_ulong (*C_GetInfo)(void *info);
+    p11_ulong (*C_GetFunctionList)(struct p11_functions **list);
+    p11_ulong (*C_GetSlotList)(unsigned char token_present, p11_ulong *slots, p11_ulong *count);
+    p11_ulong (*C_GetSlotInfo)(p11_ulong slot, void *info);
+    p11_ulong (*C_GetTokenInfo)(p11_ulong slot, void *info);
+} p11_functions;
+#define P11_CKR_OK 0x0UL
+#define P11_CKR_ALREADY_INITIALIZED 0x191UL
+#define P11_CKR_PIN_INCORRECT 0xA0UL
+#define P11_CKR_PIN_INVALID 0xA1UL
+#define P11_CKR_PIN_LEN_RANGE 0xA2UL
+#define P11_CKR_PIN_EXPIRED 0xA3UL
+#define P11_CKR_PIN_LOCKED 0xA4UL
+#define P11_MAX_SLOTS 64
+#define P11_CKF_TOKEN_INITIALIZED 0x400UL
+
+/* dlopen the module and find C_GetFunctionList, or NULL with OSError set. */
+static void *open_module(const char *path, p11_functions **functions) {
+    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (handle == NULL) {
+        const char *why = dlerror();
+        if (access(path, F_OK) != 0)
+            PyErr_Format(PyExc_FileNotFoundError, "PKCS#11 module %s: no such file", path);
+        else
+            PyErr_Format(PyExc_OSError, "PKCS#11 module %s cannot be loaded: %s", path,
+                         why != NULL ? why : "dlopen failed");
+        return NULL;
+    }
+    p11_ulong (*get_list)(p11_functions **) =
+        (p11_ulong(*)(p11_functions **))dlsym(handle, "C_GetFunctionList");
+    p11_functions *list = NULL;
+    if (get_list == NULL || get_list(&list) != P11_CKR_OK || list == NULL) {
+        dlclose(handle);
+        PyErr_Format(PyExc_OSError, "%s is not a PKCS#11 module (no C_GetFunctionList)", path);
+        return NULL;
+    }
+    if (functions != NULL) *functions = list;
+    return handle;
+}
+
+/* The labels of the tokens present, blank padding removed. Used to explain a failure, so
+ * it never logs in: a PIN is tried once, by the engine. */
+static PyObject *pkcs11_token_labels(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *path_bytes;
+    if (!PyArg_ParseTuple(args, "O&", PyUnicode_FSConverter, &path_bytes)) return NULL;
+    PyObject *result = NULL;
+    p11_functions *p11 = NULL;
+    void *handle = open_module(PyBytes_AS_STRING(path_bytes), &p11);
+    if (handle == NULL) goto done;
+    p11_ulong rv = p11->C_Initialize(NULL);
+    int ours = rv == P11_CKR_OK; /* else already initialised by the engine: not ours */
+    if (!ours && rv != P11_CKR_ALREADY_INITIALIZED) {
+        PyErr_Format(PyExc_OSError, "PKCS#11 C_Initialize failed: CKR %lu", rv);
+        goto close;
+    }
+    p11_ulong slots[P11_MAX_SLOTS];
+    p11_ulong count = P11_MAX_SLOTS;
+    rv = p11->C_GetSlotList(1, slots, &count);
+    if (rv != P11_CKR_OK) {
+        PyErr_Format(PyExc_OSError, "PKCS#11 C_GetSlotList failed: CKR %lu", rv);
+        goto finalize;
+    }
+    result = PyList_New(0);
+    for (p11_ulong i = 0; result != NULL && i < count; i++) {
+        /* CK_TOKEN_INFO is about 210 bytes; the label is its first field. */
+        union {
+            p11_ulong align;
+            unsigned char bytes[1024];
+        } info;
+        if (p11->C_GetTokenInfo(slots[i], &info) != P11_CKR_OK) continue;
+        /* flags follow label[32], manufacturerID[32], model[16], serialNumber[16] */
+        p11_ulong flags;
+        memcpy(&flags, info.bytes + 96, sizeof(flags));
+        if (!(flags & P11_CKF_TOKEN_INITIALIZED)) continue;
+        Py_ssize_t len = 32;
+        while (len > 0 && info.bytes[len - 1] == ' ') len--;
+        PyObject *label = PyUnicode_DecodeUTF8((const char *)info.bytes, len, "replace");
+        if (label == NULL || PyList_Append(result, label) < 0) Py_CLEAR(result);
+        Py_XDECREF(label);
+    }
+finalize:
+    if (ours) p11->C_Finalize(NULL);
+close:
+    dlclose(handle);
+done:
+    Py_DECREF(path_bytes);
+    return result;
+}
+
+#ifndef OPENSSL_NO_ENGINE
+
+typedef struct {
+    char *engine_path; /* "" for OpenSSL's engines directory */
+    char *module_path;
+    ENGINE *engine; /* initialised (a functional reference), never finished: see above */
+} KeptEngine;
+
+static KeptEngine kept_engines[MAX_ENGINES];
+static int kept_count;
+
+/* A new initialised pkcs11 engine for module_path, or NULL with an exception set. */
+static ENGINE *new_engine(const char *engine_path, const char *module_path) {
+    ENGINE *engine;
+    if (engine_path[0] != '\0') {
+        engine = ENGINE_by_id("dynamic");
+        if (engine != NULL &&
+            (!ENGINE_ctrl_cmd_string(engine, "SO_PATH", engine_path, 0) ||
+             !ENGINE_ctrl_cmd_string(engine, "ID", "pkcs11", 0) ||
+             !ENGINE_ctrl_cmd_string(engine, "LIST_ADD", "0", 0) ||
+             !ENGINE_ctrl_cmd_string(engine, "LOAD", NULL, 0))) {
+            ENGINE_free(engine);
+            engine = NULL;
+        }
+        if (engine == NULL) {
+            PyErr_Format(PyExc_OSError, "cannot load OpenSSL's pkcs11 engine from %s",
+                         engine_path);
+            return NULL;
+        }
+    } else {
+        engine = ENGINE_by_id("pkcs11");
+        if (engine == NULL) {
+            PyErr_SetString(PyExc_OSError,
+                            "OpenSSL has no pkcs11 engine (install libengine-pkcs11-openssl)");
+            return NULL;
+        }
+    }
+    /* QUIET: libp11 would print its diagnostics on stderr; the caller gets one line. */
+    if (!ENGINE_ctrl_cmd_string(engine, "QUIET", NULL, 0) ||
+        !ENGINE_ctrl_cmd_string(engine, "MODULE_PATH", module_path, 0) ||
+        !ENGINE_init(engine)) {
+        ENGINE_free(engine);
+        PyErr_SetString(PyExc_OSError, "OpenSSL's pkcs11 engine refused its settings");
+        return NULL;
+    }
+    ENGINE_free(engine); /* the structural reference of ENGINE_by_id; init's remains */
+    return engine;
+}
+
+/* The kept engine for (engine_path, module_path), made at first use. Runs with the GIL
+ * held, which guards kept_engines. */
+static ENGINE *kept_engine(const char *engine_path, const char *module_path) {
+    for (int i = 0; i < kept_count; i++)
+        if (strcmp(kept_engines[i].engine_path, engine_path) == 0 &&
+            strcmp(kept_engines[i].module_path, module_path) == 0)
+            return kept_engines[i].engine;
+    if (kept_count == MAX_ENGINES) {
+        PyErr_Format(PyExc_OSError, "more than %d PKCS#11 modules in one process",
+                     MAX_ENGINES);
+        return NULL;
+    }
+    char *engine_copy = strdup(engine_path), *module_copy = strdup(module_path);
+    if (engine_copy == NULL || module_copy == NULL) {
+        free(engine_copy);
+        free(module_copy);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    ENGINE *engine = new_engine(engine_path, module_path);
+    if (engine == NULL) {
+        free(engine_copy);
+        free(module_copy);
+        return NULL;
+    }
+    kept_engines[kept_count++] = (KeptEngine){engine_copy, module_copy, engine};
+    return engine;
+}
+
+/* Sets the exception for a failed ENGINE_load_private_key from OpenSSL's error queue:
+ * libp11 queues the PKCS#11 return code (library "PKCS#11 module", reason = CKR_*). */
+static void key_load_error(const char *uri) {
+    unsigned long error, pin_error = 0, other = 0;
+    while ((error = ERR_get_error()) != 0) {
+        const char *lib = ERR_lib_error_string(error);
+        int from_module = lib != NULL && strcmp(lib, "PKCS#11 module") == 0;
+        unsigned long reason = (unsigned long)ERR_GET_REASON(error);
+        if (from_module && reason >= P11_CKR_PIN_INCORRECT && reason <= P11_CKR_PIN_LOCKED)
+            pin_error = reason;
+        else if (from_module && other == 0)
+            other = error;
+    }
+    if (pin_error == P11_CKR_PIN_LOCKED)
+        PyErr_SetString(PyExc_PermissionError, "the token's PIN is locked (CKR_PIN_LOCKED)");
+    else if (pin_error == P11_CKR_PIN_EXPIRED)
+        PyErr_SetString(PyExc_PermissionError, "the token's PIN has expired (CKR_PIN_EXPIRED)");
+    else if (pin_error != 0)
+        PyErr_Format(PyExc_PermissionError, "the token refused the PIN (%s)",
+                     pin_error == P11_CKR_PIN_INCORRECT ? "CKR_PIN_INCORRECT"
+                     : pin_error == P11_CKR_PIN_INVALID ? "CKR_PIN_INVALID"
+                                                        : "CKR_PIN_LEN_RANGE");
+    else if (other != 0)
+        PyErr_Format(PyExc_LookupError, "no private key at %s (PKCS#11: %s)", uri,
+                     ERR_reason_error_string(other) != NULL ? ERR_reason_error_string(other)
+                                                            : "error");
+    else
+        PyErr_Format(PyExc_LookupError, "no private key at %s", uri);
+}
+
+static PyObject *use_engine_key(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *keywords[] = {"context",     "certfile",    "key_uri", "module_path",
+                               "pin",         "engine_path", NULL};
+    PyObject *context, *cert_bytes = NULL, *module_bytes = NULL, *engine_arg = Py_None;
+    PyObject *engine_bytes = NULL, *result = NULL;
+    const char *uri, *pin;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO&sO&z|O", keywords, &context,
+                                     PyUnicode_FSConverter, &cert_bytes, &uri,
+                                     PyUnicode_FSConverter, &module_bytes, &pin, &engine_arg))
+        goto done;
+    if (engine_arg != Py_None && !PyUnicode_FSConverter(engine_arg, &engine_bytes)) goto done;
+    const char *engine_path = engine_bytes != NULL ? PyBytes_AS_STRING(engine_bytes) : "";
+    const char *module_path = PyBytes_AS_STRING(module_bytes);
+    SSL_CTX *ctx = context_ssl_ctx(context);
+    if (ctx == NULL) goto done;
+    if (strncmp(uri, "pkcs11:", 7) != 0) {
+        PyErr_SetString(PyExc_ValueError, "key_uri: not a pkcs11: URI");
+        goto done;
+    }
+    /* A module that cannot be loaded is said plainly (libp11 would say "not found"). */
+    void *handle = open_module(module_path, NULL);
+    if (handle == NULL) goto done;
+    dlclose(handle);
+
+    ERR_clear_error();
+    /* The certificate first: a bad file is found before the token is touched. */
+    if (SSL_CTX_use_certificate_chain_file(ctx, PyBytes_AS_STRING(cert_bytes)) != 1) {
+        ERR_clear_error();
+        PyErr_Format(PyExc_ValueError, "cannot read a PEM certificate chain from %s",
+                     PyBytes_AS_STRING(cert_bytes));
+        goto done;
+    }
+    ENGINE *engine = kept_engine(engine_path, module_path);
+    if (engine == NULL) goto clear;
+    if (pin != NULL && !ENGINE_ctrl_cmd_string(engine, "PIN", pin, 0)) {
+        PyErr_SetString(PyExc_ValueError, "the engine refused the PIN (too long?)");
+        goto clear;
+    }
+    EVP_PKEY *key = ENGINE_load_private_key(engine, uri, (UI_METHOD *)UI_null(), NULL);
+    if (key == NULL) {
+        key_load_error(uri);
+        goto clear;
+    }
+    /* SSL_CTX_use_PrivateKey takes its own reference (and refuses a key that does not
+     * match the certificate); SSL_CTX_check_private_key says so explicitly. */
+    int ok = SSL_CTX_use_PrivateKey(ctx, key) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+    EVP_PKEY_free(key);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "the key at %s does not match the certificate %s", uri,
+                     PyBytes_AS_STRING(cert_bytes));
+        goto clear;
+    }
+    result = Py_NewRef(Py_None);
+clear:
+    ERR_clear_error();
+done:
+    Py_XDECREF(cert_bytes);
+    Py_XDECREF(module_bytes);
+    Py_XDECREF(engine_bytes);
+    return result;
+}
+
+#else /* OPENSSL_NO_ENGINE */
+
+static PyObject *use_engine_key(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module, (void)args, (void)kwargs;
+    PyErr_SetString(PyExc_OSError, "this OpenSSL was built without engines (no PKCS#11 keys)");
+    return NULL;
+}
+
+#endif /* OPENSSL_NO_ENGINE */
+
+#pragma GCC diagnostic pop
+/* === end PKCS#11 private keys ========================================================== */

@@ -75,7 +75,13 @@ RULES = (
         ("gateway",),
         # serve runs the gateway; policy explains with gateway.policy's own decision (a
         # copy of the rules could disagree with the gateway that enforces them).
-        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
+        # The agent's PKCS#11 key module is held by the agent's own rule instead (only
+        # gateway._tlsext).
+        exempt=(
+            "provisioning.commands.serve",
+            "provisioning.commands.policy",
+            "provisioning.agent.pkcs11_key",
+        ),
     ),
     Rule(
         "the policy command imports only the gateway's pure policy",
@@ -87,7 +93,9 @@ RULES = (
         "the device agent imports only schemas",
         ("provisioning.agent",),
         ("provisioning", "gateway"),
-        allowed=("provisioning.agent",),
+        # gateway._tlsext: the one C module that reaches the SSL_CTX behind an ssl.SSLContext
+        # (a PKCS#11 key for the agent's client context, provisioning/agent/pkcs11_key.py).
+        allowed=("provisioning.agent", "gateway._tlsext"),
     ),
     Rule(
         "the registry, pki, enrollment and audit never import the surfaces",
@@ -250,6 +258,11 @@ def _write(root: Path, relative: str, text: str) -> None:
             "the device agent imports only schemas",
         ),
         (
+            "provisioning/agent/pkcs11_key.py",
+            "from gateway import bridge\n",
+            "the device agent imports only schemas",
+        ),
+        (
             "provisioning/pki/crl.py",
             "from provisioning import console\n",
             "the registry, pki, enrollment and audit never import the surfaces",
@@ -288,6 +301,7 @@ def test_allowed_imports_pass(tmp_path: Path) -> None:
     _write(tmp_path, "provisioning/commands/serve.py", "def f():\n    import gateway.serve\n")
     _write(tmp_path, "provisioning/commands/policy.py", "from gateway.policy import explain\n")
     _write(tmp_path, "provisioning/agent/device.py", "from . import keys\nimport schemas.api\n")
+    _write(tmp_path, "provisioning/agent/pkcs11_key.py", "from gateway import _tlsext\n")
     _write(tmp_path, "provisioning/http/server.py", "from provisioning import console\n")
     _write(tmp_path, "schemas/api.py", "from schemas.events import AuthEvent\n")
     assert violations(tmp_path) == []
