@@ -33,6 +33,8 @@ from provisioning.http.openapi import document
 from provisioning.pki.ca import crl_url_of
 from provisioning.pki.crl import CrlCache
 from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca, load_certificate
+from provisioning.pki.pkcs11 import Pkcs11Signer
+from provisioning.pki.signer import SignerUnavailable
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
 from schemas.logs import configure_logging
@@ -155,7 +157,17 @@ def device_crl_url(settings: Settings) -> str | None:
 
 async def open_service(settings: Settings, *, pool_size: int = 16) -> ProvisioningService:
     """Load the CA (needs the passphrase) and open the connection pool."""
-    ca = load_ca(settings.pki_dir, settings.ca_passphrase_bytes(), crl_url=device_crl_url(settings))
+    ca = load_ca(
+        settings.pki_dir,
+        settings.ca_passphrase_bytes(),
+        crl_url=device_crl_url(settings),
+        pin_file=settings.pkcs11_pin_file,
+    )
+    if isinstance(ca.signer, Pkcs11Signer):
+        try:  # say so now; requests try the token again each time
+            await asyncio.to_thread(ca.signer.key.check)
+        except SignerUnavailable as exc:
+            log.warning("%s; enrollment and renewal answer 503 until it can sign", exc)
     pool = await create_pool(
         settings.database_url, min_size=2, max_size=pool_size, reset=_rollback_only
     )
