@@ -64,6 +64,7 @@ __all__ = [
     "TokenKey",
     "TokenRef",
     "generate_ca_key",
+    "key_attributes",
     "read_pin",
 ]
 
@@ -259,18 +260,26 @@ class _Token:
             )
         lib = self.module.lib()
         try:
-            token = lib.get_token(token_label=self.ref.token)
-        except pkcs11.NoSuchToken:
-            self.module.reinitialize()  # a token added (or put back) since C_Initialize
-            token = lib.get_token(token_label=self.ref.token)
-        try:
-            session = token.open(rw=True, user_pin=pin)
-        except (pkcs11.PinIncorrect, pkcs11.PinLenRange):
-            self._bad_pin = digest
-            raise SignerUnavailable(f"{self.ref}: wrong PIN (from {self.ref.pin_file})") from None
+            session = self._login(lib, pin, digest)
+        except SignerUnavailable:
+            raise
+        except pkcs11.PKCS11Error:
+            # SoftHSM2 and others see tokens added, removed or put back only at
+            # C_Initialize: initialise again (every session of this module is then
+            # reopened on its next use, `generation`), and try once more.
+            self.module.reinitialize()
+            session = self._login(lib, pin, digest)
         self._bad_pin = None
         self._session, self._opened = session, (os.getpid(), self.module.generation)
         return session
+
+    def _login(self, lib: Library, pin: str, digest: bytes) -> pkcs11.Session:
+        token = lib.get_token(token_label=self.ref.token)
+        try:
+            return token.open(rw=True, user_pin=pin)
+        except (pkcs11.PinIncorrect, pkcs11.PinLenRange):
+            self._bad_pin = digest
+            raise SignerUnavailable(f"{self.ref}: wrong PIN (from {self.ref.pin_file})") from None
 
     def _drop(self) -> None:
         session, self._session, self._keys = self._session, None, {}
@@ -285,16 +294,19 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text and text != name else name
 
 
-_tokens: dict[TokenRef, _Token] = {}
+_tokens: dict[tuple[Path, str], _Token] = {}
 
 
 def _token(ref: TokenRef) -> _Token:
+    """The one `_Token` of this process for ``ref``'s module and label (a second session
+    would log in twice: CKR_USER_ALREADY_LOGGED_IN); the PIN file last named is used."""
     with _modules_lock:
-        token = _tokens.get(ref)
+        token = _tokens.get((ref.module, ref.token))
     if token is None:
         candidate = _Token(ref)  # takes _modules_lock itself (`_module`)
         with _modules_lock:
-            token = _tokens.setdefault(ref, candidate)
+            token = _tokens.setdefault((ref.module, ref.token), candidate)
+    token.ref = ref
     return token
 
 
@@ -356,6 +368,35 @@ class TokenKey:
             raise SignerUnavailable(
                 f"{self.ref}: key {self.key.label!r} is not the key of its certificate"
             )
+
+
+_REPORTED = {
+    "token": Attribute.TOKEN,
+    "private": Attribute.PRIVATE,
+    "sensitive": Attribute.SENSITIVE,
+    "always_sensitive": Attribute.ALWAYS_SENSITIVE,
+    "extractable": Attribute.EXTRACTABLE,
+    "never_extractable": Attribute.NEVER_EXTRACTABLE,
+    "local": Attribute.LOCAL,
+}
+
+
+def key_attributes(ref: TokenRef, key: KeyRef) -> dict[str, bool]:
+    """The protection attributes of a private key, as the token reports them
+    (``sensitive``, ``extractable``, ``never_extractable``...).
+
+    Raises:
+        SignerUnavailable: the token cannot be used, or has no such key.
+    """
+    token = _token(ref)
+
+    def read(session: pkcs11.Session) -> dict[str, bool]:
+        found = session.get_key(
+            object_class=ObjectClass.PRIVATE_KEY, label=key.label, id=key.key_id
+        )
+        return {name: bool(found[attribute]) for name, attribute in _REPORTED.items()}
+
+    return token.run(f"reading key {key.label!r}", read)
 
 
 def generate_ca_key(ref: TokenRef, key: KeyRef, curve: ec.EllipticCurve) -> TokenKey:
