@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,8 +16,11 @@ from provisioning.commands.common import (
     print_table,
 )
 from provisioning.pki import ca, directory
-from provisioning.pki.pkcs11 import CA_KEYS, TokenRef, read_pin
+from provisioning.pki.directory import CA_KEYS
 from schemas.settings import CRL_PATH
+
+if TYPE_CHECKING:
+    from provisioning.pki.pkcs11 import TokenRef
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
 
@@ -117,6 +120,8 @@ def _token(module: Path | None, label: str | None, pin_file: Path | None) -> Tok
     """The token of the --pkcs11-* options, all three or none; the PIN file is checked now."""
     if module is None and label is None:
         return None
+    from provisioning.pki.pkcs11 import TokenRef, read_pin
+
     if module is None or label is None or pin_file is None:
         fail(
             "--pkcs11-module, --pkcs11-token and --pkcs11-pin-file (or "

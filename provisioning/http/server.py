@@ -32,8 +32,14 @@ from provisioning.http.common import CRL, SERVICE, problems_middleware
 from provisioning.http.openapi import document
 from provisioning.pki.ca import crl_url_of
 from provisioning.pki.crl import CrlCache
-from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca, load_certificate
-from provisioning.pki.pkcs11 import Pkcs11Signer
+from provisioning.pki.directory import (
+    CA_KEYS,
+    CHAIN,
+    SERVER_CERT,
+    SERVER_KEY,
+    load_ca,
+    load_certificate,
+)
 from provisioning.pki.signer import SignerUnavailable
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
@@ -163,9 +169,13 @@ async def open_service(settings: Settings, *, pool_size: int = 16) -> Provisioni
         crl_url=device_crl_url(settings),
         pin_file=settings.pkcs11_pin_file,
     )
-    if isinstance(ca.signer, Pkcs11Signer):
+    if (settings.pki_dir / CA_KEYS).exists():
+        from provisioning.pki.pkcs11 import Pkcs11Signer  # python-pkcs11 only when used
+
+        signer = ca.signer
         try:  # say so now; requests try the token again each time
-            await asyncio.to_thread(ca.signer.key.check)
+            if isinstance(signer, Pkcs11Signer):
+                await asyncio.to_thread(signer.key.check)
         except SignerUnavailable as exc:
             log.warning("%s; enrollment and renewal answer 503 until it can sign", exc)
     pool = await create_pool(

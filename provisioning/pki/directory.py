@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -43,18 +44,13 @@ from provisioning.pki.ca import (
     crl_distribution_points,
     to_pem,
 )
-from provisioning.pki.pkcs11 import (
-    CA_KEYS,
-    CaKeysRecord,
-    KeyRef,
-    Pkcs11Signer,
-    TokenRef,
-    generate_ca_key,
-)
 from provisioning.pki.signer import CAPrivateKey, FileSigner, Signer, signature_hash
 from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY, AUDIT_SIGNER_NAME
 from schemas.errors import DevicegateError
 from schemas.ticket_keys import TICKET_KEYS_FILE, rotate_ticket_keys
+
+if TYPE_CHECKING:  # provisioning.pki.pkcs11 (python-pkcs11) is imported when a token is used
+    from provisioning.pki.pkcs11 import CaKeysRecord, KeyRef, TokenRef
 
 ROOT_CERT = "root-ca.crt"
 ROOT_KEY = "root-ca.key"
@@ -63,6 +59,8 @@ ISSUING_KEY = "issuing-ca.key"
 CHAIN = "chain.pem"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+CA_KEYS = "ca-keys.toml"
+"""Where the CA keys are when they are in a PKCS#11 token (`provisioning.pki.pkcs11`)."""
 PKI_FILES = (
     ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_CERT,
     AUDIT_KEY, TICKET_KEYS_FILE, CA_KEYS,
@@ -104,6 +102,8 @@ class _CAKey:
 
     @classmethod
     def in_token(cls, token: TokenRef, ref: KeyRef, curve: ec.EllipticCurve) -> _CAKey:
+        from provisioning.pki.pkcs11 import Pkcs11Signer, generate_ca_key
+
         key = generate_ca_key(token, ref, curve)
         return cls(
             key.public_key,
@@ -309,6 +309,8 @@ def init_pki(
         root_key = _CAKey.in_memory(ec.generate_private_key(_curve(key_type)))
         issuing_key = _CAKey.in_memory(ec.generate_private_key(_curve(key_type)))
     else:
+        from provisioning.pki.pkcs11 import CaKeysRecord, KeyRef
+
         ca_id = secrets.token_bytes(8)
         record = CaKeysRecord(
             token,
@@ -421,6 +423,8 @@ def load_ca(
     issuing = load_certificate(directory / ISSUING_CERT)
     root = load_certificate(directory / ROOT_CERT)
     if (directory / CA_KEYS).exists():
+        from provisioning.pki.pkcs11 import CaKeysRecord, Pkcs11Signer
+
         record = CaKeysRecord.read(directory / CA_KEYS, pin_file=pin_file)
         return CertificateAuthority(Pkcs11Signer.open(record, issuing), root, crl_url=crl_url)
     key = load_private_key(directory / ISSUING_KEY, passphrase)

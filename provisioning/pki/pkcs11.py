@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Library
 
 __all__ = [
-    "CA_KEYS",
     "CaKeysRecord",
     "KeyRef",
     "Pkcs11Signer",
@@ -67,9 +66,6 @@ __all__ = [
     "key_attributes",
     "read_pin",
 ]
-
-CA_KEYS = "ca-keys.toml"
-"""The PKI directory's record of where the CA keys are (not a secret: no PIN in it)."""
 
 _CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
 

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from provisioning.agent import device
 from provisioning.agent.device import KeyType, generate_key
 from provisioning.pki.ca import DeviceIdentity, SignOptions, to_pem
-from provisioning.pki.directory import CHAIN, ISSUING_CERT, ROOT_CERT, SERVER_CERT, load_ca
-from provisioning.pki.pkcs11 import CA_KEYS, CaKeysRecord, Pkcs11Signer, TokenRef, key_attributes
+from provisioning.pki.directory import CA_KEYS, CHAIN, ISSUING_CERT, ROOT_CERT, SERVER_CERT, load_ca
+from provisioning.pki.pkcs11 import CaKeysRecord, Pkcs11Signer, TokenRef, key_attributes
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.helpers import provisioning_server
