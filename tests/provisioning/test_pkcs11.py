@@ -342,3 +342,22 @@ async def test_token_unavailable_refuses_enrollment_and_renewal_and_issues_nothi
     status, renewed = await post_renew(pki, server, out / "device.crt", out / "device.key")
     assert status == 201, renewed
     assert renewed["serial"] != bundle.serial
+
+
+def test_ca_init_force_swaps_the_kind_of_ca(hsm: Hsm, tmp_path: Path) -> None:
+    """A token CA over a file CA leaves no CA key file behind, and the other way round
+    leaves no ca-keys.toml (load_ca would otherwise pick the token)."""
+    directory = tmp_path / "pki"
+    env = {**os.environ, **hsm.env, "DEVICEGATE_PUBLIC_URL": "https://127.0.0.1:8443"}
+    file_init = [DEVICEGATE, "ca", "init", "--pki-dir", str(directory), "--insecure-no-passphrase"]
+    subprocess.run(file_init, check=True, capture_output=True, env=env)
+    assert {"root-ca.key", "issuing-ca.key"} <= set(private_keys_in(directory))
+
+    done = ca_init(hsm, directory, hsm.new_token(), "--force")
+    assert done.returncode == 0, done.stderr
+    assert set(private_keys_in(directory)) == {"server.key", "audit.key"}
+    assert isinstance(load_ca(directory, None).signer, Pkcs11Signer)
+
+    subprocess.run([*file_init, "--force"], check=True, capture_output=True, env=env)
+    assert not (directory / CA_KEYS).exists()
+    assert not isinstance(load_ca(directory, None).signer, Pkcs11Signer)
