@@ -17,9 +17,11 @@ Invariants:
   survive fork.
 - Any failure (module missing, token absent, wrong PIN, C_Sign failing, key missing or not
   the certificate's) raises `SignerUnavailable` with one line that names the module and the
-  token; the session is dropped, so a token that comes back is used without a restart. A
-  wrong PIN is not tried again until the PIN file changes (HSMs lock a user after a few
-  wrong PINs).
+  token; the session is dropped, so a token that comes back is used without a restart.
+  After a failure the token is not tried again for `REOPEN_INTERVAL` (requests meanwhile
+  are refused at once): an outage costs one attempt per second per process, whatever the
+  request rate. A wrong PIN is not tried again until the PIN file changes (HSMs lock a user
+  after a few wrong PINs).
 - The PIN is read from its file (owner-only, mode 0600) each time a session opens; it is
   never logged nor kept in memory beyond the login.
 """
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Library
 
 __all__ = [
+    "REOPEN_INTERVAL",
     "CaKeysRecord",
     "KeyRef",
     "Pkcs11Signer",
@@ -66,6 +70,9 @@ __all__ = [
     "key_attributes",
     "read_pin",
 ]
+
+REOPEN_INTERVAL = 1.0
+"""Seconds after a failure before the token is tried again."""
 
 _CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
 
@@ -213,6 +220,7 @@ class _Token:
         self._opened: tuple[int, int] = (0, 0)  # (pid, module generation) it belongs to
         self._keys: dict[KeyRef, SignMixin] = {}
         self._bad_pin: bytes | None = None  # digest of a PIN the token refused
+        self._failed: tuple[float, str] | None = None  # (when, why) of the last failure
 
     def run(self, what: str, action: Callable[[pkcs11.Session], T]) -> T:
         """``action`` with the logged-in session, under the module's lock.
@@ -223,12 +231,13 @@ class _Token:
         with self.module.lock:
             try:
                 return action(self._open())
-            except SignerUnavailable:
-                self._drop()
+            except SignerUnavailable as exc:
+                self._drop(str(exc))
                 raise
             except (pkcs11.PKCS11Error, OSError) as exc:
-                self._drop()
-                raise SignerUnavailable(f"{self.ref}: {what} failed: {_describe(exc)}") from None
+                message = f"{self.ref}: {what} failed: {_describe(exc)}"
+                self._drop(message)
+                raise SignerUnavailable(message) from None
 
     def private_key(self, session: pkcs11.Session, key: KeyRef) -> SignMixin:
         found = self._keys.get(key)
@@ -247,6 +256,8 @@ class _Token:
         if self._session is not None and self._opened == owner:
             return self._session
         self._session, self._keys = None, {}  # another process's or initialisation's
+        if self._failed is not None and time.monotonic() < self._failed[0] + REOPEN_INTERVAL:
+            raise SignerUnavailable(self._failed[1])
         pin = read_pin(self.ref.pin_file)
         digest = hashlib.sha256(pin.encode()).digest()
         if self._bad_pin == digest:
@@ -265,7 +276,7 @@ class _Token:
             # reopened on its next use, `generation`), and try once more.
             self.module.reinitialize()
             session = self._login(lib, pin, digest)
-        self._bad_pin = None
+        self._bad_pin = self._failed = None
         self._session, self._opened = session, (os.getpid(), self.module.generation)
         return session
 
@@ -277,7 +288,9 @@ class _Token:
             self._bad_pin = digest
             raise SignerUnavailable(f"{self.ref}: wrong PIN (from {self.ref.pin_file})") from None
 
-    def _drop(self) -> None:
+    def _drop(self, failure: str) -> None:
+        if self._failed is None or time.monotonic() >= self._failed[0] + REOPEN_INTERVAL:
+            self._failed = (time.monotonic(), failure)
         session, self._session, self._keys = self._session, None, {}
         if session is not None and self._opened == (os.getpid(), self.module.generation):
             with contextlib.suppress(pkcs11.PKCS11Error):  # gone with the token

@@ -4,6 +4,7 @@ openssl binary, and what enrollment and renewal do when the token cannot sign.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -27,7 +28,13 @@ from provisioning.agent import device
 from provisioning.agent.device import KeyType, generate_key
 from provisioning.pki.ca import DeviceIdentity, SignOptions, to_pem
 from provisioning.pki.directory import CA_KEYS, CHAIN, ISSUING_CERT, ROOT_CERT, SERVER_CERT, load_ca
-from provisioning.pki.pkcs11 import CaKeysRecord, Pkcs11Signer, TokenRef, key_attributes
+from provisioning.pki.pkcs11 import (
+    REOPEN_INTERVAL,
+    CaKeysRecord,
+    Pkcs11Signer,
+    TokenRef,
+    key_attributes,
+)
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.helpers import provisioning_server
@@ -315,8 +322,10 @@ async def test_token_unavailable_refuses_enrollment_and_renewal_and_issues_nothi
     assert json.loads(event["detail"])["token_id"] == token_id
     assert "999999" not in event["detail"]
 
-    # The right PIN: the next request signs, without a restart.
+    # The right PIN: a request signs again, without a restart (once the token may be
+    # tried again: at most once per REOPEN_INTERVAL while it fails).
     pin_file.write_text(right_pin)
+    await asyncio.sleep(REOPEN_INTERVAL)
     out = tmp_path / "device"
     bundle = await device.enroll(url=server.url, token=token, out_dir=out, ca_cert=pki.chain)
     assert await uses_left(db, token_id) == 1
@@ -339,6 +348,7 @@ async def test_token_unavailable_refuses_enrollment_and_renewal_and_issues_nothi
     assert event["cert_serial"] == bundle.serial
 
     # Back: renewal works again, in the same process.
+    await asyncio.sleep(REOPEN_INTERVAL)
     status, renewed = await post_renew(pki, server, out / "device.crt", out / "device.key")
     assert status == 201, renewed
     assert renewed["serial"] != bundle.serial
