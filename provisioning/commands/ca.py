@@ -63,7 +63,7 @@ def init(
 ) -> None:
     """Create the root CA, the issuing CA and the listeners' server certificate."""
     settings = context(ctx).settings()
-    token = _token(pkcs11_module, pkcs11_token, pkcs11_pin_file or settings.pkcs11_pin_file)
+    token = _token(pkcs11_module, pkcs11_token, pkcs11_pin_file, settings.pkcs11_pin_file)
     passphrase = None if token is not None else settings.ca_passphrase_bytes()
     if token is None and passphrase is None and not insecure_no_passphrase:
         fail(
@@ -116,12 +116,16 @@ def init(
         )
 
 
-def _token(module: Path | None, label: str | None, pin_file: Path | None) -> TokenRef | None:
-    """The token of the --pkcs11-* options, all three or none; the PIN file is checked now."""
-    if module is None and label is None:
+def _token(
+    module: Path | None, label: str | None, pin_flag: Path | None, pin_setting: Path | None
+) -> TokenRef | None:
+    """The token of the --pkcs11-* options, all three or none; the PIN file is checked now
+    (``DEVICEGATE_PKCS11_PIN_FILE`` stands for the flag)."""
+    if module is None and label is None and pin_flag is None:
         return None
     from provisioning.pki.pkcs11 import TokenRef, read_pin
 
+    pin_file = pin_flag or pin_setting
     if module is None or label is None or pin_file is None:
         fail(
             "--pkcs11-module, --pkcs11-token and --pkcs11-pin-file (or "

@@ -258,6 +258,14 @@ def test_ca_init_refuses_a_bad_module_pin_or_pin_file(hsm: Hsm, tmp_path: Path) 
         assert token.pin_file.read_text().strip() not in done.stderr + done.stdout
         assert not directory.exists() or not any(directory.iterdir()), name
 
+    alone = subprocess.run(
+        [DEVICEGATE, "ca", "init", "--pki-dir", str(tmp_path / "pki-alone"),
+         "--pkcs11-pin-file", str(token.pin_file)],
+        capture_output=True, text=True, env={**os.environ, **hsm.env},
+    )  # fmt: skip
+    assert alone.returncode == 2 and "go together" in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
+
 
 @pytest.fixture
 def unavailable(hsm: Hsm, database_url: str, tmp_path: Path) -> Iterator[tuple[Server, Pki, Path]]:
