@@ -191,7 +191,7 @@ def test_certificates_and_crl_signed_in_the_token_verify_with_openssl(
         else:
             assert verdict == f"{path}: OK", verdict
     server = directory / SERVER_CERT
-    assert openssl_verify(directory / CHAIN, server) == f"{server}: OK"
+    assert openssl_verify(directory / CHAIN, server, tmp_path / "crl.pem") == f"{server}: OK"
     # The CRL itself: its signature by the issuing CA, checked by openssl.
     checked = subprocess.run(
         ["openssl", "crl", "-in", str(tmp_path / "crl.pem"), "-CAfile", str(directory / CHAIN),
