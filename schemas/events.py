@@ -103,6 +103,9 @@ class Reason(StrEnum):
     KEY_NOT_ALLOWED = "key_not_allowed"
     HARDWARE_ID_TAKEN = "hardware_id_taken"
     RENEWAL_WINDOW_CLOSED = "renewal_window_closed"
+    SIGNER_UNAVAILABLE = "signer_unavailable"
+    """The issuing CA's key could not sign (its PKCS#11 token is absent, locked or failing):
+    nothing was issued."""
     UNAUTHORIZED = "unauthorized"
     ADMIN_ACTION = "admin_action"
     RETENTION = "retention"

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     ca_passphrase_file: Path | None = Field(
         None, description="File whose first line is the CA passphrase."
     )
+    pkcs11_pin_file: Path | None = Field(
+        None,
+        description="File whose first line is the user PIN of the PKCS#11 token holding the "
+        "CA keys (owner-only, mode 0600). Unset: the file `ca init --pkcs11-pin-file` "
+        "recorded in `<pki_dir>/ca-keys.toml` (docs/hsm.md).",
+    )
     trust_domain: str = Field(
         "devicegate.local", description="SPIFFE trust domain of device identities."
     )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests and the demo need are here and running:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth for loopback), the Mosquitto
-# binary (tests start their own brokers), openssl and curl. Starts what is installed but
+# binary (tests start their own brokers), openssl and curl, SoftHSM2 and OpenSC's
+# pkcs11-tool (the PKCS#11 CA signer's tests). Starts what is installed but
 # stopped; installs what is missing with apt-get when running as root; otherwise says
 # what to install and fails.
 set -euo pipefail
@@ -18,6 +19,8 @@ command -v testssl >/dev/null || need_apt+=(testssl.sh)  # TLS audit tests
 command -v faketime >/dev/null || need_apt+=(faketime)   # clock-jump fault test
 command -v cc >/dev/null || need_apt+=(gcc)              # its libfaketime sleep shim
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)  # bench/loadgen/handshake.c
+command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)  # CA keys in a PKCS#11 token
+command -v pkcs11-tool >/dev/null || need_apt+=(opensc)      # tests/provisioning/test_pkcs11.py
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

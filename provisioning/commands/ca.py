@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,7 +16,11 @@ from provisioning.commands.common import (
     print_table,
 )
 from provisioning.pki import ca, directory
+from provisioning.pki.directory import CA_KEYS
 from schemas.settings import CRL_PATH
+
+if TYPE_CHECKING:
+    from provisioning.pki.pkcs11 import TokenRef
 
 group = typer.Typer(help="Create and inspect the certificate authority.", no_args_is_help=True)
 
@@ -38,11 +43,29 @@ def init(
     insecure_no_passphrase: Annotated[
         bool, typer.Option(help="Write the CA keys unencrypted (tests and demos only).")
     ] = False,
+    pkcs11_module: Annotated[
+        Path | None,
+        typer.Option(
+            help="Generate the CA keys in a PKCS#11 token: path of its module "
+            "(e.g. /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so). See docs/hsm.md."
+        ),
+    ] = None,
+    pkcs11_token: Annotated[
+        str | None, typer.Option(help="Label of the token (with --pkcs11-module).")
+    ] = None,
+    pkcs11_pin_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the token's user PIN, mode 0600 "
+            "(env DEVICEGATE_PKCS11_PIN_FILE; with --pkcs11-module)."
+        ),
+    ] = None,
 ) -> None:
     """Create the root CA, the issuing CA and the listeners' server certificate."""
     settings = context(ctx).settings()
-    passphrase = settings.ca_passphrase_bytes()
-    if passphrase is None and not insecure_no_passphrase:
+    token = _token(pkcs11_module, pkcs11_token, pkcs11_pin_file, settings.pkcs11_pin_file)
+    passphrase = None if token is not None else settings.ca_passphrase_bytes()
+    if token is None and passphrase is None and not insecure_no_passphrase:
         fail(
             "no CA passphrase: set DEVICEGATE_CA_PASSPHRASE or DEVICEGATE_CA_PASSPHRASE_FILE "
             "(or pass --insecure-no-passphrase to write unencrypted keys)",
@@ -70,6 +93,7 @@ def init(
         server_names=names,
         crl_url=crl_url,
         force=force,
+        token=token,
     )
     console.print(f"CA created in [bold]{summary.directory}[/bold]")
     for name, certificate in (
@@ -83,7 +107,33 @@ def init(
             f"  sha256:{ca.fingerprint(certificate)}"
         )
     console.print(f"  CRL      {crl_url}", highlight=False)
-    console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
+    if token is None:
+        console.print("Devices and clients trust chain.pem. Move root-ca.key offline when you can.")
+    else:
+        console.print(
+            f"CA keys are in {token} (see {CA_KEYS}). Devices and clients trust chain.pem.",
+            highlight=False,
+        )
+
+
+def _token(
+    module: Path | None, label: str | None, pin_flag: Path | None, pin_setting: Path | None
+) -> TokenRef | None:
+    """The token of the --pkcs11-* options, all three or none; the PIN file is checked now
+    (``DEVICEGATE_PKCS11_PIN_FILE`` stands for the flag)."""
+    if module is None and label is None and pin_flag is None:
+        return None
+    from provisioning.pki.pkcs11 import TokenRef, read_pin
+
+    pin_file = pin_flag or pin_setting
+    if module is None or label is None or pin_file is None:
+        fail(
+            "--pkcs11-module, --pkcs11-token and --pkcs11-pin-file (or "
+            "DEVICEGATE_PKCS11_PIN_FILE) go together",
+            code=2,
+        )
+    read_pin(pin_file)  # a clear line about the file before anything is generated
+    return TokenRef(module.absolute(), label, pin_file.absolute())
 
 
 @group.command("audit-key")
@@ -94,7 +144,9 @@ def audit_key(ctx: typer.Context) -> None:
     like server.key. Checkpoints signed with an earlier key keep verifying.
     """
     settings = context(ctx).settings()
-    authority = directory.load_ca(settings.pki_dir, settings.ca_passphrase_bytes())
+    authority = directory.load_ca(
+        settings.pki_dir, settings.ca_passphrase_bytes(), pin_file=settings.pkcs11_pin_file
+    )
     certificate = directory.issue_audit_signer(authority, settings.pki_dir)
     console.print(
         f"audit signer issued in [bold]{settings.pki_dir}[/bold]: "

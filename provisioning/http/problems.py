@@ -38,6 +38,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.RATE_LIMITED: (429, "Too many requests"),
     Reason.INTERNAL_ERROR: (500, "Internal error"),
     Reason.SERVICE_UNAVAILABLE: (503, "Service unavailable"),
+    Reason.SIGNER_UNAVAILABLE: (503, "Certificate signer unavailable"),
 }
 """Reason -> (HTTP status, title). A reason not listed is a server bug: 500.
 

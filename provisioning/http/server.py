@@ -32,7 +32,15 @@ from provisioning.http.common import CRL, SERVICE, problems_middleware
 from provisioning.http.openapi import document
 from provisioning.pki.ca import crl_url_of
 from provisioning.pki.crl import CrlCache
-from provisioning.pki.directory import CHAIN, SERVER_CERT, SERVER_KEY, load_ca, load_certificate
+from provisioning.pki.directory import (
+    CA_KEYS,
+    CHAIN,
+    SERVER_CERT,
+    SERVER_KEY,
+    load_ca,
+    load_certificate,
+)
+from provisioning.pki.signer import SignerUnavailable
 from provisioning.telemetry import ProvisioningMetrics, telemetry_middleware
 from schemas.checkpoints import AuditSigner, CheckpointError, checkpoint_file
 from schemas.logs import configure_logging
@@ -155,7 +163,21 @@ def device_crl_url(settings: Settings) -> str | None:
 
 async def open_service(settings: Settings, *, pool_size: int = 16) -> ProvisioningService:
     """Load the CA (needs the passphrase) and open the connection pool."""
-    ca = load_ca(settings.pki_dir, settings.ca_passphrase_bytes(), crl_url=device_crl_url(settings))
+    ca = load_ca(
+        settings.pki_dir,
+        settings.ca_passphrase_bytes(),
+        crl_url=device_crl_url(settings),
+        pin_file=settings.pkcs11_pin_file,
+    )
+    if (settings.pki_dir / CA_KEYS).exists():
+        from provisioning.pki.pkcs11 import Pkcs11Signer  # python-pkcs11 only when used
+
+        signer = ca.signer
+        try:  # say so now; requests try the token again each time
+            if isinstance(signer, Pkcs11Signer):
+                await asyncio.to_thread(signer.key.check)
+        except SignerUnavailable as exc:
+            log.warning("%s; enrollment and renewal answer 503 until it can sign", exc)
     pool = await create_pool(
         settings.database_url, min_size=2, max_size=pool_size, reset=_rollback_only
     )

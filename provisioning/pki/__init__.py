@@ -1,5 +1,6 @@
 """The PKI: the CA on disk (`directory`: ``ca init``, opening the issuing CA), issuance
-(`ca`) behind the `Signer` interface (a file key today, an HSM later), the precomputed DER
+(`ca`) behind the `Signer` interface (`signer`: a key file; `pkcs11`: a key in an HSM or
+SoftHSM2 token, its record ``ca-keys.toml``), the precomputed DER
 template of device certificates (`leaf_der`), the CRL (`crl`) and the CSR checks (`csr`).
 
 May import ``schemas`` and the registry modules (`provisioning.store` for the CRL,

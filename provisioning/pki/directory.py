@@ -14,17 +14,24 @@
                                           shipped like server.key; ``ticket-keys rotate``)
 
 Key files are 0600; CA keys are PKCS#8 encrypted (PBES2, AES-256-CBC).
+
+With a PKCS#11 token (``ca init --pkcs11-module``) the root and issuing keys are generated
+in the token and there is no ``root-ca.key`` nor ``issuing-ca.key``: ``ca-keys.toml``
+(`provisioning.pki.pkcs11.CaKeysRecord`) says which module, token and key labels to use,
+and `load_ca` signs through the token when it exists (docs/hsm.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -37,10 +44,13 @@ from provisioning.pki.ca import (
     crl_distribution_points,
     to_pem,
 )
-from provisioning.pki.signer import CAPrivateKey, FileSigner, signature_hash
+from provisioning.pki.signer import CAPrivateKey, FileSigner, Signer, signature_hash
 from schemas.checkpoints import AUDIT_CERT, AUDIT_KEY, AUDIT_SIGNER_NAME
 from schemas.errors import DevicegateError
 from schemas.ticket_keys import TICKET_KEYS_FILE, rotate_ticket_keys
+
+if TYPE_CHECKING:  # provisioning.pki.pkcs11 (python-pkcs11) is imported when a token is used
+    from provisioning.pki.pkcs11 import CaKeysRecord, KeyRef, TokenRef
 
 ROOT_CERT = "root-ca.crt"
 ROOT_KEY = "root-ca.key"
@@ -49,9 +59,11 @@ ISSUING_KEY = "issuing-ca.key"
 CHAIN = "chain.pem"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+CA_KEYS = "ca-keys.toml"
+"""Where the CA keys are when they are in a PKCS#11 token (`provisioning.pki.pkcs11`)."""
 PKI_FILES = (
     ROOT_CERT, ROOT_KEY, ISSUING_CERT, ISSUING_KEY, CHAIN, SERVER_CERT, SERVER_KEY, AUDIT_CERT,
-    AUDIT_KEY, TICKET_KEYS_FILE,
+    AUDIT_KEY, TICKET_KEYS_FILE, CA_KEYS,
 )  # fmt: skip
 
 
@@ -64,16 +76,48 @@ class CAKeyType(StrEnum):
     P384 = "p384"
 
 
-def _new_ca_key(key_type: CAKeyType) -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP384R1() if key_type is CAKeyType.P384 else ec.SECP256R1())
+def _curve(key_type: CAKeyType) -> ec.EllipticCurve:
+    return ec.SECP384R1() if key_type is CAKeyType.P384 else ec.SECP256R1()
+
+
+@dataclass(frozen=True, slots=True)
+class _CAKey:
+    """A new CA key, wherever it lives: its public half, how it signs a builder, and the
+    `Signer` it becomes once its certificate exists."""
+
+    public_key: ec.EllipticCurvePublicKey
+    sign: Callable[[x509.CertificateBuilder], x509.Certificate]
+    signer: Callable[[x509.Certificate], Signer]
+    private_key: ec.EllipticCurvePrivateKey | None = None
+    """In memory (to be written to its file), or None: in a token."""
+
+    @classmethod
+    def in_memory(cls, key: ec.EllipticCurvePrivateKey) -> _CAKey:
+        return cls(
+            key.public_key(),
+            lambda builder: builder.sign(key, signature_hash(key)),
+            lambda certificate: FileSigner(key, certificate),
+            key,
+        )
+
+    @classmethod
+    def in_token(cls, token: TokenRef, ref: KeyRef, curve: ec.EllipticCurve) -> _CAKey:
+        from provisioning.pki.pkcs11 import Pkcs11Signer, generate_ca_key
+
+        key = generate_ca_key(token, ref, curve)
+        return cls(
+            key.public_key,
+            key.sign_certificate,
+            lambda certificate: Pkcs11Signer(key, certificate),
+        )
 
 
 def _ca_certificate(
     *,
     subject: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: _CAKey,
     issuer: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_key: _CAKey,
     validity: timedelta,
     path_length: int | None,
     now: datetime,
@@ -88,7 +132,7 @@ def _ca_certificate(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
+        .public_key(key.public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + validity)
@@ -107,13 +151,13 @@ def _ca_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key),
             critical=False,
         )
     )
-    return builder.sign(issuer_key, signature_hash(issuer_key))
+    return issuer_key.sign(builder)
 
 
 def _server_certificate(
@@ -233,17 +277,22 @@ def init_pki(
     issuing_validity: timedelta = timedelta(days=1825),
     server_validity: timedelta = timedelta(days=397),
     crl_url: str | None = None,
+    token: TokenRef | None = None,
 ) -> PkiSummary:
     """Create the root CA, the issuing CA and the listeners' server certificate.
 
     Args:
         passphrase: encrypts the CA keys; ``None`` writes them unencrypted (callers must
-            have the operator's explicit consent for that).
+            have the operator's explicit consent for that). Unused with ``token``.
         crl_url: the CRL distribution point of the server certificate (``devicegate ca
             init`` always gives one; None leaves it out, as for test and rogue CAs).
+        token: generate the root and issuing keys in this PKCS#11 token (labels
+            ``devicegate-root-<id>`` and ``devicegate-issuing-<id>``, a new random id per
+            CA) and write ``ca-keys.toml`` instead of the two CA key files.
 
     Raises:
         CAError: a CA already exists there and ``force`` is false.
+        SignerUnavailable: the token cannot be used (module, token, PIN).
     """
     if not server_names:
         raise CAError("at least one server name is needed")
@@ -253,11 +302,25 @@ def init_pki(
             f"a CA already exists in {directory} ({', '.join(existing)}); "
             "use --force to replace it (every issued certificate stops verifying)"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
     now = datetime.now(UTC)
 
-    root_key = _new_ca_key(key_type)
+    record: CaKeysRecord | None = None
+    if token is None:
+        root_key = _CAKey.in_memory(ec.generate_private_key(_curve(key_type)))
+        issuing_key = _CAKey.in_memory(ec.generate_private_key(_curve(key_type)))
+    else:
+        from provisioning.pki.pkcs11 import CaKeysRecord, KeyRef
+
+        ca_id = secrets.token_bytes(8)
+        record = CaKeysRecord(
+            token,
+            root=KeyRef(f"devicegate-root-{ca_id.hex()}", ca_id + b"root"),
+            issuing=KeyRef(f"devicegate-issuing-{ca_id.hex()}", ca_id + b"issuing"),
+        )
+        root_key = _CAKey.in_token(token, record.root, _curve(key_type))
+        issuing_key = _CAKey.in_token(token, record.issuing, _curve(key_type))
+    directory.mkdir(parents=True, exist_ok=True)  # once the token made the keys
+    directory.chmod(0o700)
     root = _ca_certificate(
         subject="devicegate Root CA",
         key=root_key,
@@ -267,7 +330,6 @@ def init_pki(
         path_length=1,
         now=now,
     )
-    issuing_key = _new_ca_key(key_type)
     issuing = _ca_certificate(
         subject="devicegate Issuing CA",
         key=issuing_key,
@@ -277,12 +339,23 @@ def init_pki(
         path_length=0,
         now=now,
     )
-    ca = CertificateAuthority(FileSigner(issuing_key, issuing), root)
+    ca = CertificateAuthority(issuing_key.signer(issuing), root)
     server_key = ec.generate_private_key(ec.SECP256R1())
     server = _server_certificate(ca, server_key, server_names, server_validity, now, crl_url)
 
-    _write(directory / ROOT_KEY, _encrypted_pem(root_key, passphrase), secret=True)
-    _write(directory / ISSUING_KEY, _encrypted_pem(issuing_key, passphrase), secret=True)
+    if record is None:
+        assert root_key.private_key is not None and issuing_key.private_key is not None
+        _write(directory / ROOT_KEY, _encrypted_pem(root_key.private_key, passphrase), secret=True)
+        _write(
+            directory / ISSUING_KEY,
+            _encrypted_pem(issuing_key.private_key, passphrase),
+            secret=True,
+        )
+        (directory / CA_KEYS).unlink(missing_ok=True)  # a token CA replaced (--force)
+    else:
+        _write(directory / CA_KEYS, record.render(), secret=False)
+        for stale in (ROOT_KEY, ISSUING_KEY):  # a file CA replaced (--force)
+            (directory / stale).unlink(missing_ok=True)
     _write(directory / SERVER_KEY, _encrypted_pem(server_key, None), secret=True)
     _write(directory / ROOT_CERT, to_pem(root).encode(), secret=False)
     _write(directory / ISSUING_CERT, to_pem(issuing).encode(), secret=False)
@@ -331,15 +404,29 @@ def load_private_key(path: Path, passphrase: bytes | None) -> CAPrivateKey:
 
 
 def load_ca(
-    directory: Path, passphrase: bytes | None, *, crl_url: str | None = None
+    directory: Path,
+    passphrase: bytes | None,
+    *,
+    crl_url: str | None = None,
+    pin_file: Path | None = None,
 ) -> CertificateAuthority:
     """The issuing CA from the PKI directory (the root key is not needed, nor opened).
 
+    Its `Signer` is a `Pkcs11Signer` when ``ca-keys.toml`` exists (the token is opened on
+    first use, so a token that is away now makes refusals, not a failed start), else a
+    `FileSigner` over ``issuing-ca.key``.
+
     Args:
         crl_url: the CRL distribution point of the device certificates it issues.
+        pin_file: the token's PIN file, instead of the one ``ca-keys.toml`` names.
     """
     issuing = load_certificate(directory / ISSUING_CERT)
     root = load_certificate(directory / ROOT_CERT)
+    if (directory / CA_KEYS).exists():
+        from provisioning.pki.pkcs11 import CaKeysRecord, Pkcs11Signer
+
+        record = CaKeysRecord.read(directory / CA_KEYS, pin_file=pin_file)
+        return CertificateAuthority(Pkcs11Signer.open(record, issuing), root, crl_url=crl_url)
     key = load_private_key(directory / ISSUING_KEY, passphrase)
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -30,6 +30,7 @@ __all__ = [
     "LeafTemplate",
     "key_class",
     "signature_algorithm_of",
+    "signed_der",
     "spki_der",
     "subject_key_id",
 ]
@@ -188,10 +189,13 @@ class LeafTemplate:
 
     def certificate(self, tbs: bytes) -> bytes:
         """The signed certificate (DER) over ``tbs``."""
-        signature = self._sign(tbs)
-        return _tlv(
-            _SEQUENCE, tbs + self._signature_algorithm + _tlv(_BIT_STRING, b"\x00" + signature)
-        )
+        return signed_der(tbs, self._signature_algorithm, self._sign(tbs))
+
+
+def signed_der(tbs: bytes, signature_algorithm: bytes, signature: bytes) -> bytes:
+    """``SEQUENCE { tbs, signatureAlgorithm, BIT STRING signature }``: the shape of a signed
+    certificate and of a signed CRL alike (RFC 5280 4.1 and 5.1)."""
+    return _tlv(_SEQUENCE, tbs + signature_algorithm + _tlv(_BIT_STRING, b"\x00" + signature))
 
 
 def spki_der(

@@ -1,5 +1,10 @@
 """Provisioning fixtures: the real HTTPS listener (in a thread of its own), admin keys,
-tokens, and device-side helpers that talk to it the way devices do."""
+tokens, and device-side helpers that talk to it the way devices do.
+
+The session's CA (``pki``) signs with its key file; a test decorated with `both_signers`
+runs once with it and once with a CA whose keys are in a SoftHSM2 token (``pkcs11``), with
+its own listener (every session fixture over ``pki`` is made once per signer).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import secrets
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +29,45 @@ from schemas.api import TokenCreateRequest
 from schemas.settings import CRL_PATH, Settings
 from tests.conftest import PASSPHRASE, Pki
 from tests.helpers import provisioning_server
+from tests.provisioning.hsm import SIGNERS, Hsm, make_hsm
 
 INSTANCE = "test-provisioning"
+
+Test = Callable[..., Any]
+
+
+def both_signers(test: Test) -> Test:
+    """Run ``test`` with the file signer and with the PKCS#11 one (SoftHSM2)."""
+    test.signers = SIGNERS  # type: ignore[attr-defined]
+    return test
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pki" in metafunc.fixturenames:
+        signers = getattr(metafunc.function, "signers", ("file",))
+        metafunc.parametrize("pki", signers, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> Hsm:
+    """This test process's SoftHSM2 token directory (SOFTHSM2_CONF is set for it)."""
+    made = make_hsm(tmp_path_factory.mktemp("softhsm"))
+    if made is None:
+        pytest.skip("SoftHSM2 is not installed (scripts/ensure-services.sh installs it)")
+    return made
+
+
+@pytest.fixture(scope="session")
+def pki(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The session's CA, signing with a key file (``file``) or a SoftHSM2 token (``pkcs11``)."""
+    signer = getattr(request, "param", "file")
+    directory = tmp_path_factory.mktemp(f"pki-{signer}")
+    if signer == "file":
+        init_pki(directory, passphrase=PASSPHRASE, force=True)
+        return Pki(directory, PASSPHRASE, load_ca(directory, PASSPHRASE))
+    hsm: Hsm = request.getfixturevalue("hsm")
+    init_pki(directory, passphrase=None, token=hsm.new_token())
+    return Pki(directory, PASSPHRASE, load_ca(directory, None))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from tests.conftest import Pki
 from tests.provisioning.conftest import (
     INSTANCE,
     Server,
+    both_signers,
     last_event,
     make_token,
     new_fleet,
@@ -108,6 +109,7 @@ async def test_tokens_api(
     assert (status, problem["reason"]) == (404, "not_found")
 
 
+@both_signers
 async def test_device_lifecycle_revocation_and_crl(
     http: aiohttp.ClientSession,
     server: Server,
@@ -198,6 +200,7 @@ async def test_device_lifecycle_revocation_and_crl(
     assert x509.load_pem_x509_crl(pem).get_revoked_certificate_by_serial_number(int(serial, 16))
 
 
+@both_signers
 async def test_certificate_revoke_and_lists(
     http: aiohttp.ClientSession,
     server: Server,

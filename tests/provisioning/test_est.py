@@ -10,7 +10,7 @@ from cryptography import x509
 
 from provisioning.pki.ca import fingerprint
 from tests.conftest import Pki
-from tests.provisioning.conftest import Server, make_token, uses_left
+from tests.provisioning.conftest import Server, both_signers, make_token, uses_left
 
 EST = "/.well-known/est"
 
@@ -57,6 +57,7 @@ def openssl_csr(directory: Path, name: str) -> tuple[Path, Path]:
     return key, csr
 
 
+@both_signers
 async def test_est_round_trip(
     server: Server, pki: Pki, db: asyncpg.Connection, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from schemas.notify import REVOCATION_CHANNEL
 from tests.conftest import Pki
 from tests.provisioning.conftest import (
     Server,
+    both_signers,
     device_context,
     last_event,
     make_token,
@@ -52,6 +53,7 @@ async def post_renew(
         return response.status, await response.json(content_type=None)
 
 
+@both_signers
 async def test_renew_supersedes_and_notifies(
     server: Server, pki: Pki, db: asyncpg.Connection, database_url: str, tmp_path: Path
 ) -> None:
@@ -149,6 +151,7 @@ async def _insert_backdated(
         (timedelta(days=8), 403, "renewal_window_closed"),
     ],
 )
+@both_signers
 async def test_grace_window(
     age: timedelta,
     status: int,
@@ -177,6 +180,7 @@ async def test_grace_window(
         assert event["outcome"] == "denied" and event["cert_serial"] == serial
 
 
+@both_signers
 async def test_revoked_and_disabled_never_renew(
     server: Server, pki: Pki, db: asyncpg.Connection, tmp_path: Path, admin_headers: dict
 ) -> None:

@@ -19,6 +19,7 @@ from schemas.events import GENESIS_HASH, AuthEvent, chain_hash
 from tests.conftest import Pki
 from tests.provisioning.conftest import (
     Server,
+    both_signers,
     last_event,
     make_token,
     new_fleet,
@@ -37,6 +38,7 @@ async def post_enroll(
         return response.status, await response.json(content_type=None)
 
 
+@both_signers
 async def test_enroll_issues_identity_and_records_everything(
     http: aiohttp.ClientSession, server: Server, db: asyncpg.Connection, pki: Pki
 ) -> None:
@@ -164,6 +166,7 @@ async def test_token_expires_by_ttl(
     assert (status, problem["reason"]) == (401, "token_expired")
 
 
+@both_signers
 @pytest.mark.parametrize("hardware_ids", [True, False], ids=["hardware-id", "no-hardware-id"])
 async def test_concurrent_enrollments_spend_exactly_the_uses(
     hardware_ids: bool, server: Server, db: asyncpg.Connection, client_context
@@ -212,6 +215,7 @@ async def test_concurrent_enrollments_spend_exactly_the_uses(
     )
 
 
+@both_signers
 async def test_hardware_id_taken_and_reenroll(
     http: aiohttp.ClientSession, server: Server, db: asyncpg.Connection
 ) -> None:
