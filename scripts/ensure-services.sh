@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests and the demo need are here and running:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth for loopback), the Mosquitto
-# binary (tests start their own brokers), openssl and curl, SoftHSM2 and OpenSC's
-# pkcs11-tool (the PKCS#11 CA signer's tests). Starts what is installed but
+# binary (tests start their own brokers), openssl and curl, SoftHSM2, OpenSC's
+# pkcs11-tool and OpenSSL's pkcs11 engine (the PKCS#11 signer's and agent's tests). Starts what is installed but
 # stopped; installs what is missing with apt-get when running as root; otherwise says
 # what to install and fails.
 set -euo pipefail
@@ -21,6 +21,8 @@ command -v cc >/dev/null || need_apt+=(gcc)              # its libfaketime sleep
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)  # bench/loadgen/handshake.c
 command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)  # CA keys in a PKCS#11 token
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)      # tests/provisioning/test_pkcs11.py
+# The agent's IDevID key in a token: OpenSSL's pkcs11 engine (docs/secure-element.md).
+dpkg -s libengine-pkcs11-openssl >/dev/null 2>&1 || need_apt+=(libengine-pkcs11-openssl)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
