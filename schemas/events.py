@@ -103,6 +103,12 @@ class Reason(StrEnum):
     KEY_NOT_ALLOWED = "key_not_allowed"
     HARDWARE_ID_TAKEN = "hardware_id_taken"
     RENEWAL_WINDOW_CLOSED = "renewal_window_closed"
+    # enrollment by manufacturer certificate (IDevID)
+    IDEVID_UNTRUSTED = "idevid_untrusted"
+    IDEVID_NOT_ALLOWLISTED = "idevid_not_allowlisted"
+    IDEVID_BLOCKED = "idevid_blocked"
+    IDEVID_EXPIRED = "idevid_expired"
+    CHANNEL_BINDING_MISMATCH = "channel_binding_mismatch"
     UNAUTHORIZED = "unauthorized"
     ADMIN_ACTION = "admin_action"
     RETENTION = "retention"

@@ -46,7 +46,7 @@ from typing import Final
 
 from aiohttp import web
 
-from provisioning.errors import TokenRejected
+from provisioning.errors import IdevidRejected, TokenRejected
 from provisioning.http.common import SERVICE, Handler, peer
 from provisioning.http.problems import problem_response
 from provisioning.refusal_budget import address_key
@@ -195,6 +195,9 @@ async def token_rate_limit(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except TokenRejected as exc:
         failed = exc.reason not in NOT_COUNTED
+        raise
+    except IdevidRejected:  # a refused manufacturer certificate counts as a failed attempt
+        failed = True
         raise
     finally:
         limiter.release(address, failed=failed)

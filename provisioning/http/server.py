@@ -7,6 +7,15 @@ expired while it was offline must still be able to renew within the grace window
 revocation and supersession are then decided by the renewal policy on the database row.
 No route other than renewal trusts the client certificate, so an expired one grants nothing
 else. Python offers no verify callback, which is why the flag is used instead of a custom check.
+
+Manufacturer certificates (IDevIDs, `provisioning.enrollment.idevid`): with the TLS accelerator
+(``gateway._tlsext``) the listener accepts any client certificate chain at the TLS layer
+(``accept_any_peer_certificate``; the client still proves possession of the leaf's key in
+CertificateVerify) and every route that uses the certificate verifies it itself: renewal as
+above (signed by the issuing CA, a row of ours), IDevID enrollment by the fleet's own path
+validation. OpenSSL's verification could not do the latter: the trusted manufacturers change
+at run time and per fleet, and a refused IDevID must reach the service to be recorded with
+its reason. Without the accelerator, IDevIDs are refused at the handshake (unknown CA).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -42,6 +52,12 @@ from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
 log = logging.getLogger("devicegate.provisioning")
 
+_tlsext: ModuleType | None
+try:  # the C accelerator: accept any client chain, verified per route (module docstring)
+    from gateway import _tlsext
+except ImportError:  # pragma: no cover
+    _tlsext = None
+
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are all AEAD already
 
@@ -61,6 +77,10 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     # connection for nothing, and ticket keys are secrets that outlive the session.
     context.options |= ssl.OP_NO_TICKET
     context.num_tickets = 0
+    if _tlsext is not None:
+        _tlsext.accept_any_peer_certificate(context)
+    else:  # pragma: no cover - built by `make .venv/.installed`
+        log.warning("gateway._tlsext is not built: IDevID enrollment is off")
     return context
 
 

@@ -73,6 +73,9 @@ RULES = (
         "the control plane imports the gateway only to serve it",
         ("provisioning",),
         ("gateway",),
+        # The TLS accelerator (C, OpenSSL only, no gateway logic): keying material export
+        # for IDevID channel binding, and the provisioning listener's client certificates.
+        allowed=("gateway._tlsext",),
         # serve runs the gateway; policy explains with gateway.policy's own decision (a
         # copy of the rules could disagree with the gateway that enforces them).
         exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
@@ -87,7 +90,7 @@ RULES = (
         "the device agent imports only schemas",
         ("provisioning.agent",),
         ("provisioning", "gateway"),
-        allowed=("provisioning.agent",),
+        allowed=("provisioning.agent", "gateway._tlsext"),
     ),
     Rule(
         "the registry, pki, enrollment and audit never import the surfaces",
