@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AttributeOID, NameOID, ExtensionOID
+from cryptography.x509.oid import AttributeOID, ExtensionOID, NameOID
 
 from gateway import _tlsext
 from provisioning.enrollment.idevid import EXPORTER_LABEL, device_id_for
@@ -32,7 +32,7 @@ from tests.helpers import free_port, provisioning_server
 from tests.provisioning.conftest import Server, new_fleet, some_csr
 from tests.provisioning.manufacturer import Idevid, Manufacturer
 from tests.provisioning.test_cli import cli
-from tests.provisioning.test_est import curl, openssl_csr, pkcs7_certs, sh
+from tests.provisioning.test_est import curl, openssl_csr, pkcs7_certs
 
 EST = "/.well-known/est"
 
@@ -168,9 +168,8 @@ async def test_refusals_are_recorded_and_issue_nothing(
     }
     no_signature = mfr.idevid(digital_signature=False)
     wrong_binding = base64.b64encode(secrets.token_bytes(32)).decode()
-    for reason, idevid in [*cases.items(), ("idevid_blocked", revoked)] + [
-        ("idevid_untrusted", no_signature)
-    ]:
+    tried = [*cases.items(), ("idevid_blocked", revoked), ("idevid_untrusted", no_signature)]
+    for reason, idevid in tried:
         if reason == "channel_binding_mismatch":
             csr = bound_csr(tmp_path, reason, wrong_binding)
         else:
@@ -232,9 +231,11 @@ async def test_channel_binding_with_the_agent(
     # A binding of another connection (replayed CSR) is refused too.
     context = ssl.create_default_context(cafile=str(pki.chain))
     context.load_cert_chain(idevid.cert, idevid.key)
-    with socket.create_connection(("127.0.0.1", server.port)) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            other = _tlsext.export_keying_material(tls, EXPORTER_LABEL, 32, None)
+    with (
+        socket.create_connection(("127.0.0.1", server.port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        other = _tlsext.export_keying_material(tls, EXPORTER_LABEL, 32, None)
     replayed = bound_csr(tmp_path, "replayed", base64.b64encode(other).decode())
     status, _, body = await aest(server, pki, idevid, replayed)
     assert (status, json.loads(body)["reason"]) == (403, "channel_binding_mismatch")
@@ -336,7 +337,8 @@ async def test_manifest_import_and_malformed_rows(
     )
     assert counted == {"serial": 1000, "spki": 1000}
     attributes = await db.fetchval(
-        "SELECT attributes FROM idevid_manifest WHERE fleet = $1 AND kind = 'serial' AND value = 'b'",
+        "SELECT attributes FROM idevid_manifest "
+        "WHERE fleet = $1 AND kind = 'serial' AND value = 'b'",
         fleet,
     )
     assert json.loads(attributes) == {"model": "m1", "line": "l3"}  # row 10: serial 0xb
