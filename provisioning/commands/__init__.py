@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ticket-keys": ("ticket_keys", "TLS session ticket keys of the gateway."),
     "enroll": (
         "device_side",
-        "Make a key on this device, enroll with a bootstrap token, write the files.",
+        "Make a key on this device, enroll with a bootstrap token or the manufacturer "
+        "certificate (IDevID, mutual TLS), write the files.",
     ),
     "renew": (
         "device_side",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ IDENTITY_COLUMNS = {"serial": "serial", "spki_sha256": "spki", "fingerprint": "s
 ATTRIBUTE_COLUMNS = ("model", "site", "line")
 MAX_SERIAL_HEX = 40  # RFC 5280: at most 20 octets
 MAX_ATTRIBUTE = 256
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 class ManifestError(ValueError):
@@ -42,7 +44,7 @@ def normalise_hex(text: str, line: int, column: str) -> str:
     compact = text.strip().lower().replace(":", "")
     if column == "serial" and compact.startswith("0x"):
         compact = compact[2:]
-    if not compact or any(c not in "0123456789abcdef" for c in compact):
+    if _HEX.fullmatch(compact) is None:
         raise ManifestError(f"line {line}: {column} {text.strip()!r} is not hexadecimal")
     if column == "serial":
         compact = compact.lstrip("0") or "0"
@@ -80,6 +82,7 @@ def parse(lines: Iterable[str]) -> Iterator[Entry]:
         raise ManifestError("line 1: the header names no serial or spki_sha256 column")
     attributes = [(i, n) for i, n in enumerate(names) if n in ATTRIBUTE_COLUMNS]
     seen: dict[tuple[str, str], int] = {}
+    texts: dict[tuple[str, ...], str] = {}  # attributes repeat across rows: encode once
     try:
         for row in reader:
             line = reader.line_num
@@ -87,14 +90,18 @@ def parse(lines: Iterable[str]) -> Iterator[Entry]:
                 continue  # blank line
             if len(row) != len(names):
                 raise ManifestError(f"line {line}: {len(row)} fields, the header has {len(names)}")
-            attrs = {}
-            for index, name in attributes:
-                value = row[index].strip()
-                if len(value) > MAX_ATTRIBUTE or "\x00" in value:
-                    raise ManifestError(f"line {line}: {name} is too long or holds U+0000")
-                if value:
-                    attrs[name] = value
-            text = json.dumps(attrs, sort_keys=True)
+            values = tuple(row[index].strip() for index, _ in attributes)
+            text = texts.get(values)
+            if text is None:
+                for value, (_, name) in zip(values, attributes, strict=True):
+                    if len(value) > MAX_ATTRIBUTE or "\x00" in value:
+                        raise ManifestError(f"line {line}: {name} is too long or holds U+0000")
+                text = json.dumps(
+                    {n: v for v, (_, n) in zip(values, attributes, strict=True) if v},
+                    sort_keys=True,
+                )
+                if len(texts) < 4096:
+                    texts[values] = text
             found = False
             for index, kind, column in identity:
                 if not row[index].strip():

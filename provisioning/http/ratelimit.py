@@ -1,4 +1,5 @@
-"""Per-address rate limit on failed bootstrap-token attempts (enrollment, EST simpleenroll),
+"""Per-address rate limit on failed bootstrap-token and manufacturer-certificate (IDevID)
+attempts (enrollment, EST simpleenroll),
 and the sweeper that writes the refusals counted beyond their audit budget.
 
 Token secrets carry 256 bits, so guessing one is hopeless; what a guesser can do is load the
@@ -9,8 +10,8 @@ are bounded by the refusal budget every unauthenticated route shares
 Invariants:
 
 * A token bucket per client address: ``failures`` failed attempts in a burst, refilled at
-  ``failures`` per ``per`` seconds. A failure is a `TokenRejected` other than
-  ``token_exhausted`` (a token that ran out while a factory line enrolled concurrently is
+  ``failures`` per ``per`` seconds. A failure is an `IdevidRejected`, or a `TokenRejected`
+  other than ``token_exhausted`` (a token that ran out while a factory line enrolled concurrently is
   an expected race, not a guess; its uses already bound it). Successes cost nothing, so a
   factory line with a good token is never limited.
 * While the bucket is empty, a guarded request is refused before its body is read: 429,
