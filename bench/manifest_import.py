@@ -98,6 +98,7 @@ def command(url: str, path: Path, fleet: str, rows: int) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     name = f"dg_bench_manifest_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -112,6 +113,7 @@ async def main(args: argparse.Namespace) -> None:
             await in_process(url, path, "bench-a", args.rows, "in-process")
             await in_process(url, path, "bench-a", args.rows, "again")
             await asyncio.to_thread(command, url, path, "bench-b", args.rows)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()

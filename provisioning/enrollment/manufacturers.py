@@ -382,6 +382,7 @@ async def import_manifest(
             """WITH up AS (
                    INSERT INTO idevid_manifest AS m (fleet, kind, value, attributes)
                    SELECT $1, kind, value, attributes FROM idevid_manifest_staging
+                   ORDER BY kind, value  -- key order: the primary key fills page by page
                    ON CONFLICT (fleet, kind, value) DO UPDATE
                        SET attributes = EXCLUDED.attributes, imported_at = now()
                    RETURNING (xmax = 0) AS inserted)

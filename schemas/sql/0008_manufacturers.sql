@@ -20,10 +20,12 @@ CREATE INDEX manufacturer_cas_fingerprint_idx ON manufacturer_cas (ca_fingerprin
 
 -- kind 'serial': the IDevID's serial number, lowercase hex without leading zeros;
 -- kind 'spki': lowercase hex sha256 of the IDevID's SubjectPublicKeyInfo (DER).
+-- Collation "C": hex compares bytewise, and a 100,000-row import spends its time in
+-- this primary key's comparisons.
 CREATE TABLE idevid_manifest (
     fleet        text NOT NULL REFERENCES fleets (name),
-    kind         text NOT NULL CHECK (kind IN ('serial', 'spki')),
-    value        text NOT NULL,
+    kind         text COLLATE "C" NOT NULL CHECK (kind IN ('serial', 'spki')),
+    value        text COLLATE "C" NOT NULL,
     attributes   jsonb NOT NULL DEFAULT '{}',    -- model, site, line (kept for later use)
     imported_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (fleet, kind, value)
