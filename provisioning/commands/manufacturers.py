@@ -152,7 +152,7 @@ def list_manufacturers(
     show(found, json_output=json_output, title="manufacturer CAs", columns=COLUMNS)
 
 
-def progress_bar(total_bytes: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+def progress_bar() -> tuple[Callable[[int], None], Callable[[], None]]:
     """(update(entries), finish()) drawing a bar on stderr, quiet when it is not a terminal."""
     if not sys.stderr.isatty():
         return (lambda entries: None), (lambda: None)
@@ -160,7 +160,7 @@ def progress_bar(total_bytes: int) -> tuple[Callable[[int], None], Callable[[], 
 
     def update(entries: int) -> None:
         rate = entries / max(time.monotonic() - started, 1e-6)
-        sys.stderr.write(f"\rimporting: {entries:,} entries ({rate:,.0f}/s)")
+        sys.stderr.write(f"\rimporting: {entries:,} entries staged ({rate:,.0f}/s)")
         sys.stderr.flush()
 
     def finish() -> None:
@@ -185,8 +185,7 @@ def import_manifest(
     from provisioning.enrollment.manifest import ManifestError, parse
 
     settings = context_settings(ctx)
-    size = manifest.stat().st_size if manifest.exists() else 0
-    update, finish = progress_bar(size)
+    update, finish = progress_bar()
 
     async def _run() -> tuple[int, int]:
         conn = await connect(settings.database_url)

@@ -141,6 +141,15 @@ async def test_est_enrollment_by_idevid_and_reenrollment(
     last = (await events(db, device_id=device_id, type="enroll"))[-1]
     assert json.loads(last["detail"])["superseded"] == [format(first.serial_number, "x")]
 
+    # A revoked device stays revoked: its IDevID cannot bring it back.
+    await acli(env, "device", "revoke", device_id, "--yes")
+    _, csr3 = openssl_csr(tmp_path, "op3")
+    status, _, body = await aest(server, pki, idevid, csr3)
+    assert (status, json.loads(body)["reason"]) == (403, "device_revoked")
+    assert (
+        await db.fetchval("SELECT count(*) FROM certificates WHERE device_id = $1", device_id) == 2
+    )
+
 
 async def test_refusals_are_recorded_and_issue_nothing(
     env: dict[str, str], server: Server, pki: Pki, db: asyncpg.Connection, tmp_path: Path
