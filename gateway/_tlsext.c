@@ -370,6 +370,9 @@ done:
 static PyObject *use_engine_key(PyObject *module, PyObject *args, PyObject *kwargs);
 static PyObject *pkcs11_token_labels(PyObject *module, PyObject *args);
 /* --- end PKCS#11 declarations -------------------------------------------------------- */
+/* --- IDevID enrollment: declarations (definitions in the section at the end) --------- */
+static PyObject *export_keying_material(PyObject *module, PyObject *args);
+static PyObject *accept_any_peer_certificate(PyObject *module, PyObject *context);
 
 static PyMethodDef methods[] = {
     {"capture_refusals", capture_refusals, METH_O,
@@ -391,6 +394,13 @@ static PyMethodDef methods[] = {
      "pkcs11_token_labels(module_path): the labels of the tokens present in the module's "
      "slots (to explain a key that was not found)."},
     /* --- end PKCS#11 entries --- */
+    /* IDevID enrollment (provisioning) */
+    {"export_keying_material", export_keying_material, METH_VARARGS,
+     "export_keying_material(ssl_object, label, length, context): RFC 5705 / RFC 8446 7.5 "
+     "keying material of a completed handshake (context None: no context)."},
+    {"accept_any_peer_certificate", accept_any_peer_certificate, METH_O,
+     "Let the handshake complete whatever chain the peer presents (proof of possession is "
+     "still checked); the application must verify the certificate itself."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -785,3 +795,85 @@ static PyObject *use_engine_key(PyObject *module, PyObject *args, PyObject *kwar
 
 #pragma GCC diagnostic pop
 /* === end PKCS#11 private keys ========================================================== */
+/* === IDevID enrollment (provisioning/enrollment/idevid.py) ============================
+ *
+ * export_keying_material: RFC 9266 tls-exporter channel binding needs SSL_export_keying_
+ * material, which Python's ssl lacks. It reaches the SSL* the way take_refused does; it
+ * also takes the Python wrappers (ssl.SSLSocket, ssl.SSLObject) and uses their _sslobj.
+ *
+ * accept_any_peer_certificate: the provisioning listener must see manufacturer (IDevID)
+ * certificates of CAs it does not know yet and refuse them with a recorded reason, and the
+ * trusted set changes at run time. OpenSSL would end such a handshake at verification, so
+ * this callback accepts every chain; the client's CertificateVerify (possession of the
+ * leaf's key) is still checked by OpenSSL, independently of chain verification. Every
+ * route that uses the certificate verifies it in Python (renewal: signed by the issuing
+ * CA and a row of ours; IDevID: the fleet's manufacturer path validation).
+ */
+
+static SSL *wrapped_ssl(PyObject *object) {
+    if (PyObject_TypeCheck(object, socket_type)) return ((SocketLayout *)object)->ssl;
+    PyObject *inner = PyObject_GetAttrString(object, "_sslobj");
+    if (inner == NULL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "expected an ssl.SSLSocket or ssl.SSLObject");
+        return NULL;
+    }
+    SSL *ssl = NULL;
+    if (PyObject_TypeCheck(inner, socket_type)) ssl = ((SocketLayout *)inner)->ssl;
+    else if (inner == Py_None) PyErr_SetString(PyExc_ValueError, "the TLS connection is closed");
+    else PyErr_SetString(PyExc_TypeError, "expected an ssl.SSLSocket or ssl.SSLObject");
+    Py_DECREF(inner);
+    if (ssl == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "no TLS connection");
+    return ssl;
+}
+
+static PyObject *export_keying_material(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *object, *context_arg;
+    const char *label;
+    Py_ssize_t label_len, length;
+    if (!PyArg_ParseTuple(args, "Os#nO", &object, &label, &label_len, &length, &context_arg))
+        return NULL;
+    if (length < 1 || length > 1024) {
+        PyErr_SetString(PyExc_ValueError, "length: 1 to 1024 bytes");
+        return NULL;
+    }
+    Py_buffer context = {0};
+    int use_context = context_arg != Py_None;
+    if (use_context && PyObject_GetBuffer(context_arg, &context, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL;
+    SSL *ssl = wrapped_ssl(object);
+    if (ssl == NULL) goto done;
+    if (!SSL_is_init_finished(ssl)) {
+        PyErr_SetString(PyExc_ValueError, "the TLS handshake is not complete");
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, length);
+    if (result == NULL) goto done;
+    if (SSL_export_keying_material(ssl, (unsigned char *)PyBytes_AS_STRING(result),
+                                   (size_t)length, label, (size_t)label_len,
+                                   use_context ? context.buf : NULL,
+                                   use_context ? (size_t)context.len : 0, use_context) != 1) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "SSL_export_keying_material failed");
+    }
+done:
+    if (use_context) PyBuffer_Release(&context);
+    return result;
+}
+
+/* Runs inside the handshake, GIL released: touches no Python object. */
+static int accept_any_callback(int preverify_ok, X509_STORE_CTX *store) {
+    (void)preverify_ok, (void)store;
+    return 1;
+}
+
+static PyObject *accept_any_peer_certificate(PyObject *module, PyObject *context) {
+    (void)module;
+    SSL_CTX *ctx = context_ssl_ctx(context);
+    if (ctx == NULL) return NULL;
+    SSL_CTX_set_verify(ctx, SSL_CTX_get_verify_mode(ctx), accept_any_callback);
+    Py_RETURN_NONE;
+}
+/* === end of IDevID enrollment ========================================================= */

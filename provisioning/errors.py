@@ -15,6 +15,7 @@ __all__ = [
     "CsrInvalid",
     "DeviceRejected",
     "HardwareIdTaken",
+    "IdevidRejected",
     "NotFound",
     "RequestInvalid",
     "TokenRejected",
@@ -89,3 +90,26 @@ class RequestInvalid(DevicegateError):
     """A request body or parameter that does not validate."""
 
     reason = Reason.REQUEST_INVALID
+
+
+class IdevidRejected(DevicegateError):
+    """A manufacturer certificate (IDevID) that may not enroll: untrusted, expired, blocked,
+    not on a required allowlist, or a channel binding that does not match the connection.
+
+    ``idevid`` names the certificate presented (issuer, serial, fingerprint) when it parsed,
+    and ``fleet`` the fleet that refused it when one was found, for the denied event.
+    """
+
+    reason = Reason.IDEVID_UNTRUSTED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: Reason | None = None,
+        idevid: dict[str, str] | None = None,
+        fleet: str | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.idevid = idevid
+        self.fleet = fleet

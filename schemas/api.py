@@ -28,7 +28,13 @@ class Problem(_Model):
 
 
 class EnrollRequest(_Model):
-    token: str = Field(min_length=1, max_length=256, description="Bootstrap token (dgt_...).")
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Bootstrap token (dgt_...). Without it, the device is authenticated by "
+        "the manufacturer certificate (IDevID) it presents in the TLS handshake.",
+    )
     csr: str = Field(min_length=1, max_length=16_384, description="PKCS#10 CSR, PEM.")
     hardware_id: str | None = Field(
         None, min_length=1, max_length=128, description="Stable id of the hardware, if any."

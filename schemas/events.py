@@ -106,6 +106,12 @@ class Reason(StrEnum):
     SIGNER_UNAVAILABLE = "signer_unavailable"
     """The issuing CA's key could not sign (its PKCS#11 token is absent, locked or failing):
     nothing was issued."""
+    # enrollment by manufacturer certificate (IDevID)
+    IDEVID_UNTRUSTED = "idevid_untrusted"
+    IDEVID_NOT_ALLOWLISTED = "idevid_not_allowlisted"
+    IDEVID_BLOCKED = "idevid_blocked"
+    IDEVID_EXPIRED = "idevid_expired"
+    CHANNEL_BINDING_MISMATCH = "channel_binding_mismatch"
     UNAUTHORIZED = "unauthorized"
     ADMIN_ACTION = "admin_action"
     RETENTION = "retention"

@@ -9,16 +9,21 @@ interrupted swap by matching public keys.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import http.client
+import json
 import os
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AttributeOID, NameOID
 
 from provisioning.agent.layout import CERT_FILE as CERT_FILE  # re-exported: the layout
 from provisioning.agent.layout import CHAIN_FILE as CHAIN_FILE
@@ -54,11 +59,18 @@ def generate_key(key_type: KeyType = KeyType.P256) -> DeviceKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def build_csr(key: DeviceKey, *, common_name: str = "device") -> x509.CertificateSigningRequest:
-    """A CSR proving possession of ``key`` (the service ignores the subject)."""
+def build_csr(
+    key: DeviceKey, *, common_name: str = "device", challenge_password: str | None = None
+) -> x509.CertificateSigningRequest:
+    """A CSR proving possession of ``key`` (the service ignores the subject); with
+    ``challenge_password`` (an RFC 9266 channel binding, `enroll_idevid`) as an attribute."""
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     )
+    if challenge_password is not None:
+        builder = builder.add_attribute(
+            AttributeOID.CHALLENGE_PASSWORD, challenge_password.encode()
+        )
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm)
 
@@ -252,6 +264,127 @@ async def renew(
     os.replace(directory / NEXT_KEY_FILE, directory / KEY_FILE)
     _fsync_dir(directory)
     return bundle
+
+
+# --- enrollment by manufacturer certificate (IDevID) ------------------------------------
+
+EXPORTER_LABEL = "EXPORTER-Channel-Binding"  # RFC 9266; as provisioning.enrollment.idevid
+
+
+def idevid_ssl_context(
+    cert: Path, key: Path | str, *, ca_cert: Path | None = None
+) -> ssl.SSLContext:
+    """Mutual TLS 1.3 to the provisioning service with the manufacturer certificate (IDevID).
+
+    ``key`` is a PEM file, or the ``pkcs11:`` URI (RFC 7512) of a key that never leaves its
+    token or secure element (`provisioning.agent.pkcs11_key`, docs/secure-element.md).
+    """
+    context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3  # tls-exporter channel binding
+    if isinstance(key, str) and key.startswith("pkcs11:"):
+        from provisioning.agent.pkcs11_key import use_pkcs11_key
+
+        use_pkcs11_key(context, cert, key)
+    else:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def tls_exporter(ssl_socket: ssl.SSLSocket | ssl.SSLObject) -> bytes | None:
+    """The RFC 9266 tls-exporter value of a TLS 1.3 connection (None: not TLS 1.3, or the
+    accelerator ``gateway._tlsext`` is not built)."""
+    if ssl_socket.version() != "TLSv1.3":
+        return None
+    try:
+        from gateway import _tlsext
+    except ImportError:
+        return None
+    return _tlsext.export_keying_material(ssl_socket, EXPORTER_LABEL, 32, None)
+
+
+def _post_bound(
+    url: str, key: DeviceKey, context: ssl.SSLContext, *, channel_binding: bool
+) -> tuple[int, bytes]:
+    """``POST /v1/enroll`` with a CSR made after the handshake, so that it can carry the
+    connection's tls-exporter value (blocking; run in a thread)."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or parts.hostname is None:
+        raise EnrollmentError(f"{url}: an https:// URL is required")
+    conn = http.client.HTTPSConnection(
+        parts.hostname, parts.port or 443, context=context, timeout=REQUEST_TIMEOUT
+    )
+    try:
+        conn.connect()
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        binding = tls_exporter(sock) if channel_binding else None
+        if channel_binding and binding is None:
+            raise EnrollmentError(
+                "no tls-exporter channel binding: TLS 1.3 and gateway._tlsext are needed"
+            )
+        challenge = base64.b64encode(binding).decode() if binding is not None else None
+        csr = build_csr(key, challenge_password=challenge).public_bytes(serialization.Encoding.PEM)
+        body = json.dumps({"csr": csr.decode()}).encode()
+        conn.request(
+            "POST",
+            parts.path.rstrip("/") + "/v1/enroll",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def enroll_idevid(
+    *,
+    url: str,
+    idevid_cert: Path,
+    idevid_key: Path | str,
+    out_dir: Path,
+    ca_cert: Path | None = None,
+    key_type: KeyType = KeyType.P256,
+    channel_binding: bool = True,
+) -> CertificateBundle:
+    """Enroll with the manufacturer certificate over mutual TLS (no token): a new
+    operational key here, its CSR bound to the TLS connection, the device files written.
+
+    Raises:
+        EnrollmentError: refused (``reason`` set) or unreachable.
+    """
+    _make_dir(out_dir)
+    key = generate_key(key_type)
+    context = idevid_ssl_context(idevid_cert, idevid_key, ca_cert=ca_cert)
+    try:
+        status, body = await asyncio.to_thread(
+            _post_bound, url, key, context, channel_binding=channel_binding
+        )
+    except (OSError, http.client.HTTPException) as exc:
+        raise EnrollmentError(f"cannot reach {url}: {exc}") from exc
+    if status != 201:
+        raise _refusal(url, status, body)
+    bundle = CertificateBundle.model_validate_json(body)
+    _write(out_dir / KEY_FILE, key_pem(key), secret=True)
+    _save(out_dir, bundle)
+    _fsync_dir(out_dir)
+    return bundle
+
+
+def _refusal(url: str, status: int, body: bytes) -> EnrollmentError:
+    try:
+        problem = Problem.model_validate_json(body)
+    except ValueError:
+        return EnrollmentError(f"{url}: HTTP {status}", status=status)
+    try:
+        reason: Reason | None = Reason(problem.reason)
+    except ValueError:
+        reason = None
+    return EnrollmentError(
+        f"{problem.title} ({problem.reason}): {problem.detail or ''}".rstrip(": "),
+        reason=reason,
+        status=status,
+    )
 
 
 def _key_type_of(key: Any) -> KeyType:

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("db", "Manage the database schema."),
     "admin-key": ("admin_keys", "Manage admin API keys."),
     "token": ("tokens", "Manage bootstrap tokens for fleets and batches."),
+    "fleet": ("manufacturers", "Manufacturer CAs a fleet trusts (IDevID) and its manifests."),
+    "idevid": ("manufacturers", "Block, unblock and list manufacturer certificates (IDevIDs)."),
     "device": ("devices", "Inspect, disable, enable and revoke devices."),
     "cert": ("certs", "List and revoke certificates."),
     "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
@@ -26,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ticket-keys": ("ticket_keys", "TLS session ticket keys of the gateway."),
     "enroll": (
         "device_side",
-        "Make a key on this device, enroll with a bootstrap token, write the files.",
+        "Make a key on this device, enroll with a bootstrap token or the manufacturer "
+        "certificate (IDevID, mutual TLS), write the files.",
     ),
     "renew": (
         "device_side",

@@ -40,10 +40,24 @@ def _report(bundle: CertificateBundle, directory: Path, json_output: bool) -> No
 
 def enroll(
     url: Annotated[str, typer.Option(help="Provisioning service, e.g. https://host:8443.")],
-    token: Annotated[
-        str, typer.Option(help="Bootstrap token (dgt_...).", envvar="DEVICEGATE_TOKEN")
-    ],
     out: Annotated[Path, typer.Option(help="Directory for device.key, device.crt, chain.pem.")],
+    token: Annotated[
+        str | None, typer.Option(help="Bootstrap token (dgt_...).", envvar="DEVICEGATE_TOKEN")
+    ] = None,
+    idevid_cert: Annotated[
+        Path | None,
+        typer.Option(help="Manufacturer certificate (IDevID) to enroll with instead of a token."),
+    ] = None,
+    idevid_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The IDevID's private key: a PEM file, or the pkcs11: URI of a key in a "
+            "token or secure element (docs/secure-element.md)."
+        ),
+    ] = None,
+    channel_binding: Annotated[
+        bool, typer.Option(help="Bind the CSR to the TLS connection (RFC 9266; IDevID only).")
+    ] = True,
     hardware_id: Annotated[str | None, typer.Option(help="Stable id of this hardware.")] = None,
     ca_cert: Annotated[
         Path | None, typer.Option(help="CA file to trust for the service (default: system).")
@@ -54,7 +68,12 @@ def enroll(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Make a key on this device, enroll with a bootstrap token, write the files."""
+    """Make a key on this device, enroll with a bootstrap token or the manufacturer
+    certificate (IDevID, mutual TLS), write the files."""
+    if (token is None) == (idevid_cert is None):
+        fail("give one of --token or --idevid-cert (with --idevid-key)", code=2)
+    if (idevid_cert is None) != (idevid_key is None):
+        fail("--idevid-cert and --idevid-key go together", code=2)
     if (out / KEY_FILE).exists() and not force:
         # An enrolled device renews; enrolling again would orphan its key and certificate.
         fail(
@@ -63,6 +82,20 @@ def enroll(
         )
     from provisioning.agent import device
 
+    if idevid_cert is not None:
+        assert idevid_key is not None
+        if hardware_id is not None:
+            fail("--hardware-id goes with --token (an IDevID names its hardware)", code=2)
+        bundle = run(
+            device.enroll_idevid(
+                url=url, idevid_cert=idevid_cert, out_dir=out,
+                idevid_key=idevid_key if idevid_key.startswith("pkcs11:") else Path(idevid_key),
+                ca_cert=ca_cert, key_type=key_type, channel_binding=channel_binding,
+            )
+        )  # fmt: skip
+        _report(bundle, out, json_output)
+        return
+    assert token is not None
     bundle = run(
         device.enroll(
             url=url,

@@ -21,8 +21,10 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import admin, store
+from provisioning.agent import device
 from provisioning.agent.device import CERT_FILE, CHAIN_FILE, KEY_FILE, client_ssl_context, key_pem
-from provisioning.demo.factory import Enrolled
+from provisioning.demo.factory import FLEET, Enrolled, devicegate
+from provisioning.demo.manufacturer import Idevid, Manufacturer
 from provisioning.demo.stack import Stack
 from provisioning.demo.traffic import MQTT_TIMEOUT, device_session, telemetry_topic
 from provisioning.pki.ca import (
@@ -305,3 +307,45 @@ async def _until_disconnected(client: aiomqtt.Client) -> None:
             pass
     except aiomqtt.MqttError:
         return
+
+
+# --- enrollment with manufacturer certificates (IDevID) -------------------------------
+
+
+async def _expect_enroll_refused(attack: Attack, stack: Stack, idevid: Idevid) -> Attack:
+    """Enroll with ``idevid`` over mutual TLS; refused when the service answers a problem."""
+    try:
+        bundle = await device.enroll_idevid(
+            url=stack.provisioning_url, idevid_cert=idevid.cert, idevid_key=idevid.key,
+            out_dir=stack.work / "attacker" / idevid.cert.stem, ca_cert=stack.chain,
+        )  # fmt: skip
+    except device.EnrollmentError as exc:
+        attack.refused = exc.status != 0
+        attack.observed = " ".join(str(exc).split())[:140]
+    else:
+        attack.observed = f"enrolled as {bundle.device_id}: NOT refused"
+    return attack
+
+
+async def untrusted_idevid(stack: Stack) -> Attack:
+    """A device certificate from a manufacturer no fleet trusts."""
+    rogue = Manufacturer(stack.work / "rogue-manufacturer", name="rogue", intermediate_ca=False)
+    attack = Attack(
+        "untrusted IDevID",
+        "enroll without a token, with a device certificate from a manufacturer CA no fleet trusts",
+        ("idevid_untrusted",),
+    )
+    return await _expect_enroll_refused(attack, stack, rogue.idevid())
+
+
+async def blocked_idevid(stack: Stack, maker: Manufacturer) -> Attack:
+    """A genuine IDevID of the trusted manufacturer, blocked by the operator (stolen unit)."""
+    stolen = maker.idevid()
+    await devicegate(stack, "idevid", "block", "--fleet", FLEET, "--serial", stolen.serial,
+                     "--note", "reported stolen")  # fmt: skip
+    attack = Attack(
+        "blocked IDevID",
+        f"enroll with a genuine IDevID (serial {stolen.serial[:12]}…) the operator blocked",
+        ("idevid_blocked",),
+    )
+    return await _expect_enroll_refused(attack, stack, stolen)

@@ -25,7 +25,15 @@ from rich.table import Table
 
 from provisioning.demo import attacks
 from provisioning.demo.attacks import Attack
-from provisioning.demo.factory import Enrolled, create_token, factory_line
+from provisioning.demo.factory import (
+    FLEET,
+    Enrolled,
+    create_token,
+    devicegate,
+    factory_line,
+    idevid_line,
+)
+from provisioning.demo.manufacturer import Manufacturer
 from provisioning.demo.report import audit
 from provisioning.demo.stack import DatabaseChoice, MissingDependency, Stack, scratch_stack
 from provisioning.demo.traffic import DASHBOARD_FILTER, Dashboard, publish_telemetry, run_dashboard
@@ -33,7 +41,6 @@ from schemas.errors import DevicegateError
 
 MESSAGES_PER_DEVICE = 3
 DELIVERY_WAIT = 15.0
-FLEET = "line-1"
 
 
 @dataclass
@@ -66,24 +73,41 @@ def _step(console: Console, title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-async def _enroll(stack: Stack, devices: int, console: Console) -> tuple[list[Enrolled], Enrolled]:
+async def _enroll(
+    stack: Stack, devices: int, maker: Manufacturer, console: Console
+) -> tuple[list[Enrolled], Enrolled]:
     _step(console, f"factory line: {devices} devices enroll through the HTTPS API")
-    token = await create_token(stack.database_url, fleet=FLEET, uses=devices, note="demo line")
+    with_idevid = devices // 2
+    with_token = devices - with_idevid
+    token = await create_token(stack.database_url, fleet=FLEET, uses=with_token, note="demo line")
     console.print(
-        f"bootstrap token for fleet [bold]{FLEET}[/bold], {devices} uses (stored hashed, shown "
-        "once). Each device makes its own P-256 key; only the CSR leaves it."
+        f"bootstrap token for fleet [bold]{FLEET}[/bold], {with_token} uses (stored hashed, "
+        "shown once). Each device makes its own P-256 key; only the CSR leaves it."
+    )
+    await devicegate(
+        stack, "fleet", "trust-manufacturer", "--fleet", FLEET, "--ca", str(maker.root_path),
+        "--intermediate", str(maker.intermediate_path),
+    )  # fmt: skip
+    console.print(
+        f"fleet [bold]{FLEET}[/bold] trusts the manufacturer CA the demo made: {with_idevid} "
+        "devices with its IDevID (device certificate) enroll without a token, over mutual TLS, "
+        "their CSR bound to the connection (RFC 9266 tls-exporter)."
     )
     started = time.monotonic()
     with _progress(console, "enrolling", devices) as progress:
+        step = lambda _: progress.advance(progress.task_ids[0])  # noqa: E731
         fleet = await factory_line(
             url=stack.provisioning_url, token=token, chain=stack.chain,
-            out_dir=stack.work / "devices", count=devices, station="station-a",
-            on_enrolled=lambda _: progress.advance(progress.task_ids[0]),
+            out_dir=stack.work / "devices", count=with_token, station="station-a",
+            on_enrolled=step,
         )  # fmt: skip
+        fleet += await idevid_line(stack=stack, maker=maker, count=with_idevid, on_enrolled=step)
     elapsed = time.monotonic() - started
     console.print(
-        f"{devices} devices enrolled in {elapsed:.1f}s ({devices / elapsed:.0f}/s), e.g. "
-        f"{fleet[0].device_id} with certificate {fleet[0].serial[:16]}…"
+        f"{devices} devices enrolled in {elapsed:.1f}s ({devices / elapsed:.0f}/s): "
+        f"{with_token} with the token, e.g. {fleet[0].device_id}, and {with_idevid} by IDevID, "
+        f"e.g. {fleet[-1].device_id} (its id derived from the IDevID's key)",
+        soft_wrap=True,
     )
     dashboard_token = await create_token(
         stack.database_url, fleet="dashboard", uses=1, note="demo dashboard"
@@ -122,7 +146,7 @@ async def _telemetry(
 
 
 async def _attacks(
-    stack: Stack, fleet: list[Enrolled], seen: Dashboard, console: Console
+    stack: Stack, fleet: list[Enrolled], seen: Dashboard, maker: Manufacturer, console: Console
 ) -> list[Attack]:
     _step(console, "attacks")
     victim, attacker, revoked = fleet[0], fleet[1], fleet[2]
@@ -133,6 +157,8 @@ async def _attacks(
         attacks.spoofed_client_id(stack, attacker, victim),
         attacks.topic_escape(stack, attacker, victim, dashboard_foreign=lambda: len(seen.foreign)),
         attacks.revoked_while_connected(stack, revoked),
+        attacks.untrusted_idevid(stack),
+        attacks.blocked_idevid(stack, maker),
     ]
     results = [await attack for attack in port_attacks]
     table = Table(header_style="bold", show_lines=True)
@@ -170,7 +196,8 @@ async def _run(*, devices: int, database: DatabaseChoice, console: Console) -> i
     _step(console, "devicegate demo: a scratch stack on this machine")
     try:
         async with scratch_stack(say=console.print, database=database) as stack:
-            fleet, dashboard = await _enroll(stack, devices, console)
+            maker = Manufacturer(stack.work / "manufacturer", name="acme", intermediate_ca=True)
+            fleet, dashboard = await _enroll(stack, devices, maker, console)
             outcome.enrolled = len(fleet)
             seen = Dashboard()
             ready = asyncio.Event()
@@ -180,7 +207,7 @@ async def _run(*, devices: int, database: DatabaseChoice, console: Console) -> i
             try:
                 await asyncio.wait_for(ready.wait(), 15)
                 outcome.delivered = await _telemetry(stack, fleet, dashboard, seen, console)
-                results = await _attacks(stack, fleet, seen, console)
+                results = await _attacks(stack, fleet, seen, maker, console)
             finally:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

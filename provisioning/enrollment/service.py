@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -31,11 +32,26 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from provisioning import store
+from provisioning.enrollment import idevid as idevids
+from provisioning.enrollment import manufacturers
 from provisioning.enrollment.committer import Committer, Merge
 from provisioning.enrollment.provisioners import Issuance, RenewalProvisioner, TokenProvisioner
-from provisioning.errors import CertificateRejected, DeviceRejected, HardwareIdTaken, TokenRejected
+from provisioning.errors import (
+    CertificateRejected,
+    DeviceRejected,
+    HardwareIdTaken,
+    IdevidRejected,
+    TokenRejected,
+)
 from provisioning.eventlog import ChainHead, EventSpec
-from provisioning.pki.ca import CertificateAuthority, der_to_pem, fingerprint, serial_hex
+from provisioning.pki.ca import (
+    CertificateAuthority,
+    DeviceIdentity,
+    SignOptions,
+    der_to_pem,
+    fingerprint,
+    serial_hex,
+)
 from provisioning.pki.csr import AcceptedCsr
 from provisioning.refusal_budget import RefusalBudget, RefusalSummary, budgets
 from provisioning.telemetry import annotate, phase
@@ -62,6 +78,8 @@ class Peer:
     certificate_der: bytes | None = None
     route: str | None = None
     """``"METHOD /path"`` of the request: its refusals count against that route's budget."""
+    exporter: bytes | None = None
+    """The connection's RFC 9266 tls-exporter value (TLS 1.3 only), for channel binding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +315,103 @@ class ProvisioningService:
             )
         await store.touch_device(conn, device.device_id)
         return serials
+
+    # --- enrollment by manufacturer certificate (IDevID) --------------------------------
+
+    async def enroll_idevid(self, *, csr: AcceptedCsr, peer: Peer, via: str) -> Issued:
+        """Enroll (or re-enroll) the device whose IDevID the TLS client presented.
+
+        The device id is derived from the fleet and the IDevID's public key
+        (`idevid.device_id_for`): the same hardware gets the same id, its earlier
+        certificates are superseded (live sessions on them are handed over, as on renewal).
+
+        Raises:
+            IdevidRejected, DeviceRejected: refusals, already recorded.
+        """
+        detail: dict[str, Any] = {"key_type": csr.key_type, "via": via}
+        known: dict[str, str | None] = {
+            "device_id": None, "fleet": None, "cert_serial": None, "cert_fingerprint": None,
+        }  # fmt: skip
+        try:
+            with phase("idevid_check"):
+                if peer.certificate_der is None:
+                    raise IdevidRejected(
+                        "a bootstrap token or a manufacturer certificate (IDevID) is required",
+                        reason=Reason.NO_CLIENT_CERTIFICATE,
+                    )
+                presented = idevids.describe(peer.certificate_der)
+                detail["idevid"] = presented.detail()
+                known["cert_serial"] = presented.serial
+                known["cert_fingerprint"] = presented.fingerprint
+                now = datetime.now(UTC)
+                async with self.pool.acquire() as conn:
+                    valid = idevids.trusting(presented, await manufacturers.load_trust(conn), now)
+                    found = await manufacturers.listings(
+                        conn, sorted({t.fleet for t in valid}), presented
+                    )
+                trust = idevids.choose_fleet(presented, valid, found)
+                known["fleet"] = trust.fleet
+                detail["ca_fingerprint"] = trust.ca_fingerprint
+                attributes = found.get(trust.fleet, idevids.Listing()).attributes
+                if attributes:
+                    detail["attributes"] = attributes
+                detail["channel_binding"] = idevids.check_channel_binding(
+                    csr.challenge_password,
+                    peer.exporter if peer.tls_version == "TLSv1.3" else None,
+                    required=trust.require_channel_binding,
+                    idevid=presented,
+                    fleet=trust.fleet,
+                )
+                device_id = idevids.device_id_for(trust.fleet, presented.spki_sha256)
+                known["device_id"] = device_id
+                issuance = Issuance(
+                    DeviceIdentity(device_id, trust.fleet, self.settings.trust_domain),
+                    SignOptions.starting_now(
+                        validity=self.settings.cert_validity,
+                        backdate=self.settings.cert_backdate,
+                        now=now,
+                    ),
+                )
+            annotate(device_id=device_id, fleet=trust.fleet)
+            with phase("signing"):
+                certificate, record = self._sign(csr, issuance)
+
+            async def write(conn: Any) -> tuple[None, EventSpec]:
+                device = await manufacturers.ensure_device(
+                    conn, device_id=device_id, trust=trust, idevid=presented
+                )
+                if device.status != "active":
+                    reason = (
+                        Reason.DEVICE_REVOKED if device.status == "revoked"
+                        else Reason.DEVICE_DISABLED
+                    )  # fmt: skip
+                    raise DeviceRejected(f"device {device_id} is {device.status}", reason=reason)
+                superseded = await manufacturers.supersede_active(conn, device_id)
+                await store.insert_certificate(conn, record)
+                await store.touch_device(conn, device_id)
+                return None, self._event(
+                    EventType.ENROLL,
+                    Outcome.ALLOWED,
+                    Reason.OK,
+                    peer,
+                    device_id=device_id,
+                    fleet=trust.fleet,
+                    cert_serial=record.serial,
+                    cert_fingerprint=record.fingerprint_sha256,
+                    detail={**detail, "superseded": superseded},
+                )
+
+            with phase("storing"):
+                await self.committer.submit(write)
+        except DevicegateError as exc:
+            if isinstance(exc, IdevidRejected):
+                if exc.idevid is not None:
+                    detail["idevid"] = exc.idevid
+                known["fleet"] = known["fleet"] or exc.fleet
+            annotate(device_id=known["device_id"], fleet=known["fleet"])
+            await self.record_denied(EventType.ENROLL, exc, peer, detail=detail, **known)
+            raise
+        return Issued(certificate, self._bundle(record, issuance))
 
     # --- renewal -----------------------------------------------------------------------
 

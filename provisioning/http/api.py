@@ -18,6 +18,7 @@ from provisioning.audit.query import EventFilter, query_events
 from provisioning.errors import RequestInvalid
 from provisioning.http.common import (
     CRL,
+    idevid_peer,
     json_response,
     parse_model,
     peer,
@@ -43,11 +44,17 @@ PEM_CRL = "application/x-pem-file"
 
 
 async def enroll(request: web.Request) -> web.Response:
-    """``POST /v1/enroll``: a bootstrap token and a CSR in, a certificate bundle out."""
+    """``POST /v1/enroll``: a bootstrap token (or an IDevID presented over mutual TLS) and a
+    CSR in, a certificate bundle out."""
     async with recording_denials(request, EventType.ENROLL):
         body = parse_model(EnrollRequest, await read_body(request))
         with phase("csr_validation"):
             csr = parse_csr_pem(body.csr)
+        if body.token is None and body.hardware_id is not None:
+            raise RequestInvalid("hardware_id: only with a token (an IDevID names its hardware)")
+    if body.token is None:
+        issued = await service(request).enroll_idevid(csr=csr, peer=idevid_peer(request), via="api")
+        return json_response(issued.bundle, status=201)
     issued = await service(request).enroll(
         token=body.token, csr=csr, hardware_id=body.hardware_id, peer=peer(request)
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from types import ModuleType
 from typing import TypeVar
 
 import asyncpg
@@ -13,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from provisioning import admin
 from provisioning.db import DatabaseUnavailable
+from provisioning.enrollment.idevid import EXPORTER_LABEL, EXPORTER_LENGTH
 from provisioning.enrollment.service import Peer, ProvisioningService
 from provisioning.errors import RequestInvalid, Unauthorized
 from provisioning.http.problems import problem_response, reason_for_status
@@ -22,6 +25,12 @@ from schemas.events import EventType, Reason, holds_nul
 from schemas.validation import sentence
 
 log = logging.getLogger("devicegate.provisioning")
+
+_tlsext: ModuleType | None
+try:  # the C accelerator: keying material export (IDevID channel binding)
+    from gateway import _tlsext
+except ImportError:  # pragma: no cover - built by `make .venv/.installed`
+    _tlsext = None
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,6 +58,20 @@ def peer(request: web.Request) -> Peer:
         certificate_der=ssl_object.getpeercert(binary_form=True),
         route=route,
     )
+
+
+def idevid_peer(request: web.Request) -> Peer:
+    """`peer` with the connection's RFC 9266 tls-exporter value, for channel binding (TLS
+    1.3 only; None without the TLS accelerator, ``gateway._tlsext``)."""
+    found = peer(request)
+    if found.tls_version != "TLSv1.3" or _tlsext is None or request.transport is None:
+        return found
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    try:
+        exporter = _tlsext.export_keying_material(ssl_object, EXPORTER_LABEL, EXPORTER_LENGTH, None)
+    except (TypeError, ValueError):
+        return found
+    return replace(found, exporter=exporter)
 
 
 async def read_body(request: web.Request) -> bytes:

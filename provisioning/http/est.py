@@ -3,7 +3,10 @@
 Wire format (RFC 7030 sections 4.1.3, 4.2): requests carry a base64 DER PKCS#10 CSR with
 ``Content-Type: application/pkcs10``; responses are base64 DER certs-only PKCS#7 with
 ``Content-Transfer-Encoding: base64``. ``simpleenroll`` is authenticated by the bootstrap
-token (HTTP Basic password, or Bearer); ``simplereenroll`` by the TLS client certificate.
+token (HTTP Basic password, or Bearer) or, without credentials, by a manufacturer
+certificate (IDevID) presented in the TLS handshake (RFC 7030 section 3.3.2, with the
+channel binding of RFC 9266 in the CSR's challengePassword); ``simplereenroll`` by the TLS
+client certificate.
 Both go through the same service as the JSON API, so policy and events are identical.
 """
 
@@ -17,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from provisioning.errors import RequestInvalid, TokenRejected
-from provisioning.http.common import peer, read_body, recording_denials, service
+from provisioning.http.common import idevid_peer, peer, read_body, recording_denials, service
 from provisioning.pki.csr import parse_csr_base64_der
 from provisioning.telemetry import phase
 from schemas.events import EventType, Reason
@@ -74,12 +77,17 @@ async def cacerts(request: web.Request) -> web.Response:
 
 
 async def simpleenroll(request: web.Request) -> web.Response:
+    authorization = request.headers.get("Authorization")
+    idevid = not authorization and peer(request).certificate_der is not None
     async with recording_denials(request, EventType.ENROLL):
         _check_content_type(request)
-        token = bootstrap_token(request.headers.get("Authorization"))
+        token = None if idevid else bootstrap_token(authorization)
         body = await read_body(request)
         with phase("csr_validation"):
             csr = parse_csr_base64_der(body)
+    if token is None:
+        issued = await service(request).enroll_idevid(csr=csr, peer=idevid_peer(request), via="est")
+        return _pkcs7_response([issued.certificate], PKCS7_CERTS)
     issued = await service(request).enroll(
         token=token, csr=csr, hardware_id=None, peer=peer(request)
     )

@@ -117,7 +117,8 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/enroll": {
             "post": _op(
-                "Enroll a device with a bootstrap token and a CSR.",
+                "Enroll a device with a bootstrap token and a CSR, or without a token over mutual "
+                "TLS with a manufacturer certificate (IDevID; docs/manufacturer-certificates.md).",
                 ok=201,
                 response=CertificateBundle,
                 body=EnrollRequest,
@@ -231,7 +232,11 @@ def document() -> dict[str, Any]:
         "/.well-known/est/cacerts": {"get": _op("EST: the CA chain.", content=_PKCS7)},
         "/.well-known/est/simpleenroll": {
             "post": {
-                **_op("EST: enroll (bootstrap token as Basic password or Bearer).", content=_PKCS7),
+                **_op(
+                    "EST: enroll (bootstrap token as Basic password or Bearer, or an IDevID "
+                    "over mutual TLS).",
+                    content=_PKCS7,
+                ),
                 "requestBody": _PKCS10_BODY,
             }
         },

@@ -1,4 +1,5 @@
-"""Per-address rate limit on failed bootstrap-token attempts (enrollment, EST simpleenroll),
+"""Per-address rate limit on failed bootstrap-token and manufacturer-certificate (IDevID)
+attempts (enrollment, EST simpleenroll),
 and the sweeper that writes the refusals counted beyond their audit budget.
 
 Token secrets carry 256 bits, so guessing one is hopeless; what a guesser can do is load the
@@ -9,8 +10,8 @@ are bounded by the refusal budget every unauthenticated route shares
 Invariants:
 
 * A token bucket per client address: ``failures`` failed attempts in a burst, refilled at
-  ``failures`` per ``per`` seconds. A failure is a `TokenRejected` other than
-  ``token_exhausted`` (a token that ran out while a factory line enrolled concurrently is
+  ``failures`` per ``per`` seconds. A failure is an `IdevidRejected`, or a `TokenRejected`
+  other than ``token_exhausted`` (a token that ran out while a factory line enrolled concurrently is
   an expected race, not a guess; its uses already bound it). Successes cost nothing, so a
   factory line with a good token is never limited.
 * While the bucket is empty, a guarded request is refused before its body is read: 429,
@@ -46,7 +47,7 @@ from typing import Final
 
 from aiohttp import web
 
-from provisioning.errors import TokenRejected
+from provisioning.errors import IdevidRejected, TokenRejected
 from provisioning.http.common import SERVICE, Handler, peer
 from provisioning.http.problems import problem_response
 from provisioning.refusal_budget import address_key
@@ -195,6 +196,9 @@ async def token_rate_limit(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except TokenRejected as exc:
         failed = exc.reason not in NOT_COUNTED
+        raise
+    except IdevidRejected:  # a refused manufacturer certificate counts as a failed attempt
+        failed = True
         raise
     finally:
         limiter.release(address, failed=failed)

@@ -1,12 +1,18 @@
 """The provisioning HTTPS listener: TLS context, routes, and a graceful lifecycle.
 
-Client certificates: the listener requests one (``CERT_OPTIONAL``) and OpenSSL verifies its
-chain against ``chain.pem`` with ``X509_V_FLAG_NO_CHECK_TIME``: signatures and CA constraints
-are checked at the TLS layer, validity dates are not, because a device whose certificate
-expired while it was offline must still be able to renew within the grace window. Dates,
-revocation and supersession are then decided by the renewal policy on the database row.
-No route other than renewal trusts the client certificate, so an expired one grants nothing
-else. Python offers no verify callback, which is why the flag is used instead of a custom check.
+Client certificates: the listener requests one (``CERT_OPTIONAL``) and, with the TLS
+accelerator (``gateway._tlsext``), lets any chain through the handshake
+(``accept_any_peer_certificate``; the client still proves possession of the leaf's key in
+CertificateVerify). Every route that uses the certificate verifies it itself: renewal (and
+EST ``simplereenroll``) checks that the issuing CA signed it and that it is a row of ours,
+then decides dates, revocation and supersession on that row (a device whose certificate
+expired while it was offline may still renew within the grace window); IDevID enrollment
+runs the fleet's own path validation (`provisioning.enrollment.idevid`). OpenSSL's
+verification could not do the latter: the trusted manufacturers change at run time and per
+fleet, and a refused IDevID must reach the service to be recorded with its reason. No other
+route trusts the client certificate. Without the accelerator OpenSSL verifies the chain
+against ``chain.pem`` with ``X509_V_FLAG_NO_CHECK_TIME`` (signatures and CA constraints,
+not dates), and IDevIDs are refused at the handshake.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -50,13 +57,19 @@ from schemas.telemetry import Telemetry, serve_metrics, setup_telemetry
 
 log = logging.getLogger("devicegate.provisioning")
 
+_tlsext: ModuleType | None
+try:  # the C accelerator: accept any client chain, verified per route (module docstring)
+    from gateway import _tlsext
+except ImportError:  # pragma: no cover
+    _tlsext = None
+
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are all AEAD already
 
 
 def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
-    """TLS 1.2+ with ECDHE AEAD ciphers, an optional client certificate verified by chain
-    but not by date (see the module docstring)."""
+    """TLS 1.2+ with ECDHE AEAD ciphers and an optional client certificate, verified by
+    the route that uses it (see the module docstring)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
@@ -69,6 +82,10 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     # connection for nothing, and ticket keys are secrets that outlive the session.
     context.options |= ssl.OP_NO_TICKET
     context.num_tickets = 0
+    if _tlsext is not None:
+        _tlsext.accept_any_peer_certificate(context)
+    else:  # pragma: no cover - built by `make .venv/.installed`
+        log.warning("gateway._tlsext is not built: IDevID enrollment is off")
     return context
 
 

@@ -1,8 +1,10 @@
 """CSR policy: what a certificate signing request must be before anything is signed.
 
 Invariants:
-- The only things taken from a CSR are its public key and its proof of possession (the
-  signature). The requested subject and extensions are ignored: the service assigns identity.
+- The only things taken from a CSR are its public key, its proof of possession (the
+  signature) and its challengePassword (for RFC 9266 channel binding of IDevID enrollment,
+  `provisioning.enrollment.idevid`). The requested subject and extensions are ignored: the
+  service assigns identity.
 - Every failure is `CsrInvalid` or `KeyNotAllowed`; nothing else escapes `parse_csr`.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509.oid import AttributeOID
 
 from provisioning.errors import CsrInvalid
 from provisioning.pki.ca import DevicePublicKey, KeyNotAllowed, key_type_name
@@ -23,10 +26,15 @@ MAX_CSR_BYTES = 16_384
 
 @dataclass(frozen=True, slots=True)
 class AcceptedCsr:
-    """A CSR that passed policy: the key to certify and its type name."""
+    """A CSR that passed policy: the key to certify, its type name, and the
+    challengePassword attribute if it has one (at most `MAX_CHALLENGE` characters)."""
 
     public_key: DevicePublicKey
     key_type: str
+    challenge_password: str | None = None
+
+
+MAX_CHALLENGE = 256
 
 
 def parse_csr_pem(text: str | bytes) -> AcceptedCsr:
@@ -84,4 +92,20 @@ def _check(csr: x509.CertificateSigningRequest) -> AcceptedCsr:
     if not valid:
         raise CsrInvalid("the CSR's signature does not verify (no proof of key possession)")
     assert isinstance(public_key, DevicePublicKey)  # key_type_name accepted it
-    return AcceptedCsr(public_key=public_key, key_type=key_type)
+    return AcceptedCsr(public_key=public_key, key_type=key_type, challenge_password=_challenge(csr))
+
+
+def _challenge(csr: x509.CertificateSigningRequest) -> str | None:
+    try:
+        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        return None
+    except ValueError:
+        raise CsrInvalid("the CSR's attributes do not parse") from None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CsrInvalid("the CSR's challengePassword is not text") from None
+    if len(text) > MAX_CHALLENGE:
+        raise CsrInvalid(f"the CSR's challengePassword is longer than {MAX_CHALLENGE}")
+    return text

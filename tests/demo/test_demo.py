@@ -23,6 +23,8 @@ EXPECTED = {
     "spoofed client id": ("client_id_mismatch",),
     "topic escape": ("topic_not_authorized",),
     "revoked": ("certificate_revoked", "device_revoked"),
+    "untrusted IDevID": ("idevid_untrusted",),
+    "blocked IDevID": ("idevid_blocked",),
 }
 
 
@@ -64,6 +66,7 @@ async def test_demo_runs_end_to_end(quiet_width: dict[str, str]) -> None:
     for attack, reasons in EXPECTED.items():
         assert recorded & set(reasons), f"{attack}: none of {reasons} in {recorded}"
     assert "dashboard received 15/15 readings from 5/5 devices" in result.stdout
+    assert re.search(r"3 with the token, e\.g\. \S+, and 2 by IDevID", result.stdout)
     assert re.search(r"audit verify: verified \d+ events in \d+ chains: OK", result.stdout)
     assert "NOT REFUSED" not in result.stdout
     assert "demo passed" in result.stdout

@@ -73,15 +73,12 @@ RULES = (
         "the control plane imports the gateway only to serve it",
         ("provisioning",),
         ("gateway",),
+        # The TLS accelerator (C, OpenSSL only, no gateway logic): keying material export
+        # for IDevID channel binding, and the provisioning listener's client certificates.
+        allowed=("gateway._tlsext",),
         # serve runs the gateway; policy explains with gateway.policy's own decision (a
         # copy of the rules could disagree with the gateway that enforces them).
-        # The agent's PKCS#11 key module is held by the agent's own rule instead (only
-        # gateway._tlsext).
-        exempt=(
-            "provisioning.commands.serve",
-            "provisioning.commands.policy",
-            "provisioning.agent.pkcs11_key",
-        ),
+        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
     ),
     Rule(
         "the policy command imports only the gateway's pure policy",
@@ -94,7 +91,7 @@ RULES = (
         ("provisioning.agent",),
         ("provisioning", "gateway"),
         # gateway._tlsext: the one C module that reaches the SSL_CTX behind an ssl.SSLContext
-        # (a PKCS#11 key for the agent's client context, provisioning/agent/pkcs11_key.py).
+        # (channel binding, and a PKCS#11 key for the agent's client context).
         allowed=("provisioning.agent", "gateway._tlsext"),
     ),
     Rule(

@@ -105,6 +105,11 @@ def _certify(
 
 @pytest.fixture(scope="module")
 def token(tmp_path_factory: pytest.TempPathFactory) -> Token:
+    return make_token(tmp_path_factory)
+
+
+def make_token(tmp_path_factory: pytest.TempPathFactory) -> Token:
+    """A SoftHSM2 token "dev" holding the key "idevid" (made inside it) and its IDevID."""
     directory = tmp_path_factory.mktemp("softhsm")
     (directory / "tokens").mkdir()
     conf = directory / "softhsm2.conf"

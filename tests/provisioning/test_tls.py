@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import ssl
 from pathlib import Path
@@ -17,7 +18,7 @@ from provisioning.agent.device import gateway_ssl_context, key_pem, mqtt_tls_par
 from provisioning.http.server import server_ssl_context
 from provisioning.pki.ca import to_pem
 from tests.conftest import Pki
-from tests.provisioning.conftest import Server
+from tests.provisioning.conftest import Server, some_csr
 
 
 def handshake(server: Server, context: ssl.SSLContext) -> str:
@@ -48,7 +49,13 @@ def test_modern_tls_only(server: Server, pki: Pki) -> None:
     assert server_ssl_context(pki.directory).minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-def test_foreign_client_certificate_is_refused(server: Server, pki: Pki, tmp_path: Path) -> None:
+def test_foreign_client_certificate_grants_nothing(
+    server: Server, pki: Pki, tmp_path: Path
+) -> None:
+    """The listener lets any client certificate through the handshake (manufacturer
+    certificates must reach the service to be judged and recorded: docs/manufacturer-
+    certificates.md); every route that uses it verifies it, so a foreign one is refused
+    with its reason, by renewal and by IDevID enrollment alike."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")])
     now = dt.datetime.now(dt.UTC)
@@ -66,17 +73,23 @@ def test_foreign_client_certificate_is_refused(server: Server, pki: Pki, tmp_pat
     (tmp_path / "k.pem").write_bytes(key_pem(key))
     context = ssl.create_default_context(cafile=str(pki.chain))
     context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    # Refused at the TLS layer: no HTTP answer (an alert, or a bare close: cpython#98078).
-    with (
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-    ):
-        try:
-            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answer = tls.recv(100)
-        except (ssl.SSLError, ConnectionResetError):
+    body = json.dumps({"csr": some_csr()}).encode()
+    for path, reason in (("/v1/renew", "unknown_issuer"), ("/v1/enroll", "idevid_untrusted")):
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             answer = b""
-    assert answer == b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), answer
+        assert json.loads(payload)["reason"] == reason
 
 
 def test_device_tls_helpers(pki: Pki, tmp_path: Path) -> None:
