@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,19 +116,24 @@ def fifty_topics() -> list[str]:
     return allowed + denied
 
 
-def measure(
-    decide: Callable[[str], object], topics: list[str], n: int, repeat: int
-) -> tuple[float, float]:
-    """Best (wall ns, CPU ns) per decision over ``repeat`` runs of ``n`` decisions."""
-    cycle = (topics * (n // len(topics) + 1))[:n]
-    best_wall = best_cpu = float("inf")
+Case = tuple[str, Callable[[Any], object], list[Any], int]
+
+
+def measure(cases: list[Case], repeat: int) -> dict[str, tuple[float, float]]:
+    """Best (wall ns, CPU ns) per decision of each case over ``repeat`` rounds; the cases
+    take turns within each round, so a change in the machine's load hits them alike."""
+    best: dict[str, tuple[float, float]] = {}
     for _ in range(repeat):
-        wall0, cpu0 = time.perf_counter_ns(), time.process_time_ns()
-        for topic in cycle:
-            decide(topic)
-        wall, cpu = time.perf_counter_ns() - wall0, time.process_time_ns() - cpu0
-        best_wall, best_cpu = min(best_wall, wall / n), min(best_cpu, cpu / n)
-    return best_wall, best_cpu
+        for label, decide, items, n in cases:
+            cycle = (items * (n // len(items) + 1))[:n]
+            wall0, cpu0 = time.perf_counter_ns(), time.process_time_ns()
+            for item in cycle:
+                decide(item)
+            wall = (time.perf_counter_ns() - wall0) / n
+            cpu = (time.process_time_ns() - cpu0) / n
+            old = best.get(label, (float("inf"), float("inf")))
+            best[label] = (min(old[0], wall), min(old[1], cpu))
+    return best
 
 
 def main() -> None:
@@ -151,62 +157,48 @@ def main() -> None:
     assert sum(fifty.decide(Action.PUBLISH, t).allowed for t in topics50) == 32
 
     pub, old_pub = Action.PUBLISH, policy_v1.Action.PUBLISH
-    rows = [
-        (
-            "v1 authorize, default policy (PUBLISH)",
-            measure(lambda t: policy_v1.authorize(who, old_pub, t, old), topics, n, repeat),
-        ),
-        (
-            "decide, default policy (PUBLISH)",
-            measure(lambda t: default_compiled.decide(pub, t), topics, n, repeat),
-        ),
-        (
-            "decide, 50 statements (PUBLISH)",
-            measure(lambda t: fifty.decide(pub, t), topics50, n, repeat),
-        ),
+    sub, old_sub = Action.SUBSCRIBE, policy_v1.Action.SUBSCRIBE
+    filters50 = [f"fleets/plant/a{i}/+" for i in range(10)]
+    filters50 += [f"fleets/x/a{i}/#" for i in range(10)]
+    filters = ["devices/d1/#", "fleets/plant/+", "devices/+/x", "#"] * 5
+    m = n // 4
+    v1_pub = "v1 authorize, default policy (PUBLISH)"
+    v1_sub = "v1 authorize, default policy (SUBSCRIBE)"
+    cases: list[Case] = [
+        (v1_pub, lambda t: policy_v1.authorize(who, old_pub, t, old), topics, n),
+        ("decide, default policy (PUBLISH)", lambda t: default_compiled.decide(pub, t), topics, n),
+        ("decide, 50 statements (PUBLISH)", lambda t: fifty.decide(pub, t), topics50, n),
         (
             "decide, 50 statements (PUBLISH qos 1 retain)",
-            measure(lambda t: fifty.decide(pub, t, qos=1, retain=True), topics50, n, repeat),
+            lambda t: fifty.decide(pub, t, qos=1, retain=True),
+            topics50,
+            n,
         ),
-    ]
-    sub_filters = [f"fleets/plant/a{i}/+" for i in range(10)] + [
-        f"fleets/x/a{i}/#" for i in range(10)
-    ]
-    sub, old_sub = Action.SUBSCRIBE, policy_v1.Action.SUBSCRIBE
-    default_filters = ["devices/d1/#", "fleets/plant/+", "devices/+/x", "#"] * 5
-    rows += [
-        (
-            "v1 authorize, default policy (SUBSCRIBE)",
-            measure(
-                lambda f: policy_v1.authorize(who, old_sub, f, old), default_filters, n // 4, repeat
-            ),
-        ),
+        (v1_sub, lambda f: policy_v1.authorize(who, old_sub, f, old), filters, m),
         (
             "decide, default policy (SUBSCRIBE)",
-            measure(lambda f: default_compiled.decide(sub, f), default_filters, n // 4, repeat),
+            lambda f: default_compiled.decide(sub, f),
+            filters,
+            m,
         ),
-        (
-            "decide, 50 statements (SUBSCRIBE)",
-            measure(lambda f: fifty.decide(sub, f), sub_filters, n // 4, repeat),
-        ),
+        ("decide, 50 statements (SUBSCRIBE)", lambda f: fifty.decide(sub, f), filters50, m),
     ]
+    rows = measure(cases, repeat)
     subjects = [Subject(f"d{i}", "plant", frozenset({"g1"}), {"site": "s1"}) for i in range(2000)]
-    compile_default = measure(lambda s: default_set.compile(s), subjects, 2000, 1)  # type: ignore[arg-type]
-    compile_fifty = measure(lambda s: fifty_set.compile(s), subjects, 2000, 1)  # type: ignore[arg-type]
-    cached = measure(lambda s: fifty_set.for_subject(subject), subjects, n // 4, repeat)  # type: ignore[arg-type]
-
-    base = rows[0][1][1]
-    print(f"policy decisions: best of {repeat} x {n} (SUBSCRIBE {n // 4}), one process")
+    extra = measure(
+        [
+            ("compile per device, default policy", default_set.compile, subjects, 2000),
+            ("compile per device, 50 statements", fifty_set.compile, subjects, 2000),
+            ("for_subject, cached (50 statements)", fifty_set.for_subject, [subject], m),
+        ],
+        1,
+    )
+    print(f"policy decisions: best of {repeat} rounds of {n} (SUBSCRIBE {m}), one process")
     print(f"{'figure':48} {'ns/decision':>12} {'CPU ns':>8} {'CPU vs v1':>9}")
-    for label, (wall, cpu) in rows:
-        ref = base if "PUBLISH" in label else rows[4][1][1]
-        print(f"{label:48} {wall:12.0f} {cpu:8.0f} {cpu / ref:6.2f}x")
-    extra = [
-        ("compile per device, default policy", compile_default),
-        ("compile per device, 50 statements", compile_fifty),
-        ("for_subject, cached (50 statements)", cached),
-    ]
-    for label, (wall, cpu) in extra:
+    for label, (wall, cpu) in rows.items():
+        ref = rows[v1_pub if "PUBLISH" in label else v1_sub][1]
+        print(f"{label:48} {wall:12.0f} {cpu:8.0f} {cpu / ref:8.2f}x")
+    for label, (wall, cpu) in extra.items():
         print(f"{label:48} {wall:12.0f} {cpu:8.0f}")
 
 

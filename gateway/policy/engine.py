@@ -310,7 +310,7 @@ def _literal_part(topic_filter: str) -> str:
 
 
 def _regex(entries: list[_Entry]) -> Callable[[str], re.Match[str] | None]:
-    """One alternative per entry, in order (group ``g<i>``), their common literal prefix
+    """One alternative per entry, in order (capturing group i + 1), their common literal prefix
     matched once: alternatives that share a long prefix then fail at their first char."""
     regexes = [_filter_regex(e.expanded) for e in entries]
     prefix = ""
@@ -319,7 +319,7 @@ def _regex(entries: list[_Entry]) -> Callable[[str], re.Match[str] | None]:
         prefix = re.escape(literal[0][: len(commonprefix(literal))])  # noqa: RUF071 (chars)
         if not all(r.startswith(prefix) for r in regexes):
             prefix = ""
-    body = "|".join(f"(?P<g{i}>{r[len(prefix) :]})" for i, r in enumerate(regexes))
+    body = "|".join(f"({r[len(prefix) :]})" for r in regexes)
     return re.compile(f"{prefix}(?:{body})", re.DOTALL).fullmatch
 
 
@@ -361,24 +361,26 @@ def _by_regex(wild: list[_Entry]) -> Callable[[str], _Entry | None]:
         first: [e for e in wild if _first_level(e.expanded) in (first, "+", "#")]
         for first in firsts
     }
-    compiled: dict[str, tuple[Callable[[str], re.Match[str] | None], list[_Entry]] | None] = {}
+    _Index = tuple[Callable[[str], re.Match[str] | None], list[_Entry]]
+    built: dict[str, _Index] = {}  # per first level named by a filter: bounded by the policy
+    nothing: _Index = (lambda topic: None, [])
 
-    def index(first: str) -> tuple[Callable[[str], re.Match[str] | None], list[_Entry]] | None:
+    def build(first: str) -> _Index:
         entries = groups.get(first, anywhere)
-        key = first if first in groups else ""
-        if key not in compiled:
-            compiled[key] = (_regex(entries), entries) if entries else None
-        return compiled[key]
+        index = (_regex(entries), entries) if entries else nothing
+        built[first if first in groups else "#"] = index  # no topic's first level is "#"
+        return index
 
     def find(topic: str) -> _Entry | None:
         first = topic.partition("/")[0]
-        found = compiled.get(first if first in groups else "", False)
-        if found is False:
-            found = index(first)
-        if found is None:
-            return None
-        m = found[0](topic)  # type: ignore[index]
-        return None if m is None else found[1][int(m.lastgroup[1:])]  # type: ignore[index]
+        index = built.get(first)
+        if index is None:
+            index = built.get("#") if first not in groups else None
+            if index is None:
+                index = build(first)
+        m = index[0](topic)
+        # one capturing group per alternative, in order: the last one matched is the entry
+        return None if m is None else index[1][m.lastindex - 1]  # type: ignore[operator]
 
     return find
 

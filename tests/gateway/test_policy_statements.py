@@ -390,3 +390,30 @@ def test_a_bad_statement_file_names_file_line_and_fix(
     where = f"{path}:{line}: " if line is not None else f"{path}"
     assert problem.startswith(where), problem
     assert message in problem, problem
+
+
+def test_many_filters_by_first_level_including_the_empty_one() -> None:
+    """Past a few wildcard filters the matcher indexes them by first level ('' too)."""
+    resources = [f"/{i}/+" for i in range(4)] + [f"a{i}/#" for i in range(4)] + ["+/x"]
+    document = PolicyFile.model_validate(
+        {
+            "policies": {
+                "p": {
+                    "statements": [
+                        {"id": "many", "effect": "Allow", "actions": ["publish"],
+                         "resources": resources},
+                        {"id": "no", "effect": "Deny", "actions": ["publish"],
+                         "resources": ["a1/secret"]},
+                    ]
+                }
+            },
+            "attach": [{"policy": "p", "fleet": "*"}],
+        }
+    )  # fmt: skip
+    compiled = PolicySet(document).for_subject(subject())
+    allowed = ["/0/x", "/3/", "a0", "a2/b/c", "b/x", "/x", "a1/secret/deeper"]
+    denied = ["/4/x", "/0", "a1/secret", "b/y", "$SYS/x", "zz", "/0/x/y"]
+    for topic in allowed * 2:  # twice: the indexes are built on first use
+        assert compiled.decide(PUB, topic).allowed, topic
+    for topic in denied * 2:
+        assert not compiled.decide(PUB, topic).allowed, topic
