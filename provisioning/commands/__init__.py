@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("devices", "Inspect, disable, enable and revoke devices."),
     "cert": ("certs", "List and revoke certificates."),
     "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
-    "policy": ("policy", "Check a topic policy file, or explain its decisions."),
+    "policy": (
+        "policy",
+        "Check a topic policy file, explain its decisions, or test it against a table.",
+    ),
     "ticket-keys": ("ticket_keys", "TLS session ticket keys of the gateway."),
     "enroll": (
         "device_side",
