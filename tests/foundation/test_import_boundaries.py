@@ -256,7 +256,7 @@ def _write(root: Path, relative: str, text: str) -> None:
         ),
         (
             "provisioning/agent/pkcs11_key.py",
-            "from gateway import bridge\n",
+            "from provisioning import store\n",
             "the device agent imports only schemas",
         ),
         (
