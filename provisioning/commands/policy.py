@@ -18,11 +18,14 @@ from provisioning.commands.common import console, context, errors, fail
 from schemas.validation import FLEET_PATTERN, FLEET_RULE
 
 group = typer.Typer(
-    help="Check a topic policy file, or explain its decisions.", no_args_is_help=True
+    help="Topic policies: check, apply, export, attach, explain.", no_args_is_help=True
 )
 
 
 def register(app: typer.Typer) -> None:
+    from provisioning.commands import policy_db
+
+    policy_db.register_into(group)
     app.add_typer(group, name="policy")
 
 
@@ -57,7 +60,10 @@ class _Device:
 def explain_(
     ctx: typer.Context,
     device: Annotated[str, typer.Option("--device", help="Device id.")],
-    fleet: Annotated[str, typer.Option("--fleet", help="The device's fleet.")],
+    fleet: Annotated[
+        str | None,
+        typer.Option("--fleet", help="The device's fleet (with --policy FILE: no database)."),
+    ] = None,
     publish: Annotated[
         str | None, typer.Option("--publish", metavar="TOPIC", help="A PUBLISH topic.")
     ] = None,
@@ -65,19 +71,38 @@ def explain_(
         str | None,
         typer.Option("--subscribe", metavar="FILTER", help="A SUBSCRIBE filter ($share too)."),
     ] = None,
+    receive: Annotated[
+        str | None,
+        typer.Option("--receive", metavar="TOPIC", help="A delivery the device would receive."),
+    ] = None,
+    qos: Annotated[int, typer.Option("--qos", min=0, max=2, help="QoS of the request.")] = 0,
+    retain: Annotated[bool, typer.Option("--retain", help="A retained PUBLISH.")] = False,
     policy: Annotated[
         Path | None,
         typer.Option(help="Policy file (default: DEVICEGATE_POLICY_FILE, else the built-in)."),
     ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Say whether the gateway allows a PUBLISH or SUBSCRIBE, and which template decides.
+    """Say whether the gateway allows a request, which statement decides, at which version.
 
-    Exit status: 0 allowed, 1 denied, 2 bad usage or an invalid policy file.
+    Without --fleet or --policy, the device, its groups and attributes and the policies
+    attached to them are read from the database. Exit status: 0 allowed, 1 denied (or an
+    unknown device), 2 bad usage or an invalid policy file.
     """
     from gateway.policy import Action, PolicyError, explain, load_policy
 
-    if (publish is None) == (subscribe is None):
-        fail("give exactly one of --publish TOPIC and --subscribe FILTER", code=2)
+    asked_for = [(a, t) for a, t in (("publish", publish), ("subscribe", subscribe),
+                                     ("receive", receive)) if t is not None]  # fmt: skip
+    if len(asked_for) != 1:
+        fail("give exactly one of --publish TOPIC, --subscribe FILTER, --receive TOPIC", code=2)
+    if fleet is None and policy is None:
+        from provisioning.commands.policy_db import explain_device
+
+        explain_device(ctx, device, *asked_for[0], qos=qos, retain=retain, json_output=json_output)
+    if fleet is None:
+        fail("--policy FILE needs --fleet (or leave both out to read the database)", code=2)
+    if receive is not None:
+        fail("--receive is judged over the database only (leave out --fleet and --policy)", code=2)
     if not re.fullmatch(FLEET_PATTERN, fleet):
         fail(f"--fleet: must be {FLEET_RULE} (got {fleet!r})", code=2)
     path = policy if policy is not None else context(ctx).settings().policy_file
