@@ -83,7 +83,7 @@ RULES = (
         ),
     ),
     Rule(
-        "the policy command and explanation import only the gateway's pure policy",
+        "the policy command imports only the gateway's pure policy",
         ("provisioning.commands.policy", "provisioning.policy_engine"),
         ("gateway",),
         allowed=("gateway.policy",),
