@@ -136,19 +136,21 @@ def _policy_paths() -> dict[str, Any]:
     """Policies, attachments, device attributes, groups, explain (all admin)."""
     name, kind, target = _p("name"), _p("kind"), _p("target")
     kind["schema"] = {"enum": ["fleet", "group", "device"]}
+    put_policy = _op(
+        "Store a policy document: 201 with a new version if it changed, else 200.",
+        response=PolicyApplied,
+        body=PolicyPut,
+        admin=True,
+        params=[name],
+    )
+    put_policy["responses"]["201"] = put_policy["responses"]["200"]
     return {
         "/v1/policies": {"get": _op("List policies.", response=PolicyInfo, array=True, admin=True)},
         "/v1/policies/{name}": {
             "get": _op(
                 "A policy with its document.", response=PolicyInfo, admin=True, params=[name]
             ),
-            "put": _op(
-                "Store a policy document (a new version only if it changed; 201 if it did).",
-                response=PolicyApplied,
-                body=PolicyPut,
-                admin=True,
-                params=[name],
-            ),
+            "put": put_policy,
             "delete": _op(
                 "Delete a policy and its attachments.",
                 response=PolicyVersion,
