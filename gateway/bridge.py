@@ -58,6 +58,7 @@ from gateway.audit import EventContext, EventSink
 from gateway.config import BridgeConfig
 from gateway.connection import Session, State
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
+from gateway.policy import CompiledPolicy
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.spans import ATTR_PEER, ConnectionTrace
@@ -66,7 +67,6 @@ from gateway.tls import TlsFailure, TlsPump
 from gateway.upstream import close_lingering, dial
 from schemas.certificates import describe_certificate
 from schemas.events import AuthEvent, EventType, Outcome, Reason
-from schemas.policy import FleetPolicy
 
 __all__ = ["DeviceConnection", "Hub"]
 
@@ -86,7 +86,7 @@ class Hub(Protocol):
     directory: DeviceDirectory
     metrics: GatewayMetrics
 
-    def fleet_policy(self, fleet: str) -> FleetPolicy: ...
+    def compiled_policy(self, identity: DeviceIdentity) -> CompiledPolicy: ...
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]: ...
 
@@ -402,7 +402,7 @@ class DeviceConnection(asyncio.Protocol):
             self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
         self.session = Session(
             identity=identity,
-            policy=self.hub.fleet_policy(identity.fleet),
+            policy=self.hub.compiled_policy(identity),
             context=self.context,
             max_packet_size=self.config.max_packet_size,
             denial_limits=self.config.denials,

@@ -98,10 +98,9 @@ from gateway.mqtt.packets import (
     Subscribe,
 )
 from gateway.policy import Action as PolicyAction
-from gateway.policy import authorize
+from gateway.policy import CompiledPolicy
 from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
-from schemas.policy import FleetPolicy
 
 __all__ = ["Session", "State"]
 
@@ -125,7 +124,7 @@ class Session:
         self,
         *,
         identity: DeviceIdentity,
-        policy: FleetPolicy,
+        policy: CompiledPolicy,
         context: EventContext,
         max_packet_size: int,
         denial_limits: DenialLimits | None = None,
@@ -155,10 +154,10 @@ class Session:
         self._connack_size = 0  # the CONNACK `Admit` carries, counted out once it is sent
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
-        self._publish_cache: dict[str, bool] = {}
+        self._publish_cache: dict[object, bool] = {}
         self._raw_allowed: dict[bytes, bool] = {}  # topic bytes -> allowed, for the fast path
         self.fast_path = True
-        self._subscribe_cache: dict[str, bool] = {}
+        self._subscribe_cache: dict[object, bool] = {}
         self._aliases: dict[int, str] = {}
         self._alias_max = 0
         self._local_qos2: set[int] = set()
@@ -318,8 +317,11 @@ class Session:
         if not connect.client_id:  # the gateway names it after the device
             self._assign_client_id = self.version == MQTT_5
             self.client_id = self.identity.device_id
-        if connect.will is not None and not self._allowed(PolicyAction.PUBLISH, connect.will.topic):
-            return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": connect.will.topic})
+        will = connect.will
+        if will is not None and not self._allowed(
+            PolicyAction.PUBLISH, will.topic, will.qos, will.retain
+        ):
+            return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": will.topic})
         return [CheckDevice()]
 
     def device_checked(self, reason: Reason) -> list[Action]:
@@ -548,14 +550,22 @@ class Session:
             self._pending_len = n - pos
         return actions
 
-    def _allowed(self, action: PolicyAction, topic: str) -> bool:
-        cache = self._publish_cache if action is PolicyAction.PUBLISH else self._subscribe_cache
-        allowed = cache.get(topic)
+    def _allowed(
+        self, action: PolicyAction, topic: str, qos: int = 0, retain: bool = False
+    ) -> bool:
+        key: object
+        if action is PolicyAction.PUBLISH:
+            cache = self._publish_cache
+            key = (topic, qos, retain) if self.policy.publish_flags_matter else topic
+        else:
+            cache = self._subscribe_cache
+            key = (topic, qos)
+        allowed = cache.get(key)
         if allowed is None:
-            allowed = authorize(self.identity, action, topic, self.policy).allowed
+            allowed = self.policy.decide(action, topic, qos=qos, retain=retain).allowed
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            cache[topic] = allowed
+            cache[key] = allowed
         return allowed
 
     def _publish(self, packet: Publish) -> list[Action] | None:
@@ -573,8 +583,10 @@ class Session:
                     if known is None:
                         raise MalformedPacket(f"unknown topic alias {alias}", PROTOCOL_ERROR)
                     topic = known
-        if self._allowed(PolicyAction.PUBLISH, topic):
-            if topic is packet.topic:  # not via an alias: the fast path may skip decoding
+        if self._allowed(PolicyAction.PUBLISH, topic, packet.qos, packet.retain):
+            # Not via an alias, and allowed whatever the flags: the fast path (which does
+            # not read them) may skip decoding the next PUBLISH to this topic.
+            if topic is packet.topic and not self.policy.publish_flags_matter:
                 if len(self._raw_allowed) >= _CACHE_LIMIT:
                     self._raw_allowed.clear()
                 self._raw_allowed[topic.encode()] = True
@@ -640,7 +652,8 @@ class Session:
 
     def _subscribe(self, packet: Subscribe) -> list[Action] | None:
         verdicts = [
-            self._allowed(PolicyAction.SUBSCRIBE, s.topic_filter) for s in packet.subscriptions
+            self._allowed(PolicyAction.SUBSCRIBE, s.topic_filter, s.qos)
+            for s in packet.subscriptions
         ]
         if all(verdicts):
             return None

@@ -34,7 +34,7 @@ Invariants:
   wait and are never refused at accept; their failures are charged and summarised alike.
 * Events that do not gate admission are recorded in the background; `Gateway.close`
   waits for them, so a clean shutdown loses none.
-* The policy document is swapped atomically on reload; sessions keep the fleet policy
+* The policy set is swapped atomically on reload; sessions keep the compiled policy
   they started with (decisions are cached per session).
 """
 
@@ -67,14 +67,14 @@ from gateway.limits import (
     TrustedNetworks,
     address_key,
 )
-from gateway.policy import PolicyError, load_policy
+from gateway.policy import CompiledPolicy, PolicyError, PolicySet, load_policy
 from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
 from gateway.takeover import Claim, SessionBus
 from gateway.telemetry import GatewayMetrics
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.notify import SessionNotice
-from schemas.policy import FleetPolicy, PolicyDocument
+from schemas.policy import PolicyDocument, PolicyFile
 
 __all__ = ["Gateway"]
 
@@ -122,7 +122,7 @@ class Gateway:
         directory: DeviceDirectory,
         host: str,
         port: int,
-        policy: PolicyDocument | None = None,
+        policy: PolicyDocument | PolicyFile | PolicySet | None = None,
         policy_file: Path | None = None,
         max_connections: int = 10_000,
         reuse_port: bool = False,
@@ -142,7 +142,9 @@ class Gateway:
         self.host = host
         self.port = port
         self.policy_file = policy_file
-        self.policy = policy if policy is not None else load_policy(policy_file)
+        if policy is None:
+            policy = load_policy(policy_file)
+        self.policy = policy if isinstance(policy, PolicySet) else PolicySet.from_document(policy)
         self.max_connections = max_connections
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes share the port
         self.connections: set[DeviceConnection] = set()
@@ -269,7 +271,7 @@ class Gateway:
     def reload_policy(self) -> bool:
         """Re-read the policy file (SIGHUP); keep the old policy if the new one is invalid."""
         try:
-            self.policy = load_policy(self.policy_file)
+            self.policy = PolicySet.from_document(load_policy(self.policy_file))
         except PolicyError as exc:
             log.error("policy not reloaded: %s", exc)
             return False
@@ -278,8 +280,14 @@ class Gateway:
 
     # --- bridge.Hub ----------------------------------------------------------------
 
-    def fleet_policy(self, fleet: str) -> FleetPolicy:
-        return self.policy.for_fleet(fleet)
+    def compiled_policy(self, identity: DeviceIdentity) -> CompiledPolicy:
+        policy = self.policy
+        spiffe_id = (
+            f"spiffe://{self.config.trust_domain}/fleet/{identity.fleet}"
+            f"/device/{identity.device_id}"
+        )
+        subject = policy.subject(identity, cert_serial=identity.serial, spiffe_id=spiffe_id)
+        return policy.for_subject(subject)
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]:
         if (
