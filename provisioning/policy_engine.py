@@ -2,10 +2,13 @@
 
 The one module below the surfaces that imports ``gateway.policy`` (and nothing else of the
 gateway): a file is validated, and a decision explained, by the gateway's own code over
-the same snapshot the gateway loads (`schemas.policy_store.load_policy_snapshot`), never by
-a copy of the rules. The CLI (``devicegate policy apply|explain``), the admin API
-(``PUT /v1/policies/{name}``, ``POST /v1/policy/explain``) and the console's device page
-call it.
+the same snapshot the gateway loads (`schemas.policy_store.load_policy_snapshot`, turned
+into decisions by ``PolicySet.from_snapshot``), never by a copy of the rules. The CLI
+(``devicegate policy apply|explain``), the admin API (``PUT /v1/policies/{name}``,
+``POST /v1/policy/explain``) and the console's device page call it.
+
+A database that holds no policy document decides with the built-in default policy (as a
+gateway without a policy file does), with the groups and attributes it holds.
 """
 
 from __future__ import annotations
@@ -14,22 +17,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.policy import Action, PolicyError, explain, load_policy
+from gateway.policy import Action, PolicyError, PolicySet, Subject, explain, load_policy
 from provisioning import policies, store
 from provisioning.errors import NotFound, RequestInvalid
-from schemas.policy import PolicyDocument
+from schemas.policy import Policy, PolicyDocument, PolicyFile
 from schemas.policy_store import PolicySnapshot, load_policy_snapshot
 
 Connection = Any
 
-ACTIONS: Final = ("publish", "subscribe")
-
-
+ACTIONS: Final = tuple(action.value for action in Action)
 MAX_FILE_BYTES: Final = 4 * policies.MAX_DOCUMENT_BYTES
+MAX_FILE_POLICIES: Final = 100
 
 
-def load_document_file(path: Path) -> dict[str, Any]:
-    """A policy file (TOML, or JSON for ``.json``) as its canonical document.
+@dataclass(frozen=True, slots=True)
+class PolicyFileContent:
+    """A policy file as `provisioning.policies.apply_policies` takes it."""
+
+    documents: dict[str, dict[str, Any]]
+    attach: tuple[tuple[str, str, str], ...]
+
+
+def _checked_filters(documents: dict[str, dict[str, Any]]) -> None:
+    """Every topic resource must expand to a valid filter (the gateway's own check)."""
+    try:
+        PolicySet(
+            PolicyFile(
+                policies={name: Policy.model_validate(doc) for name, doc in documents.items()}
+            )
+        )
+    except PolicyError as exc:
+        raise policies.PolicyInvalid(exc.problems[0], problems=exc.problems) from None
+
+
+def load_document_file(path: Path) -> PolicyFileContent:
+    """A policy file (TOML, or JSON for ``.json``; the statement format or the per-fleet
+    format of earlier releases, converted) as canonical documents and attachments.
 
     Raises:
         policies.PolicyInvalid: unreadable, too large, or invalid; ``problems`` holds one
@@ -38,27 +61,48 @@ def load_document_file(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise policies.PolicyInvalid(
-            f"{path}: cannot read the policy file: {exc.strerror}"
-        ) from None
+        why = exc.strerror
+        raise policies.PolicyInvalid(f"{path}: cannot read the policy file: {why}") from None
     if size > MAX_FILE_BYTES:
         raise policies.PolicyInvalid(
             f"{path}: the file is {size} bytes; at most {MAX_FILE_BYTES} are read"
         )
     try:
-        document = load_policy(path)
+        loaded = load_policy(path)
+        PolicySet.from_document(loaded)
     except PolicyError as exc:
-        raise policies.PolicyInvalid(str(exc).splitlines()[0], problems=exc.problems) from None
-    return policies.canonical_document(document.model_dump(mode="json"), source=str(path))
+        raise policies.PolicyInvalid(exc.problems[0], problems=exc.problems) from None
+    document = loaded.to_policy_file() if isinstance(loaded, PolicyDocument) else loaded
+    if len(document.policies) > MAX_FILE_POLICIES:
+        raise policies.PolicyInvalid(
+            f"{path}: {len(document.policies)} policies; at most {MAX_FILE_POLICIES} per file"
+        )
+    documents = {
+        name: policies.canonical_document(policy, source=f"{path}: policies.{name}")
+        for name, policy in document.policies.items()
+    }
+    attach = tuple((a.policy, a.kind, a.target) for a in document.attach)
+    return PolicyFileContent(documents, attach)
 
 
-def check_document(raw: object) -> dict[str, Any]:
+def file_of(
+    documents: dict[str, dict[str, Any]], attachments: list[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """Stored documents and attachments as a policy file (``policy export``): what
+    `load_document_file` reads back to the same documents and attachments."""
+    attach = [{"policy": name, kind: target} for name, kind, target in attachments]
+    return {"policies": documents, "attach": attach}
+
+
+def check_document(raw: object, *, name: str) -> dict[str, Any]:
     """A document from the API (parsed JSON) as its canonical form, validated as a file is.
 
     Raises:
         policies.PolicyInvalid: what is wrong, with its location in the document.
     """
-    return policies.canonical_document(raw, source="document")
+    document = policies.canonical_document(raw, source="document")
+    _checked_filters({name: document})
+    return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +111,9 @@ class Explained:
 
     Attributes:
         allowed: The decision.
-        statement: The statement (rule) that decided; ``default-deny`` when none matched.
+        statement: ``<policy>/<id>`` that decided; ``default-deny`` when none matched.
         version: The global policy version decided on.
-        policy: The policy document used (None: the built-in default).
-        why: The reason in words.
+        why: The reason in words, and notes (resources left out for this device).
     """
 
     device_id: str
@@ -80,9 +123,10 @@ class Explained:
     allowed: bool
     statement: str
     version: int
-    policy: str | None
     why: str
+    policies: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,65 +137,86 @@ class Explained:
             "decision": "allowed" if self.allowed else "denied",
             "statement": self.statement,
             "policy_version": self.version,
-            "policy": self.policy,
+            "policies": list(self.policies),
             "why": self.why,
+            "notes": list(self.notes),
             "groups": list(self.groups),
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Subject:
-    device_id: str
-    fleet: str
+def policy_set_of(snapshot: PolicySnapshot) -> PolicySet:
+    """The decisions of a snapshot (no document: the built-in default policy).
 
-
-def _policy_for(
-    snapshot: PolicySnapshot, device_id: str, fleet: str, groups: frozenset[str]
-) -> tuple[str | None, PolicyDocument]:
-    """The document that applies: attached to the device, else to one of its groups (by
-    name), else to its fleet, else the policy named ``default``, else the built-in."""
-    names = list(snapshot.attached_to("device", device_id))
-    for group in sorted(groups):
-        names += snapshot.attached_to("group", group)
-    names += snapshot.attached_to("fleet", fleet)
-    if "default" in snapshot.documents:
-        names.append("default")
-    for name in names:
-        if name in snapshot.documents:
-            return name, PolicyDocument.model_validate(dict(snapshot.documents[name]))
-    return None, load_policy(None)
+    Raises:
+        RequestInvalid: a stored document no longer loads.
+    """
+    try:
+        if snapshot.documents:
+            return PolicySet.from_snapshot(snapshot)
+        return PolicySet(
+            PolicyDocument().to_policy_file(),
+            version=snapshot.version,
+            groups=snapshot.groups,
+            attributes=snapshot.attributes,
+        )
+    except PolicyError as exc:
+        raise RequestInvalid(f"the stored policy does not load: {exc.problems[0]}") from None
 
 
 def explain_in(
-    snapshot: PolicySnapshot,
+    policy_set: PolicySet,
+    subject: Subject,
     *,
-    device_id: str,
-    fleet: str,
     action: str,
     topic: str,
     qos: int = 0,
     retain: bool = False,
 ) -> Explained:
-    """The decision for one request of a device over ``snapshot`` (pure)."""
+    """The decision for one request of ``subject`` (pure)."""
     if action not in ACTIONS:
         raise RequestInvalid(f"action must be one of {', '.join(ACTIONS)}")
-    groups = snapshot.groups_of(device_id)
-    try:
-        name, document = _policy_for(snapshot, device_id, fleet, groups)
-    except (PolicyError, ValueError) as exc:
-        raise RequestInvalid(f"the stored policy does not load: {exc}") from None
-    verdict = explain(_Subject(device_id, fleet), Action(action), topic, document.for_fleet(fleet))
+    compiled = policy_set.for_subject(subject)
+    explained = explain(compiled, Action(action), topic, qos, retain)
     return Explained(
-        device_id=device_id,
-        fleet=fleet,
+        device_id=subject.device_id,
+        fleet=subject.fleet,
         action=action,
         topic=topic,
-        allowed=verdict.decision.allowed,
-        statement=verdict.template or "default-deny",
-        version=snapshot.version,
-        policy=name,
-        why=verdict.why,
-        groups=tuple(sorted(groups)),
+        allowed=explained.allowed,
+        statement=explained.statement,
+        version=explained.version,
+        why=explained.why,
+        policies=tuple(name for name, _ in policy_set.applicable(subject)),
+        groups=tuple(sorted(subject.groups)),
+        notes=explained.notes,
+    )
+
+
+async def subject_of(
+    conn: Connection, snapshot: PolicySnapshot, device_id: str, *, trust_domain: str
+) -> Subject:
+    """The subject of an enrolled device as a gateway sees it: its fleet, the groups and
+    attributes of ``snapshot``, its newest active certificate's serial, its SPIFFE id.
+
+    Raises:
+        NotFound: no such device.
+    """
+    try:
+        device = await store.get_device(conn, device_id)
+    except NotFound:
+        raise NotFound(f"unknown device {device_id!r}") from None
+    serial = await conn.fetchval(
+        """SELECT serial FROM certificates WHERE device_id = $1 AND status = 'active'
+           ORDER BY issued_at DESC LIMIT 1""",
+        device_id,
+    )
+    return Subject(
+        device_id=device.device_id,
+        fleet=device.fleet,
+        groups=snapshot.groups_of(device_id),
+        attributes=snapshot.attributes_of(device_id),
+        cert_serial=serial or "",
+        spiffe_id=f"spiffe://{trust_domain}/fleet/{device.fleet}/device/{device.device_id}",
     )
 
 
@@ -163,6 +228,7 @@ async def explain_device(
     topic: str,
     qos: int = 0,
     retain: bool = False,
+    trust_domain: str,
 ) -> Explained:
     """`explain_in` over the current snapshot, for an enrolled device.
 
@@ -172,17 +238,8 @@ async def explain_device(
     """
     if action not in ACTIONS:
         raise RequestInvalid(f"action must be one of {', '.join(ACTIONS)}")
-    try:
-        device = await store.get_device(conn, device_id)
-    except NotFound:
-        raise NotFound(f"unknown device {device_id!r}") from None
     snapshot = await load_policy_snapshot(conn)
+    subject = await subject_of(conn, snapshot, device_id, trust_domain=trust_domain)
     return explain_in(
-        snapshot,
-        device_id=device.device_id,
-        fleet=device.fleet,
-        action=action,
-        topic=topic,
-        qos=qos,
-        retain=retain,
+        policy_set_of(snapshot), subject, action=action, topic=topic, qos=qos, retain=retain
     )

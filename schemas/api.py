@@ -206,8 +206,10 @@ class GroupInfo(_Model):
 
 class ExplainRequest(_Model):
     device_id: str = Field(min_length=1, max_length=128)
-    action: Literal["publish", "subscribe", "receive"]
-    topic: str = Field(min_length=1, max_length=65535)
+    action: Literal["connect", "publish", "subscribe", "receive", "retain"]
+    topic: str = Field(
+        min_length=1, max_length=65535, description="Topic, filter, or (connect) client id."
+    )
     qos: int = Field(0, ge=0, le=2)
     retain: bool = False
 
@@ -218,8 +220,15 @@ class ExplainResult(_Model):
     action: str
     topic: str
     decision: Literal["allowed", "denied"]
-    statement: str = Field(description="The deciding statement; default-deny if none matched.")
+    statement: str = Field(
+        description="The deciding statement, <policy>/<id>; default-deny if none matched."
+    )
     policy_version: int
-    policy: str | None = Field(None, description="The policy document that decided.")
+    policies: list[str] = Field(
+        default_factory=list, description="The policies that apply to the device."
+    )
     why: str
+    notes: list[str] = Field(
+        default_factory=list, description="Resources left out for this device, and why."
+    )
     groups: list[str] = Field(default_factory=list)

@@ -84,61 +84,105 @@ def register_into(group: typer.Typer) -> None:
 def apply_(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(metavar="FILE", help="Policy file (TOML or JSON).")],
-    name: NameOption = "default",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Apply only this policy of FILE (a file of one policy: store it as NAME).",
+        ),
+    ] = None,
     attach: Annotated[
         list[str] | None,
         typer.Option(
-            "--attach", metavar="KIND:TARGET", help="fleet:F, group:G or device:D (repeatable)."
+            "--attach",
+            metavar="KIND:TARGET",
+            help="Attach the policy to fleet:F (fleet:* for every fleet), group:G or device:D.",
         ),
     ] = None,
 ) -> None:
-    """Validate FILE and store it as policy NAME (a new version only if it changed)."""
+    """Validate FILE and store its policies and attachments (a new version only if
+    something changed; the per-fleet format of earlier releases is converted)."""
     from provisioning import policies, policy_engine
 
     settings = context(ctx).settings()
     actor = cli_actor()
 
     async def operation(conn: Any) -> policies.ApplyResult:
-        policies.check_name(name)
-        targets = [policies.parse_target(text) for text in attach or ()]
-        document = policy_engine.load_document_file(path)
-        return await policies.apply_policy(
-            conn, name, document, actor=actor, instance=settings.instance_id, attach=targets
+        extra = [policies.parse_target(text) for text in attach or ()]
+        content = policy_engine.load_document_file(path)
+        documents, attachments = content.documents, list(content.attach)
+        if name is not None:
+            policies.check_name(name)
+            if name in documents:
+                documents = {name: documents[name]}
+                attachments = [a for a in attachments if a[0] == name]
+            elif len(documents) == 1:
+                (only,) = documents
+                documents = {name: documents[only]}
+                attachments = [(name, kind, target) for _, kind, target in attachments]
+            else:
+                defined = ", ".join(sorted(documents)) or "none"
+                raise policies.PolicyInvalid(
+                    f"{path} defines no policy {name!r} (it defines {defined})"
+                )
+        if extra:
+            if len(documents) != 1:
+                raise policies.PolicyInvalid(
+                    f"{path} defines {len(documents)} policies: name the one to attach with --name"
+                )
+            (target_name,) = documents
+            attachments += [(target_name, kind, target) for kind, target in extra]
+        return await policies.apply_policies(
+            conn, documents, actor=actor, instance=settings.instance_id, attach=attachments
         )
 
     try:
         result = _recorded(settings, "policy_apply", operation)
     except policies.PolicyInvalid as exc:
         _problems(exc)
-    attached = "".join(f"; attached to {kind}:{target}" for kind, target in result.attached)
-    if result.changed:
-        _say(f"policy {name!r}: stored as version {result.version}{attached}")
-    elif attached:
-        _say(f"policy {name!r}: unchanged{attached} (version {result.version})")
-    else:
-        _say(f"policy {name!r}: unchanged, no new version (version {result.version} in force)")
+    for changed in result.changed:
+        _say(f"policy {changed!r}: stored as version {result.version}")
+    for unchanged in result.unchanged:
+        _say(f"policy {unchanged!r}: unchanged")
+    for policy, kind, target in result.attached:
+        _say(f"policy {policy!r}: attached to {kind}:{target} (version {result.version})")
+    if not result.any_change:
+        _say(f"nothing changed: no new version (version {result.version} in force)")
 
 
 def export_(
     ctx: typer.Context,
-    name: NameOption = "default",
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only this policy (default: all).")
+    ] = None,
     fmt: Annotated[
         Literal["toml", "json"], typer.Option("--format", help="toml or json.")
     ] = "toml",
 ) -> None:
-    """Print policy NAME as a file `policy apply` takes back unchanged."""
-    from provisioning import policies
+    """Print the stored policies and their attachments as a file `policy apply` takes back
+    unchanged."""
+    from provisioning import policies, policy_engine
     from provisioning.errors import NotFound
     from provisioning.tomlout import dumps
 
     settings = context(ctx).settings()
-    document = with_connection(settings, lambda conn: policies.current_document(conn, name))
-    if document is None:
-        raise NotFound(f"unknown policy {name!r}")
+
+    async def read(conn: Any) -> dict[str, Any]:
+        names = [name] if name is not None else await policies.policy_names(conn)
+        documents = {}
+        for each in names:
+            document = await policies.current_document(conn, each)
+            if document is None:
+                raise NotFound(f"unknown policy {each!r}")
+            documents[each] = document
+        attachments = [a for a in await policies.attachments(conn, name) if a[0] in documents]
+        return policy_engine.file_of(documents, attachments)
+
+    exported = with_connection(settings, read)
     if fmt == "json":
-        print(policies.canonical_json(document))
+        print(json.dumps(exported, indent=2, sort_keys=True, ensure_ascii=False))
     else:
-        print(dumps(document), end="")
+        print(dumps(exported), end="")
 
 
 def history_(
@@ -240,21 +284,24 @@ def explain_device(
     explained = with_connection(
         settings,
         lambda conn: policy_engine.explain_device(
-            conn, device, action=action, topic=topic, qos=qos, retain=retain
+            conn, device, action=action, topic=topic, qos=qos, retain=retain,
+            trust_domain=settings.trust_domain,
         ),
-    )
+    )  # fmt: skip
     if json_output:
         print(json.dumps(explained.as_dict(), sort_keys=True))
     else:
         word = "allowed" if explained.allowed else "denied"
         groups = ", ".join(explained.groups) or "none"
-        policy = explained.policy or "the built-in default"
-        for line in (
+        applied = ", ".join(explained.policies) or "none"
+        lines = [
             f"{word}: device {device!r} (fleet {explained.fleet!r}) {action} {topic!r}",
-            f"statement: {explained.statement}",
-            f"policy version: {explained.version} (policy {policy}; groups: {groups})",
+            f"statement: {explained.statement} (policy version {explained.version})",
             f"why: {explained.why}",
-        ):
+            *(f"note: {note}" for note in explained.notes),
+            f"policies: {applied}; groups: {groups} (database)",
+        ]
+        for line in lines:
             _say(line)
     raise typer.Exit(0 if explained.allowed else 1)
 

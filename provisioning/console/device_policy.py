@@ -55,14 +55,15 @@ def _verdict(explained: policy_engine.Explained) -> Html:
         ("decision", tag("span", word.upper(), class_=f"decision {word}")),
         ("statement", tag("span", explained.statement, class_="mono")),
         ("policy version", str(explained.version)),
-        ("policy", explained.policy or "built-in default"),
+        ("policies", ", ".join(explained.policies) or "none"),
         ("why", explained.why),
+        *(("note", note) for note in explained.notes),
     ]
     facts = join(tag("dt", name) + tag("dd", value) for name, value in items)
     return Html(f'<dl class="facts" id="explained">{facts}</dl>')
 
 
-async def section(conn: Any, device_id: str, query: Any) -> Html:
+async def section(conn: Any, device_id: str, query: Any, *, trust_domain: str) -> Html:
     """The policy section of a registered device's page."""
     values = await policies.get_attributes(conn, device_id)
     groups = await policies.groups_of(conn, device_id)
@@ -73,7 +74,7 @@ async def section(conn: Any, device_id: str, query: Any) -> Html:
     if query.get("explain") is not None and topic:
         try:
             explained = await policy_engine.explain_device(
-                conn, device_id, action=action, topic=topic
+                conn, device_id, action=action, topic=topic, trust_domain=trust_domain
             )
         except DevicegateError as exc:
             result = tag("p", str(exc), class_="notice", role="alert")

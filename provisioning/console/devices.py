@@ -87,7 +87,9 @@ async def show(request: web.Request) -> web.Response:
             device = None
         certificates = await store.list_certificates(conn, device_id=device_id)
         policy = (
-            await device_policy.section(conn, device_id, request.query)
+            await device_policy.section(
+                conn, device_id, request.query, trust_domain=service.settings.trust_domain
+            )
             if device is not None
             else Html("")
         )

@@ -95,19 +95,19 @@ async def put_policy(request: web.Request) -> web.Response:
     async def change(conn: Any, actor: str, instance: str) -> policies.ApplyResult:
         policies.check_name(name)
         body = parse_model(PolicyPut, await read_body(request))
-        targets = [policies.parse_target(text) for text in body.attach]
-        document = policy_engine.check_document(body.document)
-        return await policies.apply_policy(
-            conn, name, document, actor=actor, instance=instance, attach=targets
+        targets = [(name, *policies.parse_target(text)) for text in body.attach]
+        document = policy_engine.check_document(body.document, name=name)
+        return await policies.apply_policies(
+            conn, {name: document}, actor=actor, instance=instance, attach=targets
         )
 
     result = await _change(request, "policy_apply", change)
     return json_response(
         PolicyApplied(
-            name=result.name,
+            name=name,
             version=result.version,
-            changed=result.changed,
-            attached=[f"{kind}:{target}" for kind, target in result.attached],
+            changed=bool(result.changed),
+            attached=[f"{kind}:{target}" for _, kind, target in result.attached],
         ),
         status=201 if result.changed else 200,
     )
@@ -290,7 +290,7 @@ async def explain(request: web.Request) -> web.Response:
     async with service(request).pool.acquire() as conn:
         explained = await policy_engine.explain_device(
             conn, body.device_id, action=body.action, topic=body.topic, qos=body.qos,
-            retain=body.retain,
+            retain=body.retain, trust_domain=service(request).settings.trust_domain,
         )  # fmt: skip
     return json_response(ExplainResult.model_validate(explained.as_dict()))
 

@@ -13,14 +13,20 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner
 
-from gateway.policy import Action, authorize
+from gateway.policy import Action, PolicySet, Subject
 from provisioning import policies
 from provisioning.commands.cli import app
-from schemas.policy import PolicyDocument
+from schemas.policy import PolicyFile
 from schemas.policy_store import POLICY_CHANNEL
 from tests.provisioning.conftest import INSTANCE, Server, last_event, make_token, new_fleet
 from tests.provisioning.test_admin_api import call
-from tests.provisioning.test_policy_store import add_device, head_seq, policy_events, unique
+from tests.provisioning.test_policy_store import (
+    add_device,
+    head_seq,
+    policy_events,
+    statement,
+    unique,
+)
 
 PATHS = [
     ("GET", "/v1/policies"),
@@ -76,8 +82,7 @@ async def test_policies_attributes_groups_and_explain_through_the_api(
     fleet = new_fleet("api")
     device_id = await add_device(db, fleet)
     name, group = unique("pol"), unique("grp")
-    document = {"default": {"publish": ["devices/{device_id}/#"]},
-                "fleets": {fleet: {"publish": ["plant/{fleet}/{device_id}/#"]}}}  # fmt: skip
+    document = {"statements": [statement("plant", "plant/{fleet}/{device_id}/#")]}
     seq = await head_seq(db)
     status, applied = await call(
         http, server, "PUT", f"/v1/policies/{name}", admin_headers,
@@ -125,8 +130,8 @@ async def test_policies_attributes_groups_and_explain_through_the_api(
         json={"device_id": device_id, "action": "publish", "topic": f"plant/{fleet}/{device_id}/t"},
     )  # fmt: skip
     assert status == 200 and explained["decision"] == "allowed"
-    assert explained["statement"] == "plant/{fleet}/{device_id}/#"
-    assert explained["policy"] == name
+    assert explained["statement"] == f"{name}/plant"
+    assert explained["policies"] == [name]
     assert explained["policy_version"] == await policies.current_version(db)
     status, problem = await call(
         http, server, "POST", "/v1/policy/explain", admin_headers,
@@ -141,13 +146,14 @@ async def test_api_refusals_are_problems_and_one_denied_event_each(
 ) -> None:  # fmt: skip
     device_id = await add_device(db)
     name = unique("pol")
-    huge = {"default": {"publish": [f"d/{{device_id}}/{'x' * 300}/{i}" for i in range(250)]}}
+    huge = {"statements": [statement("s", *(f"d/{'x' * 300}/{i}" for i in range(250)))]}
+    many = {"statements": [statement(f"s{i}", f"d/{i}") for i in range(257)]}
     cases: list[tuple[str, str, Any, int, str]] = [
-        ("PUT", f"/v1/policies/{name}", {"document": {"defualt": {}}}, 400, "unknown key"),
+        ("PUT", f"/v1/policies/{name}", {"document": {"statments": []}}, 400, "unknown key"),
         ("PUT", f"/v1/policies/{name}", {"document": huge}, 413, "larger than"),
+        ("PUT", f"/v1/policies/{name}", {"document": many}, 400, "at most 256 are accepted"),
         ("PUT", f"/v1/policies/{name}",
-         {"document": {"default": {"publish": [f"d/{i}" for i in range(300)]}}}, 400,
-         "at most 256 are accepted"),
+         {"document": {"statements": [statement("s", "d/#/x")]}}, 400, "resources[0]"),
         ("PUT", f"/v1/devices/{device_id}/attributes", {"attributes": {"k": "v" * 300}}, 400,
          "at most 256 are accepted"),
         ("PUT", f"/v1/devices/{device_id}/attributes",
@@ -215,86 +221,122 @@ async def test_enrollment_sets_token_and_fleet_default_attributes(
 
 
 TOPICS = [
-    "devices/{d}/t", "devices/{d}/a/b", "devices/other/t", "plant/{f}/{d}/x", "plant/{f}/x",
-    "fleets/{f}/cmd", "$SYS/x", "devices/{d}/#", "plant/+/{d}/x", "",
+    "devices/{d}/t", "devices/{d}/a/b", "devices/other/t", "plant/{f}/berlin/{d}/x",
+    "plant/{f}/paris/{d}/x", "plant/{f}/x", "fleets/{f}/cmd", "$SYS/x", "devices/{d}/secret/k",
+    "lines/l-7/{d}", "devices/{d}/#", "plant/+/{d}/x",
 ]  # fmt: skip
 FILTERS = [
     "devices/{d}/#", "devices/{d}/+", "devices/+/x", "fleets/{f}/#", "#", "$share/g/devices/{d}/#",
-    "plant/{f}/{d}/#", "fleets/{f}/+/x", "bad/#/x",
+    "plant/{f}/berlin/{d}/#", "fleets/{f}/+/x", "lines/l-7/#", "devices/{d}/secret/#",
 ]  # fmt: skip
 
 
 def test_explain_over_cli_and_api_agrees_with_the_pure_evaluator(
     env: dict[str, str], database_url: str, server: Server, admin_key: str, client_context: Any
 ) -> None:
-    document = {
-        "default": {"publish": ["devices/{device_id}/#"]},
-        "fleets": {},
-    }
+    """Statements with Deny, groups, attributes and conditions, attached to the fleet, a
+    group and the device: the database path (CLI and API) decides as `PolicySet` over the
+    same document, groups and attributes, on every request of a generated table."""
     fleet = new_fleet("ex")
-    document["fleets"] = {
-        fleet: {"publish": ["plant/{fleet}/{device_id}/#"], "subscribe": ["fleets/{fleet}/#"]}
-    }
-    model = PolicyDocument.model_validate(document)
-    name = unique("pol")
+    base, extra = unique("pol"), unique("pol")
+    group = unique("line")
+    documents = {
+        base: {"statements": [
+            statement("own", "devices/{device_id}/#", actions=("publish", "subscribe")),
+            statement("fleet-in", "fleets/{fleet}/#", actions=("subscribe", "receive")),
+            statement("secret", "devices/{device_id}/secret/#", effect="Deny",
+                      actions=("publish", "subscribe")),
+            statement("site", "plant/{fleet}/{attr.site}/{device_id}/#",
+                      actions=("publish", "subscribe")),
+        ]},
+        extra: {"statements": [
+            {**statement("line", "lines/{group}/#", actions=("publish", "subscribe")),
+             "groups": [group]},
+            {**statement("low-qos", "devices/{device_id}/t"),
+             "conditions": {"max_qos": 0}, "effect": "Deny"},
+        ]},
+    }  # fmt: skip
+    canonical = {name: policies.canonical_document(doc) for name, doc in documents.items()}
 
     async def setup() -> str:
         conn = await asyncpg.connect(database_url)
         try:
             device_id = await add_device(conn, fleet)
-            await policies.apply_policy(
-                conn, name, policies.canonical_document(document), actor="t", instance=INSTANCE,
-                attach=[("device", device_id)],
+            await policies.create_group(conn, group, actor="t", instance=INSTANCE)
+            await policies.change_members(
+                conn, group, [device_id], add=True, actor="t", instance=INSTANCE
+            )
+            await policies.set_attributes(
+                conn, device_id, {"site": "berlin"}, actor="t", instance=INSTANCE
+            )
+            await policies.apply_policies(
+                conn, canonical, actor="t", instance=INSTANCE,
+                attach=[(base, "fleet", fleet), (extra, "group", group)],
             )  # fmt: skip
             return device_id
         finally:
             await conn.close()
 
     device_id = asyncio.run(setup())
+    reference = PolicySet.from_document(
+        PolicyFile.model_validate(
+            {"policies": canonical,
+             "attach": [{"policy": base, "fleet": fleet}, {"policy": extra, "group": group}]}
+        )
+    )  # fmt: skip
+    subject = Subject(
+        device_id=device_id, fleet=fleet, groups=frozenset({group}),
+        attributes={"site": "berlin"},
+    )  # fmt: skip
+    compiled = reference.for_subject(subject)
 
-    class Subject:
-        def __init__(self) -> None:
-            self.device_id, self.fleet = device_id, fleet
-
-    async def api(action: str, topic: str) -> dict[str, Any]:
+    async def api(action: str, topic: str, qos: int) -> dict[str, Any]:
         connector = aiohttp.TCPConnector(ssl=client_context, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             status, body = await call(
                 session, server, "POST", "/v1/policy/explain",
                 {"Authorization": f"Bearer {admin_key}"},
-                json={"device_id": device_id, "action": action, "topic": topic},
+                json={"device_id": device_id, "action": action, "topic": topic, "qos": qos},
             )  # fmt: skip
-        if not topic:
-            assert status == 400
-            return {"decision": "denied"}
         assert status == 200, body
         return body
 
-    cases = [("publish", t) for t in TOPICS] + [("subscribe", f) for f in FILTERS]
-    allowed_count = 0
-    for action, pattern in cases:
-        topic = pattern.replace("{d}", device_id).replace("{f}", fleet)
-        expected = authorize(Subject(), Action(action), topic, model.for_fleet(fleet)).allowed
-        allowed_count += expected
-        body = asyncio.run(api(action, topic))
-        assert (body["decision"] == "allowed") == expected, (action, topic, body)
-        if not topic:
-            continue
+    cases = [("publish", t, q) for t in TOPICS for q in (0, 1)] + [
+        ("subscribe", f, 1) for f in FILTERS
+    ] + [("receive", t, 0) for t in TOPICS[:8]]  # fmt: skip
+    outcomes = set()
+    for action, pattern, qos in cases:
+        topic = pattern.replace("{d}", device_id).replace("{f}", fleet).replace("l-7", group)
+        expected = compiled.decide(Action(action), topic, qos=qos)
+        outcomes.add((expected.allowed, expected.statement))
+        body = await_(api(action, topic, qos))
+        assert (body["decision"] == "allowed") == expected.allowed, (action, topic, qos, body)
+        assert body["statement"] == expected.statement, (action, topic, qos, body)
         result = CliRunner().invoke(
-            app, ["policy", "explain", "--device", device_id, f"--{action}", topic, "--json"],
+            app,
+            ["policy", "explain", "--device", device_id, f"--{action}", topic, "--qos", str(qos),
+             "--json"],
             env=env,
         )  # fmt: skip
-        assert result.exit_code == (0 if expected else 1), result.output
+        assert result.exit_code == (0 if expected.allowed else 1), result.output
         printed = json.loads(result.output)
         assert printed["decision"] == body["decision"]
-        assert printed["statement"] == body["statement"] and printed["policy"] == name
+        assert printed["statement"] == body["statement"]
         assert printed["policy_version"] == body["policy_version"]
-    assert 0 < allowed_count < len(cases)  # both outcomes are exercised
+        assert sorted(printed["policies"]) == sorted([base, extra])
+    # allowed and denied, by each kind of statement and by default
+    statements = {s for _, s in outcomes}
+    assert {f"{base}/own", f"{base}/secret", f"{base}/site", f"{extra}/line",
+            f"{extra}/low-qos", "default-deny"} <= statements, statements  # fmt: skip
 
     unknown = CliRunner().invoke(
         app, ["policy", "explain", "--device", "no-such-dev", "--publish", "a"], env=env
     )
     assert unknown.exit_code == 1 and "unknown device 'no-such-dev'" in unknown.output
+
+
+def await_(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
 
 
 @pytest.mark.parametrize("action", ["publish", "subscribe"])
@@ -309,6 +351,15 @@ async def test_console_device_page_shows_attributes_groups_and_explains(
     await policies.set_attributes(db, device_id, {"site": "s-9"}, actor="t", instance=INSTANCE)
     await policies.create_group(db, group, actor="t", instance=INSTANCE)
     await policies.change_members(db, group, [device_id], add=True, actor="t", instance=INSTANCE)
+    name = unique("pol")
+    await policies.apply_policies(
+        db,
+        {name: policies.canonical_document({"statements": [
+            statement("own", "devices/{device_id}/#"),
+            statement("fleet", "fleets/{fleet}/#", actions=("subscribe",)),
+        ]})},
+        actor="t", instance=INSTANCE, attach=[(name, "device", device_id)],
+    )  # fmt: skip
     topic = f"devices/{device_id}/x" if action == "publish" else f"fleets/{fleet}/#"
     connector = aiohttp.TCPConnector(ssl=client_context)
     jar = aiohttp.CookieJar(unsafe=True)
@@ -327,9 +378,13 @@ async def test_console_device_page_shows_attributes_groups_and_explains(
         ) as response:
             denied = await response.text()
     assert "s-9" in html and group in html
-    assert 'id="explained"' in html and "ALLOWED" in html
-    assert f"<dd>{version}</dd>" in html
-    assert "DENIED" in denied and "default-deny" in denied
+    explained = html[html.index('id="explained"') :]
+    explained = explained[: explained.index("</dl>")]
+    assert "ALLOWED" in explained and f"<dd>{version}</dd>" in explained
+    assert (f"{name}/own" if action == "publish" else f"{name}/fleet") in explained
+    refused = denied[denied.index('id="explained"') :]
+    assert "DENIED" in refused[: refused.index("</dl>")]
+    assert "default-deny" in refused[: refused.index("</dl>")]
 
 
 async def test_secrets_in_names_are_not_needed_and_tokens_untouched(

@@ -56,7 +56,13 @@ async def head_seq(conn: asyncpg.Connection) -> int:
     return int(value or 0)
 
 
-DOC = {"default": {"publish": ["devices/{device_id}/#", "plant/{fleet}/up"]}}
+def statement(
+    sid: str, *resources: str, effect: str = "Allow", actions: tuple[str, ...] = ("publish",)
+) -> dict[str, Any]:
+    return {"id": sid, "effect": effect, "actions": list(actions), "resources": list(resources)}
+
+
+DOC = {"statements": [statement("up", "devices/{device_id}/#", "plant/{fleet}/up")]}
 
 
 @pytest.fixture
@@ -87,8 +93,8 @@ async def test_every_kind_of_change_is_one_event_one_version_and_one_notify(
     seq = await head_seq(db)
     changes: list[tuple[str, int | None]] = []
 
-    result = await policies.apply_policy(db, name, document, actor=ACTOR, instance=INSTANCE)
-    assert result.changed
+    result = await policies.apply_policies(db, {name: document}, actor=ACTOR, instance=INSTANCE)
+    assert result.changed == (name,)
     changes.append(("policy_apply", result.version))
     changes.append(
         ("policy_attach", await policies.attach(db, name, "device", device_id, actor=ACTOR,
@@ -118,8 +124,11 @@ async def test_every_kind_of_change_is_one_event_one_version_and_one_notify(
     for event in events:
         assert event["outcome"] == "allowed" and event["reason"] == "admin_action"
         assert event["detail"]["actor"] == ACTOR
-        assert event["detail"]["diff"] if event["detail"]["action"] != "group_create" else True
-    assert '+    "publish": [' in events[0]["detail"]["diff"]
+        action = event["detail"]["action"]
+        assert action in ("group_create", "policy_apply") or event["detail"]["diff"]
+    (applied,) = events[0]["detail"]["policies"]
+    assert applied["name"] == name and applied["created"]
+    assert '+      "id": "up",' in applied["diff"]
     assert events[2]["detail"]["diff"]["set"] == {"room": "a 1", "site": "berlin"}
     assert events[2]["device_id"] == device_id
 
@@ -136,19 +145,20 @@ async def test_a_changed_document_diffs_against_the_last_and_the_same_one_makes_
 ) -> None:
     name = unique("pol")
     first = policies.canonical_document(DOC)
-    v1 = (await policies.apply_policy(db, name, first, actor=ACTOR, instance=INSTANCE)).version
+    apply = policies.apply_policies
+    v1 = (await apply(db, {name: first}, actor=ACTOR, instance=INSTANCE)).version
     seq = await head_seq(db)
-    again = await policies.apply_policy(db, name, first, actor=ACTOR, instance=INSTANCE)
-    assert not again.changed and again.version >= v1
+    again = await apply(db, {name: first}, actor=ACTOR, instance=INSTANCE)
+    assert not again.any_change and again.unchanged == (name,) and again.version >= v1
     assert await policy_events(db, seq) == []
     assert len(await policies.history(db, name)) == 1
 
-    second = policies.canonical_document({"default": {"publish": ["devices/{device_id}/#"]}})
-    v2 = (await policies.apply_policy(db, name, second, actor=ACTOR, instance=INSTANCE)).version
+    second = policies.canonical_document({"statements": [statement("up", "devices/{device_id}/#")]})
+    v2 = (await apply(db, {name: second}, actor=ACTOR, instance=INSTANCE)).version
     assert v2 > v1
     (event,) = await policy_events(db, seq)
-    diff = event["detail"]["diff"]
-    assert '-      "plant/{fleet}/up"' in diff and not event["detail"]["created"]
+    (changed,) = event["detail"]["policies"]
+    assert '-        "plant/{fleet}/up"' in changed["diff"] and not changed["created"]
     assert [r.version for r in await policies.history(db, name)] == [v2, v1]
 
 
@@ -196,11 +206,11 @@ async def test_the_input_budget_refuses_with_one_clear_error_and_one_event(
     async def attempt() -> None:
         if case == "huge_document":
             templates = [f"devices/{{device_id}}/{'x' * 300}/{i}" for i in range(250)]
-            document = policies.canonical_document({"default": {"publish": templates}})
-            await policies.apply_policy(db, name, document, actor=ACTOR, instance=INSTANCE)
+            document = policies.canonical_document({"statements": [statement("s", *templates)]})
+            await policies.apply_policies(db, {name: document}, actor=ACTOR, instance=INSTANCE)
         elif case == "too_many_statements":
-            templates = [f"d/{{device_id}}/{i}" for i in range(300)]
-            policies.canonical_document({"default": {"publish": templates}})
+            many = [statement(f"s{i}", f"d/{{device_id}}/{i}") for i in range(300)]
+            policies.canonical_document({"statements": many})
         else:
             values = {
                 "huge_value": {"site": "s", "note": "x" * 257},
@@ -229,8 +239,8 @@ async def test_the_input_budget_refuses_with_one_clear_error_and_one_event(
 
 async def test_unknown_targets_are_refused_by_name(db: asyncpg.Connection) -> None:
     name = unique("pol")
-    await policies.apply_policy(
-        db, name, policies.canonical_document(DOC), actor=ACTOR, instance=INSTANCE
+    await policies.apply_policies(
+        db, {name: policies.canonical_document(DOC)}, actor=ACTOR, instance=INSTANCE
     )
     with pytest.raises(policies.NotFound, match="unknown group 'nope-grp'"):
         await policies.attach(db, name, "group", "nope-grp", actor=ACTOR, instance=INSTANCE)
@@ -296,34 +306,46 @@ def run(database_url: str, coroutine_factory: Any) -> Any:
 def test_cli_apply_export_round_trip_history_and_events(
     env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
-    name = unique("pol")
+    name, other = unique("pol"), unique("pol")
     fleet = new_fleet("rt")
     source = tmp_path / "policy.toml"
     source.write_text(
-        '[default]\npublish = ["devices/{device_id}/#"]\n\n'
-        f'[fleets.{fleet}]\npublish = ["plant/{{fleet}}/{{device_id}}"]\n'
-        'client_ids = ["{device_id}", "{device_id}-*"]\n'
+        f'[policies.{name}]\ndescription = "line A"\n\n'
+        f"[[policies.{name}.statements]]\n"
+        'id = "telemetry"\neffect = "Allow"\nactions = ["publish", "retain"]\n'
+        'resources = ["plant/{fleet}/{attr.site}/{device_id}"]\n'
+        "conditions = { max_qos = 1 }\n\n"
+        f"[[policies.{name}.statements]]\n"
+        'id = "no-sys"\neffect = "Deny"\nactions = ["subscribe"]\nresources = ["$SYS/#"]\n\n'
+        f"[policies.{other}]\nstatements = []\n\n"
+        f'[[attach]]\npolicy = "{name}"\nfleet = "{fleet}"\n'
     )
     seq = run(database_url, head_seq)
-    out = cli(env, "policy", "apply", str(source), "--name", name, "--attach", f"fleet:{fleet}")
+    out = cli(env, "policy", "apply", str(source))
     assert f"policy {name!r}: stored as version" in out and f"attached to fleet:{fleet}" in out
+    assert f"policy {other!r}: stored as version" in out
     (event,) = run(database_url, lambda conn: policy_events(conn, seq))
-    assert event["detail"]["actor"].startswith("cli:") and event["detail"]["name"] == name
+    assert event["detail"]["actor"].startswith("cli:")
+    assert sorted(p["name"] for p in event["detail"]["policies"]) == sorted([name, other])
+    assert event["detail"]["attached"] == [f"{name} -> fleet:{fleet}"]
 
     exported = cli(env, "policy", "export", "--name", name)
-    assert tomllib.loads(exported)["fleets"][fleet]["publish"] == ["plant/{fleet}/{device_id}"]
+    parsed = tomllib.loads(exported)
+    assert parsed["policies"][name]["statements"][0]["conditions"]["max_qos"] == 1
+    assert parsed["attach"] == [{"policy": name, "fleet": fleet}]
     again = tmp_path / "exported.toml"
     again.write_text(exported)
-    out = cli(env, "policy", "apply", str(again), "--name", name)
-    assert "unchanged, no new version" in out
+    out = cli(env, "policy", "apply", str(again))
+    assert f"policy {name!r}: unchanged" in out and "nothing changed: no new version" in out
 
     as_json = tmp_path / "exported.json"
-    as_json.write_text(cli(env, "policy", "export", "--name", name, "--format", "json"))
-    assert "unchanged, no new version" in cli(env, "policy", "apply", str(as_json), "--name", name)
+    as_json.write_text(cli(env, "policy", "export", "--format", "json"))
+    assert "nothing changed: no new version" in cli(env, "policy", "apply", str(as_json))
     assert len(run(database_url, lambda conn: policy_events(conn, seq))) == 1
 
-    source.write_text(source.read_text().replace("{device_id}-*", "{device_id}-x"))
-    assert "stored as version" in cli(env, "policy", "apply", str(source), "--name", name)
+    source.write_text(source.read_text().replace("max_qos = 1", "max_qos = 2"))
+    out = cli(env, "policy", "apply", str(source), "--name", name)
+    assert f"policy {name!r}: stored as version" in out and other not in out
     history = [
         json.loads(line)
         for line in cli(env, "policy", "history", "--name", name, "--json").splitlines()
@@ -332,18 +354,39 @@ def test_cli_apply_export_round_trip_history_and_events(
     assert history[0]["actor"].startswith("cli:")
 
 
+def test_cli_applies_a_per_fleet_file_of_earlier_releases_as_statements(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    fleet = new_fleet("old")
+    legacy = tmp_path / "legacy.toml"
+    legacy.write_text(f'[fleets.{fleet}]\npublish = ["plant/{{fleet}}/{{device_id}}"]\n')
+    name = unique("legacy")
+    out = cli(env, "policy", "apply", str(legacy), "--name", f"fleets.{fleet}")
+    assert f"attached to fleet:{fleet}" in out
+    exported = json.loads(cli(env, "policy", "export", "--name", f"fleets.{fleet}",
+                              "--format", "json"))  # fmt: skip
+    (publish,) = [s for s in exported["policies"][f"fleets.{fleet}"]["statements"]
+                  if s["id"] == "publish"]  # fmt: skip
+    assert publish["resources"] == ["plant/{fleet}/{device_id}"]
+    result = CliRunner().invoke(app, ["policy", "apply", str(legacy), "--name", name], env=env)
+    assert result.exit_code == 1 and "defines no policy" in result.output
+
+
 def test_cli_refuses_an_invalid_file_with_its_location_and_records_it(
     env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[default]\npublish = ["devices/{device_id}/#"]\nsubscibe = ["x"]\n')
+    bad.write_text(
+        '[policies.p]\n\n[[policies.p.statements]]\nid = "a"\neffect = "Allow"\n'
+        'actions = ["publish"]\nresources = ["devices/{device_id}/#"]\nconditons = {}\n'
+    )
     seq = run(database_url, head_seq)
     result = CliRunner().invoke(app, ["policy", "apply", str(bad), "--name", unique("p")], env=env)
     assert result.exit_code == 1
-    assert f"{bad}:3: default: unknown key 'subscibe'" in result.output
+    assert f"{bad}:8: policies.p.statements.0: unknown key 'conditons'" in result.output
     (event,) = run(database_url, lambda conn: policy_events(conn, seq))
     assert event["outcome"] == "denied" and event["detail"]["action"] == "policy_apply"
-    assert "subscibe" in event["detail"]["error"]
+    assert "conditons" in event["detail"]["error"]
 
 
 def test_cli_device_attrs_groups_and_one_line_mistakes(
