@@ -151,7 +151,7 @@ def policy_set_of(snapshot: PolicySnapshot) -> PolicySet:
         RequestInvalid: a stored document no longer loads.
     """
     try:
-        if snapshot.documents:
+        if not snapshot.builtin_default:
             return PolicySet.from_snapshot(snapshot)
         return PolicySet(
             PolicyDocument().to_policy_file(),

@@ -69,6 +69,14 @@ class PolicySnapshot:
     groups: Mapping[str, frozenset[str]] = field(default_factory=_empty)
     attributes: Mapping[str, Mapping[str, str]] = field(default_factory=_empty)
 
+    @property
+    def builtin_default(self) -> bool:
+        """No policy document is stored: decide with the built-in default policy (with the
+        groups and attributes the snapshot holds), as a gateway without a policy file does.
+        Groups, attributes and enrollments bump the version too, so a version above 0 does
+        not mean a policy was applied."""
+        return not self.documents
+
     def groups_of(self, device_id: str) -> frozenset[str]:
         return self.groups.get(device_id, frozenset())
 

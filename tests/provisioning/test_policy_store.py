@@ -421,3 +421,70 @@ def test_cli_device_attrs_groups_and_one_line_mistakes(
 
     assert "removed" in cli(env, "group", "remove", group, device_id)
     assert "deleted" in cli(env, "group", "delete", group)
+
+
+async def test_enrollment_attributes_overlay_the_defaults_and_bump_at_commit(
+    db: asyncpg.Connection, listener: asyncio.Queue[int]
+) -> None:
+    """`apply_enrollment_attributes`, for an enrollment path that knows more (an IDevID
+    manifest): inside the enrollment's transaction, over the fleet's defaults, one version
+    at commit."""
+    fleet = new_fleet("idv")
+    await policies.set_fleet_defaults(
+        db, fleet, {"site": "s1", "line": "l1"}, actor=ACTOR, instance=INSTANCE
+    )
+    device_id = unique("dev")
+    before = await policies.current_version(db)
+    async with db.transaction():
+        await db.execute("INSERT INTO devices (device_id, fleet) VALUES ($1, $2)", device_id, fleet)
+        await policies.apply_enrollment_attributes(db, device_id, {"model": "m-1", "line": "l9"})
+        assert await policies.current_version(db) == before  # not yet: at commit
+    assert await policies.get_attributes(db, device_id) == {
+        "site": "s1", "line": "l9", "model": "m-1",
+    }  # fmt: skip
+    assert await policies.current_version(db) == before + 1
+    assert await next_version(listener, before + 1) == before + 1
+    with pytest.raises(policies.PolicyInvalid, match="attribute model"):
+        await policies.apply_enrollment_attributes(db, device_id, {"model": "a b"})
+
+
+async def test_policy_changes_and_enrollments_at_once_neither_deadlock_nor_lose_a_version(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """Writers of every kind in parallel, each on its own connection: all succeed (the lock
+    order device rows -> chain head -> version row holds everywhere), and the version grew
+    by exactly the number of committed changes."""
+    fleet = new_fleet("cc")
+    await policies.set_fleet_defaults(db, fleet, {"site": "x"}, actor=ACTOR, instance=INSTANCE)
+    devices = [await add_device(db, fleet) for _ in range(6)]
+    group = unique("grp")
+    await policies.create_group(db, group, actor=ACTOR, instance=INSTANCE)
+    before = await policies.current_version(db)
+
+    async def writer(index: int) -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            device_id = devices[index % len(devices)]
+            if index % 3 == 0:
+                _, version = await policies.set_attributes(
+                    conn, device_id, {"k": str(index)}, actor=ACTOR, instance=INSTANCE
+                )
+            elif index % 3 == 1:
+                _, version = await policies.change_members(
+                    conn, group, [device_id], add=index % 2 == 0, actor=ACTOR,
+                    instance=INSTANCE,
+                )  # fmt: skip
+            else:
+                async with conn.transaction():  # an enrollment-like insert with defaults
+                    await conn.execute(
+                        "INSERT INTO devices (device_id, fleet) VALUES ($1, $2)",
+                        unique("dev"), fleet,
+                    )  # fmt: skip
+                    await conn.execute("SELECT pg_sleep(0.01)")
+                version = 1
+            return 0 if version is None else 1
+        finally:
+            await conn.close()
+
+    committed = await asyncio.gather(*(writer(i) for i in range(24)))
+    assert await policies.current_version(db) == before + sum(committed)
