@@ -116,19 +116,22 @@ CREATE CONSTRAINT TRIGGER device_attributes_changed
 
 -- A new device row receives its fleet's default attributes, overlaid by its token's.
 -- Every enrollment path inserts the row (one statement, or a merged batch statement), so
--- the defaults are applied there and nowhere else.
+-- the defaults are applied there and nowhere else: once per statement, for all its rows
+-- (a batch of a thousand devices is one join, not a thousand function calls).
 CREATE FUNCTION devicegate_device_default_attributes() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO device_attributes (device_id, key, value)
-    SELECT NEW.device_id, d.key, d.value
-    FROM jsonb_each_text(
-        coalesce((SELECT default_attributes FROM fleets WHERE name = NEW.fleet), '{}')
-        || coalesce((SELECT default_attributes FROM bootstrap_tokens WHERE id = NEW.token_id),
-                    '{}')
+    SELECT n.device_id, d.key, d.value
+    FROM new_devices AS n
+    LEFT JOIN fleets AS f ON f.name = n.fleet
+    LEFT JOIN bootstrap_tokens AS t ON t.id = n.token_id
+    CROSS JOIN LATERAL jsonb_each_text(
+        coalesce(f.default_attributes, '{}') || coalesce(t.default_attributes, '{}')
     ) AS d(key, value)
     ON CONFLICT (device_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now();
     RETURN NULL;
 END $$;
 
 CREATE TRIGGER devices_default_attributes AFTER INSERT ON devices
-    FOR EACH ROW EXECUTE FUNCTION devicegate_device_default_attributes();
+    REFERENCING NEW TABLE AS new_devices
+    FOR EACH STATEMENT EXECUTE FUNCTION devicegate_device_default_attributes();
