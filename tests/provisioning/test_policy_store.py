@@ -353,6 +353,14 @@ def test_cli_apply_export_round_trip_history_and_events(
     assert len(history) == 2 and history[0]["version"] > history[1]["version"]
     assert history[0]["actor"].startswith("cli:")
 
+    assert f"policy {other!r} deleted" in cli(env, "policy", "delete", other)
+    (latest, *_) = [
+        json.loads(line) for line in cli(env, "policy", "history", "--json").splitlines()
+    ]
+    assert latest["name"] == other and latest["change"] == "deleted"
+    gone = CliRunner().invoke(app, ["policy", "export", "--name", other], env=env)
+    assert gone.exit_code == 1 and f"unknown policy {other!r}" in gone.output
+
 
 def test_cli_applies_a_per_fleet_file_of_earlier_releases_as_statements(
     env: dict[str, str], database_url: str, tmp_path: Path
