@@ -212,16 +212,25 @@ class Statement(BaseModel):
 
     id: Name = Field(description="Unique within its policy; decisions and events name it.")
     effect: Effect
-    actions: tuple[Action, ...] = Field(min_length=1)
-    resources: tuple[Resource, ...] = Field(min_length=1)
+    actions: tuple[Action, ...]
+    resources: tuple[Resource, ...]
     conditions: Conditions = Field(default_factory=Conditions)
     groups: tuple[Name, ...] = Field(
         (), description="Only devices in one of these groups (none: every device)."
     )
 
+    @field_validator("resources")
+    @classmethod
+    def _some_resources(cls, resources: tuple[str, ...]) -> tuple[str, ...]:
+        if not resources:
+            raise ValueError("must name at least one resource")
+        return resources
+
     @field_validator("actions")
     @classmethod
     def _connect_alone(cls, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        if not actions:
+            raise ValueError("must name at least one action")
         if Action.CONNECT in actions and len(set(actions)) > 1:
             raise ValueError(
                 "connect resources are client id patterns, not topic filters: "
@@ -371,7 +380,14 @@ class PolicyCases(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cases: tuple[PolicyCase, ...] = Field(min_length=1)
+    cases: tuple[PolicyCase, ...]
+
+    @field_validator("cases")
+    @classmethod
+    def _some(cls, cases: tuple[PolicyCase, ...]) -> tuple[PolicyCase, ...]:
+        if not cases:
+            raise ValueError("must list at least one case")
+        return cases
 
 
 def parse_document(data: object) -> PolicyFile | PolicyDocument:
@@ -432,7 +448,8 @@ def problems_of(error: ValidationError, root: type[BaseModel] | None = None) -> 
         where = location(detail)
         if detail["type"] == "extra_forbidden":
             key = str(path[-1])
-            parent = ".".join(str(p) for p in path[:-1])
+            parent = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[:-1])
+            parent = parent.removeprefix(".")
             keys = _keys(_model_at(root, path[:-1]))
             scope = f"{parent}: " if parent else ""
             message = f"{scope}unknown key {key!r}; the keys are {keys}"

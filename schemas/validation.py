@@ -68,7 +68,7 @@ def sentence(error: ErrorDetails) -> str:
         if kind == "string_too_short":
             return f"must be at least {ctx.get('min_length')} characters long"
         return f"must be at most {ctx.get('max_length')} characters long"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return f"must be one of {ctx.get('expected')}"
     # A validator's own message is already a sentence ("must start with postgresql://").
     return str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -30,6 +30,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from os.path import commonprefix
 from typing import Final, Protocol
 
 from pydantic import ValidationError
@@ -38,6 +39,7 @@ from gateway.mqtt.errors import InvalidTopic
 from gateway.mqtt.topics import (
     filter_contains,
     filters_intersect,
+    matches,
     parse_shared,
     validate_topic_filter,
 )
@@ -290,59 +292,152 @@ class _Entry:
 
 
 _Matcher = Callable[[str], "_Entry | None"]
+_WILD_FIRST: Final = ("+", "#")
 
 
-def _matcher(entries: list[_Entry]) -> _Matcher:
-    """The first entry whose filter matches a topic (exact filters first), or None."""
-    exact: dict[str, _Entry] = {}
-    wild: list[_Entry] = []
-    for entry in entries:
-        if "+" in entry.expanded or "#" in entry.expanded:
-            wild.append(entry)
+def _first_level(topic_filter: str) -> str:
+    return topic_filter.partition("/")[0]
+
+
+def _literal_part(topic_filter: str) -> str:
+    """The levels before the first wildcard (``a/b`` of ``a/b/+/c``)."""
+    levels = []
+    for level in topic_filter.split("/"):
+        if level in _WILD_FIRST:
+            break
+        levels.append(level)
+    return "/".join(levels)
+
+
+def _regex(entries: list[_Entry]) -> Callable[[str], re.Match[str] | None]:
+    """One alternative per entry, in order (capturing group i + 1), their common literal prefix
+    matched once: alternatives that share a long prefix then fail at their first char."""
+    regexes = [_filter_regex(e.expanded) for e in entries]
+    prefix = ""
+    if all(_first_level(e.expanded) not in _WILD_FIRST for e in entries):
+        literal = [_literal_part(e.expanded) for e in entries]
+        prefix = re.escape(literal[0][: len(commonprefix(literal))])  # noqa: RUF071 (chars)
+        if not all(r.startswith(prefix) for r in regexes):
+            prefix = ""
+    body = "|".join(f"({r[len(prefix) :]})" for r in regexes)
+    return re.compile(f"{prefix}(?:{body})", re.DOTALL).fullmatch
+
+
+_FEW: Final = 6  # up to this many wildcard filters are tried one by one, not by regex
+
+
+def _loop(wild: list[_Entry]) -> Callable[[str], _Entry | None]:
+    """Try each filter in turn; ``<literal>/#`` (the usual kind) as a prefix test."""
+    tests: list[tuple[int, str, str, _Entry]] = []
+    for entry in wild:
+        f = entry.expanded
+        if f == "#":
+            tests.append((1, "", "", entry))
+        elif f.endswith("/#") and "+" not in f and f.count("#") == 1:
+            tests.append((0, f[:-2], f[:-1], entry))
         else:
-            exact.setdefault(entry.expanded, entry)
-    if not wild:
-        return exact.get
-    pattern = "|".join(f"(?P<g{i}>{_filter_regex(e.expanded)})" for i, e in enumerate(wild))
-    fullmatch = re.compile(pattern, re.DOTALL).fullmatch
-    by_group = {f"g{i}": e for i, e in enumerate(wild)}
-    get = exact.get
+            tests.append((2, f, "", entry))
 
     def find(topic: str) -> _Entry | None:
-        found = get(topic)
-        if found is not None:
-            return found
-        m = fullmatch(topic)
-        return None if m is None else by_group[m.lastgroup]  # type: ignore[index]
+        for kind, a, b, entry in tests:
+            if kind == 0:
+                if topic == a or topic.startswith(b):
+                    return entry
+            elif kind == 1:
+                if topic[:1] != "$":
+                    return entry
+            elif matches(a, topic):
+                return entry
+        return None
 
     return find
 
 
-@dataclass(frozen=True, slots=True)
-class _Bucket:
-    """The entries of one effect and one set of conditions, with their matcher."""
+def _by_regex(wild: list[_Entry]) -> Callable[[str], _Entry | None]:
+    """One regular expression per first level of the filters, compiled when first used."""
+    anywhere = [e for e in wild if _first_level(e.expanded) in _WILD_FIRST]
+    firsts = {_first_level(e.expanded) for e in wild} - set(_WILD_FIRST)
+    groups = {
+        first: [e for e in wild if _first_level(e.expanded) in (first, "+", "#")]
+        for first in firsts
+    }
+    _Index = tuple[Callable[[str], re.Match[str] | None], list[_Entry]]
+    built: dict[str, _Index] = {}  # per first level named by a filter: bounded by the policy
+    nothing: _Index = (lambda topic: None, [])
 
-    conditions: Conditions
-    entries: tuple[_Entry, ...]
-    find: _Matcher
+    def build(first: str) -> _Index:
+        entries = groups.get(first, anywhere)
+        index = (_regex(entries), entries) if entries else nothing
+        built[first if first in groups else "#"] = index  # no topic's first level is "#"
+        return index
+
+    def find(topic: str) -> _Entry | None:
+        first = topic.partition("/")[0]
+        index = built.get(first)
+        if index is None:
+            index = built.get("#") if first not in groups else None
+            if index is None:
+                index = build(first)
+        m = index[0](topic)
+        # one capturing group per alternative, in order: the last one matched is the entry
+        return None if m is None else index[1][m.lastindex - 1]  # type: ignore[operator]
+
+    return find
 
 
-def _buckets(entries: list[_Entry]) -> tuple[_Bucket, ...]:
-    grouped: dict[Conditions, list[_Entry]] = {}
-    for entry in entries:
-        grouped.setdefault(entry.conditions, []).append(entry)
-    return tuple(_Bucket(c, tuple(e), _matcher(e)) for c, e in grouped.items())
+def _matcher(deny: list[_Entry], allow: list[_Entry]) -> _Matcher:
+    """The entry that decides a topic: a Deny one if any matches, else the first Allow.
+
+    The filters are tried in order, Deny first, so the first match is the decision; when
+    there is no Deny entry, a dictionary of the exact filters first. Many wildcard filters
+    are matched by regular expressions (one per first level, alternatives in order).
+    """
+    exact: dict[str, _Entry] = {}
+    wild: list[_Entry] = []
+    if deny:
+        wild = [*deny, *allow]
+    else:
+        for entry in allow:
+            if "+" in entry.expanded or "#" in entry.expanded:
+                wild.append(entry)
+            else:
+                exact.setdefault(entry.expanded, entry)
+    get = exact.get
+    if not wild:
+        return get
+    rest = _loop(wild) if len(wild) <= _FEW else _by_regex(wild)
+    if not exact:
+        return rest
+
+    def find(topic: str) -> _Entry | None:
+        found = get(topic)
+        return found if found is not None else rest(topic)
+
+    return find
 
 
 _TopicDecide = Callable[[str, int, bool], Decision]
+_FLAGS: Final = tuple((qos, retain) for qos in (0, 1, 2) for retain in (False, True))
 
 
 def _topic_decider(deny: list[_Entry], allow: list[_Entry], default: Decision) -> _TopicDecide:
-    """PUBLISH/RETAIN/RECEIVE: the decision for a topic name."""
-    deny_buckets = _buckets(deny)
-    allow_buckets = _buckets(allow)
-    if not deny_buckets and len(allow_buckets) == 1 and allow_buckets[0].conditions.empty:
-        find = allow_buckets[0].find  # the common case: one lookup
+    """PUBLISH/RETAIN/RECEIVE: the decision for a topic name.
+
+    One matcher per (QoS, retain) with the entries whose conditions hold for it, shared
+    between the pairs that hold the same entries (all six, when no statement has a
+    condition).
+    """
+    matchers: dict[tuple[int, ...], _Matcher] = {}
+    table: list[_Matcher] = []
+    for qos, retain in _FLAGS:
+        d = [e for e in deny if e.conditions.hold(qos, retain)]
+        a = [e for e in allow if e.conditions.hold(qos, retain)]
+        key = (*(id(e) for e in d), -1, *(id(e) for e in a))
+        if key not in matchers:
+            matchers[key] = _matcher(d, a)
+        table.append(matchers[key])
+    if len(matchers) == 1:
+        find = table[0]  # the common case: flags change nothing
 
         def simple(topic: str, qos: int, retain: bool) -> Decision:
             if not topic:
@@ -352,37 +447,31 @@ def _topic_decider(deny: list[_Entry], allow: list[_Entry], default: Decision) -
 
         return simple
 
-    def general(topic: str, qos: int, retain: bool) -> Decision:
-        if not topic:
+    def flagged(topic: str, qos: int, retain: bool) -> Decision:
+        if not topic or not 0 <= qos <= 2:
             return default
-        for bucket in deny_buckets:
-            if bucket.conditions.hold(qos, retain):
-                found = bucket.find(topic)
-                if found is not None:
-                    return found.decision
-        for bucket in allow_buckets:
-            if bucket.conditions.hold(qos, retain):
-                found = bucket.find(topic)
-                if found is not None:
-                    return found.decision
-        return default
+        found = table[qos + qos + retain](topic)
+        return default if found is None else found.decision
 
-    return general
+    return flagged
 
 
 def _subscribe_decider(deny: list[_Entry], allow: list[_Entry], default: Decision) -> _TopicDecide:
     """SUBSCRIBE: contained in an Allow filter, intersecting no Deny filter."""
+    plain = all(e.conditions.empty for e in (*deny, *allow))
+    deny_filters = [(e.expanded, e) for e in deny]
+    allow_filters = [(e.expanded, e) for e in allow]
 
     def decide(requested: str, qos: int, retain: bool) -> Decision:
         try:
             _, inner = parse_shared(requested)
         except InvalidTopic:
             return default
-        for entry in deny:
-            if entry.conditions.hold(qos, retain) and filters_intersect(entry.expanded, inner):
+        for f, entry in deny_filters:
+            if (plain or entry.conditions.hold(qos, retain)) and filters_intersect(f, inner):
                 return entry.decision
-        for entry in allow:
-            if entry.conditions.hold(qos, retain) and filter_contains(entry.expanded, inner):
+        for f, entry in allow_filters:
+            if (plain or entry.conditions.hold(qos, retain)) and filter_contains(f, inner):
                 return entry.decision
         return default
 

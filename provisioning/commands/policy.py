@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -187,18 +187,21 @@ def _load_cases(path: Path) -> tuple[PolicyCase, ...]:
 
     from schemas.policy import PolicyCases
 
+    def bad(line: str) -> NoReturn:
+        errors.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        fail(f"{path}: cannot read the cases: {why}", code=2)
+        bad(f"{path}: cannot read the cases: {_why(exc)}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or "syntax error"
-        fail(f"{where}: not valid YAML: {problem}", code=2)
+        bad(f"{where}: not valid YAML: {problem}")
     if isinstance(data, list):
         data = {"cases": data}
     try:
@@ -212,6 +215,10 @@ def _load_cases(path: Path) -> tuple[PolicyCase, ...]:
                 soft_wrap=True,
             )
         raise typer.Exit(2) from None
+
+
+def _why(exc: OSError | UnicodeDecodeError) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not UTF-8 text"
 
 
 def _statement_matches(expected: str, got: str | None) -> bool:

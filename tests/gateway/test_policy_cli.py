@@ -184,3 +184,126 @@ def test_the_fleet_rule_is_said_in_plain_words() -> None:
     assert result.exit_code == 2
     assert "must be lower-case letters, digits and '-'" in " ".join(result.output.split())
     assert "{0,62}" not in result.output and "pattern" not in result.output
+
+
+STATEMENTS = """\
+[policies.base]
+[[policies.base.statements]]
+id = "own"
+effect = "Allow"
+actions = ["publish", "subscribe"]
+resources = ["devices/{device_id}/#", "sites/{attr.site}/{device_id}"]
+
+[[policies.base.statements]]
+id = "no-secrets"
+effect = "Deny"
+actions = ["publish", "subscribe"]
+resources = ["devices/{device_id}/secret/#"]
+
+[policies.ops]
+[[policies.ops.statements]]
+id = "group"
+effect = "Allow"
+actions = ["publish"]
+resources = ["groups/{group}/#"]
+conditions = {max_qos = 1}
+
+[[attach]]
+policy = "base"
+fleet = "*"
+
+[[attach]]
+policy = "ops"
+group = "ops"
+"""
+
+CASES_YAML = """\
+cases:
+  - {device: d1, fleet: plant, action: publish, topic: devices/d1/t, expect: allow, statement: own}
+  - {device: d1, fleet: plant, action: publish, topic: devices/d1/secret/k, expect: deny,
+     statement: base/no-secrets}
+  - {device: d1, fleet: plant, action: subscribe, topic: "devices/d1/#", expect: deny}
+  - {device: d1, fleet: plant, attributes: {site: s1}, action: publish, topic: sites/s1/d1,
+     expect: allow}
+  - {device: d1, fleet: plant, action: publish, topic: sites/s1/d1, expect: deny,
+     statement: default-deny}
+  - {name: ops qos 1, device: d1, fleet: plant, groups: [ops], action: publish,
+     topic: groups/ops/x, qos: 1, expect: allow, statement: ops/group}
+  - {device: d1, fleet: plant, groups: [ops], action: publish, topic: groups/ops/x, qos: 2,
+     expect: deny}
+"""
+
+
+def test_policy_test_passes_a_table(tmp_path: Path) -> None:
+    policy, cases = tmp_path / "policy.toml", tmp_path / "cases.yaml"
+    policy.write_text(STATEMENTS)
+    cases.write_text(CASES_YAML)
+    out, err = devicegate("policy", "test", str(policy), str(cases), code=0)
+    assert out == "7 cases: 7 passed, 0 failed (policy version 0)\n"
+    assert err == ""
+    out, _ = devicegate("policy", "check", str(policy), code=0)
+    assert out == f"{policy}: valid (policies: base, ops; 2 attachments)\n"
+
+
+def test_policy_test_reports_each_failure(tmp_path: Path) -> None:
+    policy, cases = tmp_path / "policy.toml", tmp_path / "cases.yaml"
+    policy.write_text(STATEMENTS)
+    wrong = CASES_YAML.replace(
+        "topic: devices/d1/t, expect: allow", "topic: devices/d1/t, expect: deny"
+    )
+    wrong = wrong.replace("expect: allow, statement: ops/group", "expect: allow, statement: own")
+    cases.write_text(wrong)
+    out, _ = devicegate("policy", "test", str(policy), str(cases), code=1)
+    assert out.splitlines() == [
+        "FAIL cases[0]: device 'd1' publish 'devices/d1/t': expected deny, got allow "
+        "(decided by base/own)",
+        "FAIL cases[5] (ops qos 1): device 'd1' publish 'groups/ops/x' qos 1: expected "
+        "statement 'own' (decided by ops/group)",
+        "7 cases: 5 passed, 2 failed (policy version 0)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("cases:\n  - {device: d1, fleet: p, action: publsh, topic: t, expect: allow}\n",
+         "cases.yaml: cases[0].action: must be one of 'connect', 'publish', 'subscribe', "
+         "'receive' or 'retain'"),
+        ("cases:\n  - {device: d1, fleet: p, action: publish, topic: t, expect: maybe}\n",
+         "cases.yaml: cases[0].expect: must be one of 'allow' or 'deny'"),
+        ("cases:\n  - {device: d1, action: publish, topic: t, expect: allow}\n",
+         "cases.yaml: cases[0].fleet: is required"),
+        ("cases: [\n  {device: d1\n", "cases.yaml:3: not valid YAML: "),
+    ],
+)  # fmt: skip
+def test_policy_test_says_what_is_wrong_with_a_case(tmp_path: Path, text: str, want: str) -> None:
+    policy, cases = tmp_path / "policy.toml", tmp_path / "cases.yaml"
+    policy.write_text(STATEMENTS)
+    cases.write_text(text)
+    _, err = devicegate("policy", "test", str(policy), str(cases), code=2)
+    (line,) = err.splitlines()
+    assert " ".join(line.split()).startswith(" ".join(f"{tmp_path}/{want}".split())), line
+    assert "pydantic" not in err and "Traceback" not in err
+
+
+def test_explain_with_attributes_groups_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(STATEMENTS)
+    args = ("policy", "explain", "--policy", str(path), "--device", "d1", "--fleet", "plant")
+    out, _ = devicegate(*args, "--attr", "site=s1", "--publish", "sites/s1/d1", code=0)
+    assert out.splitlines()[:2] == [
+        "allowed: device 'd1' (fleet 'plant') publish 'sites/s1/d1'",
+        "statement: base/own (policy version 0)",
+    ]
+    out, _ = devicegate(*args, "--publish", "sites/s1/d1", code=1)
+    assert "note: base/own: 'sites/{attr.site}/{device_id}' expands to nothing" in out
+    out, _ = devicegate(*args, "--group", "ops", "--publish", "groups/ops/x", "--qos", "2", code=1)
+    assert "statement: default-deny (policy version 0)" in out
+    out, _ = devicegate(*args, "--subscribe", "devices/d1/#", code=1)
+    assert out.splitlines()[1:3] == [
+        "statement: base/no-secrets (policy version 0)",
+        "why: 'devices/d1/#' overlaps 'devices/d1/secret/#' ('devices/{device_id}/secret/#') "
+        "of Deny statement 'base/no-secrets'; deny wins",
+    ]
+    _, err = devicegate(*args, "--attr", "site", "--publish", "x", code=2)
+    assert "--attr: give KEY=VALUE (got 'site')" in err

@@ -9,12 +9,13 @@ bounded (about 200 each) so the suite stays fast.
 from __future__ import annotations
 
 import itertools
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.mqtt.topics import filters_intersect, matches, validate_topic_filter
-from gateway.policy import DEFAULT_DENY, PolicyError, PolicySet, Subject
+from gateway.policy import DEFAULT_DENY, PolicyError, PolicySet, Subject, engine
 from schemas.policy import (
     ANY_FLEET,
     Action,
@@ -132,8 +133,24 @@ def _compiled_set(document: PolicyFile) -> PolicySet | None:
 
 
 @SETTINGS
-@given(policy_files(), subjects, st.lists(requests(), min_size=1, max_size=8))
+@given(
+    policy_files(),
+    subjects,
+    st.lists(requests(), min_size=1, max_size=8),
+    st.sampled_from([engine._FEW, 0]),
+)
 def test_compiled_decides_as_the_reference(
+    document: PolicyFile,
+    subject: Subject,
+    asked: list[tuple[Action, str, int, bool]],
+    few: int,
+) -> None:
+    """Both matchers: filters one by one (few), and regular expressions (``_FEW`` 0)."""
+    with patch.object(engine, "_FEW", few):
+        _compare(document, subject, asked)
+
+
+def _compare(
     document: PolicyFile, subject: Subject, asked: list[tuple[Action, str, int, bool]]
 ) -> None:
     policy_set = _compiled_set(document)
