@@ -391,7 +391,7 @@ def test_cli_refuses_an_invalid_file_with_its_location_and_records_it(
     seq = run(database_url, head_seq)
     result = CliRunner().invoke(app, ["policy", "apply", str(bad), "--name", unique("p")], env=env)
     assert result.exit_code == 1
-    assert f"{bad}:8: policies.p.statements.0: unknown key 'conditons'" in result.output
+    assert f"{bad}:8: policies.p.statements[0]: unknown key 'conditons'" in result.output
     (event,) = run(database_url, lambda conn: policy_events(conn, seq))
     assert event["outcome"] == "denied" and event["detail"]["action"] == "policy_apply"
     assert "conditons" in event["detail"]["error"]
