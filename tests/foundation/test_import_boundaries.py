@@ -20,7 +20,7 @@ PACKAGES = ("gateway", "provisioning", "schemas")
 # The registry modules at the top of provisioning/, below every subpackage.
 _REGISTRY = tuple(
     f"provisioning.{name}"
-    for name in ("admin", "db", "errors", "eventlog", "store", "telemetry", "tokens")
+    for name in ("admin", "db", "errors", "eventlog", "policies", "store", "telemetry", "tokens")
 )
 _SURFACES = (
     "provisioning.http",
@@ -76,13 +76,18 @@ RULES = (
         # The TLS accelerator (C, OpenSSL only, no gateway logic): keying material export
         # for IDevID channel binding, and the provisioning listener's client certificates.
         allowed=("gateway._tlsext",),
-        # serve runs the gateway; policy explains with gateway.policy's own decision (a
-        # copy of the rules could disagree with the gateway that enforces them).
-        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
+        # serve runs the gateway; policy (and policy_engine, for the API and console)
+        # explains with gateway.policy's own decision (a copy of the rules could disagree
+        # with the gateway that enforces them).
+        exempt=(
+            "provisioning.commands.serve",
+            "provisioning.commands.policy",
+            "provisioning.policy_engine",
+        ),
     ),
     Rule(
         "the policy command imports only the gateway's pure policy",
-        ("provisioning.commands.policy",),
+        ("provisioning.commands.policy", "provisioning.policy_engine"),
         ("gateway",),
         allowed=("gateway.policy",),
     ),
