@@ -9,7 +9,9 @@ starts one; it also gives the packet counts for ``session_end``.
 
 Invariants:
 
-* Nothing but a SUBACK whose packet id has a pending merge is ever decoded.
+* Nothing but a SUBACK whose packet id has a pending merge is ever decoded; the packet id
+  of an UNSUBACK is read only while the gateway awaits one for its own UNSUBSCRIBE
+  (``unsubacks``, after a policy change), and that UNSUBACK is swallowed.
 * Output order equals input order; a held partial frame is never forwarded early.
 * A merged SUBACK has one code per filter of the device's original SUBSCRIBE, the denied
   codes at their original positions, the broker's codes (and properties) for the rest.
@@ -27,6 +29,7 @@ from gateway.mqtt.packets import Suback
 __all__ = ["Downstream", "SubackMerge"]
 
 _SUBACK: Final = 9
+_UNSUBACK: Final = 11
 _PINGRESP: Final = 13
 _UNSPECIFIED_ERROR_V3: Final = 0x80
 
@@ -66,10 +69,27 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
     return data[pos] >> 4, i - pos + length
 
 
+def _id_at(data: bytes, pos: int) -> int:
+    """Offset of the packet id in the frame at ``pos`` (after the Remaining Length)."""
+    i = pos + 1
+    while data[i] & 0x80:
+        i += 1
+    return i + 1 - pos
+
+
 class Downstream:
     """Cuts the broker's byte stream into what the device gets."""
 
-    __slots__ = ("_skip", "_tail", "merges", "packets", "pingresps", "swallow", "version")
+    __slots__ = (
+        "_skip",
+        "_tail",
+        "merges",
+        "packets",
+        "pingresps",
+        "swallow",
+        "unsubacks",
+        "version",
+    )
 
     def __init__(self, version: int) -> None:
         self.version = version
@@ -77,6 +97,7 @@ class Downstream:
         self.packets = 0
         self.pingresps = 0  # a drain's PINGREQ barrier waits for the next one
         self.swallow = 0  # PINGRESPs owed to the gateway's own PINGREQs: not the device's
+        self.unsubacks: set[int] = set()  # packet ids of the gateway's own UNSUBSCRIBEs
         self._skip = 0
         self._tail = b""
 
@@ -114,6 +135,20 @@ class Downstream:
                     if start < pos:
                         out.append(memoryview(data)[start:pos])
                     start = end
+            if packet_type == _UNSUBACK and self.unsubacks:
+                if end > n:
+                    self._tail = data[pos:]
+                    break
+                at = pos + _id_at(data, pos)
+                if at + 2 > end:
+                    raise MalformedPacket("UNSUBACK without a packet id from the broker")
+                packet_id = (data[at] << 8) | data[at + 1]
+                if packet_id in self.unsubacks:
+                    self.unsubacks.discard(packet_id)
+                    if start < pos:
+                        out.append(memoryview(data)[start:pos])
+                    start = end
+                    self.packets -= 1  # not the device's
             if packet_type == _SUBACK and merges:
                 if end > n:
                     self._tail = data[pos:]
