@@ -184,6 +184,19 @@ async def append_events(
         events = _chain(specs, expect.seq, expect.hash, not_before=expect.time)
         if await _write(conn, events, expect=expect):
             return events
+    head = await lock_head(conn)
+    events = _chain(specs, head["seq"], head["hash"])
+    await _write(conn, events, expect=None)
+    return events
+
+
+async def lock_head(conn: Connection) -> Any:
+    """Lock the provisioning chain's head row until the transaction ends (creating it at
+    its genesis the first time); returns it (``seq``, ``hash``).
+
+    For a writer that must hold the head before a lock taken later (the policy version:
+    see schemas/sql/0009_policies.sql), so that its lock order is the one everyone uses.
+    """
     head = await conn.fetchrow(_LOCK_HEAD, CHAIN_ID)
     if head is None:
         await conn.execute(
@@ -193,9 +206,7 @@ async def append_events(
             GENESIS_HASH,
         )
         head = await conn.fetchrow(_LOCK_HEAD, CHAIN_ID)
-    events = _chain(specs, head["seq"], head["hash"])
-    await _write(conn, events, expect=None)
-    return events
+    return head
 
 
 def _chain(

@@ -43,6 +43,9 @@ class EventType(StrEnum):
     DEVICE_ENABLE = "device_enable"
     TOKEN = "token"
     ADMIN = "admin"
+    POLICY = "policy"
+    """A change of policies, attachments, groups or device attributes (detail: actor,
+    action, the new policy version and a diff), or its refusal."""
     AUDIT_PRUNE = "audit_prune"
     EVENTS_LOST = "events_lost"
     """A gateway worker's count of events it could not store (spool full)."""

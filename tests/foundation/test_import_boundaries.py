@@ -20,7 +20,7 @@ PACKAGES = ("gateway", "provisioning", "schemas")
 # The registry modules at the top of provisioning/, below every subpackage.
 _REGISTRY = tuple(
     f"provisioning.{name}"
-    for name in ("admin", "db", "errors", "eventlog", "store", "telemetry", "tokens")
+    for name in ("admin", "db", "errors", "eventlog", "policies", "store", "telemetry", "tokens")
 )
 _SURFACES = (
     "provisioning.http",
