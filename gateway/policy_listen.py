@@ -41,7 +41,8 @@ from typing import Any, Final, Protocol
 import asyncpg
 
 from gateway.database import close_quietly
-from gateway.policy_live import UNLOADED, PolicyState
+from gateway.policy_live import UNLOADED, PolicyState, state_from_snapshot
+from schemas.policy_store import POLICY_CHANNEL, load_policy_snapshot
 
 __all__ = [
     "POLICY_CHANNEL",
@@ -53,8 +54,8 @@ __all__ = [
 
 log = logging.getLogger("devicegate.gateway.policy")
 
-POLICY_CHANNEL: Final = "devicegate_policy"
-"""The policy store's NOTIFY channel (schemas.policy_store.POLICY_CHANNEL)."""
+APPLICATION_NAME: Final = "devicegate-policy-listen"
+"""How the listening connection shows in ``pg_stat_activity``."""
 
 StateLoader = Callable[[asyncpg.Connection], Awaitable[PolicyState]]
 """Loads the whole policy (one snapshot) on the given connection and compiles it."""
@@ -174,7 +175,11 @@ class PolicyFollower:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(self.database_url, timeout=self.timeout)
+                connection = await asyncpg.connect(
+                    self.database_url,
+                    timeout=self.timeout,
+                    server_settings={"application_name": APPLICATION_NAME},
+                )
                 await self._follow(connection)
                 delay = self.retry_min
             except Exception as exc:  # never give up: reconnect, whatever failed
@@ -240,4 +245,4 @@ class PolicyFollower:
 
 async def load_database_state(connection: asyncpg.Connection) -> PolicyState:
     """The production `StateLoader`: the policy store's snapshot, compiled."""
-    raise NotImplementedError("the policy store (schemas.policy_store) is not merged yet")
+    return state_from_snapshot(await load_policy_snapshot(connection))

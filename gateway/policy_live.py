@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from gateway.identity import DeviceIdentity
 from gateway.policy import Action, authorize, client_id_allowed
 from schemas.events import Reason
 from schemas.policy import FleetPolicy, PolicyDocument
+from schemas.policy_store import PolicySnapshot
 
 __all__ = [
     "DEFAULT_DENY",
@@ -38,6 +39,7 @@ __all__ = [
     "SessionPolicy",
     "Verdict",
     "state_from_document",
+    "state_from_snapshot",
 ]
 
 DEFAULT_DENY: Final = "default-deny"
@@ -162,6 +164,30 @@ class PolicyState:
 def state_from_document(document: PolicyDocument, *, version: int = 0) -> PolicyState:
     """The state of a policy file (version 0: files are not versioned)."""
     return PolicyState(document, version=version, source="file")
+
+
+def state_from_snapshot(snapshot: PolicySnapshot) -> PolicyState:
+    """The state of the database's snapshot (`schemas.policy_store.load_policy_snapshot`).
+
+    A database in which no policy was ever written (version 0) gives the built-in default
+    policy, the same as a gateway without a policy file: switching the source to the
+    database changes no decision until the first ``policy apply``.
+    """
+    if snapshot.version == 0 and not snapshot.documents:
+        return PolicyState(PolicyDocument(), version=0, source="database")
+    merged: dict[str, Any] = {"fleets": {}}
+    for name in sorted(snapshot.documents):
+        raw = snapshot.documents[name]
+        if "default" in raw:
+            merged["default"] = raw["default"]
+        merged["fleets"].update(raw.get("fleets") or {})
+    return PolicyState(
+        PolicyDocument.model_validate(merged),
+        version=snapshot.version,
+        source="database",
+        groups=snapshot.groups,
+        attributes=snapshot.attributes,
+    )
 
 
 UNLOADED: Final = PolicyState(None, version=-1, source="unloaded")
