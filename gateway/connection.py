@@ -174,6 +174,7 @@ class Session:
         self.subscriptions: dict[str, None] = {}
         self._untracked = False
         self._own_id = _OWN_PACKET_IDS
+        self._watch_deliveries()
         self._aliases: dict[int, str] = {}
         self._alias_max = 0
         self._local_qos2: set[int] = set()
@@ -246,6 +247,8 @@ class Session:
             "packets_out": self.downstream.packets,
             "denied": self.denied,
         }
+        if self.downstream.withheld:  # deliveries the policy's receive rules kept back
+            detail["withheld"] = self.downstream.withheld
         if error is not None:
             detail["error"] = error
         return self._event(type_, reason, detail, outcome)
@@ -375,7 +378,12 @@ class Session:
                 return self._protocol_close(Reason.UPSTREAM_CLOSED, None, exc.reason)
             for chunk in chunks:
                 self.bytes_out += len(chunk)
-            return [ToDevice(chunk) for chunk in chunks]
+            actions: list[Action] = [ToDevice(chunk) for chunk in chunks]
+            replies = self.downstream.replies
+            if replies:  # the gateway's acks of deliveries the policy withheld
+                actions.append(ToUpstream(b"".join(replies)))
+                replies.clear()
+            return actions
         if self.state is State.AUTHORIZING:
             return self._await_connack(data)
         return []
@@ -585,6 +593,13 @@ class Session:
     def _allowed(self, action: PolicyAction, topic: str) -> bool:
         return self._verdict(action, topic).allowed
 
+    def _watch_deliveries(self) -> None:
+        """Judge deliveries (broker to device) only when the policy has receive rules."""
+        self.downstream.judged_by(self._may_receive if self.policy.receives else None)
+
+    def _may_receive(self, topic: str) -> bool:
+        return self.policy.decide(PolicyAction("receive"), topic).allowed
+
     def _publish(self, packet: Publish) -> list[Action] | None:
         """None: forward as is. Otherwise what to do instead."""
         topic = packet.topic
@@ -746,6 +761,7 @@ class Session:
         self._publish_cache.clear()
         self._subscribe_cache.clear()
         self._raw_allowed.clear()
+        self._watch_deliveries()
         if self.state is State.AWAIT_CONNECT:
             return []  # its CONNECT will be judged by the new policy
         version = policy.version
