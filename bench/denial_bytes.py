@@ -37,6 +37,7 @@ from gateway.denials import DenialBudget, DenialLimits
 from gateway.events.codec import COLUMNS, encode_event
 from gateway.identity import DeviceIdentity
 from gateway.mqtt import Connack, Connect, Publish, Subscribe, Subscription, encode
+from gateway.policy import compile_for
 from schemas.events import AuthEvent, EventType, Reason
 from schemas.migrate import migrate
 from schemas.policy import FleetPolicy
@@ -73,7 +74,7 @@ def shapes(limits: DenialLimits) -> dict[str, AuthEvent]:
     )
     session = Session(
         identity=DEVICE,
-        policy=FleetPolicy(),
+        policy=compile_for(FleetPolicy(), DEVICE),
         context=context,
         max_packet_size=256 * 1024,
         denials=DenialBudget(limits),

@@ -86,7 +86,9 @@ class Hub(Protocol):
     directory: DeviceDirectory
     metrics: GatewayMetrics
 
-    def session_policy(self, identity: DeviceIdentity) -> SessionPolicy: ...
+    def session_policy(
+        self, identity: DeviceIdentity, state: PolicyState | None = None
+    ) -> SessionPolicy: ...
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]: ...
 
@@ -668,7 +670,7 @@ class DeviceConnection(asyncio.Protocol):
         session = self.session
         if self.closed or session is None:
             return 0
-        policy = state.for_identity(session.identity)
+        policy = self.hub.session_policy(session.identity, state)
         if policy is session.policy:
             return 0
         actions = session.rejudge(policy)

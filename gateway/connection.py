@@ -96,14 +96,15 @@ from gateway.mqtt.packets import (
     Pubrel,
     Suback,
     Subscribe,
+    Subscription,
     Unsubscribe,
 )
 from gateway.mqtt.properties import Properties, PropertyId
 from gateway.policy import Action as PolicyAction
-from gateway.policy_live import NO_POLICY, FleetRules, SessionPolicy, Verdict
+from gateway.policy import Decision
+from gateway.policy_live import NO_POLICY, SessionPolicy, judges_deliveries
 from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
-from schemas.policy import FleetPolicy
 
 __all__ = ["Session", "State"]
 
@@ -132,17 +133,14 @@ class Session:
         self,
         *,
         identity: DeviceIdentity,
-        policy: SessionPolicy | FleetPolicy,
+        policy: SessionPolicy,
         context: EventContext,
         max_packet_size: int,
         denial_limits: DenialLimits | None = None,
         denials: DenialBudget | None = None,
     ) -> None:
         self.identity = identity
-        # A bare fleet policy (tests, tools) is the file format's rules for this device.
-        self.policy: SessionPolicy = (
-            FleetRules(identity, policy) if isinstance(policy, FleetPolicy) else policy
-        )
+        self.policy = policy
         self.context = context
         self.max_packet_size = max_packet_size
         self.state = State.AWAIT_CONNECT
@@ -165,13 +163,13 @@ class Session:
         self._connack_size = 0  # the CONNACK `Admit` carries, counted out once it is sent
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
-        self._publish_cache: dict[str, Verdict] = {}
+        self._publish_cache: dict[object, Decision] = {}
         self._raw_allowed: dict[bytes, bool] = {}  # topic bytes -> allowed, for the fast path
         self.fast_path = True
-        self._subscribe_cache: dict[str, Verdict] = {}
-        # Filters forwarded to the broker (insertion-ordered set), re-judged on a policy
-        # change; past SUBSCRIPTIONS_TRACKED only the fact that there were more is kept.
-        self.subscriptions: dict[str, None] = {}
+        self._subscribe_cache: dict[object, Decision] = {}
+        # Filters forwarded to the broker, with their QoS (insertion-ordered), re-judged on
+        # a policy change; past SUBSCRIPTIONS_TRACKED only the fact that there were more.
+        self.subscriptions: dict[str, int] = {}
         self._untracked = False
         self._own_id = _OWN_PACKET_IDS
         self._watch_deliveries()
@@ -338,8 +336,11 @@ class Session:
         if not connect.client_id:  # the gateway names it after the device
             self._assign_client_id = self.version == MQTT_5
             self.client_id = self.identity.device_id
-        if connect.will is not None and not self._allowed(PolicyAction.PUBLISH, connect.will.topic):
-            return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": connect.will.topic})
+        will = connect.will
+        if will is not None and not self._allowed(
+            PolicyAction.PUBLISH, will.topic, will.qos, will.retain
+        ):
+            return self._refuse(Reason.TOPIC_NOT_AUTHORIZED, {"will_topic": will.topic})
         return [CheckDevice()]
 
     def device_checked(self, reason: Reason) -> list[Action]:
@@ -580,25 +581,36 @@ class Session:
             self._pending_len = n - pos
         return actions
 
-    def _verdict(self, action: PolicyAction, topic: str) -> Verdict:
-        cache = self._publish_cache if action is PolicyAction.PUBLISH else self._subscribe_cache
-        verdict = cache.get(topic)
+    def _verdict(
+        self, action: PolicyAction, topic: str, qos: int = 0, retain: bool = False
+    ) -> Decision:
+        key: object
+        if action is PolicyAction.PUBLISH:
+            cache = self._publish_cache
+            key = (topic, qos, retain) if self.policy.publish_flags_matter else topic
+        else:
+            cache = self._subscribe_cache
+            key = (topic, qos)
+        verdict = cache.get(key)
         if verdict is None:
-            verdict = self.policy.decide(action, topic)
+            verdict = self.policy.decide(action, topic, qos=qos, retain=retain)
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            cache[topic] = verdict
+            cache[key] = verdict
         return verdict
 
-    def _allowed(self, action: PolicyAction, topic: str) -> bool:
-        return self._verdict(action, topic).allowed
+    def _allowed(
+        self, action: PolicyAction, topic: str, qos: int = 0, retain: bool = False
+    ) -> bool:
+        return self._verdict(action, topic, qos, retain).allowed
 
     def _watch_deliveries(self) -> None:
         """Judge deliveries (broker to device) only when the policy has receive rules."""
-        self.downstream.judged_by(self._may_receive if self.policy.receives else None)
+        receives = judges_deliveries(self.policy)
+        self.downstream.judged_by(self._may_receive if receives else None)
 
     def _may_receive(self, topic: str) -> bool:
-        return self.policy.decide(PolicyAction("receive"), topic).allowed
+        return self.policy.decide(PolicyAction.RECEIVE, topic).allowed
 
     def _publish(self, packet: Publish) -> list[Action] | None:
         """None: forward as is. Otherwise what to do instead."""
@@ -615,9 +627,11 @@ class Session:
                     if known is None:
                         raise MalformedPacket(f"unknown topic alias {alias}", PROTOCOL_ERROR)
                     topic = known
-        judged = self._verdict(PolicyAction.PUBLISH, topic)
+        judged = self._verdict(PolicyAction.PUBLISH, topic, packet.qos, packet.retain)
         if judged.allowed:
-            if topic is packet.topic:  # not via an alias: the fast path may skip decoding
+            # Not via an alias, and allowed whatever the flags: the fast path (which does
+            # not read them) may skip decoding the next PUBLISH to this topic.
+            if topic is packet.topic and not self.policy.publish_flags_matter:
                 if len(self._raw_allowed) >= _CACHE_LIMIT:
                     self._raw_allowed.clear()
                 self._raw_allowed[topic.encode()] = True
@@ -689,10 +703,10 @@ class Session:
 
     def _subscribe(self, packet: Subscribe) -> list[Action] | None:
         subscribe = PolicyAction.SUBSCRIBE
-        judged = [self._verdict(subscribe, s.topic_filter) for s in packet.subscriptions]
+        judged = [self._verdict(subscribe, s.topic_filter, s.qos) for s in packet.subscriptions]
         verdicts = [j.allowed for j in judged]
         if all(verdicts):
-            self._track(s.topic_filter for s in packet.subscriptions)
+            self._track(packet.subscriptions)
             return None
         denied_code = 0x87 if self.version == MQTT_5 else 0x80
         # One event for the packet, however many filters it denies: their count, a sample.
@@ -722,7 +736,7 @@ class Session:
         kept = tuple(
             s for s, allowed in zip(packet.subscriptions, verdicts, strict=True) if allowed
         )
-        self._track(s.topic_filter for s in kept)
+        self._track(kept)
         merge = SubackMerge(tuple(None if allowed else denied_code for allowed in verdicts))
         self.downstream.merges[packet.packet_id] = merge
         actions.append(
@@ -730,15 +744,14 @@ class Session:
         )
         return actions
 
-    def _track(self, filters: Iterable[str]) -> None:
+    def _track(self, subscriptions: Iterable[Subscription]) -> None:
         tracked = self.subscriptions
-        for topic_filter in filters:
-            if topic_filter in tracked:
-                continue
-            if len(tracked) >= SUBSCRIPTIONS_TRACKED:
+        for subscription in subscriptions:
+            topic_filter = subscription.topic_filter
+            if topic_filter not in tracked and len(tracked) >= SUBSCRIPTIONS_TRACKED:
                 self._untracked = True
                 return
-            tracked[topic_filter] = None
+            tracked[topic_filter] = subscription.qos  # a new SUBSCRIBE replaces the QoS
 
     # --- a policy change -------------------------------------------------------------
 
@@ -772,8 +785,8 @@ class Session:
             detail["error"] = f"client id {requested!r} no longer allowed"
         revoked = [
             (topic_filter, verdict)
-            for topic_filter in self.subscriptions
-            if not (verdict := self._verdict(PolicyAction.SUBSCRIBE, topic_filter)).allowed
+            for topic_filter, qos in self.subscriptions.items()
+            if not (verdict := self._verdict(PolicyAction.SUBSCRIBE, topic_filter, qos)).allowed
         ]
         if self._untracked and "error" not in detail and not revoked:
             detail["error"] = f"more than {SUBSCRIPTIONS_TRACKED} subscriptions to re-judge"
@@ -818,7 +831,9 @@ class Session:
             detail["filters"] = sample(filters)
             detail.setdefault("error", f"subscription to {clip(filters[0])!r} revoked by policy")
         will = self.connect.will if self.connect is not None else None
-        if will is not None and not self._allowed(PolicyAction.PUBLISH, will.topic):
+        if will is not None and not self._allowed(
+            PolicyAction.PUBLISH, will.topic, will.qos, will.retain
+        ):
             actions.append(ToUpstream(DISCONNECT_BYTES))  # no will to a forbidden topic
         message = f"{detail['error']} (policy version {version})"
         actions.extend(self.cut(Reason.SESSION_ENDED_BY_POLICY, detail=detail, message=message))

@@ -72,7 +72,7 @@ from gateway.limits import (
     TrustedNetworks,
     address_key,
 )
-from gateway.policy import PolicyError, load_policy
+from gateway.policy import PolicyError, PolicySet, load_policy
 from gateway.policy_listen import PolicyFollower
 from gateway.policy_live import PolicyState, SessionPolicy, state_from_document
 from gateway.revocation import DeviceDirectory, LiveDirectory
@@ -81,7 +81,7 @@ from gateway.takeover import Claim, SessionBus
 from gateway.telemetry import GatewayMetrics
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 from schemas.notify import SessionNotice
-from schemas.policy import PolicyDocument
+from schemas.policy import PolicyDocument, PolicyFile
 
 __all__ = ["Gateway"]
 
@@ -146,7 +146,7 @@ class Gateway:
         directory: DeviceDirectory,
         host: str,
         port: int,
-        policy: PolicyDocument | None = None,
+        policy: PolicyDocument | PolicyFile | PolicySet | None = None,
         policy_file: Path | None = None,
         policy_state: PolicyState | None = None,
         policy_follower: PolicyFollower | None = None,
@@ -328,6 +328,7 @@ class Gateway:
         """A new policy version: new sessions are judged by it now, live ones in a moment."""
         if state.version <= self.policy_state.version and self.policy_state.loaded:
             return  # an older or the same version (a resync that found nothing new)
+        state.carry_over(self.policy_state)
         self.policy_state = state
         if self._rejudging is not None and not self._rejudging.done():
             self._rejudge_again = True  # the running pass starts over with this version
@@ -368,8 +369,12 @@ class Gateway:
 
     # --- bridge.Hub ----------------------------------------------------------------
 
-    def session_policy(self, identity: DeviceIdentity) -> SessionPolicy:
-        return self.policy_state.for_identity(identity)
+    def session_policy(
+        self, identity: DeviceIdentity, state: PolicyState | None = None
+    ) -> SessionPolicy:
+        """The compiled policy of ``identity`` under ``state`` (default: the current one)."""
+        state = state if state is not None else self.policy_state
+        return state.for_identity(identity, trust_domain=self.config.trust_domain)
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]:
         if (

@@ -17,6 +17,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "auth-event": events.AuthEvent,
     "presented-certificate": certificates.PresentedCertificate,
     "policy": policy.PolicyDocument,
+    "policy-file": policy.PolicyFile,
+    "policy-cases": policy.PolicyCases,
     "settings": settings.Settings,
     "problem": api.Problem,
     "enroll-request": api.EnrollRequest,

@@ -33,6 +33,7 @@ from gateway.mqtt.errors import InvalidTopic
 __all__ = [
     "InvalidTopic",
     "filter_contains",
+    "filters_intersect",
     "matches",
     "parse_shared",
     "validate_topic_filter",
@@ -146,6 +147,36 @@ def filter_contains(outer: str, inner: str) -> bool:
         if o == "+":
             continue
         if n == "+" or n != o:
+            return False
+    return True
+
+
+def filters_intersect(a: str, b: str) -> bool:
+    """Whether some valid topic name is matched by both valid filters ``a`` and ``b``.
+
+    Exact, like `filter_contains`: ``devices/+/x`` and ``devices/d1/#`` intersect
+    (``devices/d1/x``); ``#`` and ``$SYS/#`` do not (a filter starting with a wildcard never
+    matches a ``$`` topic); ``/#`` and ``+`` do not (their one common topic would be the
+    empty string).
+    """
+    a_levels = a.split("/")
+    b_levels = b.split("/")
+    a0, b0 = a_levels[0], b_levels[0]
+    if (a0[:1] == "$" and b0 in ("+", "#")) or (b0[:1] == "$" and a0 in ("+", "#")):
+        return False
+    n_a = len(a_levels)
+    n_b = len(b_levels)
+    for i in range(max(n_a, n_b)):
+        x = a_levels[i] if i < n_a else None
+        y = b_levels[i] if i < n_b else None
+        if x == "#" or y == "#":
+            # The rest is free, or (the other filter ended here) the parent level: a topic
+            # of i levels, invalid only when it is the empty string.
+            ended = x is None or y is None
+            return not (ended and i == 1 and (a0 == "" or b0 == ""))
+        if x is None or y is None:
+            return False
+        if x != "+" and y != "+" and x != y:
             return False
     return True
 

@@ -1,4 +1,4 @@
-"""``devicegate policy check|explain``: the topic policy, judged by the gateway's own code.
+"""``devicegate policy check|explain|test``: the topic policy, judged by the gateway's own code.
 
 This is the one command module besides `serve` that imports ``gateway``, and only
 ``gateway.policy``, the pure decision functions: an explanation computed by a copy of the
@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from provisioning.commands.common import console, context, errors, fail
-from schemas.validation import FLEET_PATTERN, FLEET_RULE
+from schemas.validation import FLEET_PATTERN, FLEET_RULE, location, sentence
+
+if TYPE_CHECKING:
+    from gateway.policy import Explanation, PolicySet
+    from schemas.policy import PolicyCase
 
 group = typer.Typer(
-    help="Check a topic policy file, or explain its decisions.", no_args_is_help=True
+    help="Check a topic policy file, explain its decisions, or test it against a table.",
+    no_args_is_help=True,
 )
 
 
@@ -26,31 +31,66 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="policy")
 
 
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _policy_set(path: Path | None) -> PolicySet:
+    """The file as the gateway would load it; exit 2 with one line per problem."""
+    from gateway.policy import PolicyError, PolicySet, load_policy
+
+    try:
+        return PolicySet.from_document(load_policy(path))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            errors.print(problem, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 @group.command("check")
 def check(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="Policy file (TOML or JSON).")],
 ) -> None:
     """Validate a policy file: exit 0, or one line per problem and exit 1."""
-    from gateway.policy import PolicyError, load_policy
+    from gateway.policy import PolicyError, PolicySet, load_policy
+    from schemas.policy import PolicyDocument
 
     try:
         document = load_policy(path)
+        PolicySet.from_document(document)
     except PolicyError as exc:
         for problem in exc.problems:
             errors.print(problem, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    fleets = ", ".join(sorted(document.fleets)) or "none"
-    console.print(
-        f"{path}: valid (fleets: {fleets}; others use default)", markup=False, soft_wrap=True
-    )
+    if isinstance(document, PolicyDocument):
+        fleets = ", ".join(sorted(document.fleets)) or "none"
+        _say(f"{path}: valid (fleets: {fleets}; others use default)")
+        return
+    names = ", ".join(document.policies) or "none"
+    _say(f"{path}: valid (policies: {names}; {len(document.attach)} attachments)")
 
 
-class _Device:
-    """The subject a policy decision is about (``gateway.policy.Subject``)."""
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            fail(f"{option}: give KEY=VALUE (got {value!r})", code=2)
+        out[key] = val
+    return out
 
-    def __init__(self, device_id: str, fleet: str) -> None:
-        self.device_id = device_id
-        self.fleet = fleet
+
+def explanation_lines(explained: Explanation, device: str, fleet: str, asked: str) -> list[str]:
+    """What ``policy explain`` prints for one decision (shared with the database path)."""
+    word = "allowed" if explained.allowed else "denied"
+    action = explained.action.value
+    lines = [
+        f"{word}: device {device!r} (fleet {fleet!r}) {action} {asked!r}",
+        f"statement: {explained.statement} (policy version {explained.version})",
+        f"why: {explained.why}",
+    ]
+    lines += [f"note: {note}" for note in explained.notes]
+    return lines
 
 
 @group.command("explain")
@@ -65,38 +105,146 @@ def explain_(
         str | None,
         typer.Option("--subscribe", metavar="FILTER", help="A SUBSCRIBE filter ($share too)."),
     ] = None,
+    receive: Annotated[
+        str | None,
+        typer.Option("--receive", metavar="TOPIC", help="A topic the broker delivers."),
+    ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option("--connect", metavar="CLIENT_ID", help="A CONNECT client id."),
+    ] = None,
+    qos: Annotated[int, typer.Option("--qos", min=0, max=2, help="The QoS.")] = 0,
+    retain: Annotated[bool, typer.Option("--retain", help="The retain flag is set.")] = False,
+    group_: Annotated[
+        list[str] | None, typer.Option("--group", metavar="GROUP", help="A group of the device.")
+    ] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option("--attr", metavar="KEY=VALUE", help="An attribute of the device."),
+    ] = None,
     policy: Annotated[
         Path | None,
         typer.Option(help="Policy file (default: DEVICEGATE_POLICY_FILE, else the built-in)."),
     ] = None,
 ) -> None:
-    """Say whether the gateway allows a PUBLISH or SUBSCRIBE, and which template decides.
+    """Say whether the gateway allows a request, which statement decides, at which version.
 
     Exit status: 0 allowed, 1 denied, 2 bad usage or an invalid policy file.
     """
-    from gateway.policy import Action, PolicyError, explain, load_policy
+    from gateway.policy import Action, Subject, explain
 
-    if (publish is None) == (subscribe is None):
-        fail("give exactly one of --publish TOPIC and --subscribe FILTER", code=2)
+    asked_for = {
+        Action.PUBLISH: publish,
+        Action.SUBSCRIBE: subscribe,
+        Action.RECEIVE: receive,
+        Action.CONNECT: connect,
+    }
+    given = [(a, v) for a, v in asked_for.items() if v is not None]
+    if len(given) != 1:
+        fail("give exactly one of --publish, --subscribe, --receive and --connect", code=2)
     if not re.fullmatch(FLEET_PATTERN, fleet):
         fail(f"--fleet: must be {FLEET_RULE} (got {fleet!r})", code=2)
+    action, asked = given[0]
     path = policy if policy is not None else context(ctx).settings().policy_file
-    try:
-        document = load_policy(path)
-    except PolicyError as exc:
-        fail(str(exc), code=2)
-    action = Action.PUBLISH if publish is not None else Action.SUBSCRIBE
-    asked = publish if publish is not None else subscribe
-    assert asked is not None
-    section = f"fleets.{fleet}" if fleet in document.fleets else "default"
+    policy_set = _policy_set(path)
+    subject = Subject(
+        device_id=device,
+        fleet=fleet,
+        groups=frozenset(group_ or ()),
+        attributes=_pairs(attr or [], "--attr"),
+    )
+    explained = explain(policy_set.for_subject(subject), action, asked, qos, retain)
     source = "the built-in default policy" if path is None else str(path)
-    verdict = explain(_Device(device, fleet), action, asked, document.for_fleet(fleet))
-    word = "allowed" if verdict.decision.allowed else "denied"
-    lines = [
-        f"{word}: device {device!r} (fleet {fleet!r}) {action.value} {asked!r}",
-        f"policy: {source}, section [{section}]",
-        f"why: {verdict.why}",
-    ]
-    for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if verdict.decision.allowed else 1)
+    for line in [*explanation_lines(explained, device, fleet, asked), f"policy: {source}"]:
+        _say(line)
+    raise typer.Exit(0 if explained.allowed else 1)
+
+
+def _load_cases(path: Path) -> tuple[PolicyCase, ...]:
+    """The cases of a YAML table; exit 2 with one line per malformed case."""
+    import yaml
+    from pydantic import ValidationError
+
+    from schemas.policy import PolicyCases
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        fail(f"{path}: cannot read the cases: {why}", code=2)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "syntax error"
+        fail(f"{where}: not valid YAML: {problem}", code=2)
+    if isinstance(data, list):
+        data = {"cases": data}
+    try:
+        return PolicyCases.model_validate(data).cases
+    except ValidationError as exc:
+        for detail in exc.errors():
+            errors.print(
+                f"{path}: {location(detail)}: {sentence(detail)}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(2) from None
+
+
+def _statement_matches(expected: str, got: str | None) -> bool:
+    return got is not None and (got == expected or got.endswith(f"/{expected}"))
+
+
+@group.command("test")
+def test(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="Policy file (TOML or JSON).")],
+    cases_path: Annotated[
+        Path, typer.Argument(metavar="CASES.yaml", help="The table of cases (YAML).")
+    ],
+) -> None:
+    """Run a table of cases against a policy file: a line per failed case and a summary.
+
+    Each case names device, fleet (groups, attributes, serial, spiffe_id optional), action
+    (connect, publish, subscribe, receive, retain), topic, qos, retain, expect (allow or
+    deny) and optionally the deciding statement. Exit 0 all pass, 1 a case fails, 2 an
+    invalid policy file or a malformed case.
+    """
+    from gateway.policy import Subject
+
+    policy_set = _policy_set(path)
+    cases = _load_cases(cases_path)
+    failed = 0
+    for index, case in enumerate(cases):
+        subject = Subject(
+            device_id=case.device,
+            fleet=case.fleet,
+            groups=frozenset(case.groups),
+            attributes=case.attributes,
+            cert_serial=case.serial,
+            spiffe_id=case.spiffe_id,
+        )
+        compiled = policy_set.for_subject(subject)
+        decision = compiled.decide(case.action, case.topic, qos=case.qos, retain=case.retain)
+        got = "allow" if decision.allowed else "deny"
+        problems = []
+        if got != case.expect:
+            problems.append(f"expected {case.expect}, got {got}")
+        if case.statement is not None and not _statement_matches(
+            case.statement, decision.statement
+        ):
+            problems.append(f"expected statement {case.statement!r}")
+        if problems:
+            failed += 1
+            label = f"cases[{index}]" + (f" ({case.name})" if case.name else "")
+            request = f"device {case.device!r} {case.action.value} {case.topic!r}"
+            if case.qos or case.retain:
+                request += f" qos {case.qos}" + (" retain" if case.retain else "")
+            why = "; ".join(problems)
+            _say(f"FAIL {label}: {request}: {why} (decided by {decision.statement})")
+    passed = len(cases) - failed
+    version = policy_set.version
+    _say(f"{len(cases)} cases: {passed} passed, {failed} failed (policy version {version})")
+    raise typer.Exit(1 if failed else 0)

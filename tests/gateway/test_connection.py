@@ -38,6 +38,7 @@ from gateway.mqtt import (
     decode,
     encode,
 )
+from gateway.policy import compile_for
 from schemas.events import EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 
@@ -49,7 +50,7 @@ OTHER = "devices/d2/t"
 def new_session(policy: FleetPolicy | None = None) -> Session:
     return Session(
         identity=ID,
-        policy=policy or FleetPolicy(),
+        policy=compile_for(policy or FleetPolicy(), ID),
         context=EventContext(instance="t", peer_address="1.2.3.4:5", identity=ID),
         max_packet_size=4096,
     )

@@ -22,6 +22,7 @@ from gateway.denials import (
     sample,
 )
 from gateway.mqtt import Disconnect, Puback, Publish, Suback, Subscribe, Subscription, encode
+from gateway.policy import compile_for
 from schemas.events import AuthEvent, EventType, Outcome, Reason, canonical_bytes
 from schemas.policy import FleetPolicy
 from schemas.settings import ConfigError, Settings, load_settings
@@ -42,7 +43,7 @@ class Clock:
 def new_session(clock: Clock, limits: DenialLimits = LIMITS) -> Session:
     return Session(
         identity=ID,
-        policy=FleetPolicy(),
+        policy=compile_for(FleetPolicy(), ID),
         context=EventContext(instance="t", peer_address="1.2.3.4:5", identity=ID),
         max_packet_size=512 * 1024,
         denials=DenialBudget(limits, clock=clock),

@@ -38,6 +38,7 @@ from gateway.mqtt import (
     decode,
     encode,
 )
+from gateway.policy import compile_for
 from schemas.events import EventType, Outcome, Reason
 from schemas.policy import FleetPolicy
 from tests.gateway.clients import RawClient, client_context
@@ -148,7 +149,7 @@ ID = DeviceIdentity(device_id="d1", fleet="plant", serial="abc", fingerprint="00
 def _session(max_packet_size: int = 4096) -> Session:
     return Session(
         identity=ID,
-        policy=FleetPolicy(),
+        policy=compile_for(FleetPolicy(), ID),
         context=EventContext(instance="t", peer_address="1.2.3.4:5", identity=ID),
         max_packet_size=max_packet_size,
     )

@@ -1,4 +1,4 @@
-"""The topic policy is a pure function: table-driven tests, no I/O."""
+"""The topic policy is a pure function: table-driven tests of the per-fleet format, no I/O."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import (
-    ALLOWED,
-    DENIED,
+    DEFAULT_DENY,
     Action,
     PolicyError,
-    authorize,
-    client_id_allowed,
-    expand,
+    Subject,
+    compile_for,
+    expand_resource,
     load_policy,
 )
 from schemas.events import Reason
@@ -63,32 +62,38 @@ D1 = Who("d1", "plant")
     ],
 )
 def test_default_policy(action: Action, topic: str, allowed: bool) -> None:
-    decision = authorize(D1, action, topic, DEFAULT)
-    assert decision == (ALLOWED if allowed else DENIED)
+    decision = compile_for(DEFAULT, D1).decide(action, topic)
+    assert decision.allowed is allowed
     assert decision.reason is (Reason.OK if allowed else Reason.TOPIC_NOT_AUTHORIZED)
+    want = f"default/{action.value}" if allowed else DEFAULT_DENY
+    assert decision.statement == want
 
 
 @pytest.mark.parametrize("device_id", ["+", "#", "a/b", "", "x\x00", "d1/#"])
 def test_unsafe_identity_never_widens(device_id: str) -> None:
     who = Who(device_id, "plant")
-    assert expand(DEFAULT.publish, who) == ()
+    assert expand_resource("devices/{device_id}/#", Subject(device_id, "plant")) is None
+    policy = compile_for(DEFAULT, who)
     for topic in ("devices/d2/x", "devices/a/b", "devices/x"):
-        assert not authorize(who, PUB, topic, DEFAULT).allowed
-    assert not authorize(who, SUB, "devices/#", DEFAULT).allowed
+        assert not policy.decide(PUB, topic).allowed
+    assert not policy.decide(SUB, "devices/#").allowed
     # the fleet template is unaffected by a bad device id, and vice versa
-    assert authorize(who, SUB, "fleets/plant/a", DEFAULT).allowed
-    assert not authorize(Who("d1", "+"), SUB, "fleets/x/a", DEFAULT).allowed
+    assert policy.decide(SUB, "fleets/plant/a").allowed
+    assert not compile_for(DEFAULT, Who("d1", "+")).decide(SUB, "fleets/x/a").allowed
 
 
 def test_custom_templates_and_fleet_overrides() -> None:
     document = PolicyDocument(
         fleets={"lab": FleetPolicy(publish=("labs/{fleet}/{device_id}/+",), subscribe=("$SYS/#",))}
     )
-    lab = Who("d1", "lab")
-    assert authorize(lab, PUB, "labs/lab/d1/x", document.for_fleet("lab")).allowed
-    assert not authorize(lab, PUB, "labs/lab/d1/x/y", document.for_fleet("lab")).allowed
-    assert authorize(lab, SUB, "$SYS/broker/#", document.for_fleet("lab")).allowed
-    assert document.for_fleet("plant") == DEFAULT
+    lab = compile_for(document, Who("d1", "lab"))
+    assert lab.decide(PUB, "labs/lab/d1/x").allowed
+    assert not lab.decide(PUB, "labs/lab/d1/x/y").allowed
+    assert lab.decide(SUB, "$SYS/broker/#").allowed
+    assert not lab.decide(SUB, "devices/d1/#").allowed  # the fleet's own replaces default
+    plant = compile_for(document, Who("d1", "plant"))
+    assert plant.decide(SUB, "devices/d1/#").allowed
+    assert not plant.decide(PUB, "labs/plant/d1/x").allowed
 
 
 @pytest.mark.parametrize(
@@ -105,8 +110,8 @@ def test_custom_templates_and_fleet_overrides() -> None:
     ],
 )
 def test_client_ids(templates: tuple[str, ...], client_id: str, allowed: bool) -> None:
-    policy = FleetPolicy(client_ids=templates)
-    assert client_id_allowed(D1, client_id, policy) is allowed
+    policy = compile_for(FleetPolicy(client_ids=templates), D1)
+    assert policy.client_id_allowed(client_id) is allowed
 
 
 def test_load_policy(tmp_path: Path) -> None:
@@ -114,10 +119,13 @@ def test_load_policy(tmp_path: Path) -> None:
     toml = tmp_path / "policy.toml"
     toml.write_text('[fleets.lab]\npublish = ["labs/{device_id}/#"]\nclient_ids = ["*"]\n')
     document = load_policy(toml)
+    assert isinstance(document, PolicyDocument)
     assert document.for_fleet("lab").publish == ("labs/{device_id}/#",)
     as_json = tmp_path / "policy.json"
     as_json.write_text(json.dumps({"default": {"subscribe": ["fleets/{fleet}/#"]}}))
-    assert load_policy(as_json).default.subscribe == ("fleets/{fleet}/#",)
+    loaded = load_policy(as_json)
+    assert isinstance(loaded, PolicyDocument)
+    assert loaded.default.subscribe == ("fleets/{fleet}/#",)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """``devicegate policy check|explain`` and the policy file's validation, through the CLI.
 
-Real files in tmp_path; ``explain`` is compared with `gateway.policy.authorize` itself.
+Real files in tmp_path; ``explain`` is compared with `gateway.policy`'s decision itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gateway.policy import Action, PolicyError, authorize, load_policy
+from gateway.policy import Action, PolicyError, compile_for, load_policy
 from provisioning.commands.cli import app
 
 POLICY = """\
@@ -128,20 +128,22 @@ CASES = [
 def test_explain_decides_as_the_gateway_does(tmp_path: Path, fleet: str) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
-    policy = load_policy(path).for_fleet(fleet)
+    policy = compile_for(load_policy(path), Who("d1", fleet))
     runner = CliRunner()
     for action, topic in CASES:
         args = ["policy", "explain", "--policy", str(path), "--device", "d1", "--fleet", fleet]
         result = runner.invoke(app, [*args, f"--{action.value}", topic], env={"COLUMNS": "250"})
-        allowed = authorize(Who("d1", fleet), action, topic, policy).allowed
+        decision = policy.decide(action, topic)
+        allowed = decision.allowed
         assert result.exit_code == (0 if allowed else 1), (action, topic, result.output)
-        first, source, why = result.output.splitlines()
+        first, statement, why, source = result.output.splitlines()
         verdict = "allowed" if allowed else "denied"
         assert first == f"{verdict}: device 'd1' (fleet {fleet!r}) {action.value} {topic!r}"
-        assert (
-            source == f"policy: {path}, section [{'fleets.lab' if fleet == 'lab' else 'default'}]"
-        )
-        assert ("from the template" in why) is allowed, why
+        assert statement == f"statement: {decision.statement} (policy version 0)"
+        section = "fleets.lab" if fleet == "lab" else "default"
+        assert decision.statement == (f"{section}/{action.value}" if allowed else "default-deny")
+        assert source == f"policy: {path}"
+        assert ("of Allow statement" in why) is allowed, why
 
 
 def test_explain_names_the_template(tmp_path: Path) -> None:
@@ -149,18 +151,23 @@ def test_explain_names_the_template(tmp_path: Path) -> None:
     path.write_text(POLICY)
     args = ("policy", "explain", "--policy", str(path), "--device", "d1", "--fleet", "lab")
     out, _ = devicegate(*args, "--subscribe", "$share/g/labs/d1/+", code=0)
-    assert out.splitlines()[2] == (
-        "why: '$share/g/labs/d1/+' is contained in 'labs/d1/#', "
-        "from the template 'labs/{device_id}/#'"
-    )
+    assert out.splitlines()[1:3] == [
+        "statement: fleets.lab/subscribe (policy version 0)",
+        "why: '$share/g/labs/d1/+' is contained in 'labs/d1/#' ('labs/{device_id}/#') "
+        "of Allow statement 'fleets.lab/subscribe'",
+    ]
     out, _ = devicegate(*args, "--subscribe", "$SYS/#", code=1)
-    assert out.splitlines()[2] == "why: no subscribe template allows it (deny by default)"
+    assert out.splitlines()[1:3] == [
+        "statement: default-deny (policy version 0)",
+        "why: no Allow statement covers subscribe '$SYS/#' (deny by default)",
+    ]
 
 
 def test_explain_without_a_policy_file_uses_the_built_in_default() -> None:
     args = ("policy", "explain", "--device", "d1", "--fleet", "plant", "--publish")
     out, _ = devicegate(*args, "devices/d1/up", code=0)
-    assert "policy: the built-in default policy, section [default]" in out
+    assert "policy: the built-in default policy" in out
+    assert "statement: default/publish (policy version 0)" in out
 
 
 def test_the_fleet_rule_is_said_in_plain_words() -> None:

@@ -27,14 +27,19 @@ from provisioning import policies
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
 from tests.gateway.live import wait_for
+from tests.gateway.policy_docs import fleet_document
 
 ACTOR = {"actor": "test", "instance": "test-policy"}
 WITHIN = 1.0  # issue 23: a change takes effect on every gateway within a second
 
 
 def fleet_policy(fleet: str, *, subscribe: tuple[str, ...]) -> dict[str, Any]:
-    """A document allowing the default publish and client ids, and ``subscribe``."""
-    return policies.canonical_document({"fleets": {fleet: {"subscribe": list(subscribe)}}})
+    """A device's own topics (``subscribe`` naming the fleet's topics: those too), or with
+    ``subscribe`` empty, the fleet's topics denied by statement ``deny-fleet``."""
+    if not subscribe:
+        return fleet_document(fleet_topics=True, deny_fleet=True)
+    fleet_topics = any("{fleet}" in s for s in subscribe)
+    return fleet_document(fleet_topics=fleet_topics, description=" ".join(subscribe))
 
 
 def apply(harness: Harness, name: str, document: dict[str, Any], fleet: str) -> int:
@@ -94,7 +99,7 @@ def test_a_committed_change_reaches_live_sessions_within_a_second(
             assert client.connect(device.device_id).reason_code == 0
             _subscribe(client, f"devices/{device.device_id}/#", f"fleets/{fleet}/#")
             started = time.monotonic()  # before the commit: the measure includes it
-            version = apply(harness, f"p-{fleet}", fleet_policy(fleet, subscribe=wide[:1]), fleet)
+            version = apply(harness, f"p-{fleet}", fleet_policy(fleet, subscribe=()), fleet)
             told = client.recv(timeout=WITHIN + 1)
             latency = time.monotonic() - started
             assert isinstance(told, Disconnect) and told.reason_code == 0x87
@@ -109,6 +114,7 @@ def test_a_committed_change_reaches_live_sessions_within_a_second(
         assert json.loads(rows[0]["detail"])["policy_version"] == start_version
         revoked = json.loads(rows[1]["detail"])
         assert (revoked["filter"], revoked["policy_version"]) == (f"fleets/{fleet}/#", version)
+        assert revoked["statement"] == f"p-{fleet}/deny-fleet"  # the Deny that won
 
 
 def test_a_burst_of_changes_is_coalesced(harness: Harness) -> None:

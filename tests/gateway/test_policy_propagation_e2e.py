@@ -37,6 +37,7 @@ from provisioning import policies
 from tests.conftest import Pki
 from tests.gateway.clients import client_context
 from tests.gateway.conftest import Device, DeviceFactory, Harness
+from tests.gateway.policy_docs import fleet_document
 from tests.gateway.served import Served, serve_gateway
 
 WITHIN = 1.0  # issue 23: p99 from commit to enforcement on every instance
@@ -44,8 +45,8 @@ ACTOR = {"actor": "test", "instance": "test-propagation"}
 
 
 def _document(fleet: str, *, wide: bool) -> dict[str, Any]:
-    subscribe = ["devices/{device_id}/#", "fleets/{fleet}/#"] if wide else ["devices/{device_id}/#"]
-    return policies.canonical_document({"fleets": {fleet: {"subscribe": subscribe}}})
+    """Wide: the fleet's topics allowed; narrow: denied by the statement ``deny-fleet``."""
+    return fleet_document(fleet_topics=True, deny_fleet=not wide)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +286,4 @@ def test_a_policy_change_revokes_subscriptions_on_all_three_instances(
     for row in revoked:
         detail = json.loads(row["detail"])
         assert detail["filter"] == f"fleets/{fleet}/#" and detail["policy_version"] > 0
+        assert detail["statement"] == f"prop-{fleet}/deny-fleet"

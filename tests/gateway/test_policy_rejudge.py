@@ -23,6 +23,7 @@ from gateway.server import Gateway
 from schemas.policy import FleetPolicy, PolicyDocument
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
+from tests.gateway.live import wait_for
 
 NARROWER = PolicyDocument(fleets={"plant": FleetPolicy(subscribe=("devices/{device_id}/#",))})
 
@@ -41,6 +42,8 @@ def _change(harness: Harness, gateway: Gateway, document: PolicyDocument) -> int
         gateway.policy_changed(state_from_document(document, version=version))
 
     harness.call(apply())
+    # Live sessions are re-judged in the background, a moment later.
+    wait_for(lambda: gateway.rejudged is not None and gateway.rejudged.version == version)
     return version
 
 

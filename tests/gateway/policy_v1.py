@@ -1,4 +1,8 @@
-"""Topic policy: may this device publish to this topic, subscribe to this filter?
+"""The topic policy evaluator of the per-fleet format, frozen as it was before statements
+(gateway/policy.py until issue 23), for tests/gateway/test_policy_migration.py: the new
+evaluator must decide every request exactly as this one did. Do not change it.
+
+Topic policy: may this device publish to this topic, subscribe to this filter?
 
 Invariants:
 
