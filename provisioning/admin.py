@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from provisioning import store
+from provisioning import policies, store
 from provisioning.errors import Conflict
 from provisioning.eventlog import append_event
 from provisioning.tokens import ADMIN_KEY_PREFIX, TOKEN_PREFIX, new_secret, secret_hash
@@ -61,6 +61,7 @@ async def create_token(
     conn: Connection, request: TokenCreateRequest, *, actor: str, instance: str
 ) -> TokenCreated:
     """Create a bootstrap token; the returned secret is never stored nor shown again."""
+    attributes = policies.check_attributes(request.attributes)
     secret = new_secret(TOKEN_PREFIX)
     async with conn.transaction():
         info = await store.insert_token(
@@ -71,6 +72,7 @@ async def create_token(
             ttl=request.ttl,
             note=request.note,
             allow_reenroll=request.allow_reenroll,
+            attributes=attributes,
         )
         await _event(
             conn,
@@ -78,7 +80,12 @@ async def create_token(
             EventType.TOKEN,
             actor,
             fleet=info.fleet,
-            detail={"action": "create", "token_id": str(info.id), "uses": info.uses_allowed},
+            detail={
+                "action": "create",
+                "token_id": str(info.id),
+                "uses": info.uses_allowed,
+                **({"attributes": attributes} if attributes else {}),
+            },
         )
     return TokenCreated(**info.model_dump(), token=secret)
 

@@ -38,7 +38,8 @@ from provisioning import eventlog
 from provisioning.errors import Conflict, NotFound, RequestInvalid
 from schemas.errors import DevicegateError
 from schemas.events import EventType, Outcome, Reason
-from schemas.policy import PolicyDocument, problems_of
+from schemas.policy import ANY_FLEET, Policy, problems_of
+from schemas.policy import NAME_PATTERN as _MODEL_NAME_PATTERN
 from schemas.policy_store import ATTACHMENT_KINDS
 from schemas.validation import FLEET_PATTERN
 
@@ -53,8 +54,8 @@ MAX_MEMBERS: Final = 1000
 MAX_GROUPS_PER_DEVICE: Final = 64
 MAX_DIFF_CHARS: Final = 4000
 
-NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
-NAME_RULE: Final = "1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+NAME_PATTERN: Final = _MODEL_NAME_PATTERN
+NAME_RULE: Final = "1-64 of A-Z, a-z, 0-9, '_', '.', '-', starting with a letter or digit"
 KEY_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
 KEY_RULE: Final = "1-63 of a-z, 0-9, '_', starting with a letter"
 WELL_KNOWN_KEYS: Final = ("model", "site", "line")
@@ -96,8 +97,8 @@ def check_target(kind: str, target: str) -> tuple[str, str]:
     """A ``(kind, target)`` attachment target, checked for form (not existence)."""
     if kind not in ATTACHMENT_KINDS:
         raise PolicyInvalid(f"attachment kind must be one of {', '.join(ATTACHMENT_KINDS)}")
-    if kind == "fleet" and not re.fullmatch(FLEET_PATTERN, target):
-        raise PolicyInvalid(f"not a fleet name: {target[:80]!r}")
+    if kind == "fleet" and target != ANY_FLEET and not re.fullmatch(FLEET_PATTERN, target):
+        raise PolicyInvalid(f"not a fleet name (nor {ANY_FLEET!r}): {target[:80]!r}")
     if kind == "group":
         check_name(target, "group name")
     if kind == "device":
@@ -114,16 +115,9 @@ def parse_target(text: str) -> tuple[str, str]:
 
 
 def statement_count(document: Mapping[str, Any]) -> int:
-    """How many statements (rules) a canonical document holds."""
+    """How many statements a canonical policy document holds."""
     statements = document.get("statements")
-    if isinstance(statements, list):
-        return len(statements)
-    sections = [document.get("default") or {}, *(document.get("fleets") or {}).values()]
-    return sum(
-        len(section.get(key) or ())
-        for section in sections
-        for key in ("publish", "subscribe", "client_ids")
-    )
+    return len(statements) if isinstance(statements, list) else 0
 
 
 def canonical_json(document: Mapping[str, Any]) -> str:
@@ -132,29 +126,33 @@ def canonical_json(document: Mapping[str, Any]) -> str:
 
 
 def canonical_document(raw: object, *, source: str = "document") -> dict[str, Any]:
-    """Validate ``raw`` (parsed JSON or TOML) with the policy model; return its canonical
-    JSON form, the one stored, compared and exported.
+    """Validate ``raw`` (parsed JSON or TOML) as one named policy (`schemas.policy.Policy`:
+    description, statements, drop_denied_publish_v3); return its canonical JSON form, the
+    one stored, compared, exported and loaded by gateways.
 
     Raises:
         PolicyInvalid: not a valid document, larger than `MAX_DOCUMENT_BYTES` or with more
             than `MAX_STATEMENTS` statements; ``problems`` name the location of each.
     """
-    try:
-        model = PolicyDocument.model_validate(raw)
-    except ValidationError as exc:
-        problems = [f"{source}: {problem.message}" for problem in problems_of(exc)]
-        raise PolicyInvalid(problems[0], problems=problems) from None
+    if isinstance(raw, Policy):
+        model = raw
+    else:
+        try:
+            model = Policy.model_validate(raw)
+        except ValidationError as exc:
+            problems = [f"{source}: {problem.message}" for problem in problems_of(exc, Policy)]
+            raise PolicyInvalid(problems[0], problems=problems) from None
     document: dict[str, Any] = model.model_dump(mode="json")
+    count = statement_count(document)
+    if count > MAX_STATEMENTS:
+        raise PolicyInvalid(
+            f"{source}: the document has {count} statements; at most {MAX_STATEMENTS} are accepted"
+        )
     size = len(canonical_json(document).encode())
     if size > MAX_DOCUMENT_BYTES:
         raise PolicyInvalid(
             f"{source}: the document is {size} bytes as canonical JSON; "
             f"at most {MAX_DOCUMENT_BYTES} are accepted"
-        )
-    count = statement_count(document)
-    if count > MAX_STATEMENTS:
-        raise PolicyInvalid(
-            f"{source}: the document has {count} statements; at most {MAX_STATEMENTS} are accepted"
         )
     return document
 
@@ -183,8 +181,11 @@ def check_attributes(values: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def bounded_diff(before: str, after: str, *, label: str) -> tuple[str, bool]:
-    """A unified diff of two canonical texts, cut at `MAX_DIFF_CHARS` (and whether it was)."""
+def bounded_diff(
+    before: str, after: str, *, label: str, limit: int = MAX_DIFF_CHARS
+) -> tuple[str, bool]:
+    """A unified diff of two canonical texts, cut at ``limit`` characters (and whether it
+    was)."""
     lines = difflib.unified_diff(
         before.splitlines(keepends=True),
         after.splitlines(keepends=True),
@@ -193,9 +194,9 @@ def bounded_diff(before: str, after: str, *, label: str) -> tuple[str, bool]:
         n=2,
     )
     text = "".join(lines)
-    if len(text) <= MAX_DIFF_CHARS:
+    if len(text) <= limit:
         return text, False
-    return text[:MAX_DIFF_CHARS], True
+    return text[:limit], True
 
 
 def sha256_of(document: Mapping[str, Any]) -> str:
@@ -272,13 +273,18 @@ async def current_version(conn: Connection) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """What `apply_policy` did: ``changed`` False means the document was already current
-    (and ``version`` is the version in force)."""
+    """What `apply_policies` did: ``changed`` names the policies that got a new revision
+    (empty: every document was already current), ``attached`` the new attachments
+    ``(policy, kind, target)``; ``version`` is the version now in force."""
 
-    name: str
     version: int
-    changed: bool
-    attached: tuple[tuple[str, str], ...] = ()
+    changed: tuple[str, ...] = ()
+    attached: tuple[tuple[str, str, str], ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    @property
+    def any_change(self) -> bool:
+        return bool(self.changed or self.attached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,67 +329,93 @@ async def _check_target_exists(conn: Connection, kind: str, target: str) -> None
             raise NotFound(f"unknown device {target!r}")
 
 
-async def apply_policy(
+async def apply_policies(
     conn: Connection,
-    name: str,
-    document: Mapping[str, Any],
+    documents: Mapping[str, Mapping[str, Any]],
     *,
     actor: str,
     instance: str,
-    attach: Iterable[tuple[str, str]] = (),
+    attach: Iterable[tuple[str, str, str]] = (),
 ) -> ApplyResult:
-    """Store ``document`` (canonical: `canonical_document`) as the current revision of
-    ``name`` and attach it to ``attach`` targets; nothing changes (no version, no event)
-    when the document is already current and every target already attached.
+    """Store each of ``documents`` (name -> canonical document, `canonical_document`) as
+    the current revision of its name, and add the attachments ``(policy, kind, target)``:
+    one transaction, one version, one event (with a diff per changed policy). Nothing
+    changes (no version, no event) when every document is current and every attachment
+    exists. An attachment may name a policy of ``documents`` or one already stored.
 
     Raises:
         PolicyInvalid: a bad name or target, or too many policies.
-        NotFound: an attachment target (group, device) that does not exist.
+        NotFound: an attachment's policy, group or device that does not exist.
     """
-    check_name(name)
-    targets = tuple(dict.fromkeys(check_target(kind, target) for kind, target in attach))
-    text = canonical_json(document)
+    if not documents and not attach:
+        raise PolicyInvalid("nothing to apply: no policy and no attachment")
+    texts = {check_name(name): canonical_json(doc) for name, doc in documents.items()}
+    targets = tuple(
+        dict.fromkeys(
+            (check_name(name), *check_target(kind, target)) for name, kind, target in attach
+        )
+    )
     async with conn.transaction():
-        for kind, target in targets:
+        for kind, target in sorted({(k, t) for _, k, t in targets}):
             await _check_target_exists(conn, kind, target)
         await _begin_change(conn)
-        before = await current_document(conn, name)
-        if before is None and len(await policy_names(conn)) >= MAX_POLICIES:
+        names = set(await policy_names(conn))
+        if len(names | set(texts)) > MAX_POLICIES:
             raise PolicyInvalid(f"at most {MAX_POLICIES} policies may exist")
-        attached = await conn.fetch(
-            "SELECT target_kind, target FROM policy_attachments WHERE policy_name = $1", name
+        for name, _, _ in targets:
+            if name not in texts and name not in names:
+                raise NotFound(f"unknown policy {name!r}")
+        befores = {name: await current_document(conn, name) for name in texts}
+        changed = [
+            name
+            for name, text in texts.items()
+            if befores[name] is None or canonical_json(befores[name] or {}) != text
+        ]
+        rows = await conn.fetch(
+            """SELECT policy_name, target_kind, target FROM policy_attachments
+               JOIN unnest($1::text[], $2::text[], $3::text[]) AS t(p, k, v)
+                 ON policy_name = t.p AND target_kind = t.k AND target = t.v""",
+            [t[0] for t in targets],
+            [t[1] for t in targets],
+            [t[2] for t in targets],
         )
-        new_targets = tuple(t for t in targets if (t[0], t[1]) not in {tuple(r) for r in attached})
-        changed = before is None or canonical_json(before) != text
+        existing = {(r["policy_name"], r["target_kind"], r["target"]) for r in rows}
+        new_targets = tuple(t for t in targets if t not in existing)
+        unchanged = tuple(name for name in texts if name not in changed)
         if not changed and not new_targets:
-            return ApplyResult(name, await current_version(conn), False)
+            return ApplyResult(await current_version(conn), unchanged=unchanged)
         version = await _bump(conn)
-        detail: dict[str, Any] = {"name": name}
-        if changed:
+        budget = MAX_DIFF_CHARS
+        details: list[dict[str, Any]] = []
+        for name in changed:
+            before, text = befores[name], texts[name]
+            digest = hashlib.sha256(text.encode()).hexdigest()
             await conn.execute(
                 """INSERT INTO policies (name, version, document, sha256, actor)
                    VALUES ($1, $2, $3::jsonb, $4, $5)""",
-                name,
-                version,
-                text,
-                sha256_of(document),
-                actor,
-            )
+                name, version, text, digest, actor,
+            )  # fmt: skip
             diff, cut = bounded_diff(
-                "" if before is None else canonical_json(before), text, label=name
-            )
-            detail.update(
-                created=before is None, sha256=sha256_of(document), diff=diff, diff_truncated=cut
-            )
-        for kind, target in new_targets:
+                "" if before is None else canonical_json(before), text, label=name,
+                limit=budget,
+            )  # fmt: skip
+            budget = max(0, budget - len(diff))
+            details.append(
+                {"name": name, "created": before is None, "sha256": digest, "diff": diff,
+                 "diff_truncated": cut}
+            )  # fmt: skip
+        for name, kind, target in new_targets:
             await _attach_row(conn, name, kind, target, actor)
+        detail: dict[str, Any] = {"policies": details}
         if new_targets:
-            detail["attached"] = [f"{kind}:{target}" for kind, target in new_targets]
+            detail["attached"] = [
+                f"{name} -> {kind}:{target}" for name, kind, target in new_targets
+            ]
         await _event(
             conn, actor=actor, instance=instance, action="policy_apply", version=version,
             detail=detail,
         )  # fmt: skip
-    return ApplyResult(name, version, changed, new_targets)
+    return ApplyResult(version, tuple(changed), new_targets, unchanged)
 
 
 async def delete_policy(conn: Connection, name: str, *, actor: str, instance: str) -> int:

@@ -7,6 +7,7 @@ caller (`provisioning.enrollment.service`) decides what is atomic. Rows come bac
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ Connection = Any
 
 _TOKEN_COLUMNS = (
     "id, fleet, uses_allowed, uses_left, allow_reenroll, note, created_at, expires_at, "
-    "revoked_at, now() AS now"
+    "revoked_at, default_attributes, now() AS now"
 )
 
 
@@ -45,6 +46,7 @@ def _token_info(row: asyncpg.Record) -> TokenInfo:
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        attributes=json.loads(row["default_attributes"]),
         state=token_state(
             revoked_at=row["revoked_at"],
             uses_left=row["uses_left"],
@@ -63,13 +65,16 @@ async def insert_token(
     ttl: timedelta,
     note: str | None,
     allow_reenroll: bool,
+    attributes: dict[str, str] | None = None,
 ) -> TokenInfo:
-    """Store a token (and its fleet, when new)."""
+    """Store a token (and its fleet, when new); ``attributes`` are set on each device it
+    enrolls (schemas/sql/0009_policies.sql)."""
     await conn.execute("INSERT INTO fleets (name) VALUES ($1) ON CONFLICT DO NOTHING", fleet)
     row = await conn.fetchrow(
         f"""INSERT INTO bootstrap_tokens
-                (id, token_hash, fleet, uses_allowed, uses_left, allow_reenroll, note, expires_at)
-            VALUES ($1, $2, $3, $4, $4, $5, $6, now() + $7::interval)
+                (id, token_hash, fleet, uses_allowed, uses_left, allow_reenroll, note, expires_at,
+                 default_attributes)
+            VALUES ($1, $2, $3, $4, $4, $5, $6, now() + $7::interval, $8::jsonb)
             RETURNING {_TOKEN_COLUMNS}""",
         uuid.uuid4(),
         token_hash,
@@ -78,6 +83,7 @@ async def insert_token(
         allow_reenroll,
         note,
         ttl,
+        json.dumps(attributes or {}),
     )
     return _token_info(row)
 

@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("devices", "Inspect, disable, enable and revoke devices."),
     "cert": ("certs", "List and revoke certificates."),
     "serve": ("serve", "Run the provisioning service or the MQTT gateway."),
-    "policy": ("policy", "Check a topic policy file, or explain its decisions."),
+    "policy": ("policy", "Topic policies: check, apply, export, attach, explain."),
+    "group": ("groups", "Manage device groups (policy targets)."),
     "ticket-keys": ("ticket_keys", "TLS session ticket keys of the gateway."),
     "enroll": (
         "device_side",

@@ -98,3 +98,126 @@ def revoke_(
     """Revoke a device and all its certificates (final): asks first on a terminal."""
     confirm(f"revoke device {device_id} and all its certificates? This cannot be undone", yes)
     _act(ctx, device_id, admin.revoke_device, json_output)
+
+
+attrs = typer.Typer(
+    help="Device attributes ({attr.<key>} in policies): set, unset, show, fleet defaults.",
+    no_args_is_help=True,
+)
+group.add_typer(attrs, name="attrs")
+
+
+def _pairs(pairs: list[str]) -> dict[str, str]:
+    from provisioning.policies import PolicyInvalid
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise PolicyInvalid(f"{pair[:80]!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _show_attributes(values: dict[str, str], json_output: bool) -> None:
+    if json_output:
+        print(json.dumps(values, sort_keys=True))
+        return
+    for key, value in sorted(values.items()):
+        console.print(f"{key}={value}", markup=False, highlight=False, soft_wrap=True)
+
+
+@attrs.command("set")
+def attrs_set(
+    ctx: typer.Context,
+    device_id: DeviceId,
+    pairs: Annotated[list[str], typer.Argument(metavar="KEY=VALUE...", help="Attributes.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Set attributes of a device (model, site, line, or any key)."""
+    from provisioning import policies
+    from provisioning.commands.policy_db import _recorded, cli_actor
+
+    settings = context(ctx).settings()
+
+    def operation(conn: Any) -> Any:
+        return policies.set_attributes(
+            conn, device_id, _pairs(pairs), actor=cli_actor(), instance=settings.instance_id
+        )
+
+    values, version = _recorded(settings, "attributes_set", operation, device_id=device_id)
+    _show_attributes(values, json_output)
+    if not json_output:
+        notice = "nothing changed" if version is None else f"version {version}"
+        console.print(f"({notice})", style="dim", highlight=False)
+
+
+@attrs.command("unset")
+def attrs_unset(
+    ctx: typer.Context,
+    device_id: DeviceId,
+    keys: Annotated[list[str], typer.Argument(metavar="KEY...", help="Attribute keys.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Remove attributes of a device."""
+    from provisioning import policies
+    from provisioning.commands.policy_db import _recorded, cli_actor
+
+    settings = context(ctx).settings()
+
+    def operation(conn: Any) -> Any:
+        return policies.set_attributes(
+            conn, device_id, {}, unset=keys, actor=cli_actor(), instance=settings.instance_id
+        )
+
+    values, version = _recorded(settings, "attributes_set", operation, device_id=device_id)
+    _show_attributes(values, json_output)
+    if not json_output:
+        notice = "nothing changed" if version is None else f"version {version}"
+        console.print(f"({notice})", style="dim", highlight=False)
+
+
+@attrs.command("show")
+def attrs_show(
+    ctx: typer.Context,
+    device_id: DeviceId,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print a device's attributes, one KEY=VALUE per line."""
+    from provisioning import policies
+
+    settings = context(ctx).settings()
+    values = with_connection(settings, lambda conn: policies.get_attributes(conn, device_id))
+    _show_attributes(values, json_output)
+
+
+@attrs.command("defaults")
+def attrs_defaults(
+    ctx: typer.Context,
+    fleet: Annotated[str, typer.Option("--fleet", help="The fleet.")],
+    pairs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[KEY=VALUE...]", help="The new defaults (all of them)."),
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every default.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show, or replace, the attributes a fleet's newly enrolled devices receive (a token's
+    own defaults, `token create --attr`, take precedence)."""
+    from provisioning import policies
+    from provisioning.commands.policy_db import _recorded, cli_actor
+
+    settings = context(ctx).settings()
+    if not pairs and not clear:
+        values = with_connection(settings, lambda conn: policies.fleet_defaults(conn, fleet))
+        _show_attributes(values, json_output)
+        return
+
+    def operation(conn: Any) -> Any:
+        return policies.set_fleet_defaults(
+            conn, fleet, _pairs(pairs or []), actor=cli_actor(), instance=settings.instance_id
+        )
+
+    version = _recorded(settings, "fleet_defaults_set", operation)
+    notice = "nothing changed" if version is None else f"version {version}"
+    console.print(f"fleet {fleet} defaults set ({notice})", highlight=False)

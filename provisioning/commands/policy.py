@@ -22,12 +22,15 @@ if TYPE_CHECKING:
     from schemas.policy import PolicyCase
 
 group = typer.Typer(
-    help="Check a topic policy file, explain its decisions, or test it against a table.",
+    help="Topic policies: check, test, apply, export, attach, explain.",
     no_args_is_help=True,
 )
 
 
 def register(app: typer.Typer) -> None:
+    from provisioning.commands import policy_db
+
+    policy_db.register_into(group)
     app.add_typer(group, name="policy")
 
 
@@ -97,7 +100,10 @@ def explanation_lines(explained: Explanation, device: str, fleet: str, asked: st
 def explain_(
     ctx: typer.Context,
     device: Annotated[str, typer.Option("--device", help="Device id.")],
-    fleet: Annotated[str, typer.Option("--fleet", help="The device's fleet.")],
+    fleet: Annotated[
+        str | None,
+        typer.Option("--fleet", help="The device's fleet (with a file: no database)."),
+    ] = None,
     publish: Annotated[
         str | None, typer.Option("--publish", metavar="TOPIC", help="A PUBLISH topic.")
     ] = None,
@@ -126,10 +132,16 @@ def explain_(
         Path | None,
         typer.Option(help="Policy file (default: DEVICEGATE_POLICY_FILE, else the built-in)."),
     ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON (database path).")
+    ] = False,
 ) -> None:
     """Say whether the gateway allows a request, which statement decides, at which version.
 
-    Exit status: 0 allowed, 1 denied, 2 bad usage or an invalid policy file.
+    Without --fleet and --policy, the device, its fleet, groups, attributes and certificate
+    and the policies attached to them are read from the database (the snapshot gateways
+    load). Exit status: 0 allowed, 1 denied (or an unknown device), 2 bad usage or an
+    invalid policy file.
     """
     from gateway.policy import Action, Subject, explain
 
@@ -142,9 +154,17 @@ def explain_(
     given = [(a, v) for a, v in asked_for.items() if v is not None]
     if len(given) != 1:
         fail("give exactly one of --publish, --subscribe, --receive and --connect", code=2)
+    action, asked = given[0]
+    if fleet is None and policy is None and not group_ and not attr:
+        from provisioning.commands.policy_db import explain_device
+
+        explain_device(
+            ctx, device, action.value, asked, qos=qos, retain=retain, json_output=json_output
+        )
+    if fleet is None:
+        fail("--fleet is needed with --policy, --group or --attr (or give none: database)", 2)
     if not re.fullmatch(FLEET_PATTERN, fleet):
         fail(f"--fleet: must be {FLEET_RULE} (got {fleet!r})", code=2)
-    action, asked = given[0]
     path = policy if policy is not None else context(ctx).settings().policy_file
     policy_set = _policy_set(path)
     subject = Subject(

@@ -34,13 +34,30 @@ def create_(
     allow_reenroll: Annotated[
         bool, typer.Option(help="Let known hardware ids enroll again (old certs are revoked).")
     ] = False,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attr", metavar="KEY=VALUE", help="An attribute its devices receive (repeatable)."
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a bootstrap token; the secret is printed once and never stored."""
     settings = context(ctx).settings()
+    attributes: dict[str, str] = {}
+    for pair in attr or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            fail(f"--attr: expected KEY=VALUE (got {pair!r})", code=2)
+        attributes[key] = value
     try:
         request = TokenCreateRequest(
-            fleet=fleet, uses=uses, ttl=ttl, note=note, allow_reenroll=allow_reenroll
+            fleet=fleet,
+            uses=uses,
+            ttl=ttl,
+            note=note,
+            allow_reenroll=allow_reenroll,
+            attributes=attributes,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

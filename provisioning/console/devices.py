@@ -15,7 +15,7 @@ from aiohttp import web
 
 from provisioning import admin, store
 from provisioning.audit.query import EventFilter, query_events
-from provisioning.console import csrf, sessions, tables
+from provisioning.console import csrf, device_policy, sessions, tables
 from provisioning.console.html import Html, join, page, render, segment, tag, url, when
 from provisioning.errors import NotFound
 from provisioning.http.common import SERVICE
@@ -86,6 +86,13 @@ async def show(request: web.Request) -> web.Response:
         except NotFound:
             device = None
         certificates = await store.list_certificates(conn, device_id=device_id)
+        policy = (
+            await device_policy.section(
+                conn, device_id, request.query, trust_domain=service.settings.trust_domain
+            )
+            if device is not None
+            else Html("")
+        )
         events, next_cursor = await query_events(
             conn, filters=EventFilter(device_id=device_id), limit=TIMELINE, cursor=cursor
         )
@@ -109,6 +116,7 @@ async def show(request: web.Request) -> web.Response:
             class_="notice"),
         actions=_buttons(device) if device else "",
         certificates=_certificates(certificates),
+        policy=policy,
         events_link=url("/console/events", device=device_id),
         timeline=tables.table(events, table_id="timeline"),
         pager=join(pager, " "),

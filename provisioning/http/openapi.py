@@ -8,12 +8,25 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas.api import (
+    AttachmentInfo,
+    AttributesInfo,
+    AttributesPut,
     CertificateBundle,
     CertificateInfo,
     DeviceDetail,
     DeviceInfo,
     EnrollRequest,
     EventPage,
+    ExplainRequest,
+    ExplainResult,
+    GroupInfo,
+    GroupMembersPut,
+    GroupPut,
+    PolicyApplied,
+    PolicyInfo,
+    PolicyPut,
+    PolicyRevisionInfo,
+    PolicyVersion,
     Problem,
     RenewRequest,
     TokenCreated,
@@ -23,6 +36,19 @@ from schemas.api import (
 
 _REF = "#/components/schemas/{model}"
 _MODELS: tuple[type[BaseModel], ...] = (
+    AttachmentInfo,
+    AttributesInfo,
+    AttributesPut,
+    ExplainRequest,
+    ExplainResult,
+    GroupInfo,
+    GroupMembersPut,
+    GroupPut,
+    PolicyApplied,
+    PolicyInfo,
+    PolicyPut,
+    PolicyRevisionInfo,
+    PolicyVersion,
     CertificateBundle,
     CertificateInfo,
     DeviceDetail,
@@ -104,6 +130,115 @@ _PKCS10_BODY = {
     "content": {"application/pkcs10": {"schema": {"type": "string", "contentEncoding": "base64"}}},
 }
 _LIMIT = _q("limit", "Page size (1-1000).", {"type": "integer", "minimum": 1, "maximum": 1000})
+
+
+def _policy_paths() -> dict[str, Any]:
+    """Policies, attachments, device attributes, groups, explain (all admin)."""
+    name, kind, target = _p("name"), _p("kind"), _p("target")
+    kind["schema"] = {"enum": ["fleet", "group", "device"]}
+    put_policy = _op(
+        "Store a policy document: 201 with a new version if it changed, else 200.",
+        response=PolicyApplied,
+        body=PolicyPut,
+        admin=True,
+        params=[name],
+    )
+    put_policy["responses"]["201"] = put_policy["responses"]["200"]
+    return {
+        "/v1/policies": {"get": _op("List policies.", response=PolicyInfo, array=True, admin=True)},
+        "/v1/policies/{name}": {
+            "get": _op(
+                "A policy with its document.", response=PolicyInfo, admin=True, params=[name]
+            ),
+            "put": put_policy,
+            "delete": _op(
+                "Delete a policy and its attachments.",
+                response=PolicyVersion,
+                admin=True,
+                params=[name],
+            ),
+        },
+        "/v1/policies/{name}/attachments/{kind}/{target}": {
+            method: _op(
+                f"{verb} a policy to/from a fleet, group or device.",
+                response=PolicyVersion,
+                admin=True,
+                params=[name, kind, target],
+            )
+            for method, verb in (("put", "Attach"), ("delete", "Detach"))
+        },
+        "/v1/policy/history": {
+            "get": _op(
+                "Policy revisions, newest first.",
+                response=PolicyRevisionInfo,
+                array=True,
+                admin=True,
+                params=[_q("name", "Only this policy.")],
+            )
+        },
+        "/v1/policy/version": {
+            "get": _op("The global policy version.", response=PolicyVersion, admin=True)
+        },
+        "/v1/policy/attachments": {
+            "get": _op(
+                "Policy attachments.",
+                response=AttachmentInfo,
+                array=True,
+                admin=True,
+                params=[_q("policy", "Only this policy.")],
+            )
+        },
+        "/v1/policy/explain": {
+            "post": _op(
+                "Decision, deciding statement and policy version for a device's request.",
+                response=ExplainResult,
+                body=ExplainRequest,
+                admin=True,
+            )
+        },
+        "/v1/devices/{device_id}/attributes": {
+            "get": _op(
+                "A device's attributes and groups.",
+                response=AttributesInfo,
+                admin=True,
+                params=[_p("device_id")],
+            ),
+            "put": _op(
+                "Replace a device's attributes.",
+                response=AttributesInfo,
+                body=AttributesPut,
+                admin=True,
+                params=[_p("device_id")],
+            ),
+        },
+        "/v1/groups": {"get": _op("List groups.", response=GroupInfo, array=True, admin=True)},
+        "/v1/groups/{name}": {
+            "get": _op("A group and its devices.", response=GroupInfo, admin=True, params=[name]),
+            "put": _op(
+                "Create a group.",
+                ok=201,
+                response=PolicyVersion,
+                body=GroupPut,
+                admin=True,
+                params=[name],
+            ),
+            "delete": _op(
+                "Delete a group (memberships and attachments too).",
+                response=PolicyVersion,
+                admin=True,
+                params=[name],
+            ),
+        },
+        "/v1/groups/{name}/members": {
+            "post": _op(
+                "Add and remove devices.",
+                response=PolicyVersion,
+                body=GroupMembersPut,
+                admin=True,
+                params=[name],
+            )
+        },
+    }
 
 
 @cache
@@ -228,6 +363,7 @@ def document() -> dict[str, Any]:
                 ],
             )
         },
+        **_policy_paths(),
         "/.well-known/est/cacerts": {"get": _op("EST: the CA chain.", content=_PKCS7)},
         "/.well-known/est/simpleenroll": {
             "post": {

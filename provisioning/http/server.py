@@ -27,7 +27,7 @@ from provisioning import console
 from provisioning.audit.checkpointer import checkpoint_once, run_checkpoints
 from provisioning.db import create_pool
 from provisioning.enrollment.service import ProvisioningService
-from provisioning.http import api, est, ratelimit
+from provisioning.http import api, est, policy_api, ratelimit
 from provisioning.http.common import CRL, SERVICE, problems_middleware
 from provisioning.http.openapi import document
 from provisioning.pki.ca import crl_url_of
@@ -123,6 +123,7 @@ def build_app(
             web.get("/openapi.json", _openapi),
             web.get("/healthz", api.healthz),
             web.get("/readyz", api.readyz),
+            *policy_api.ROUTES,
         ]
     )
     console.setup(app)  # audit console under /console/ (provisioning/console)

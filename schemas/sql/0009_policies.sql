@@ -23,7 +23,7 @@ INSERT INTO policy_version (singleton, version) VALUES (true, 0);
 -- Every revision of every policy; the newest revision of a name is the policy. `version`
 -- is the global policy version whose transaction wrote it. A NULL document is a deletion.
 CREATE TABLE policies (
-    name        text NOT NULL CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    name        text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'),
     version     bigint NOT NULL,
     document    jsonb CHECK (document IS NULL OR pg_column_size(document) <= 262144),
     sha256      text,
@@ -34,7 +34,7 @@ CREATE TABLE policies (
 CREATE INDEX policies_version_idx ON policies (version);
 
 CREATE TABLE device_groups (
-    name        text PRIMARY KEY CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    name        text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'),
     description text NOT NULL DEFAULT '' CHECK (length(description) <= 500),
     created_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -73,13 +73,18 @@ RULES = (
         "the control plane imports the gateway only to serve it",
         ("provisioning",),
         ("gateway",),
-        # serve runs the gateway; policy explains with gateway.policy's own decision (a
-        # copy of the rules could disagree with the gateway that enforces them).
-        exempt=("provisioning.commands.serve", "provisioning.commands.policy"),
+        # serve runs the gateway; policy (and policy_engine, for the API and console)
+        # explains with gateway.policy's own decision (a copy of the rules could disagree
+        # with the gateway that enforces them).
+        exempt=(
+            "provisioning.commands.serve",
+            "provisioning.commands.policy",
+            "provisioning.policy_engine",
+        ),
     ),
     Rule(
         "the policy command imports only the gateway's pure policy",
-        ("provisioning.commands.policy",),
+        ("provisioning.commands.policy", "provisioning.policy_engine"),
         ("gateway",),
         allowed=("gateway.policy",),
     ),
