@@ -98,8 +98,8 @@ def document(*, wide: bool) -> dict[str, Any]:
 
 
 async def apply(conn: asyncpg.Connection, *, wide: bool) -> int:
-    result = await policies.apply_policy(
-        conn, "bench", document(wide=wide), attach=[("fleet", FLEET)], actor="bench",
+    result = await policies.apply_policies(
+        conn, {"bench": document(wide=wide)}, attach=[("bench", "fleet", FLEET)], actor="bench",
         instance="bench",
     )  # fmt: skip
     return int(result.version)

@@ -24,6 +24,7 @@ from gateway.policy_listen import APPLICATION_NAME, PolicyFollower, load_databas
 from gateway.policy_live import PolicyState
 from gateway.server import Gateway
 from provisioning import policies
+from schemas.policy import Action, Effect, Policy, Statement
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
 from tests.gateway.live import wait_for
@@ -45,8 +46,8 @@ def fleet_policy(fleet: str, *, subscribe: tuple[str, ...]) -> dict[str, Any]:
 def apply(harness: Harness, name: str, document: dict[str, Any], fleet: str) -> int:
     async def run() -> int:
         async with harness.pool.acquire() as conn:
-            result = await policies.apply_policy(
-                conn, name, document, attach=[("fleet", fleet)], **ACTOR
+            result = await policies.apply_policies(
+                conn, {name: document}, attach=[(name, "fleet", fleet)], **ACTOR
             )
         return result.version
 
@@ -196,3 +197,62 @@ def test_no_device_is_admitted_before_the_policy_is_loaded(
         harness.call(follower.close())
     (row,) = harness.wait_events(after=mark, device_id=device.device_id)
     assert (row["type"], row["reason"]) == ("connect", "policy_not_loaded")
+
+
+def test_moving_a_device_to_another_site_changes_its_permissions_live(
+    harness: Harness, make_device: DeviceFactory
+) -> None:
+    """A policy using ``{attr.site}``: setting the device's ``site`` attribute is a policy
+    change like any other (one version, one NOTIFY); its live subscription to the old
+    site's topics is revoked, and the new site's topics are its own."""
+    fleet = f"sites-{secrets.token_hex(3)}"
+    document = Policy(
+        statements=(
+            Statement(
+                id="connect", effect=Effect.ALLOW, actions=(Action.CONNECT,),
+                resources=("{device_id}",),
+            ),
+            Statement(
+                id="site", effect=Effect.ALLOW, actions=(Action.SUBSCRIBE, Action.RECEIVE),
+                resources=("sites/{attr.site}/#",),
+            ),
+        )
+    ).model_dump(mode="json")  # fmt: skip
+    apply(harness, f"p-{fleet}", document, fleet)
+    device = make_device("mover", fleet=fleet)
+    set_site(harness, device.device_id, "north")
+    with following(harness) as (gateway, _follower):
+        mark = harness.mark()
+        with RawClient(gateway.port, device, device.chain, version=5) as client:
+            assert client.connect(device.device_id).reason_code == 0
+            _subscribe(client, "sites/north/#")
+            started = time.monotonic()
+            version = set_site(harness, device.device_id, "south")
+            told = client.recv(timeout=WITHIN + 1)
+            assert time.monotonic() - started < WITHIN
+            assert isinstance(told, Disconnect) and told.reason_code == 0x87
+            assert "sites/north/#" in (told.properties.reason_string or "")
+        with RawClient(gateway.port, device, device.chain, version=5) as client:
+            assert client.connect(device.device_id).reason_code == 0
+            subscriptions = tuple(
+                Subscription(topic_filter=f, qos=1) for f in ("sites/south/#", "sites/north/#")
+            )
+            client.send(Subscribe(packet_id=2, subscriptions=subscriptions))
+            assert client.recv() == Suback(packet_id=2, reason_codes=(1, 0x87))
+    rows = harness.wait_events(3, after=mark, device_id=device.device_id, type="subscribe")
+    revoked = json.loads(rows[0]["detail"])
+    assert (rows[0]["reason"], revoked["filter"], revoked["policy_version"]) == (
+        "subscription_revoked",
+        "sites/north/#",
+        version,
+    )
+
+
+def set_site(harness: Harness, device_id: str, site: str) -> int:
+    async def run() -> int:
+        async with harness.pool.acquire() as conn:
+            _, version = await policies.set_attributes(conn, device_id, {"site": site}, **ACTOR)
+        assert version is not None
+        return int(version)
+
+    return harness.call(run())

@@ -144,8 +144,9 @@ async def _apply(url: str, fleet: str, *, wide: bool) -> int:
 
     conn = await asyncpg.connect(url)
     try:
-        result = await policies.apply_policy(
-            conn, f"prop-{fleet}", _document(fleet, wide=wide), attach=[("fleet", fleet)], **ACTOR
+        name = f"prop-{fleet}"
+        result = await policies.apply_policies(
+            conn, {name: _document(fleet, wide=wide)}, attach=[(name, "fleet", fleet)], **ACTOR
         )
     finally:
         await conn.close()
