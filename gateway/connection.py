@@ -165,6 +165,8 @@ class Session:
         self._held_downstream: list[bytes | memoryview] = []
         self._publish_cache: dict[object, Decision] = {}
         self._raw_allowed: dict[bytes, bool] = {}  # topic bytes -> allowed, for the fast path
+        # ... per QoS and retain flag (``qos << 1 | retain``) when the policy reads them.
+        self._raw_flagged: dict[int, dict[bytes, bool]] = {}
         self.fast_path = True
         self._subscribe_cache: dict[object, Decision] = {}
         # Filters forwarded to the broker, with their QoS (insertion-ordered), re-judged on
@@ -517,11 +519,18 @@ class Session:
         v5 = version == MQTT_5
         limit = self.max_packet_size
         raw_allowed = self._raw_allowed if self.fast_path else {}
+        flagged = self._raw_flagged if self.fast_path and self.policy.publish_flags_matter else None
         try:
             while pos < n:
                 if data[pos] >> 4 == _PUBLISH:
                     end = allowed_publish_end(
-                        data, pos, n, v5=v5, max_packet_size=limit, allowed=raw_allowed
+                        data,
+                        pos,
+                        n,
+                        v5=v5,
+                        max_packet_size=limit,
+                        allowed=raw_allowed,
+                        flagged=flagged,
                     )
                     if end > 0:
                         self.packets_in += 1
@@ -629,12 +638,19 @@ class Session:
                     topic = known
         judged = self._verdict(PolicyAction.PUBLISH, topic, packet.qos, packet.retain)
         if judged.allowed:
-            # Not via an alias, and allowed whatever the flags: the fast path (which does
-            # not read them) may skip decoding the next PUBLISH to this topic.
-            if topic is packet.topic and not self.policy.publish_flags_matter:
-                if len(self._raw_allowed) >= _CACHE_LIMIT:
-                    self._raw_allowed.clear()
-                self._raw_allowed[topic.encode()] = True
+            # Not via an alias: the fast path may skip decoding the next PUBLISH to this
+            # topic (with the same QoS and retain flag, when the policy's conditions read them).
+            if topic is packet.topic:
+                if self.policy.publish_flags_matter:
+                    flags = (packet.qos << 1) | packet.retain
+                    raw = self._raw_flagged.get(flags)
+                    if raw is None:
+                        raw = self._raw_flagged[flags] = {}
+                else:
+                    raw = self._raw_allowed
+                if len(raw) >= _CACHE_LIMIT:
+                    raw.clear()
+                raw[topic.encode()] = True
             return None
         actions = self._deny(
             EventType.PUBLISH,
@@ -774,6 +790,7 @@ class Session:
         self._publish_cache.clear()
         self._subscribe_cache.clear()
         self._raw_allowed.clear()
+        self._raw_flagged.clear()
         self._watch_deliveries()
         if self.state is State.AWAIT_CONNECT:
             return []  # its CONNECT will be judged by the new policy
