@@ -229,7 +229,9 @@ class PolicyFollower:
         if self.state.loaded and state.version <= self.state.version:
             return  # nothing new (a resync, or a notice already seen by the last load)
         previous, self.state = self.state, state
-        log.info(
+        # The first load is the start's (quiet, as the revocation state's); changes are news.
+        log.log(
+            logging.INFO if previous.loaded else logging.DEBUG,
             "policy version %d loaded in %.1f ms (was %s)",
             state.version,
             self.load_seconds * 1e3,

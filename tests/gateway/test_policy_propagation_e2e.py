@@ -11,7 +11,7 @@ a returning persistent session (the UNSUBSCRIBE reached the broker), and the eve
 every effect are in the audit log.
 
 ``make test`` runs 20 changes; the 100-change run is ``slow`` (opt-in:
-``DEVICEGATE_SLOW_TESTS=1 pytest -m slow``). bench/policy_propagation.py prints the same
+``RUN_SLOW_TESTS=1 pytest -m slow``). bench/policy_propagation.py prints the same
 figures with each gateway's CPU per change.
 """
 
@@ -231,8 +231,8 @@ def _pct(samples: list[float], q: float) -> float:
             marks=[
                 pytest.mark.slow,
                 pytest.mark.skipif(
-                    not os.environ.get("DEVICEGATE_SLOW_TESTS"),
-                    reason="slow: DEVICEGATE_SLOW_TESTS=1 pytest -m slow",
+                    not os.environ.get("RUN_SLOW_TESTS"),
+                    reason="slow: RUN_SLOW_TESTS=1 pytest -m slow",
                 ),
             ],
         ),
