@@ -21,9 +21,13 @@ Invariants:
   received bytes, never re-encoded. Payload bytes are copied at most once, when a frame
   straddles two TLS records. Only the CONNECT and a partially denied SUBSCRIBE are
   re-encoded.
-* Decisions are cached per session (topic/filter -> bool); the policy is pure, so a
-  cache entry is valid for the session's life. A PUBLISH to a topic already allowed is
-  recognised from its bytes by `gateway.fastpath` and not decoded at all.
+* Decisions are cached per session (topic/filter and, when the policy reads them, its
+  flags -> decision); the policy is pure, so a cache entry is valid until the policy
+  version changes: `Session.rejudge` empties the caches, re-checks the client id and the
+  subscriptions made on this connection (tracked, at most `SUBSCRIPTIONS_TRACKED`), and
+  ends the session if the new version forbids one of them (see `rejudge`). A PUBLISH to
+  a topic already allowed is recognised from its bytes by `gateway.fastpath` and not
+  decoded at all.
 * v5 topic aliases from the device are resolved before judging: a PUBLISH is authorised
   against the topic the broker will use. Alias 0 or above the broker's maximum closes with
   0x94, an unknown alias with 0x82.
