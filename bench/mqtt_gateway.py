@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import json
 import multiprocessing as mp
 import os
 import re
@@ -1002,6 +1003,133 @@ def telemetry_overhead(
     )
 
 
+def policy_statements_file(work: Path, count: int) -> Path:
+    """A generated policy set of ``count`` statements (statement model, JSON), attached to
+    the bench fleet, that allows what the bench does (client ids ``{device_id}-*``, its own
+    topics) among Allow and Deny statements on other topics, a few with QoS conditions."""
+    statements: list[dict[str, Any]] = [
+        {"id": "connect", "effect": "Allow", "actions": ["connect"],
+         "resources": ["{device_id}", "{device_id}-*"]},
+        {"id": "own", "effect": "Allow", "actions": ["publish", "subscribe", "receive"],
+         "resources": ["devices/{device_id}/#"]},
+    ]  # fmt: skip
+    kinds = [
+        ("Allow", ["publish"], "devices/{device_id}/s%d/+/t", None),
+        ("Deny", ["subscribe", "receive"], "devices/{device_id}/private%d/#", None),
+        ("Allow", ["subscribe", "receive"], "fleets/{fleet}/r%d/+", None),
+        ("Deny", ["publish"], "fleets/{fleet}/x%d/#", None),
+        ("Allow", ["publish"], "telemetry/{fleet}/{device_id}/k%d", {"max_qos": 1}),
+    ]
+    for i in range(count - len(statements)):
+        effect, actions, resource, conditions = kinds[i % len(kinds)]
+        statement: dict[str, Any] = {
+            "id": f"s{i}",
+            "effect": effect,
+            "actions": actions,
+            "resources": [resource % i],
+        }
+        if conditions:
+            statement["conditions"] = conditions
+        statements.append(statement)
+    document = {
+        "policies": {"bench": {"statements": statements}},
+        "attach": [{"policy": "bench", "fleet": FLEET}],
+    }
+    path = work / f"policy-{count}.json"
+    path.write_text(json.dumps(document, indent=1))
+    return path
+
+
+def decision_ns(policy_file: Path | None, device: Device) -> tuple[float, float, float]:
+    """Nanoseconds per PUBLISH decision in process: `CompiledPolicy.decide` on the bench
+    topic (what a session's cache miss costs), and the session's own cached path (a
+    `Session` fed PUBLISH frames to an allowed topic, fast path and all), and the session's
+    path for deliveries to the device (judged when the policy has receive statements)."""
+    from gateway.audit import EventContext
+    from gateway.connection import Session
+    from gateway.identity import DeviceIdentity
+    from gateway.policy import Action, PolicySet, load_policy
+    from gateway.policy_live import state_from_document
+    from schemas.events import Reason
+
+    identity = DeviceIdentity(device.device_id, FLEET, "1", "00")
+    state = state_from_document(load_policy(policy_file))
+    compiled = state.for_identity(identity, trust_domain=TRUST_DOMAIN)
+    topic = f"devices/{device.device_id}/bench"
+    n = 200_000
+    started = time.perf_counter_ns()
+    for _ in range(n):
+        compiled.decide(Action.PUBLISH, topic)
+    decide = (time.perf_counter_ns() - started) / n
+    assert isinstance(state.policies, PolicySet)
+    session = Session(
+        identity=identity, policy=compiled, context=EventContext(instance="bench"),
+        max_packet_size=65536,
+    )  # fmt: skip
+    session.receive_device(connect_frame(f"{device.device_id}-x"))
+    session.device_checked(Reason.OK)
+    session.receive_upstream(b"\x20\x02\x00\x00")
+    session.admitted()
+    batch = publish_frame(topic, PAYLOAD) * 100
+    session.receive_device(batch)
+    started = time.perf_counter_ns()
+    for _ in range(n // 100):
+        session.receive_device(batch)
+    cached = (time.perf_counter_ns() - started) / n
+    # Deliveries the other way, judged by the policy's receive statements (if any).
+    started = time.perf_counter_ns()
+    for _ in range(n // 100):
+        session.receive_upstream(batch)
+    delivered = (time.perf_counter_ns() - started) / n
+    return decide, cached, delivered
+
+
+def policy_comparison(
+    args: argparse.Namespace, work: Path, pki: Path, url: str, env: Env, seconds: float
+) -> None:
+    """QoS 0 throughput and round-trip p50/p99 through two identical gateways, one with the
+    default policy, one with a generated ``--policy-statements`` set; alternating runs,
+    medians; CPU per message of each gateway's workers; decision cost in process."""
+    upstream_port = free_port()
+    generated = policy_statements_file(work, args.policy_statements)
+    many_env = {"DEVICEGATE_POLICY_FILE": str(generated), "DEVICEGATE_POLICY_SOURCE": "file"}
+    with (
+        mosquitto(work, upstream_port, None),
+        gateway(work, pki, url, upstream_port, args.workers, name="policy-default") as (base, _),
+        gateway(
+            work, pki, url, upstream_port, args.workers, name="policy-many", extra_env=many_env
+        ) as (many, _),
+    ):
+        rates: dict[str, list[tuple[float, float]]] = {base.name: [], many.name: []}
+        rtts: dict[str, list[float]] = {base.name: [], many.name: []}
+        for i in range(args.repeat):
+            for target in (base, many) if i % 2 == 0 else (many, base):
+                rate = measure_messages(env, target, 0, args.pairs, seconds)
+                rates[target.name].append(rate)
+                rtts[target.name] += measure_rtt(env, target, args.rounds)
+                print(f"qos0 {target.name}: {rate[0]:,.0f} msgs/s, {rate[1]:.1f} us CPU/msg",
+                      flush=True)  # fmt: skip
+    device = env.devices[0]
+    default_file = work / "policy.toml"  # what `gateway` wrote for the default side
+    ns = {base.name: decision_ns(default_file, device), many.name: decision_ns(generated, device)}
+    print(
+        f"\n{args.policy_statements}-statement policy vs the default (bench fleet), one run,"
+        f" {args.workers} workers each, {args.pairs} pairs, {seconds:.0f} s x {args.repeat}:"
+    )
+    print("policy | QoS 0 msg/s | gateway CPU us/msg | RTT p50 / p99 ms | decide ns | "
+          "session ns/PUBLISH (cached) | session ns/delivery")  # fmt: skip
+    for target, label in ((base, "default"), (many, f"{args.policy_statements} statements")):
+        runs = rates[target.name]
+        rate = statistics.median(r for r, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        p50, p99 = percentiles(rtts[target.name])
+        decide, cached, delivered = ns[target.name]
+        print(
+            f"{label} | {rate:,.0f} | {cpu:.1f} | {p50:.3f} / {p99:.3f} |"
+            f" {decide:,.0f} | {cached:,.0f} | {delivered:,.0f}"
+        )
+
+
 def fmt_ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base and value == value and base == base else "-"
 
@@ -1035,6 +1163,14 @@ def main() -> None:
         help="instead: QoS 0 (and, with handshakes in --only, handshake) rates through a "
         "gateway with telemetry on vs off, in the same run; prints the ratio",
     )
+    parser.add_argument(
+        "--policy-statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: QoS 0 throughput and RTT p99 with the default policy and a generated "
+        "N-statement one, in the same run, with the decision cost in ns",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     sessions = args.sessions or (10_000 if args.full else 2_000)
@@ -1057,6 +1193,9 @@ def main() -> None:
     try:
         if args.telemetry_overhead:
             telemetry_overhead(args, work, pki, url, env, seconds)
+            return
+        if args.policy_statements:
+            policy_comparison(args, work, pki, url, env, seconds)
             return
         direct_port, upstream_port = free_port(), free_port()
         with (

@@ -4,7 +4,7 @@ device's CONNACK. `gateway.connection.Session` holds the state and runs them in 
 Invariants:
 
 * No state, no I/O: each step is a function of the packet, the device's identity and its
-  compiled policy.
+  compiled policy (`gateway.policy_live.SessionPolicy`).
 * Identity comes from the certificate only: an MQTT 5 enhanced authentication is refused
   (0x8C Bad authentication method; an AUTH exchange with the broker would bypass it), and
   the broker's CONNECT carries the device id as username and no password.
@@ -21,7 +21,8 @@ from gateway.codes import BAD_AUTH_METHOD
 from gateway.identity import DeviceIdentity
 from gateway.mqtt.packets import MQTT_3_1_1, MQTT_5, Connack, Connect
 from gateway.mqtt.properties import Properties, PropertyId
-from gateway.policy import CompiledPolicy, upstream_client_id
+from gateway.policy import upstream_client_id
+from gateway.policy_live import SessionPolicy
 from schemas.events import Reason
 
 __all__ = ["Refusal", "connect_refusal", "device_connack", "upstream_connect"]
@@ -38,7 +39,7 @@ class Refusal:
 
 
 def connect_refusal(
-    connect: Connect, identity: DeviceIdentity, policy: CompiledPolicy
+    connect: Connect, identity: DeviceIdentity, policy: SessionPolicy
 ) -> Refusal | None:
     """Why ``connect`` is refused before the directory is asked, or None.
 

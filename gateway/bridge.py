@@ -58,7 +58,7 @@ from gateway.audit import EventContext, EventSink
 from gateway.config import BridgeConfig
 from gateway.connection import Session, State
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
-from gateway.policy import CompiledPolicy
+from gateway.policy_live import PolicyState, SessionPolicy
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
 from gateway.spans import ATTR_PEER, ConnectionTrace
@@ -86,7 +86,9 @@ class Hub(Protocol):
     directory: DeviceDirectory
     metrics: GatewayMetrics
 
-    def compiled_policy(self, identity: DeviceIdentity) -> CompiledPolicy: ...
+    def session_policy(
+        self, identity: DeviceIdentity, state: PolicyState | None = None
+    ) -> SessionPolicy: ...
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]: ...
 
@@ -402,7 +404,7 @@ class DeviceConnection(asyncio.Protocol):
             self.trace.handshake_done(device_id=identity.device_id, fleet=identity.fleet)
         self.session = Session(
             identity=identity,
-            policy=self.hub.compiled_policy(identity),
+            policy=self.hub.session_policy(identity),
             context=self.context,
             max_packet_size=self.config.max_packet_size,
             denial_limits=self.config.denials,
@@ -661,6 +663,22 @@ class DeviceConnection(asyncio.Protocol):
     def _end_hand_over(self, upstream: asyncio.Transport) -> None:
         if not upstream.is_closing():  # no successor took it over: a drop, the will fires
             self.hub.spawn(close_lingering(upstream, within=LINGER_SECONDS), "upstream-close")
+
+    def rejudge(self, state: PolicyState) -> int:
+        """Judge the session again under a new policy version (`Session.rejudge`); 1 if
+        that ended it, else 0."""
+        session = self.session
+        if self.closed or session is None:
+            return 0
+        policy = self.hub.session_policy(session.identity, state)
+        if policy is session.policy:
+            return 0
+        actions = session.rejudge(policy)
+        if not actions:
+            return 0
+        self._run(actions)
+        self._flush()
+        return 1 if self.closed else 0
 
     def _certificate_expired(self) -> None:
         self._expiry = None

@@ -49,6 +49,7 @@ _CONNACK: Final = {
     Reason.EVENT_LOG_UNAVAILABLE: (0x03, 0x88),
     Reason.SERVER_SHUTTING_DOWN: (0x03, 0x88),
     Reason.TOO_MANY_CONNECTIONS: (0x03, 0x97),
+    Reason.POLICY_NOT_LOADED: (0x03, 0x88),
 }
 _NOT_AUTHORIZED: Final = (0x05, 0x87)
 
@@ -63,6 +64,9 @@ _CUT_CODES: Final = {
     # Not authorized: the credential is no longer valid. Not 0x98 (no operator acted) nor
     # 0xA0 Maximum connect time (a client would just reconnect): the device must renew.
     Reason.CERTIFICATE_EXPIRED: 0x87,
+    # Not authorized, with a Reason String naming the filter or client id: the policy
+    # changed under a live session (`gateway.connection.Session.rejudge`).
+    Reason.SESSION_ENDED_BY_POLICY: 0x87,
 }
 _UNSPECIFIED_ERROR: Final = 0x80
 

@@ -21,9 +21,13 @@ Invariants:
   received bytes, never re-encoded. Payload bytes are copied at most once, when a frame
   straddles two TLS records. Only the CONNECT and a partially denied SUBSCRIBE are
   re-encoded.
-* Decisions are cached per session (topic/filter -> bool); the policy is pure, so a
-  cache entry is valid for the session's life. A PUBLISH to a topic already allowed is
-  recognised from its bytes by `gateway.fastpath` and not decoded at all.
+* Decisions are cached per session (topic/filter and, when the policy reads them, its
+  flags -> decision); the policy is pure, so a cache entry is valid until the policy
+  version changes: `Session.rejudge` empties the caches, re-checks the client id and the
+  subscriptions made on this connection (tracked, at most `SUBSCRIPTIONS_TRACKED`), and
+  ends the session if the new version forbids one of them (see `rejudge`). A PUBLISH to
+  a topic already allowed is recognised from its bytes by `gateway.fastpath` and not
+  decoded at all.
 * v5 topic aliases from the device are resolved before judging: a PUBLISH is authorised
   against the topic the broker will use. Alias 0 or above the broker's maximum closes with
   0x94, an unknown alias with 0x82.
@@ -77,7 +81,7 @@ from gateway.codes import (
     connack_code,
     disconnect_code,
 )
-from gateway.denials import DenialBudget, DenialLimits, Summary, clip, sample
+from gateway.denials import SAMPLE_SIZE, DenialBudget, DenialLimits, Summary, clip, sample
 from gateway.downstream import Downstream, SubackMerge
 from gateway.fastpath import MORE, allowed_publish_end
 from gateway.identity import DeviceIdentity
@@ -96,18 +100,27 @@ from gateway.mqtt.packets import (
     Pubrel,
     Suback,
     Subscribe,
+    Subscription,
+    Unsubscribe,
 )
+from gateway.mqtt.properties import Properties, PropertyId
 from gateway.policy import Action as PolicyAction
-from gateway.policy import CompiledPolicy
+from gateway.policy import Decision
+from gateway.policy_live import NO_POLICY, SessionPolicy, judges_deliveries
 from schemas.certificates import describe_certificate, presented_detail
 from schemas.events import AuthEvent, EventType, Outcome, Reason
 
 __all__ = ["Session", "State"]
 
 _CACHE_LIMIT: Final = 1024
+SUBSCRIPTIONS_TRACKED: Final = 1024
+"""Filters a session remembers for re-judging (`Session.rejudge`); a session that made more
+is ended by the next policy change, which cannot tell whether it still holds a forbidden one."""
+_OWN_PACKET_IDS: Final = 0xFFFF  # the gateway's UNSUBSCRIBEs count down from here
 # Packet types a client may send after CONNECT (AUTH only on v5).
 _FROM_CLIENT: Final = frozenset({3, 4, 5, 6, 7, 8, 10, 12, 14, 15})
-_PUBLISH, _PUBREL, _SUBSCRIBE, _DISCONNECT, _CONNECT = 3, 6, 8, 14, 1
+_PUBLISH, _PUBREL, _SUBSCRIBE, _UNSUBSCRIBE, _DISCONNECT, _CONNECT = 3, 6, 8, 10, 14, 1
+NOT_AUTHORIZED: Final = 0x87  # MQTT 5 DISCONNECT of a session a policy change ends
 
 
 class State(Enum):
@@ -124,7 +137,7 @@ class Session:
         self,
         *,
         identity: DeviceIdentity,
-        policy: CompiledPolicy,
+        policy: SessionPolicy,
         context: EventContext,
         max_packet_size: int,
         denial_limits: DenialLimits | None = None,
@@ -154,10 +167,18 @@ class Session:
         self._connack_size = 0  # the CONNACK `Admit` carries, counted out once it is sent
         self._upstream_buf = b""
         self._held_downstream: list[bytes | memoryview] = []
-        self._publish_cache: dict[object, bool] = {}
+        self._publish_cache: dict[object, Decision] = {}
         self._raw_allowed: dict[bytes, bool] = {}  # topic bytes -> allowed, for the fast path
+        # ... per QoS and retain flag (``qos << 1 | retain``) when the policy reads them.
+        self._raw_flagged: dict[int, dict[bytes, bool]] = {}
         self.fast_path = True
-        self._subscribe_cache: dict[object, bool] = {}
+        self._subscribe_cache: dict[object, Decision] = {}
+        # Filters forwarded to the broker, with their QoS (insertion-ordered), re-judged on
+        # a policy change; past SUBSCRIPTIONS_TRACKED only the fact that there were more.
+        self.subscriptions: dict[str, int] = {}
+        self._untracked = False
+        self._own_id = _OWN_PACKET_IDS
+        self._watch_deliveries()
         self._aliases: dict[int, str] = {}
         self._alias_max = 0
         self._local_qos2: set[int] = set()
@@ -230,6 +251,8 @@ class Session:
             "packets_out": self.downstream.packets,
             "denied": self.denied,
         }
+        if self.downstream.withheld:  # deliveries the policy's receive rules kept back
+            detail["withheld"] = self.downstream.withheld
         if error is not None:
             detail["error"] = error
         return self._event(type_, reason, detail, outcome)
@@ -311,6 +334,8 @@ class Session:
         self.downstream.version = self.version
         self.connect = connect
         self.client_id = connect.client_id
+        if self.policy is NO_POLICY:  # the database's policy is not loaded yet: fail closed
+            return self._refuse(Reason.POLICY_NOT_LOADED)
         refusal = connect_refusal(connect, self.identity, self.policy)
         if refusal is not None:
             return self._refuse(refusal.reason, refusal.detail, refusal.code)
@@ -360,7 +385,12 @@ class Session:
                 return self._protocol_close(Reason.UPSTREAM_CLOSED, None, exc.reason)
             for chunk in chunks:
                 self.bytes_out += len(chunk)
-            return [ToDevice(chunk) for chunk in chunks]
+            actions: list[Action] = [ToDevice(chunk) for chunk in chunks]
+            replies = self.downstream.replies
+            if replies:  # the gateway's acks of deliveries the policy withheld
+                actions.append(ToUpstream(b"".join(replies)))
+                replies.clear()
+            return actions
         if self.state is State.AUTHORIZING:
             return self._await_connack(data)
         return []
@@ -401,7 +431,10 @@ class Session:
         self._connack_size = len(connack_bytes)
         self._held_downstream.append(rest)  # non-empty list marks "CONNACK seen"
         self._admitting = True
-        info: dict[str, object] = {"protocol_version": self.version}
+        info: dict[str, object] = {
+            "protocol_version": self.version,
+            "policy_version": self.policy.version,
+        }
         if self.connect is not None:
             info["clean_start"] = self.connect.clean_start
             info["keepalive"] = self.connect.keepalive
@@ -490,11 +523,18 @@ class Session:
         v5 = version == MQTT_5
         limit = self.max_packet_size
         raw_allowed = self._raw_allowed if self.fast_path else {}
+        flagged = self._raw_flagged if self.fast_path and self.policy.publish_flags_matter else None
         try:
             while pos < n:
                 if data[pos] >> 4 == _PUBLISH:
                     end = allowed_publish_end(
-                        data, pos, n, v5=v5, max_packet_size=limit, allowed=raw_allowed
+                        data,
+                        pos,
+                        n,
+                        v5=v5,
+                        max_packet_size=limit,
+                        allowed=raw_allowed,
+                        flagged=flagged,
                     )
                     if end > 0:
                         self.packets_in += 1
@@ -520,6 +560,10 @@ class Session:
                 elif packet_type == _SUBSCRIBE:
                     assert isinstance(packet, Subscribe)
                     verdict = self._subscribe(packet)
+                elif packet_type == _UNSUBSCRIBE:
+                    assert isinstance(packet, Unsubscribe)
+                    for topic_filter in packet.topic_filters:
+                        self.subscriptions.pop(topic_filter, None)
                 elif packet_type == _PUBREL and self._local_qos2:
                     assert isinstance(packet, Pubrel)
                     verdict = self._pubrel(packet)
@@ -550,9 +594,9 @@ class Session:
             self._pending_len = n - pos
         return actions
 
-    def _allowed(
+    def _verdict(
         self, action: PolicyAction, topic: str, qos: int = 0, retain: bool = False
-    ) -> bool:
+    ) -> Decision:
         key: object
         if action is PolicyAction.PUBLISH:
             cache = self._publish_cache
@@ -560,13 +604,26 @@ class Session:
         else:
             cache = self._subscribe_cache
             key = (topic, qos)
-        allowed = cache.get(key)
-        if allowed is None:
-            allowed = self.policy.decide(action, topic, qos=qos, retain=retain).allowed
+        verdict = cache.get(key)
+        if verdict is None:
+            verdict = self.policy.decide(action, topic, qos=qos, retain=retain)
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            cache[key] = allowed
-        return allowed
+            cache[key] = verdict
+        return verdict
+
+    def _allowed(
+        self, action: PolicyAction, topic: str, qos: int = 0, retain: bool = False
+    ) -> bool:
+        return self._verdict(action, topic, qos, retain).allowed
+
+    def _watch_deliveries(self) -> None:
+        """Judge deliveries (broker to device) only when the policy has receive rules."""
+        receives = judges_deliveries(self.policy)
+        self.downstream.judged_by(self._may_receive if receives else None)
+
+    def _may_receive(self, topic: str) -> bool:
+        return self.policy.decide(PolicyAction.RECEIVE, topic).allowed
 
     def _publish(self, packet: Publish) -> list[Action] | None:
         """None: forward as is. Otherwise what to do instead."""
@@ -583,19 +640,33 @@ class Session:
                     if known is None:
                         raise MalformedPacket(f"unknown topic alias {alias}", PROTOCOL_ERROR)
                     topic = known
-        if self._allowed(PolicyAction.PUBLISH, topic, packet.qos, packet.retain):
-            # Not via an alias, and allowed whatever the flags: the fast path (which does
-            # not read them) may skip decoding the next PUBLISH to this topic.
-            if topic is packet.topic and not self.policy.publish_flags_matter:
-                if len(self._raw_allowed) >= _CACHE_LIMIT:
-                    self._raw_allowed.clear()
-                self._raw_allowed[topic.encode()] = True
+        judged = self._verdict(PolicyAction.PUBLISH, topic, packet.qos, packet.retain)
+        if judged.allowed:
+            # Not via an alias: the fast path may skip decoding the next PUBLISH to this
+            # topic (with the same QoS and retain flag, when the policy's conditions read them).
+            if topic is packet.topic:
+                if self.policy.publish_flags_matter:
+                    flags = (packet.qos << 1) | packet.retain
+                    raw = self._raw_flagged.get(flags)
+                    if raw is None:
+                        raw = self._raw_flagged[flags] = {}
+                else:
+                    raw = self._raw_allowed
+                if len(raw) >= _CACHE_LIMIT:
+                    raw.clear()
+                raw[topic.encode()] = True
             return None
         actions = self._deny(
             EventType.PUBLISH,
             1,
             (topic,),
-            lambda: {"count": 1, "topic": clip(topic), "qos": packet.qos},
+            lambda: {
+                "count": 1,
+                "topic": clip(topic),
+                "qos": packet.qos,
+                "policy_version": judged.version,
+                "statement": judged.statement,
+            },
         )
         if self.denials.exceeded:
             return self._too_many_denials(actions)
@@ -651,11 +722,11 @@ class Session:
         return [ToDevice(encode(Pubcomp(packet_id=packet.packet_id), version=self.version))]
 
     def _subscribe(self, packet: Subscribe) -> list[Action] | None:
-        verdicts = [
-            self._allowed(PolicyAction.SUBSCRIBE, s.topic_filter, s.qos)
-            for s in packet.subscriptions
-        ]
+        subscribe = PolicyAction.SUBSCRIBE
+        judged = [self._verdict(subscribe, s.topic_filter, s.qos) for s in packet.subscriptions]
+        verdicts = [j.allowed for j in judged]
         if all(verdicts):
+            self._track(packet.subscriptions)
             return None
         denied_code = 0x87 if self.version == MQTT_5 else 0x80
         # One event for the packet, however many filters it denies: their count, a sample.
@@ -668,7 +739,12 @@ class Session:
             EventType.SUBSCRIBE,
             len(denied),
             denied,
-            lambda: {"count": len(denied), "filters": sample(denied)},
+            lambda: {
+                "count": len(denied),
+                "filters": sample(denied),
+                "policy_version": self.policy.version,
+                "statement": next(j.statement for j in judged if not j.allowed),
+            },
         )
         if self.denials.exceeded:
             return self._too_many_denials(actions)
@@ -680,12 +756,119 @@ class Session:
         kept = tuple(
             s for s, allowed in zip(packet.subscriptions, verdicts, strict=True) if allowed
         )
+        self._track(kept)
         merge = SubackMerge(tuple(None if allowed else denied_code for allowed in verdicts))
         self.downstream.merges[packet.packet_id] = merge
         actions.append(
             ToUpstream(encode(replace(packet, subscriptions=kept), version=self.version))
         )
         return actions
+
+    def _track(self, subscriptions: Iterable[Subscription]) -> None:
+        tracked = self.subscriptions
+        for subscription in subscriptions:
+            topic_filter = subscription.topic_filter
+            if topic_filter not in tracked and len(tracked) >= SUBSCRIPTIONS_TRACKED:
+                self._untracked = True
+                return
+            tracked[topic_filter] = subscription.qos  # a new SUBSCRIBE replaces the QoS
+
+    # --- a policy change -------------------------------------------------------------
+
+    def rejudge(self, policy: SessionPolicy) -> list[Action]:
+        """Judge the live session again under ``policy`` (a newer policy version).
+
+        Decisions from now on are the new policy's (the caches are emptied). The session
+        ends (``session_ended_by_policy``) if its client id is no longer allowed or it holds
+        a subscription the new policy forbids; such subscriptions are first removed at the
+        broker (UNSUBSCRIBE in the gateway's own packet id space, its UNSUBACK swallowed),
+        so a persistent broker session does not keep them, each recorded as a
+        ``subscription_revoked`` event. MQTT 5 has no server-initiated unsubscribe: a v5
+        device is told with DISCONNECT 0x87 Not authorized and a reason string naming the
+        filter; a 3.1.1 device's connection is closed. If the device's will topic is
+        forbidden too, the broker gets a DISCONNECT so the will does not fire.
+        """
+        if policy is self.policy or self.state is State.CLOSED:
+            return []
+        self.policy = policy
+        self._publish_cache.clear()
+        self._subscribe_cache.clear()
+        self._raw_allowed.clear()
+        self._raw_flagged.clear()
+        self._watch_deliveries()
+        if self.state is State.AWAIT_CONNECT:
+            return []  # its CONNECT will be judged by the new policy
+        version = policy.version
+        detail: dict[str, object] = {"policy_version": version}
+        requested = self.connect.client_id if self.connect is not None else ""
+        if requested and not policy.client_id_allowed(requested):
+            detail["client_id"] = requested
+            detail["error"] = f"client id {requested!r} no longer allowed"
+        revoked = [
+            (topic_filter, verdict)
+            for topic_filter, qos in self.subscriptions.items()
+            if not (verdict := self._verdict(PolicyAction.SUBSCRIBE, topic_filter, qos)).allowed
+        ]
+        if self._untracked and "error" not in detail and not revoked:
+            detail["error"] = f"more than {SUBSCRIPTIONS_TRACKED} subscriptions to re-judge"
+        if "error" not in detail and not revoked:
+            return []
+        if self.state is State.AUTHORIZING and not self._admitting:
+            return self.cut(Reason.SESSION_ENDED_BY_POLICY, detail=detail)
+        actions: list[Action] = []
+        if revoked:
+            filters = tuple(topic_filter for topic_filter, _ in revoked)
+            packet_id = self._own_packet_id()
+            self.downstream.unsubacks.add(packet_id)
+            actions.append(
+                ToUpstream(
+                    encode(
+                        Unsubscribe(packet_id=packet_id, topic_filters=filters),
+                        version=self.version,
+                    )
+                )
+            )
+            for topic_filter, verdict in revoked[:SAMPLE_SIZE]:
+                del self.subscriptions[topic_filter]
+                why = {
+                    "filter": clip(topic_filter),
+                    "policy_version": version,
+                    "statement": verdict.statement,
+                }
+                actions.append(
+                    Record(self._event(EventType.SUBSCRIBE, Reason.SUBSCRIPTION_REVOKED, why))
+                )
+            if len(revoked) > SAMPLE_SIZE:  # the rest in one summary: bounded rows per change
+                rest = [topic_filter for topic_filter, _ in revoked[SAMPLE_SIZE:]]
+                why = {
+                    "summary": True,
+                    "count": len(rest),
+                    "filters": sample(rest),
+                    "policy_version": version,
+                }
+                actions.append(
+                    Record(self._event(EventType.SUBSCRIBE, Reason.SUBSCRIPTION_REVOKED, why))
+                )
+            detail["filters"] = sample(filters)
+            detail.setdefault("error", f"subscription to {clip(filters[0])!r} revoked by policy")
+        will = self.connect.will if self.connect is not None else None
+        if will is not None and not self._allowed(
+            PolicyAction.PUBLISH, will.topic, will.qos, will.retain
+        ):
+            actions.append(ToUpstream(DISCONNECT_BYTES))  # no will to a forbidden topic
+        message = f"{detail['error']} (policy version {version})"
+        actions.extend(self.cut(Reason.SESSION_ENDED_BY_POLICY, detail=detail, message=message))
+        return actions
+
+    def _own_packet_id(self) -> int:
+        """A packet id for the gateway's own UNSUBSCRIBE: counting down from 65535, never
+        one of the device's SUBSCRIBEs awaiting their SUBACK nor an UNSUBACK still owed."""
+        while True:
+            packet_id = self._own_id
+            self._own_id = packet_id - 1 if packet_id > 1 else _OWN_PACKET_IDS
+            owed = self.downstream
+            if packet_id not in owed.merges and packet_id not in owed.unsubacks:
+                return packet_id
 
     # --- ends ------------------------------------------------------------------------
 
@@ -704,13 +887,15 @@ class Session:
         *,
         revoked: bool = False,
         detail: Mapping[str, object] | None = None,
+        message: str | None = None,
     ) -> list[Action]:
-        """End the session from outside: takeover, revocation, expiry, shutdown.
+        """End the session from outside: takeover, revocation, expiry, shutdown, policy.
 
         ``revoked`` records ``session_revoked`` instead of ``session_end`` (``session_superseded``,
         allowed, when the device renewed: `HANDED_OVER`); ``detail`` is
-        added to the end event's detail (e.g. which session took over). See the module
-        invariants for what is recorded and sent in each state.
+        added to the end event's detail (e.g. which session took over); ``message`` is the
+        v5 DISCONNECT's Reason String. See the module invariants for what is recorded and
+        sent in each state.
         """
         state = self.state
         if state is State.CLOSED:
@@ -734,11 +919,15 @@ class Session:
             actions: list[Action] = [Record(e) for e in (*summaries, event)]
             if state is State.ACTIVE and self.version == MQTT_5:  # never before its CONNACK
                 disconnect = Disconnect(reason_code=disconnect_code(reason))
+                if message is not None:
+                    reason_string = Properties(((PropertyId.REASON_STRING, clip(message)),))
+                    disconnect = replace(disconnect, properties=reason_string)
                 actions.append(ToDevice(encode(disconnect, version=MQTT_5)))
             actions.extend(goodbye)
             actions.append(Close(reason))
             return actions
-        actions = [Record(self._event(EventType.CONNECT, reason))]
+        refusal = detail if reason is Reason.SESSION_ENDED_BY_POLICY else None
+        actions = [Record(self._event(EventType.CONNECT, reason, refusal))]
         if state is State.AUTHORIZING:  # its CONNECT came: answer it
             connack = Connack(reason_code=connack_code(reason, self.version))
             actions.append(ToDevice(encode(connack, version=self.version)))

@@ -9,7 +9,15 @@ starts one; it also gives the packet counts for ``session_end``.
 
 Invariants:
 
-* Nothing but a SUBACK whose packet id has a pending merge is ever decoded.
+* Deliveries are judged only when the session's policy has ``receive`` statements
+  (``judge`` set): then each PUBLISH's topic is read from its first bytes (its payload
+  never), a withheld one is dropped whole, even across reads, and acknowledged to the
+  broker by the gateway (PUBACK; PUBREC, then PUBCOMP for its PUBREL, which the device
+  never sees), so the broker neither retries nor stalls. MQTT 5 topic aliases the broker
+  sets are followed (those PUBLISHes are decoded). Without ``judge`` nothing changes.
+* Nothing but a SUBACK whose packet id has a pending merge is ever decoded; the packet id
+  of an UNSUBACK is read only while the gateway awaits one for its own UNSUBSCRIBE
+  (``unsubacks``, after a policy change), and that UNSUBACK is swallowed.
 * Output order equals input order; a held partial frame is never forwarded early.
 * A merged SUBACK has one code per filter of the device's original SUBSCRIBE, the denied
   codes at their original positions, the broker's codes (and properties) for the rest.
@@ -17,16 +25,20 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
 from gateway.mqtt.codec import decode, encode
 from gateway.mqtt.errors import MalformedPacket
-from gateway.mqtt.packets import Suback
+from gateway.mqtt.packets import Publish, Suback
 
 __all__ = ["Downstream", "SubackMerge"]
 
 _SUBACK: Final = 9
+_UNSUBACK: Final = 11
+_PUBLISH: Final = 3
+_PUBREL: Final = 6
 _PINGRESP: Final = 13
 _UNSPECIFIED_ERROR_V3: Final = 0x80
 
@@ -66,10 +78,34 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
     return data[pos] >> 4, i - pos + length
 
 
+def _id_at(data: bytes, pos: int) -> int:
+    """Offset of the packet id in the frame at ``pos`` (after the Remaining Length)."""
+    i = pos + 1
+    while data[i] & 0x80:
+        i += 1
+    return i + 1 - pos
+
+
 class Downstream:
     """Cuts the broker's byte stream into what the device gets."""
 
-    __slots__ = ("_skip", "_tail", "merges", "packets", "pingresps", "swallow", "version")
+    __slots__ = (
+        "_aliases",
+        "_dropping",
+        "_pubrels",
+        "_received",
+        "_skip",
+        "_tail",
+        "judge",
+        "merges",
+        "packets",
+        "pingresps",
+        "replies",
+        "swallow",
+        "unsubacks",
+        "version",
+        "withheld",
+    )
 
     def __init__(self, version: int) -> None:
         self.version = version
@@ -77,6 +113,14 @@ class Downstream:
         self.packets = 0
         self.pingresps = 0  # a drain's PINGREQ barrier waits for the next one
         self.swallow = 0  # PINGRESPs owed to the gateway's own PINGREQs: not the device's
+        self.unsubacks: set[int] = set()  # packet ids of the gateway's own UNSUBSCRIBEs
+        self.judge: Callable[[str], bool] | None = None  # may this delivery reach the device?
+        self.replies: list[bytes] = []  # the gateway's acks of withheld deliveries, upstream
+        self.withheld = 0
+        self._received: dict[bytes, bool] = {}  # topic bytes -> judge's verdict
+        self._aliases: dict[int, str] = {}  # the broker's MQTT 5 topic aliases
+        self._pubrels: set[int] = set()  # QoS 2 deliveries withheld: their PUBREL is ours
+        self._dropping = False  # the frame being skipped across reads is withheld
         self._skip = 0
         self._tail = b""
 
@@ -90,7 +134,7 @@ class Downstream:
         skip = self._skip
         if skip >= n and not self._tail:
             self._skip = skip - n
-            return [data]
+            return [] if self._dropping else [data]
         if self._tail:
             data = self._tail + data
             n = len(data)
@@ -98,8 +142,10 @@ class Downstream:
         pos = min(skip, n)
         self._skip = 0
         out: list[bytes | memoryview] = []
-        start = 0
+        start = pos if self._dropping else 0
+        self._dropping = False
         merges = self.merges
+        judge = self.judge
         while pos < n:
             frame = _frame_at(data, pos, n)
             if frame is None:
@@ -114,6 +160,35 @@ class Downstream:
                     if start < pos:
                         out.append(memoryview(data)[start:pos])
                     start = end
+            if packet_type == _UNSUBACK and self.unsubacks:
+                if end > n:
+                    self._tail = data[pos:]
+                    break
+                at = pos + _id_at(data, pos)
+                if at + 2 > end:
+                    raise MalformedPacket("UNSUBACK without a packet id from the broker")
+                packet_id = (data[at] << 8) | data[at + 1]
+                if packet_id in self.unsubacks:
+                    self.unsubacks.discard(packet_id)
+                    if start < pos:
+                        out.append(memoryview(data)[start:pos])
+                    start = end
+                    self.packets -= 1  # not the device's
+            if judge is not None and packet_type in (_PUBLISH, _PUBREL):
+                verdict = self._judge(data, pos, n, end, packet_type)
+                if verdict is None:  # its topic is not all here yet
+                    self._tail = data[pos:]
+                    break
+                if not verdict:  # withheld: dropped, acknowledged by the gateway
+                    if start < pos:
+                        out.append(memoryview(data)[start:pos])
+                    if end > n:
+                        self._skip = end - n
+                        self._dropping = True
+                        pos = start = n
+                        break
+                    pos = start = end
+                    continue
             if packet_type == _SUBACK and merges:
                 if end > n:
                     self._tail = data[pos:]
@@ -135,6 +210,73 @@ class Downstream:
         elif start < pos:
             out.append(memoryview(data)[start:pos])
         return out
+
+    def _judge(self, data: bytes, pos: int, n: int, end: int, packet_type: int) -> bool | None:
+        """Whether the PUBLISH (or PUBREL) at ``pos`` goes to the device; None: read more."""
+        at = pos + _id_at(data, pos)  # the fixed header is whole (`_frame_at`)
+        if packet_type == _PUBREL:  # the end of a QoS 2 delivery the device never saw?
+            if not self._pubrels:
+                return True
+            if end > n:
+                return None
+            packet_id = (data[at] << 8) | data[at + 1]
+            if packet_id not in self._pubrels:
+                return True
+            self._pubrels.discard(packet_id)
+            self.replies.append(bytes((0x70, 2, data[at], data[at + 1])))  # PUBCOMP
+            return False
+        if at + 2 > n:
+            return None
+        topic_end = at + 2 + ((data[at] << 8) | data[at + 1])
+        qos = (data[pos] >> 1) & 3
+        head = topic_end + (2 if qos else 0)
+        v5 = self.version == 5
+        if head + (1 if v5 else 0) > n:
+            return None
+        if v5 and (data[head] or topic_end == at + 2):  # properties: perhaps a topic alias
+            if end > n:
+                return None
+            result = decode(memoryview(data)[pos:end], version=self.version)
+            assert isinstance(result, tuple)
+            publish = result[0]
+            assert isinstance(publish, Publish)
+            alias = publish.properties.topic_alias
+            topic = publish.topic
+            if alias is not None:
+                if topic:
+                    self._aliases[alias] = topic
+                else:
+                    topic = self._aliases.get(alias, "")
+            allowed = bool(topic) and self._allowed(topic.encode())
+        else:
+            allowed = self._allowed(data[at + 2 : topic_end])
+        if allowed:
+            return True
+        self.withheld += 1
+        if qos:
+            raw_id = bytes(data[topic_end : topic_end + 2])
+            if qos == 1:
+                self.replies.append(b"\x40\x02" + raw_id)  # PUBACK
+            else:
+                self._pubrels.add((raw_id[0] << 8) | raw_id[1])
+                self.replies.append(b"\x50\x02" + raw_id)  # PUBREC
+        return False
+
+    def _allowed(self, topic: bytes) -> bool:
+        verdict = self._received.get(topic)
+        if verdict is None:
+            judge = self.judge
+            assert judge is not None
+            verdict = judge(topic.decode("utf-8", "replace"))
+            if len(self._received) >= 1024:
+                self._received.clear()
+            self._received[topic] = verdict
+        return verdict
+
+    def judged_by(self, judge: Callable[[str], bool] | None) -> None:
+        """Judge deliveries with ``judge`` from now on (None: every delivery passes)."""
+        self.judge = judge
+        self._received.clear()
 
     def _merge(self, frame: memoryview) -> bytes | None:
         result = decode(frame, version=self.version)

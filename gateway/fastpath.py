@@ -12,6 +12,8 @@ Invariants:
   known good (hence valid UTF-8 without wildcards), a non-zero packet id for QoS > 0, and
   on MQTT 5 an empty property block (so no Topic Alias to resolve). The payload is opaque
   in both versions, so nothing else can be malformed.
+* When the policy's conditions read the QoS or the retain flag, a topic is known good only
+  together with the flags it was allowed with (``flagged``).
 * Anything else returns `SLOW` and the caller decodes normally (which raises or judges);
   an incomplete frame returns `MORE`. It never raises and never allows what the slow path
   would not: the cache only holds topics the slow path allowed.
@@ -28,7 +30,14 @@ SLOW: Final = -1
 
 
 def allowed_publish_end(
-    data: bytes, pos: int, n: int, *, v5: bool, max_packet_size: int, allowed: dict[bytes, bool]
+    data: bytes,
+    pos: int,
+    n: int,
+    *,
+    v5: bool,
+    max_packet_size: int,
+    allowed: dict[bytes, bool],
+    flagged: dict[int, dict[bytes, bool]] | None = None,
 ) -> int:
     """The end offset of the allowed PUBLISH frame at ``data[pos]``, or `MORE` / `SLOW`.
 
@@ -39,6 +48,8 @@ def allowed_publish_end(
         v5: Whether the session speaks MQTT 5.
         max_packet_size: The session's packet size limit.
         allowed: Raw topic bytes the slow path decoded and allowed.
+        flagged: Instead of ``allowed`` when the policy's conditions read the QoS and
+            retain flag: the allowed raw topics per ``qos << 1 | retain``.
     """
     flags = data[pos] & 0x0F
     qos = (flags >> 1) & 3
@@ -81,6 +92,11 @@ def allowed_publish_end(
             return SLOW  # properties to look at (a Topic Alias among them, perhaps)
     elif p > end:
         return SLOW
+    if flagged is not None:
+        table = flagged.get(flags & 7)  # QoS and retain; DUP does not matter
+        if table is None:
+            return SLOW
+        allowed = table
     if allowed.get(data[topic_start:topic_end]) is not True:
         return SLOW
     return end

@@ -116,6 +116,7 @@ class Readiness:
     broker: BrokerWatch
     revocation_stale: Callable[[], bool]
     schema: str | None = None
+    policy_loaded: Callable[[], bool] | None = None  # None: the policy is a file's
 
     def problems(self) -> list[str]:
         found = []
@@ -128,4 +129,6 @@ class Readiness:
             found.append(self.schema)
         if self.revocation_stale():
             found.append("revocation state is not current (devices are refused)")
+        if self.policy_loaded is not None and not self.policy_loaded():
+            found.append("the database's policy is not loaded yet (devices are refused)")
         return found

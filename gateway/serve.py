@@ -2,8 +2,15 @@
 
 SIGTERM/SIGINT drain: stop accepting, let the packets in flight finish, end every session
 (DISCONNECT 0x8B on v5, ``server_shutting_down``; a DISCONNECT to the broker, so no will
-fires) within ``Settings.drain_timeout``, then flush and ship the event spool. SIGHUP
-reloads the policy file.
+fires) within ``Settings.drain_timeout``, then flush and ship the event spool.
+
+The policy comes from the database (``POLICY_SOURCE=database``, the default when no
+``POLICY_FILE`` is set): a `gateway.policy_listen.PolicyFollower` loads it at start and
+follows every change by NOTIFY; until it is loaded devices are refused
+(``policy_not_loaded``), as they are until the revocation state is current, so a worker
+that starts while PostgreSQL is away never admits a device under a policy it has not
+read. With ``POLICY_SOURCE=file`` SIGHUP re-reads the file; either way a new policy
+re-judges the live sessions.
 
 Several workers (``--workers N``) are separate processes started by `gateway.workers`;
 each runs `serve` with its own ``worker_index``: its own SO_REUSEPORT listener on the
@@ -38,6 +45,7 @@ from gateway.config import config_from_settings
 from gateway.events.checkpoints import CheckpointPolicy
 from gateway.events.sink import SpoolSink
 from gateway.failure_channel import ChannelFds, FailureChannel
+from gateway.policy_listen import PolicyFollower, load_database_state
 from gateway.preflight import BrokerWatch, Readiness, schema_problem
 from gateway.revocation_listen import RevocationCache
 from gateway.server import Gateway
@@ -129,15 +137,32 @@ async def serve(
     bus.listen_on(directory)
     await bus.start()
     await directory.start()
+    follower: PolicyFollower | None = None
+    if settings.effective_policy_source == "database":
+        if settings.policy_file is not None:
+            log.warning(
+                "POLICY_FILE %s is ignored: POLICY_SOURCE is database (seed the database "
+                "with `devicegate policy apply FILE`)",
+                settings.policy_file,
+            )
+        follower = PolicyFollower(database_url=settings.database_url, load=load_database_state)
+        await follower.start()
     # Say plainly what is missing around the worker (and keep saying it on /readyz).
     schema = await schema_problem(settings.database_url)
     if schema is not None:
         log.error("%s", schema)
     broker = BrokerWatch(config.upstream.host, config.upstream.port)
     await broker.start()
-    readiness = Readiness(broker=broker, revocation_stale=directory.stale, schema=schema)
+    readiness = Readiness(
+        broker=broker,
+        revocation_stale=directory.stale,
+        schema=schema,
+        policy_loaded=(lambda: follower.loaded) if follower is not None else None,
+    )
     if not await directory.wait_current(within=10.0):
         log.warning("revocation state is not current yet; refusing devices until it is")
+    if follower is not None and not await follower.wait_current(within=10.0):
+        log.warning("the database's policy is not loaded yet; refusing devices until it is")
     metrics_server: asyncio.Server | None = None
     try:
         metrics_server = await _serve_metrics(
@@ -160,7 +185,8 @@ async def serve(
                 directory=directory,
                 host=host,
                 port=port,
-                policy_file=settings.policy_file,
+                policy_file=settings.policy_file if follower is None else None,
+                policy_follower=follower,
                 max_connections=settings.max_connections,
                 reuse_port=reuse_port,
                 failed_handshakes_per_minute=settings.failed_handshakes_per_minute,
@@ -192,6 +218,8 @@ async def serve(
                 await gateway.close()
     finally:
         await broker.close()
+        if follower is not None:
+            await follower.close()
         await directory.close()
         await bus.close()
         if metrics_server is not None:

@@ -34,8 +34,12 @@ Invariants:
   wait and are never refused at accept; their failures are charged and summarised alike.
 * Events that do not gate admission are recorded in the background; `Gateway.close`
   waits for them, so a clean shutdown loses none.
-* The policy set is swapped atomically on reload; sessions keep the compiled policy
-  they started with (decisions are cached per session).
+* The policy is one immutable `gateway.policy_live.PolicyState` per version, swapped
+  whole (`Gateway.policy_changed`: a database change heard by a
+  `gateway.policy_listen.PolicyFollower`, or SIGHUP re-reading the policy file). Every
+  live session is then re-judged under the new version (`Session.rejudge`), in slices of
+  `REJUDGE_SLICE` seconds that yield to the loop between them, so 10,000 sessions never
+  hold up packets for long; a version that arrives during a pass starts one more pass.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import TracebackType
@@ -67,7 +72,9 @@ from gateway.limits import (
     TrustedNetworks,
     address_key,
 )
-from gateway.policy import CompiledPolicy, PolicyError, PolicySet, load_policy
+from gateway.policy import PolicyError, PolicySet, load_policy
+from gateway.policy_listen import PolicyFollower
+from gateway.policy_live import PolicyState, SessionPolicy, state_from_document
 from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
 from gateway.takeover import Claim, SessionBus
@@ -85,6 +92,9 @@ _NOT_FAILURES = frozenset(
     {Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS, Reason.PROXY_PROTOCOL_ERROR}
 )
 _ALL_ADDRESSES = "*"
+REJUDGE_SLICE = 0.005
+"""Seconds of re-judging live sessions between two yields to the event loop after a policy
+change (a session is never cut in two: a slice ends after the session that crossed it)."""
 CLOCK_STEP = 1.0
 """Seconds the wall clock may move against the monotonic clock per tick before it counts
 as a step (NTP slews far slower than this)."""
@@ -92,6 +102,17 @@ as a step (NTP slews far slower than this)."""
 
 async def _nothing() -> None:
     """The record of a failure counted in a summary: the summary is recorded later."""
+
+
+@dataclass(frozen=True, slots=True)
+class RejudgeStats:
+    """One re-judgement pass over the live sessions (`Gateway.policy_changed`)."""
+
+    version: int
+    sessions: int
+    ended: int
+    seconds: float
+    longest_slice: float
 
 
 def _unexported_metrics() -> GatewayMetrics:
@@ -110,6 +131,9 @@ class Gateway:
     ``refusal_event_interval`` is the throttle window of accept-time refusal events.
     ``failure_channel`` shares the failed handshakes with the sibling workers (None: this
     worker is the whole instance); the gateway starts and closes it.
+    ``policy_follower`` (the database's policy, `gateway.policy_listen`) hands the gateway
+    each new policy version; without it the policy is ``policy_state``, else the document
+    ``policy``, else ``policy_file`` (reloaded on SIGHUP).
     ``metrics`` receives the connection counts and spans (`gateway.telemetry`); without it
     they go to a no-op meter and tracer (counted, never exported).
     """
@@ -124,6 +148,8 @@ class Gateway:
         port: int,
         policy: PolicyDocument | PolicyFile | PolicySet | None = None,
         policy_file: Path | None = None,
+        policy_state: PolicyState | None = None,
+        policy_follower: PolicyFollower | None = None,
         max_connections: int = 10_000,
         reuse_port: bool = False,
         failed_handshakes_per_minute: int | None = None,
@@ -142,9 +168,16 @@ class Gateway:
         self.host = host
         self.port = port
         self.policy_file = policy_file
-        if policy is None:
-            policy = load_policy(policy_file)
-        self.policy = policy if isinstance(policy, PolicySet) else PolicySet.from_document(policy)
+        self.policy_follower = policy_follower  # the database's policy (None: the file's)
+        if policy_follower is not None:
+            policy_state = policy_follower.state
+        elif policy_state is None:
+            document = policy if policy is not None else load_policy(policy_file)
+            policy_state = state_from_document(document)
+        self.policy_state = policy_state
+        self.rejudged: RejudgeStats | None = None  # the last re-judgement pass
+        self._rejudging: asyncio.Task[None] | None = None
+        self._rejudge_again = False
         self.max_connections = max_connections
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes share the port
         self.connections: set[DeviceConnection] = set()
@@ -183,6 +216,8 @@ class Gateway:
             self.directory.attach(self)
         if self.bus is not None:
             self.bus.attach(self)
+        if self.policy_follower is not None:
+            self.policy_follower.attach(self)
         if self.failure_channel is not None and self.failures is not None:
             self.failure_channel.start(self.failures)
         self._ticker = loop.create_task(self._tick(), name="gateway-tick")
@@ -196,6 +231,8 @@ class Gateway:
             self.directory.detach(self)
         if self.bus is not None:
             self.bus.detach(self)
+        if self.policy_follower is not None:
+            self.policy_follower.detach(self)
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -269,25 +306,75 @@ class Gateway:
         ]
 
     def reload_policy(self) -> bool:
-        """Re-read the policy file (SIGHUP); keep the old policy if the new one is invalid."""
+        """Re-read the policy file (SIGHUP); keep the old policy if the new one is invalid.
+
+        The file's policy gets the next local version number, and live sessions are
+        re-judged as for a database change. When the policy comes from the database
+        (`gateway.policy_listen.PolicyFollower`), SIGHUP changes nothing: it follows NOTIFY.
+        """
+        if self.policy_state.source != "file":
+            log.info("SIGHUP: the policy comes from the database (it follows NOTIFY)")
+            return False
         try:
-            self.policy = PolicySet.from_document(load_policy(self.policy_file))
+            document = load_policy(self.policy_file)
         except PolicyError as exc:
             log.error("policy not reloaded: %s", exc)
             return False
         log.info("policy reloaded from %s", self.policy_file)
+        self.policy_changed(state_from_document(document, version=self.policy_state.version + 1))
         return True
+
+    def policy_changed(self, state: PolicyState) -> None:
+        """A new policy version: new sessions are judged by it now, live ones in a moment."""
+        if state.version <= self.policy_state.version and self.policy_state.loaded:
+            return  # an older or the same version (a resync that found nothing new)
+        state.carry_over(self.policy_state)
+        self.policy_state = state
+        if self._rejudging is not None and not self._rejudging.done():
+            self._rejudge_again = True  # the running pass starts over with this version
+            return
+        self._rejudging = self.spawn(self._rejudge(), "policy-rejudge")
+
+    async def _rejudge(self) -> None:
+        while True:
+            self._rejudge_again = False
+            state = self.policy_state
+            started = slice_started = time.perf_counter()
+            longest = 0.0
+            connections = list(self.sessions)
+            ended = 0
+            clock = time.perf_counter
+            for connection in connections:
+                now = clock()
+                if now - slice_started >= REJUDGE_SLICE:
+                    longest = max(longest, now - slice_started)
+                    await asyncio.sleep(0)  # let packets through between slices
+                    slice_started = clock()
+                    if self._rejudge_again:
+                        break  # a newer version: start over with it
+                ended += connection.rejudge(state)
+            else:
+                now = clock()
+                longest = max(longest, now - slice_started)
+                self.rejudged = RejudgeStats(
+                    state.version, len(connections), ended, now - started, longest
+                )
+                log.info(
+                    "policy version %d: %d session(s) re-judged, %d ended, in %.1f ms "
+                    "(longest slice %.1f ms)",
+                    state.version, len(connections), ended, (now - started) * 1e3, longest * 1e3,
+                )  # fmt: skip
+            if not self._rejudge_again:
+                return
 
     # --- bridge.Hub ----------------------------------------------------------------
 
-    def compiled_policy(self, identity: DeviceIdentity) -> CompiledPolicy:
-        policy = self.policy
-        spiffe_id = (
-            f"spiffe://{self.config.trust_domain}/fleet/{identity.fleet}"
-            f"/device/{identity.device_id}"
-        )
-        subject = policy.subject(identity, cert_serial=identity.serial, spiffe_id=spiffe_id)
-        return policy.for_subject(subject)
+    def session_policy(
+        self, identity: DeviceIdentity, state: PolicyState | None = None
+    ) -> SessionPolicy:
+        """The compiled policy of ``identity`` under ``state`` (default: the current one)."""
+        state = state if state is not None else self.policy_state
+        return state.for_identity(identity, trust_domain=self.config.trust_domain)
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]:
         if (

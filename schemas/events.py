@@ -97,6 +97,13 @@ class Reason(StrEnum):
     CLIENT_DISCONNECTED = "client_disconnected"
     CONNECTION_LOST = "connection_lost"
     SERVER_SHUTTING_DOWN = "server_shutting_down"
+    # policy changes (re-judging live sessions)
+    SUBSCRIPTION_REVOKED = "subscription_revoked"
+    """A live subscription the new policy version forbids, removed at the broker."""
+    SESSION_ENDED_BY_POLICY = "session_ended_by_policy"
+    """A live session the new policy version no longer allows (client id, subscriptions)."""
+    POLICY_NOT_LOADED = "policy_not_loaded"
+    """The gateway has not loaded the database's policy yet: CONNECT refused (fail closed)."""
     # provisioning
     TOKEN_INVALID = "token_invalid"
     TOKEN_EXPIRED = "token_expired"

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         "mqtt://127.0.0.1:1883", description="Upstream broker (mqtt:// or mqtts://)."
     )
     policy_file: Path | None = Field(None, description="Topic policy file (TOML or JSON).")
+    policy_source: Literal["file", "database"] | None = Field(
+        None,
+        description="Where the gateway takes its policy from: `database` (versioned policies, "
+        "followed live by LISTEN/NOTIFY) or `file` (POLICY_FILE, or the default policy; "
+        "reloaded on SIGHUP). Unset: `file` when POLICY_FILE is set, else `database`.",
+    )
     instance_id: str = Field(
         default_factory=lambda: os.uname().nodename,
         description="Name of this gateway instance in events and metrics.",
@@ -364,6 +370,13 @@ class Settings(BaseSettings):
     def crl_url(self) -> str | None:
         """The CRL distribution point named in new certificates, when ``public_url`` is set."""
         return None if self.public_url is None else f"{self.public_url}{CRL_PATH}"
+
+    @property
+    def effective_policy_source(self) -> Literal["file", "database"]:
+        """`policy_source`, or its default: the file when one is named, else the database."""
+        if self.policy_source is not None:
+            return self.policy_source
+        return "file" if self.policy_file is not None else "database"
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

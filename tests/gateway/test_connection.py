@@ -338,7 +338,13 @@ def test_subscribe_all_denied_is_answered_locally(version: int, code: int) -> No
     # One event for the packet: how many filters it denied, and which.
     (event,) = records(actions)
     assert event.type is EventType.SUBSCRIBE and event.reason is Reason.TOPIC_NOT_AUTHORIZED
-    assert event.detail == {"count": 3, "filters": ["#", "devices/+/t", "$SYS/#"]}
+    # ... and which policy version and statement denied them (the file's: version 0).
+    assert event.detail == {
+        "count": 3,
+        "filters": ["#", "devices/+/t", "$SYS/#"],
+        "policy_version": 0,
+        "statement": "default-deny",
+    }
 
 
 @pytest.mark.parametrize(("version", "code"), [(4, 0x80), (5, 0x87)])

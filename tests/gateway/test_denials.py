@@ -158,7 +158,13 @@ def test_a_few_denials_are_each_their_own_event_and_the_session_goes_on() -> Non
     actions = session.receive_device(denied_publishes(10, qos=1))
     recorded = events(actions)
     assert len(recorded) == 10
-    assert recorded[0].detail == {"count": 1, "topic": OTHER, "qos": 1}
+    assert recorded[0].detail == {
+        "count": 1,
+        "topic": OTHER,
+        "qos": 1,
+        "policy_version": 0,
+        "statement": "default-deny",
+    }
     assert device_bytes(actions, 5) == [Puback(packet_id=i, reason_code=0x87) for i in range(1, 11)]
     assert session.state is State.ACTIVE
 
@@ -270,7 +276,12 @@ def test_partially_denied_subscribe_still_forwards_the_allowed_filters() -> None
     admit(session, 5)
     actions = session.receive_device(subscribe(["#", "devices/d1/#", "$SYS/#"], packet_id=4))
     (event,) = events(actions)
-    assert event.detail == {"count": 2, "filters": ["#", "$SYS/#"]}
+    assert event.detail == {
+        "count": 2,
+        "filters": ["#", "$SYS/#"],
+        "policy_version": 0,
+        "statement": "default-deny",
+    }
     assert upstream_bytes(actions) == subscribe(["devices/d1/#"], packet_id=4)
 
 
