@@ -175,8 +175,6 @@ def state_from_snapshot(snapshot: PolicySnapshot) -> PolicyState:
         gateway.policy.PolicyError: a stored document does not validate (the follower
             keeps the version it has and retries).
     """
-    if snapshot.version == 0 and not snapshot.documents:
-        return PolicyState(PolicySet.from_document(PolicyDocument(), 0), source="database")
     return PolicyState(PolicySet.from_snapshot(snapshot), source="database")
 
 

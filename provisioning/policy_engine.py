@@ -151,14 +151,7 @@ def policy_set_of(snapshot: PolicySnapshot) -> PolicySet:
         RequestInvalid: a stored document no longer loads.
     """
     try:
-        if not snapshot.builtin_default:
-            return PolicySet.from_snapshot(snapshot)
-        return PolicySet(
-            PolicyDocument().to_policy_file(),
-            version=snapshot.version,
-            groups=snapshot.groups,
-            attributes=snapshot.attributes,
-        )
+        return PolicySet.from_snapshot(snapshot)
     except PolicyError as exc:
         raise RequestInvalid(f"the stored policy does not load: {exc.problems[0]}") from None
 

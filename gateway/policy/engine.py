@@ -678,11 +678,21 @@ class PolicySet:
 
     @classmethod
     def from_snapshot(cls, snapshot: _Snapshot) -> PolicySet:
-        """From the database's snapshot (`schemas.policy_store.PolicySnapshot`).
+        """From the database's snapshot (`schemas.policy_store.PolicySnapshot`). With no
+        document stored, the built-in default decides (with the snapshot's groups and
+        attributes): groups, attributes and enrollments bump the version too, so a version
+        above 0 does not mean a policy was applied.
 
         Raises:
             PolicyError: a stored document does not validate.
         """
+        if not snapshot.documents:
+            return cls(
+                PolicyDocument().to_policy_file(),
+                version=snapshot.version,
+                groups=snapshot.groups,
+                attributes=snapshot.attributes,
+            )
         policies: dict[str, Policy] = {}
         problems: list[str] = []
         for name, raw in snapshot.documents.items():

@@ -417,3 +417,20 @@ def test_many_filters_by_first_level_including_the_empty_one() -> None:
         assert compiled.decide(PUB, topic).allowed, topic
     for topic in denied * 2:
         assert not compiled.decide(PUB, topic).allowed, topic
+
+
+def test_a_snapshot_without_documents_decides_with_the_built_in_default() -> None:
+    """Groups, attributes and enrollments bump the version before any `policy apply`: the
+    gateway and explain must then use the built-in default, not deny everything."""
+    from gateway.policy_live import state_from_snapshot
+    from schemas.policy_store import PolicySnapshot
+
+    snapshot = PolicySnapshot(version=7, groups={"d1": frozenset({"line-a"})})
+    policy = PolicySet.from_snapshot(snapshot)
+    compiled = policy.for_subject(
+        Subject(device_id="d1", fleet="plant", groups=frozenset({"line-a"}))
+    )
+    assert compiled.decide(Action.PUBLISH, "devices/d1/temp").allowed
+    assert not compiled.decide(Action.PUBLISH, "devices/d2/temp").allowed
+    assert compiled.decide(Action.PUBLISH, "devices/d1/temp").version == 7
+    assert state_from_snapshot(snapshot).policies is not None
