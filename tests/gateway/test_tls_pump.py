@@ -148,3 +148,9 @@ def test_records_whole_split_and_batched_after_buffers_are_released(
         client.ssl.unwrap()
     assert pump.feed(client.outgoing.read()) == [b"last"]
     assert pump.eof
+
+
+def test_release_buffers_takes_only_a_tls_connection() -> None:
+    _tlsext = pytest.importorskip("gateway._tlsext")
+    with pytest.raises(TypeError):
+        _tlsext.release_buffers(object())
