@@ -26,8 +26,8 @@
  * callbacks only mean something within one copy. context_ssl_ctx() is the one place that
  * reaches the SSL_CTX.
  *
- * Idle memory (release_buffers): an idle connection keeps neither OpenSSL's empty record
- * buffers nor the handshake's high-water buffers in its two memory BIOs (~3 KiB; see
+ * Idle memory (release_buffers): an idle connection does not keep the handshake's
+ * high-water buffers in its two memory BIOs (~3.9 KiB per connection; see
  * bench/README.md, "Memory per held session").
  *
  * Session tickets (set_ticket_keys): Python's ssl has no API for ticket keys, and OpenSSL's
@@ -201,10 +201,10 @@ static void shrink_mem_bio(BIO *bio, size_t keep) {
     BIO_set_mem_buf(bio, fresh, BIO_CLOSE);
 }
 
-/* Release what an idle connection does not need: OpenSSL's record buffers (when empty;
- * SSL_MODE_RELEASE_BUFFERS, which CPython sets, frees them only after a read or write
- * completes) and the memory BIOs' buffers beyond keep bytes. Never loses a byte: a BIO
- * or buffer holding data is left alone. */
+/* Release what an idle connection does not need: the memory BIOs' buffers beyond keep
+ * bytes, and OpenSSL's record buffers if any is left (SSL_MODE_RELEASE_BUFFERS, which
+ * CPython sets, normally frees them already). Never loses a byte: a BIO or buffer holding
+ * data is left alone. */
 static PyObject *release_buffers(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *sslobj;

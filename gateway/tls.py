@@ -213,9 +213,9 @@ class TlsPump:
             read = self._ssl.read
             # Read only while ciphertext waits: OpenSSL reads one record at a time (no
             # read-ahead) and each read returns all of a record's plaintext (_READ_SIZE),
-            # so an empty BIO means nothing is left. A read that finds nothing would raise
-            # SSLWantReadError (an exception per input) and leave OpenSSL's 16.7 KiB record
-            # buffer allocated while the connection idles.
+            # so an empty BIO means nothing is left. A read that finds nothing would
+            # allocate OpenSSL's 16.7 KiB record buffer, free it again and raise
+            # SSLWantReadError: an exception and a malloc/free pair per input.
             while inbox.pending:
                 chunk = read(_READ_SIZE)
                 if not chunk:
