@@ -71,6 +71,7 @@ FLEET = "bench"
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"x" * 64
 LOADGEN_SOURCE = ROOT / "bench" / "loadgen" / "handshake.c"
+HOLD_PER_PROCESS = 10_000  # sessions one memory-load process holds (its fds, its loop)
 
 
 # --- MQTT 3.1.1 bytes (the load generator writes them directly: it must not be the limit) --
@@ -116,7 +117,12 @@ DISCONNECT = b"\xe0\x00"
 class Target:
     name: str
     port: int
-    pids: tuple[int, ...]  # processes whose RSS counts
+    pids: tuple[int, ...]  # the serving processes (CPU; RSS too unless `rss_pids`)
+    rss_pids: tuple[int, ...] = ()  # processes whose RSS counts (the gateway's supervisor too)
+
+    @property
+    def memory_pids(self) -> tuple[int, ...]:
+        return self.rss_pids or self.pids
 
 
 @dataclass(frozen=True)
@@ -332,11 +338,20 @@ class Reader(asyncio.Protocol):
 
 
 async def open_mqtt(
-    port: int, context: ssl.SSLContext, client_id: str, protocol: type[Reader] = Reader
+    port: int,
+    context: ssl.SSLContext,
+    client_id: str,
+    protocol: type[Reader] = Reader,
+    source: str | None = None,
 ) -> Reader:
     loop = asyncio.get_running_loop()
     _, reader = await loop.create_connection(
-        protocol, "127.0.0.1", port, ssl=context, server_hostname="localhost"
+        protocol,
+        "127.0.0.1",
+        port,
+        ssl=context,
+        server_hostname="localhost",
+        local_addr=(source, 0) if source else None,
     )
     assert reader.transport is not None
     reader.transport.write(connect_frame(client_id))
@@ -480,8 +495,16 @@ def handshake_worker(
 
 
 def hold_worker(
-    env: Env, port: int, device: Device, ids: list[str], queue: Any, release: EventType
+    env: Env,
+    port: int,
+    device: Device,
+    ids: list[str],
+    source: str,
+    queue: Any,
+    release: EventType,
 ) -> None:
+    """Hold ``ids`` sessions from loopback address ``source`` (each process its own: one
+    source address has ~28,000 ephemeral ports towards one server port)."""
     _raise_fd_limit()
 
     async def main() -> None:
@@ -494,7 +517,7 @@ def hold_worker(
             nonlocal failed
             async with gate:
                 try:
-                    held.append(await open_mqtt(port, context, client_id))
+                    held.append(await open_mqtt(port, context, client_id, source=source))
                 except (OSError, ConnectionError, TimeoutError, ssl.SSLError):
                     failed += 1
 
@@ -769,15 +792,24 @@ def measure_memory(
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     release = ctx.Event()
+    procs = max(procs, -(-sessions // HOLD_PER_PROCESS))
     per = sessions // procs
     ids = [f"{device.device_id}-m{i}" for i in range(per * procs)]
     time.sleep(0.5)
-    before = rss_kb(target.pids)
+    before = rss_kb(target.memory_pids)
     before_extra = rss_kb(extra) if extra else 0
     workers = [
         ctx.Process(
             target=hold_worker,
-            args=(env, target.port, device, ids[i * per : (i + 1) * per], queue, release),
+            args=(
+                env,
+                target.port,
+                device,
+                ids[i * per : (i + 1) * per],
+                f"127.0.0.{2 + i}",
+                queue,
+                release,
+            ),
         )
         for i in range(procs)
     ]
@@ -785,11 +817,11 @@ def measure_memory(
         w.start()
     held = failed = 0
     for _ in workers:
-        h, f = queue.get(timeout=300)
+        h, f = queue.get(timeout=max(300.0, sessions / 20))  # a loaded machine: ~100/s
         held += h
         failed += f
     time.sleep(1.0)
-    after = rss_kb(target.pids)
+    after = rss_kb(target.memory_pids)
     after_extra = rss_kb(extra) if extra else 0
     release.set()
     for w in workers:
@@ -839,13 +871,16 @@ def gateway(
     log = (work / f"{name}.log").open("wb")
     process = subprocess.Popen(command, env=env, stderr=log)
     try:
-        wait_for_port(port)
+        wait_for_port(port, 90.0)  # a loaded machine starts the workers slowly
         deadline = time.monotonic() + 20
         while len(children(process.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
         # --workers 1 runs in the command's own process.
-        yield Target(name, port, children(process.pid) or (process.pid,)), process
+        workers_ = children(process.pid)
+        # CPU: the workers; RSS: the supervisor too (--workers 1 runs in the command's own
+        # process).
+        yield Target(name, port, workers_ or (process.pid,), (process.pid, *workers_)), process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -1178,6 +1213,17 @@ def main() -> None:
     _raise_fd_limit()
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto not installed")
+    if "memory" in only and not args.telemetry_overhead:
+        # Mosquitto holds every session in one process (one fd each), and so does the
+        # upstream broker; a gateway worker holds two per session (device + broker).
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        need = max(sessions, 2 * sessions // args.workers) + 256
+        if limit != resource.RLIM_INFINITY and need > limit:
+            sys.exit(
+                f"--sessions {sessions} needs RLIMIT_NOFILE >= {need} (one process holds "
+                f"them all); the hard limit here is {limit}: raise it (ulimit -Hn, "
+                "CAP_SYS_RESOURCE) or hold fewer sessions"
+            )
 
     work = Path(tempfile.mkdtemp(prefix="devicegate-bench-"))
     pki = work / "pki"

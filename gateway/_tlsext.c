@@ -26,6 +26,10 @@
  * callbacks only mean something within one copy. context_ssl_ctx() is the one place that
  * reaches the SSL_CTX.
  *
+ * Idle memory (release_buffers): an idle connection does not keep the handshake's
+ * high-water buffers in its two memory BIOs (~3.9 KiB per connection; see
+ * bench/README.md, "Memory per held session").
+ *
  * Session tickets (set_ticket_keys): Python's ssl has no API for ticket keys, and OpenSSL's
  * own are random per SSL_CTX, so a ticket issued by one worker would not resume on another
  * worker or instance. set_ticket_keys gives the SSL_CTX a key ring (keys shared through a
@@ -40,6 +44,7 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <openssl/core_names.h>
+#include <openssl/buffer.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
@@ -178,6 +183,44 @@ static PyObject *negotiated(PyObject *module, PyObject *sslobj) {
     const SSL_CIPHER *cipher = SSL_get_current_cipher(ssl);
     if (cipher == NULL) cipher = SSL_get_pending_cipher(ssl);
     return Py_BuildValue("(zz)", version, cipher != NULL ? SSL_CIPHER_get_name(cipher) : NULL);
+}
+
+/* --- idle memory -------------------------------------------------------------------- */
+
+/* A memory BIO keeps the largest buffer it ever held (BUF_MEM only grows): the handshake's
+ * flights leave ~1.5-3 KiB in each of a connection's two BIOs. An empty one whose buffer
+ * is bigger than keep gets a fresh, empty BUF_MEM (BIO_set_mem_buf frees the old one). */
+static void shrink_mem_bio(BIO *bio, size_t keep) {
+    if (bio == NULL || BIO_method_type(bio) != BIO_TYPE_MEM || BIO_ctrl_pending(bio) != 0)
+        return;
+    BUF_MEM *held = NULL;
+    BIO_get_mem_ptr(bio, &held);
+    if (held == NULL || held->max <= keep) return;
+    BUF_MEM *fresh = BUF_MEM_new();
+    if (fresh == NULL) return; /* keep the old one: nothing lost but memory */
+    BIO_set_mem_buf(bio, fresh, BIO_CLOSE);
+}
+
+/* Release what an idle connection does not need: the memory BIOs' buffers beyond keep
+ * bytes, and OpenSSL's record buffers if any is left (SSL_MODE_RELEASE_BUFFERS, which
+ * CPython sets, normally frees them already). Never loses a byte: a BIO or buffer holding
+ * data is left alone. */
+static PyObject *release_buffers(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *sslobj;
+    Py_ssize_t keep = 0;
+    if (!PyArg_ParseTuple(args, "O|n", &sslobj, &keep)) return NULL;
+    SSL *ssl = socket_ssl(sslobj);
+    if (ssl == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    if (keep < 0) keep = 0;
+    (void)SSL_free_buffers(ssl); /* 0: a partial record is buffered, and stays */
+    shrink_mem_bio(SSL_get_rbio(ssl), (size_t)keep);
+    BIO *wbio = SSL_get_wbio(ssl);
+    if (wbio != SSL_get_rbio(ssl)) shrink_mem_bio(wbio, (size_t)keep);
+    Py_RETURN_NONE;
 }
 
 /* --- session tickets ---------------------------------------------------------------- */
@@ -401,6 +444,9 @@ static PyMethodDef methods[] = {
     {"accept_any_peer_certificate", accept_any_peer_certificate, METH_O,
      "Let the handshake complete whatever chain the peer presents (proof of possession is "
      "still checked); the application must verify the certificate itself."},
+    {"release_buffers", release_buffers, METH_VARARGS,
+     "release_buffers(sslobj, keep=0): free an idle connection's empty record buffers and "
+     "the buffers of its empty memory BIOs that are bigger than keep bytes."},
     {NULL, NULL, 0, NULL},
 };
 

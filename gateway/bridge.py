@@ -137,6 +137,32 @@ def _expired(identity: DeviceIdentity) -> bool:
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection, from accept to close."""
 
+    # Slots: one per held session (bench/README.md, "Memory per held session").
+    __slots__ = (
+        "_admitted",
+        "_barrier",
+        "_denials",
+        "_device_gone",
+        "_device_paused",
+        "_expiry",
+        "_gate",
+        "_held",
+        "_linger",
+        "_pending",
+        "_timer",
+        "_to_upstream",
+        "_waiting",
+        "closed",
+        "config",
+        "context",
+        "hub",
+        "pump",
+        "session",
+        "trace",
+        "transport",
+        "upstream",
+    )
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.config = hub.config

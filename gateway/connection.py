@@ -133,6 +133,42 @@ class State(Enum):
 class Session:
     """One device connection, from its first plaintext byte to its close."""
 
+    # Slots: a held session is one of tens of thousands (bench/README.md, "Memory per held
+    # session"); an attribute not listed here raises AttributeError.
+    __slots__ = (
+        "_admitting",
+        "_alias_max",
+        "_aliases",
+        "_assign_client_id",
+        "_buf",
+        "_connack_size",
+        "_denial_limits",
+        "_denials",
+        "_held_downstream",
+        "_local_qos2",
+        "_need",
+        "_pending",
+        "_pending_len",
+        "_publish_cache",
+        "_raw_allowed",
+        "_subscribe_cache",
+        "_upstream_buf",
+        "bytes_in",
+        "bytes_out",
+        "client_id",
+        "connect",
+        "context",
+        "denied",
+        "downstream",
+        "fast_path",
+        "identity",
+        "max_packet_size",
+        "packets_in",
+        "policy",
+        "state",
+        "version",
+    )
+
     def __init__(
         self,
         *,
@@ -181,7 +217,7 @@ class Session:
         self._watch_deliveries()
         self._aliases: dict[int, str] = {}
         self._alias_max = 0
-        self._local_qos2: set[int] = set()
+        self._local_qos2: set[int] | None = None  # made when first needed (rare)
 
     # --- events ----------------------------------------------------------------------
 
@@ -689,6 +725,8 @@ class Session:
         if packet.qos == 1 and packet_id is not None:
             actions.append(ToDevice(encode(Puback(packet_id=packet_id), version=MQTT_3_1_1)))
         elif packet.qos == 2 and packet_id is not None:
+            if self._local_qos2 is None:
+                self._local_qos2 = set()
             self._local_qos2.add(packet_id)
             actions.append(ToDevice(encode(Pubrec(packet_id=packet_id), version=MQTT_3_1_1)))
         return actions
@@ -716,7 +754,7 @@ class Session:
         return actions
 
     def _pubrel(self, packet: Pubrel) -> list[Action] | None:
-        if packet.packet_id not in self._local_qos2:
+        if self._local_qos2 is None or packet.packet_id not in self._local_qos2:
             return None
         self._local_qos2.discard(packet.packet_id)
         return [ToDevice(encode(Pubcomp(packet_id=packet.packet_id), version=self.version))]

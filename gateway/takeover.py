@@ -200,6 +200,7 @@ class SessionBus:
             came_back = await back
         finally:
             timer.cancel()
+            claim.back = None  # not kept for the session's life
         if not came_back:
             self._mine.pop(claim.session_id, None)
             claim.seen = True

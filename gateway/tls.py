@@ -186,7 +186,7 @@ def upstream_context(cafile: Path | None = None) -> ssl.SSLContext:
 class TlsPump:
     """One server-side TLS connection over memory buffers."""
 
-    __slots__ = ("_in", "_out", "_ssl", "eof", "handshake_complete")
+    __slots__ = ("_in", "_out", "_release", "_ssl", "eof", "handshake_complete")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._in = ssl.MemoryBIO()
@@ -194,6 +194,7 @@ class TlsPump:
         self._ssl = context.wrap_bio(self._in, self._out, server_side=True)
         self.handshake_complete = False
         self.eof = False
+        self._release = False  # the handshake just completed: free its buffers once flushed
 
     def feed(self, data: bytes) -> list[bytes]:
         """Take ciphertext from the peer; return the plaintext it completes.
@@ -201,14 +202,21 @@ class TlsPump:
         Raises:
             TlsFailure: the handshake or a record failed (alert pending in outgoing).
         """
-        self._in.write(data)
+        inbox = self._in
+        inbox.write(data)
         chunks: list[bytes] = []
         try:
             if not self.handshake_complete:
                 self._ssl.do_handshake()
                 self.handshake_complete = True
+                self._release = _tlsext is not None
             read = self._ssl.read
-            while True:
+            # Read only while ciphertext waits: OpenSSL reads one record at a time (no
+            # read-ahead) and each read returns all of a record's plaintext (_READ_SIZE),
+            # so an empty BIO means nothing is left. A read that finds nothing would
+            # allocate OpenSSL's 16.7 KiB record buffer, free it again and raise
+            # SSLWantReadError: an exception and a malloc/free pair per input.
+            while inbox.pending:
                 chunk = read(_READ_SIZE)
                 if not chunk:
                     self.eof = True
@@ -236,8 +244,18 @@ class TlsPump:
             self._ssl.unwrap()
 
     def take_outgoing(self) -> bytes:
-        """Every ciphertext byte produced since the last call (maybe empty)."""
-        return self._out.read() if self._out.pending else b""
+        """Every ciphertext byte produced since the last call (maybe empty).
+
+        The first call after the handshake completed also frees what the handshake left
+        behind (the memory BIOs keep their largest buffer, ~1.5-3 KiB each): an idle
+        session holds no TLS buffer but OpenSSL's connection state.
+        """
+        out = self._out.read() if self._out.pending else b""
+        if self._release:
+            self._release = False
+            assert _tlsext is not None
+            _tlsext.release_buffers(self._ssl._sslobj)  # type: ignore[attr-defined]
+        return out
 
     def peer_certificate(self) -> bytes | None:
         """The verified peer certificate (DER), once the handshake is complete."""

@@ -80,16 +80,18 @@ _DETACHED = _Detached()
 class UpstreamProtocol(asyncio.Protocol):
     """Carries the broker's bytes to the device connection, unparsed."""
 
+    __slots__ = ("_gone", "_lost", "peer", "transport")  # one per held session
+
     def __init__(self, peer: UpstreamPeer) -> None:
         self.peer = peer
         self.transport: asyncio.Transport | None = None
-        self._lost: asyncio.Future[None] | None = None
+        self._gone = False  # connection_lost came
+        self._lost: asyncio.Future[None] | None = None  # made by `linger`, not per session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it. No
         # TCP_NODELAY here: asyncio and uvloop set it on every TCP transport already.
         self.transport = cast(asyncio.Transport, transport)
-        self._lost = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         self.peer.upstream_data(data)
@@ -98,6 +100,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return False  # close: MQTT has no half-closed connections (nor does a lingering one)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         self.peer.upstream_lost(exc)
@@ -110,10 +113,13 @@ class UpstreamProtocol(asyncio.Protocol):
 
     async def linger(self, within: float) -> None:
         """Close after the broker has read everything: see `close_lingering`."""
-        transport, lost = self.transport, self._lost
-        if transport is None or lost is None:
+        transport = self.transport
+        if transport is None:
             return
         self.peer = _DETACHED
+        if self._gone:
+            return
+        lost = self._lost = asyncio.get_running_loop().create_future()
         if not transport.is_closing():
             transport.resume_reading()  # perhaps paused by a slow device: read to the end
             if transport.can_write_eof():

@@ -9,6 +9,8 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
+from gateway.actions import Action
+from gateway.connection import Session
 from gateway.mqtt import Connack, Disconnect, Pingreq, Suback, Subscribe, Subscription
 from schemas.events import Reason
 from tests.gateway.clients import RawClient
@@ -117,10 +119,14 @@ def test_internal_error_fails_closed(harness: Harness, make_device: DeviceFactor
             if c.session and c.session.identity.device_id == device.device_id
         ]
 
-        def broken(data: bytes) -> list[object]:
-            raise RuntimeError("simulated bug")
+        class Broken(Session):
+            __slots__ = ()
 
-        connection.session.receive_device = broken  # type: ignore[union-attr,method-assign]
+            def receive_device(self, data: bytes) -> list[Action]:
+                raise RuntimeError("simulated bug")
+
+        assert connection.session is not None
+        connection.session.__class__ = Broken  # Session has slots: no per-instance patching
         client.send(Pingreq())
         assert client.closed()
     rows = harness.wait_events(2, after=mark, device_id=device.device_id)

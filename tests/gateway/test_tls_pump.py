@@ -115,3 +115,42 @@ def test_plaintext_is_a_protocol_error(pki: Pki) -> None:
     with pytest.raises(TlsFailure) as info:
         pump.feed(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd")
     assert info.value.reason is Reason.TLS_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_records_whole_split_and_batched_after_buffers_are_released(
+    pki: Pki, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """The pump reads only while ciphertext waits and frees the handshake's buffers once
+    flushed (`_tlsext.release_buffers`): no plaintext is lost or reordered, whether records
+    arrive whole, a byte at a time (a partial record stays buffered) or several per feed,
+    and close_notify is still seen."""
+    pump = TlsPump(server_context(pki.chain, pki.server_cert, pki.server_key))
+    client = MemoryClient(client_context(pki, tmp_path, version, pki.ca))
+    plaintext, _ = run(pump, client, b"first")
+    assert b"".join(plaintext) == b"first"
+    assert pump.feed(b"") == []  # nothing waiting: no read, no error
+    messages = [bytes([65 + i]) * (1 + 5000 * i) for i in range(4)]  # up to 15 KB records
+    received: list[bytes] = []
+    for message in messages:  # one record at a time, byte by byte
+        client.ssl.write(message)
+        wire = client.outgoing.read()
+        for i in range(len(wire)):
+            received += pump.feed(wire[i : i + 1])
+            pump.take_outgoing()
+    assert b"".join(received) == b"".join(messages)
+    for message in messages:  # every record in one feed
+        client.ssl.write(message)
+    batch = pump.feed(client.outgoing.read())
+    assert batch == messages
+    client.ssl.write(b"last")
+    with pytest.raises(ssl.SSLWantReadError):  # close_notify sent; it waits for ours
+        client.ssl.unwrap()
+    assert pump.feed(client.outgoing.read()) == [b"last"]
+    assert pump.eof
+
+
+def test_release_buffers_takes_only_a_tls_connection() -> None:
+    _tlsext = pytest.importorskip("gateway._tlsext")
+    with pytest.raises(TypeError):
+        _tlsext.release_buffers(object())
