@@ -147,11 +147,14 @@ class Session:
         "_held_downstream",
         "_local_qos2",
         "_need",
+        "_own_id",
         "_pending",
         "_pending_len",
         "_publish_cache",
         "_raw_allowed",
+        "_raw_flagged",
         "_subscribe_cache",
+        "_untracked",
         "_upstream_buf",
         "bytes_in",
         "bytes_out",
@@ -166,6 +169,7 @@ class Session:
         "packets_in",
         "policy",
         "state",
+        "subscriptions",
         "version",
     )
 
