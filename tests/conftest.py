@@ -71,6 +71,27 @@ def empty_database() -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
+def forget_policies(database_url: str) -> Iterator[None]:
+    """For tests that store policies in the session's shared database: delete them
+    afterwards, or a gateway that a later test starts (policy source: the database) would
+    judge its devices by them."""
+    yield
+    asyncio.run(_forget_policies(database_url))
+
+
+async def _forget_policies(url: str) -> None:
+    from provisioning.policies import delete_policy, policy_names
+
+    connection = await asyncpg.connect(url)
+    try:
+        for name in await policy_names(connection):
+            await delete_policy(connection, name, actor="tests", instance="tests")
+        await connection.execute("DELETE FROM policy_attachments")
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)
     yield connection

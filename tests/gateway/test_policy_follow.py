@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import pytest
 
 from gateway.mqtt import Connack, Disconnect, Suback, Subscribe
 from gateway.mqtt.packets import Subscription
@@ -29,6 +30,8 @@ from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
 from tests.gateway.live import wait_for
 from tests.gateway.policy_docs import fleet_document
+
+pytestmark = pytest.mark.usefixtures("forget_policies")
 
 ACTOR = {"actor": "test", "instance": "test-policy"}
 WITHIN = 1.0  # issue 23: a change takes effect on every gateway within a second

@@ -40,6 +40,8 @@ from tests.gateway.conftest import Device, DeviceFactory, Harness
 from tests.gateway.policy_docs import fleet_document
 from tests.gateway.served import Served, serve_gateway
 
+pytestmark = pytest.mark.usefixtures("forget_policies")
+
 WITHIN = 1.0  # issue 23: p99 from commit to enforcement on every instance
 ACTOR = {"actor": "test", "instance": "test-propagation"}
 

@@ -28,6 +28,8 @@ from tests.provisioning.test_policy_store import (
     unique,
 )
 
+pytestmark = pytest.mark.usefixtures("forget_policies")
+
 PATHS = [
     ("GET", "/v1/policies"),
     ("GET", "/v1/policies/p"),

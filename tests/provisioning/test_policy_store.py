@@ -21,6 +21,8 @@ from provisioning.commands.cli import app
 from schemas.policy_store import POLICY_CHANNEL, load_policy_snapshot
 from tests.provisioning.conftest import INSTANCE, new_fleet
 
+pytestmark = pytest.mark.usefixtures("forget_policies")
+
 ACTOR = "tests-admin"
 
 
