@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from provisioning import store
+from provisioning import policies, store
 from provisioning.enrollment import idevid as idevids
 from provisioning.enrollment import manufacturers
 from provisioning.enrollment.committer import Committer, Merge
@@ -386,6 +386,8 @@ class ProvisioningService:
                         else Reason.DEVICE_DISABLED
                     )  # fmt: skip
                     raise DeviceRejected(f"device {device_id} is {device.status}", reason=reason)
+                if attributes:  # the manifest's model/site/line: policy variables
+                    await policies.apply_enrollment_attributes(conn, device_id, attributes)
                 superseded = await manufacturers.supersede_active(conn, device_id)
                 await store.insert_certificate(conn, record)
                 await store.touch_device(conn, device_id)

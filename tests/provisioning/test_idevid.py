@@ -203,12 +203,18 @@ async def test_refusals_are_recorded_and_issue_nothing(
             "SELECT count(*) FROM device_idevids WHERE spki_sha256 = $1", idevid.spki
         )
 
-    # The listed one enrolls; its manifest attributes are in the event.
+    # The listed one enrolls; its manifest attributes are in the event and on the device,
+    # where policies read them ({attr.site}).
     _, csr = openssl_csr(tmp_path, "listed")
     status, _, body = await aest(server, pki, listed, csr)
     assert status == 200, body
-    (allowed,) = await events(db, device_id=device_id_for(listed_fleet, listed.spki))
+    listed_id = device_id_for(listed_fleet, listed.spki)
+    (allowed,) = await events(db, device_id=listed_id)
     assert json.loads(allowed["detail"])["attributes"] == {"model": "m1", "site": "lyon"}
+    stored = await db.fetch(
+        "SELECT key, value FROM device_attributes WHERE device_id = $1 ORDER BY key", listed_id
+    )
+    assert [tuple(row) for row in stored] == [("model", "m1"), ("site", "lyon")]
 
     # Neither a token nor a certificate: the token refusal as before.
     _, csr = openssl_csr(tmp_path, "nothing")
