@@ -153,6 +153,7 @@ def build(service: ProvisioningService) -> web.Application:
             web.get("/devices/{device_id}", devices.show),
             web.get(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.confirm),
             web.post(r"/devices/{device_id}/{action:disable|enable|revoke}", devices.act),
+            web.post("/devices/{device_id}/attributes", devices.set_attribute),
             web.get("/chains", chains.show),
             web.post("/chains/verify", chains.verify),
             web.get("/static/{name}", _static),

@@ -33,6 +33,21 @@ def _attributes(values: dict[str, str], groups: list[str], version: int) -> Html
     )  # fmt: skip
 
 
+def _attribute_form(device_id: str, csrf_token: str) -> Html:
+    """Set one attribute (an empty value removes it): a POST with the session's CSRF token,
+    recorded as an ``attributes_set`` event like the CLI's and the API's."""
+    return Html(
+        f'<form class="filters" method="post" action="/console/devices/{segment(device_id)}'
+        '/attributes" aria-label="Set an attribute">'
+        f'<input type="hidden" name="csrf" value="{escape(csrf_token)}">'
+        '<div><label for="a-key">Key</label>'
+        '<input id="a-key" name="key" required maxlength="63" class="mono"></div>'
+        '<div><label for="a-value">Value (empty: remove)</label>'
+        '<input id="a-value" name="value" maxlength="256" class="mono"></div>'
+        '<div><button type="submit">Set</button></div></form>'
+    )
+
+
 def _form(device_id: str, action: str, topic: str) -> Html:
     options = join(
         tag("option", name, value=name, selected=name == action) for name in policy_engine.ACTIONS
@@ -63,8 +78,11 @@ def _verdict(explained: policy_engine.Explained) -> Html:
     return Html(f'<dl class="facts" id="explained">{facts}</dl>')
 
 
-async def section(conn: Any, device_id: str, query: Any, *, trust_domain: str) -> Html:
-    """The policy section of a registered device's page."""
+async def section(
+    conn: Any, device_id: str, query: Any, *, trust_domain: str, csrf_token: str | None = None
+) -> Html:
+    """The policy section of a registered device's page (with ``csrf_token``, the form
+    that sets an attribute)."""
     values = await policies.get_attributes(conn, device_id)
     groups = await policies.groups_of(conn, device_id)
     version = await policies.current_version(conn)
@@ -84,7 +102,27 @@ async def section(conn: Any, device_id: str, query: Any, *, trust_domain: str) -
         tag("h2", "Policy", id="h-policy")
         + tag("h3", "Attributes")
         + _attributes(values, groups, version)
+        + (_attribute_form(device_id, csrf_token) if csrf_token else Html(""))
         + tag("h3", "Explain a decision")
         + _form(device_id, action if action in policy_engine.ACTIONS else "publish", topic)
         + result
     )
+
+
+async def set_attribute(
+    conn: Any, device_id: str, key: str, value: str, *, actor: str, instance: str
+) -> None:
+    """The attribute form's change: set ``key`` to ``value``, or remove it when empty.
+
+    Raises:
+        PolicyInvalid, NotFound: shown to the operator in one line.
+    """
+    key = key.strip()
+    if not key:
+        raise policies.PolicyInvalid("give the attribute's key")
+    if value:
+        await policies.set_attributes(conn, device_id, {key: value}, actor=actor, instance=instance)
+    else:
+        await policies.set_attributes(
+            conn, device_id, {}, unset=[key], actor=actor, instance=instance
+        )

@@ -20,6 +20,7 @@ from provisioning.console.html import Html, join, page, render, segment, tag, ur
 from provisioning.errors import NotFound
 from provisioning.http.common import SERVICE
 from schemas.api import CertificateInfo, DeviceInfo
+from schemas.errors import DevicegateError
 
 TIMELINE = 50
 Action = Callable[..., Awaitable[DeviceInfo]]
@@ -80,6 +81,7 @@ async def show(request: web.Request) -> web.Response:
     device_id = request.match_info["device_id"]
     cursor = request.query.get("cursor") or None
     service = request.app[SERVICE]
+    session = sessions.current_session(request)
     async with service.pool.acquire() as conn:
         try:
             device: DeviceInfo | None = await store.get_device(conn, device_id)
@@ -88,7 +90,11 @@ async def show(request: web.Request) -> web.Response:
         certificates = await store.list_certificates(conn, device_id=device_id)
         policy = (
             await device_policy.section(
-                conn, device_id, request.query, trust_domain=service.settings.trust_domain
+                conn,
+                device_id,
+                request.query,
+                trust_domain=service.settings.trust_domain,
+                csrf_token=session.csrf_token if session is not None else None,
             )
             if device is not None
             else Html("")
@@ -101,7 +107,9 @@ async def show(request: web.Request) -> web.Response:
     done = request.query.get("done")
     notice = (
         tag("p", f"Done: {ACTIONS[done][1].lower()}d.", class_="notice", role="status")
-        if done in ACTIONS else Html("")
+        if done in ACTIONS else
+        tag("p", "Done: attribute saved.", class_="notice", role="status")
+        if done == "attributes" else Html("")
     )  # fmt: skip
     base = f"/console/devices/{segment(device_id)}"
     pager = [tag("a", "Newest events", href=base)] if cursor else []
@@ -163,3 +171,28 @@ async def act(request: web.Request) -> web.Response:
     async with service.pool.acquire() as conn:
         await action(conn, device_id, actor=session.actor, instance=service.settings.instance_id)
     raise web.HTTPSeeOther(url(f"/console/devices/{segment(device_id)}", done=name))
+
+
+async def set_attribute(request: web.Request) -> web.Response:
+    """``POST`` of the attribute form: CSRF check, the change (an event, a new policy
+    version), then 303 to the device page; a refused value is one line on a 400 page."""
+    device_id = request.match_info["device_id"]
+    session = sessions.require(request)
+    form = await request.post()
+    csrf.check(request, form, session.csrf_token)
+    service = request.app[SERVICE]
+    try:
+        async with service.pool.acquire() as conn:
+            await device_policy.set_attribute(
+                conn, device_id, str(form.get("key", "")), str(form.get("value", "")),
+                actor=session.actor, instance=service.settings.instance_id,
+            )  # fmt: skip
+    except DevicegateError as exc:
+        back = f"/console/devices/{segment(device_id)}"
+        body = Html(
+            tag("h1", "Attribute not saved")
+            + tag("p", str(exc), class_="notice", role="alert")
+            + tag("p", tag("a", "Back to the device", href=back))
+        )
+        return page(request, title="Attribute not saved", body=body, status=400)
+    raise web.HTTPSeeOther(url(f"/console/devices/{segment(device_id)}", done="attributes"))

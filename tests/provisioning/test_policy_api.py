@@ -399,3 +399,55 @@ async def test_secrets_in_names_are_not_needed_and_tokens_untouched(
         "SELECT default_attributes FROM bootstrap_tokens WHERE id::text = $1", token_id
     )
     assert json.loads(value) == {} and secrets.compare_digest("a", "a")
+
+
+async def test_console_sets_and_removes_an_attribute(
+    db: asyncpg.Connection, server: Server, admin_key: str, client_context: Any
+) -> None:
+    """The device page's attribute form: set, remove, a bad key in one line, and a POST
+    without the session's CSRF token changes nothing."""
+    from tests.console.conftest import log_in
+
+    device_id = await add_device(db, new_fleet("ca"))
+    form = f"/console/devices/{device_id}/attributes"
+
+    async def stored() -> dict[str, str]:
+        rows = await db.fetch(
+            "SELECT key, value FROM device_attributes WHERE device_id = $1", device_id
+        )
+        return {row["key"]: row["value"] for row in rows}
+
+    connector = aiohttp.TCPConnector(ssl=client_context)
+    async with aiohttp.ClientSession(
+        base_url=server.url, connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)
+    ) as session:
+        csrf = await log_in(session, admin_key)
+        async with session.get(f"/console/devices/{device_id}") as response:
+            assert 'aria-label="Set an attribute"' in await response.text()
+        before = await policies.current_version(db)
+        data = {"csrf": csrf, "key": "site", "value": "lyon"}
+        async with session.post(form, data=data, allow_redirects=False) as response:
+            assert response.status == 303
+        assert await stored() == {"site": "lyon"}
+        assert await policies.current_version(db) > before
+        event = await db.fetchrow(
+            "SELECT * FROM auth_events WHERE type = 'policy' AND device_id = $1"
+            " AND detail->>'action' = 'attributes_set' ORDER BY seq DESC LIMIT 1",
+            device_id,
+        )
+        assert event is not None and event["outcome"] == "allowed"
+        assert json.loads(event["detail"])["actor"] == "tests"  # the admin key's name
+
+        data = {"csrf": csrf, "key": "Bad Key", "value": "x"}
+        async with session.post(form, data=data, allow_redirects=False) as response:
+            assert response.status == 400
+            assert "attribute key" in await response.text()
+        data = {"csrf": "forged", "key": "site", "value": "paris"}
+        async with session.post(form, data=data, allow_redirects=False) as response:
+            assert response.status == 403
+        assert await stored() == {"site": "lyon"}
+
+        data = {"csrf": csrf, "key": "site", "value": ""}
+        async with session.post(form, data=data, allow_redirects=False) as response:
+            assert response.status == 303
+        assert await stored() == {}
