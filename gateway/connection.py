@@ -641,9 +641,9 @@ class Session:
         if action is PolicyAction.PUBLISH:
             cache = self._publish_cache
             key = (topic, qos, retain) if self.policy.publish_flags_matter else topic
-        else:
+        else:  # SUBSCRIBE and RECEIVE share a cache: the action is in the key
             cache = self._subscribe_cache
-            key = (topic, qos)
+            key = (action, topic, qos)
         verdict = cache.get(key)
         if verdict is None:
             verdict = self.policy.decide(action, topic, qos=qos, retain=retain)
@@ -663,7 +663,8 @@ class Session:
         self.downstream.judged_by(self._may_receive if receives else None)
 
     def _may_receive(self, topic: str) -> bool:
-        return self.policy.decide(PolicyAction.RECEIVE, topic).allowed
+        # Cached like PUBLISH: a device receives the same few topics again and again.
+        return self._verdict(PolicyAction.RECEIVE, topic).allowed
 
     def _publish(self, packet: Publish) -> list[Action] | None:
         """None: forward as is. Otherwise what to do instead."""
