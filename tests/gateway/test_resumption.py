@@ -228,3 +228,25 @@ def test_a_ticket_lives_at_most_the_setting(
         assert not again.reused and again.connack == Connack(reason_code=0)
     finally:
         harness.call(gateway.close())
+
+
+def test_resuming_issues_no_new_ticket(
+    harness: Harness, pki: Pki, keys: Path, make_device: DeviceFactory
+) -> None:
+    """A resumed TLS 1.3 handshake gets no new ticket (no ticket CPU per resumed reconnect),
+    so resuming again and again never stretches a ticket past the lifetime counted from
+    its full handshake: the device's next full handshake verifies its chain again."""
+    gateway = _start(harness, pki, keys, lifetime=2)
+    try:
+        device = make_device()
+        ticket = Attempt(gateway.port, device, tls_version=ssl.TLSVersion.TLSv1_3).session
+        assert ticket is not None and ticket.has_ticket
+        resumed = Attempt(gateway.port, device, ticket, tls_version=ssl.TLSVersion.TLSv1_3)
+        assert resumed.reused and resumed.connack == Connack(reason_code=0)
+        kept = resumed.session
+        assert kept is not None and kept.id == ticket.id and kept.time == ticket.time
+        time.sleep(max(0.0, 2.5 - (time.time() - ticket.time)))
+        again = Attempt(gateway.port, device, kept, tls_version=ssl.TLSVersion.TLSv1_3)
+        assert not again.reused and again.connack == Connack(reason_code=0)
+    finally:
+        harness.call(gateway.close())

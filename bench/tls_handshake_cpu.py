@@ -1,0 +1,150 @@
+"""Benchmark: the gateway's TLS server CPU alone, per full and per resumed handshake.
+
+In process, no sockets: a client ``SSLObject`` (its own P-256 device certificate from the
+project's CA) and the gateway's `gateway.tls.TlsPump` on the gateway's own
+`gateway.tls.server_context` exchange flights through memory; only the server's
+``feed`` + ``take_outgoing`` calls are timed (thread CPU time). Variants, alternating:
+
+* **full, 1 ticket**: what a device without a ticket costs (the gateway's setting with
+  resumption on: `gateway.tickets.TicketKeys` sets ``num_tickets = 1``);
+* **full, no ticket**: the same with resumption off (``num_tickets = 0``): the ticket's price;
+* **resumed**: a TLS 1.3 resumption from the ticket of the previous connection (PSK with
+  ECDHE). The server sends no new ticket on a resumed handshake (its flight after the
+  client's Finished is empty: printed), so the device keeps resuming with the ticket of its
+  last full handshake until the ticket's lifetime or its certificate ends.
+
+Why: the gateway's CPU per reconnect is this TLS part plus everything the gateway does per
+connection besides (`bench/resumption.py` measures the sum on a served gateway). The
+ratio full / resumed of the TLS part alone bounds what resumption can save however small
+the rest becomes (bench/README.md, "Reconnect storms").
+
+Usage: .venv/bin/python bench/tls_handshake_cpu.py [--handshakes N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.tickets import TicketKeys
+from gateway.tls import TlsPump, server_context
+from provisioning.pki.ca import DeviceIdentity, SignOptions
+from provisioning.pki.directory import init_pki, load_ca
+
+PASSPHRASE = b"bench-passphrase-not-secret"
+
+
+def _pki(work: Path) -> tuple[Path, Path, Path]:
+    """(pki dir, device cert, device key): a fresh CA and one device."""
+    pki = work / "pki"
+    init_pki(pki, passphrase=PASSPHRASE, force=True)
+    ca = load_ca(pki, PASSPHRASE)
+    now = datetime.now(UTC)
+    options = SignOptions(not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue_device_certificate(
+        key.public_key(), DeviceIdentity("tls-bench", "bench", "devicegate.local"), options
+    )
+    cert_path, key_path = work / "device.crt", work / "device.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pki, cert_path, key_path
+
+
+def handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[float, ssl.SSLSession | None, bool, list[int]]:
+    """One handshake: (server CPU seconds, the client's session after it, resumed, the
+    sizes of the server's flights)."""
+    inbox, outbox = ssl.MemoryBIO(), ssl.MemoryBIO()
+    device = client.wrap_bio(inbox, outbox, server_side=False, session=session)
+    pump = TlsPump(server)
+    spent = 0.0
+    flights: list[int] = []
+    for _ in range(4):  # ClientHello, then the client's certificate/Finished
+        with contextlib.suppress(ssl.SSLWantReadError):
+            device.do_handshake()
+        data = outbox.read()
+        if not data:
+            break
+        started = time.thread_time()
+        pump.feed(data)
+        out = pump.take_outgoing()
+        spent += time.thread_time() - started
+        flights.append(len(out))
+        inbox.write(out)
+    with contextlib.suppress(ssl.SSLError):  # the client reads the ticket, if one came
+        device.read(1)
+    return spent, device.session, pump.resumed(), flights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--handshakes", type=int, default=500, help="per variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="devicegate-tls-") as tmp:
+        pki, cert, key = _pki(Path(tmp))
+        server = server_context(pki / "chain.pem", pki / "server.crt", pki / "server.key")
+        TicketKeys(server, pki / "ticket-keys", 3600)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_verify_locations(str(pki / "chain.pem"))
+        client.check_hostname = False
+        client.load_cert_chain(str(cert), str(key))
+        server.num_tickets = 1
+        _, ticket, _, _ = handshake(server, client, None)
+        variants = (
+            ("full, 1 ticket", 1, False),
+            ("full, no ticket", 0, False),
+            ("resumed", 1, True),
+        )
+        spent: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        flights: dict[str, list[int]] = {}
+        for _ in range(args.rounds):
+            for name, tickets, resume in variants:
+                server.num_tickets = tickets
+                total, resumed = 0.0, 0
+                for _ in range(args.handshakes):
+                    cpu, session, was_resumed, sizes = handshake(
+                        server, client, ticket if resume else None
+                    )
+                    total += cpu
+                    resumed += was_resumed
+                    if resume and session is not None:
+                        ticket = session
+                    flights[name] = sizes
+                if resume and resumed != args.handshakes:
+                    raise SystemExit(f"only {resumed}/{args.handshakes} handshakes resumed")
+                spent[name].append(total / args.handshakes)
+        print("| handshake | server TLS CPU (median of rounds) | server flights (bytes) |")
+        print("|---|---|---|")
+        for name, _, _ in variants:
+            median = statistics.median(spent[name])
+            print(f"| {name} | {1e3 * median:.3f} ms | {' + '.join(map(str, flights[name]))} |")
+        full = statistics.median(spent["full, 1 ticket"])
+        resumed_cpu = statistics.median(spent["resumed"])
+        ticket_cpu = full - statistics.median(spent["full, no ticket"])
+        print(f"full / resumed, TLS alone: {full / resumed_cpu:.2f}x; one ticket costs "
+              f"{1e3 * ticket_cpu:.3f} ms of a full handshake")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
