@@ -117,22 +117,26 @@ def server_stats(stats: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-def fd_need(devices: int, uncut: int) -> int:
-    """File descriptors HAProxy needs: two per proxied session, and some."""
-    return 2 * (devices + uncut) + 200
+def maxconn(devices: int, uncut: int) -> int:
+    return devices + uncut + 50
+
+
+def device_limit(devices: int, uncut: int) -> int:
+    """How many of ``devices`` HAProxy can proxy beside ``uncut`` under the file-descriptor
+    hard limit: it asks for two per connection of ``maxconn`` and a few dozen more
+    (listeners, checks, the stats socket), and refuses to start if it cannot have them."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return devices
+    return max(0, min(devices, (hard - 64) // 2 - maxconn(0, uncut)))
 
 
 def unavailable(devices: int, uncut: int) -> str | None:
     """Why the phase cannot run here (one line), or None."""
     if HAPROXY is None:
         return "haproxy not installed (scripts/ensure-services.sh installs it): phase skipped"
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and fd_need(devices, uncut) > hard:
-        return (
-            f"HAProxy would need {fd_need(devices, uncut):,} file descriptors for "
-            f"{devices:,} devices, the hard limit is {hard:,} (raise it, or --devices): "
-            "phase skipped"
-        )
+    if device_limit(devices, uncut) < 10:
+        return "the file-descriptor hard limit leaves HAProxy no room: phase skipped"
     return None
 
 
@@ -198,8 +202,22 @@ def _wait_back(fleet: Fleet, cut: int, timeout: float) -> Report:
 def haproxy_phase(
     args: argparse.Namespace, s: Setup, upstream: Server, fleet: Fleet
 ) -> HAProxyPhase:
-    """Run the phase on the devices of ``fleet`` (none held on entry); see the module doc."""
+    """Run the phase on the devices of ``fleet`` (none held on entry); see the module doc.
+
+    Only as many of them as HAProxy's file descriptors allow (a fleet of the first ones)."""
     assert HAPROXY is not None
+    limit = device_limit(fleet.size, args.uncut)
+    if limit < fleet.size:
+        print(
+            f"haproxy: {limit:,} of the {fleet.size:,} devices (two file descriptors per"
+            " proxied session, under the hard limit)",
+            flush=True,
+        )
+        part = Fleet(s.members[:limit], procs=args.procs)
+        try:
+            return haproxy_phase(args, s, upstream, part)
+        finally:
+            part.close()
     extra = {"DEVICEGATE_PROXY_PROTOCOL_FROM": "127.0.0.1/32"}
     a = gateway_server(
         s.work, s.pki, s.url, upstream.port, args.workers, name="A",
@@ -211,8 +229,8 @@ def haproxy_phase(
     )  # fmt: skip
     front, uncut_front, stats = free_port(), free_port(), s.work / "haproxy.sock"
     config = s.work / "haproxy.cfg"
-    maxconn = fleet.size + args.uncut + 100
-    config.write_text(haproxy_config(front, uncut_front, a.port, b.port, stats, maxconn))
+    conns = maxconn(fleet.size, args.uncut)
+    config.write_text(haproxy_config(front, uncut_front, a.port, b.port, stats, conns))
     haproxy = Server(
         "haproxy",
         front,
