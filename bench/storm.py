@@ -13,6 +13,10 @@ exponential backoff, a device's last TLS session offered when resumption is on):
    (SIGTERM, start) under them; they offer their sessions (Mosquitto's session cache is
    in its memory, so after a restart it can resume none: it says so).
 
+3. With HAProxy installed (``--haproxy``, on by default; ``--only haproxy`` runs it alone):
+   two instances A and B behind HAProxy, A restarted under its devices while ``--uncut``
+   sessions held on B measure MQTT round trips (``bench/storm_haproxy.py``, ``_uncut.py``).
+
 Printed per phase: time from SIGTERM until all N are back, connect time (attempt start to
 CONNACK) p50/p99, the time from the cut to being back p99, resumed reconnects, failed
 attempts by reason (client's view) and the gateway's refusals by reason (its auth
@@ -20,7 +24,7 @@ events), CPU per reconnect of the server processes (from the new process listeni
 all are back) and of the load generator, and the check that every reconnect has its
 ``connect`` event in PostgreSQL (none lost).
 
-Usage: .venv/bin/python bench/storm.py [--quick] [--devices N]
+Usage: .venv/bin/python bench/storm.py [--quick] [--devices N] [--no-haproxy | --only haproxy]
        (PostgreSQL from DEVICEGATE_BENCH_ADMIN_URL, default postgres@127.0.0.1/postgres)
 """
 
