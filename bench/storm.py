@@ -24,7 +24,7 @@ events), CPU per reconnect of the server processes (from the new process listeni
 all are back) and of the load generator, and the check that every reconnect has its
 ``connect`` event in PostgreSQL (none lost).
 
-Usage: .venv/bin/python bench/storm.py [--quick] [--devices N] [--no-haproxy | --only haproxy]
+Usage: .venv/bin/python bench/storm.py [--quick] [--devices N]
        (PostgreSQL from DEVICEGATE_BENCH_ADMIN_URL, default postgres@127.0.0.1/postgres)
 """
 
@@ -516,8 +516,6 @@ def main() -> None:
         "--base", type=float, default=1.0, help="backoff: first window, seconds (uniform jitter)"
     )
     parser.add_argument("--cap", type=float, default=30.0, help="backoff: largest window")
-    parser.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--haproxy",
         action=argparse.BooleanOptionalAction,
@@ -532,6 +530,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=float, default=5.0, help="HAProxy phase: s of RTT before SIGTERM"
     )
+    parser.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     args.devices = args.devices or (2_000 if args.quick else 10_000)
     _raise_fd_limit()
