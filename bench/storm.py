@@ -13,6 +13,10 @@ exponential backoff, a device's last TLS session offered when resumption is on):
    (SIGTERM, start) under them; they offer their sessions (Mosquitto's session cache is
    in its memory, so after a restart it can resume none: it says so).
 
+3. With HAProxy installed (``--haproxy``, on by default; ``--only haproxy`` runs it alone):
+   two instances A and B behind HAProxy, A restarted under its devices while ``--uncut``
+   sessions held on B measure MQTT round trips (``bench/storm_haproxy.py``, ``_uncut.py``).
+
 Printed per phase: time from SIGTERM until all N are back, connect time (attempt start to
 CONNACK) p50/p99, the time from the cut to being back p99, resumed reconnects, failed
 attempts by reason (client's view) and the gateway's refusals by reason (its auth
@@ -43,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 from cryptography.hazmat.primitives import serialization
@@ -59,6 +64,9 @@ from mqtt_gateway import (
     wait_for_port,
 )
 from reconnect import Fleet, Member, Report, percentile
+
+if TYPE_CHECKING:
+    from storm_haproxy import HAProxyPhase
 
 from provisioning.pki.ca import DeviceIdentity, SignOptions, fingerprint
 from provisioning.pki.directory import init_pki, load_ca
@@ -82,14 +90,16 @@ CLIENT_SIDE_OK = {
 # --- setup ------------------------------------------------------------------------------
 
 
-def make_members(pki: Path, out: Path, count: int, sources: int) -> list[tuple[Member, str]]:
+def make_members(
+    pki: Path, out: Path, count: int, sources: int, prefix: str = "storm"
+) -> list[tuple[Member, str]]:
     """``count`` devices, each its own P-256 key and certificate: (member, registry row)."""
     ca = load_ca(pki, PASSPHRASE)
     now = datetime.now(UTC)
     options = SignOptions(not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1))
     rows = []
     for i in range(count):
-        device_id = f"storm-{i:05d}-{secrets.token_hex(2)}"
+        device_id = f"{prefix}-{i:05d}-{secrets.token_hex(2)}"
         key = ec.generate_private_key(ec.SECP256R1())
         cert = ca.issue_device_certificate(
             key.public_key(), DeviceIdentity(device_id, FLEET, TRUST_DOMAIN), options
@@ -129,19 +139,24 @@ async def create_database(name: str, rows: list[tuple[object, ...]]) -> str:
     try:
         await migrate(conn)
         await conn.execute("INSERT INTO fleets (name) VALUES ($1)", FLEET)
-        await conn.executemany(
-            "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
-            [(row[0], FLEET) for row in rows],
-        )
-        await conn.executemany(
-            "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
-            " not_after, status, key_type, pem) VALUES ($2, $1, $3, $4, $5, 'active',"
-            " 'ec-p256', $6)",
-            rows,
-        )
+        await register(conn, rows)
     finally:
         await conn.close()
     return url
+
+
+async def register(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Register devices (``make_members``' rows) as active, each with its certificate."""
+    await conn.executemany(
+        "INSERT INTO devices (device_id, fleet, status) VALUES ($1, $2, 'active')",
+        [(row[0], FLEET) for row in rows],
+    )
+    await conn.executemany(
+        "INSERT INTO certificates (serial, device_id, fingerprint_sha256, not_before,"
+        " not_after, status, key_type, pem) VALUES ($2, $1, $3, $4, $5, 'active',"
+        " 'ec-p256', $6)",
+        rows,
+    )
 
 
 def _raise_fd_limit() -> None:
@@ -426,8 +441,9 @@ def setup(devices: int, sources: int, keep: bool = False):  # type: ignore[no-un
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> list[Phase]:
+def run(args: argparse.Namespace) -> tuple[list[Phase], HAProxyPhase | None]:
     phases: list[Phase] = []
+    hp: HAProxyPhase | None = None
     with setup(args.devices, args.sources, args.keep) as s:
         upstream = mosquitto_server(s.work, None, "upstream")
         upstream.start()
@@ -472,12 +488,16 @@ def run(args: argparse.Namespace) -> list[Phase]:
             phases.append(phase)
             fleet.ask("drop")
             mosquitto.stop()
+            if args.haproxy:
+                from storm_haproxy import haproxy_phase  # it imports this module
+
+                hp = haproxy_phase(args, s, upstream, fleet)
         finally:
             fleet.close()
             for server in (gateway, upstream):
                 if server.process is not None and server.process.poll() is None:
                     server.stop()
-    return phases
+    return phases, hp
 
 
 def main() -> None:
@@ -496,6 +516,20 @@ def main() -> None:
         "--base", type=float, default=1.0, help="backoff: first window, seconds (uniform jitter)"
     )
     parser.add_argument("--cap", type=float, default=30.0, help="backoff: largest window")
+    parser.add_argument(
+        "--haproxy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the phase with two instances behind HAProxy (default: on if haproxy is installed)",
+    )
+    parser.add_argument("--only", choices=["haproxy"], help="run only this phase")
+    parser.add_argument("--uncut", type=int, default=100, help="HAProxy phase: sessions on B")
+    parser.add_argument(
+        "--rtt-interval", type=float, default=0.5, help="HAProxy phase: s between round trips"
+    )
+    parser.add_argument(
+        "--baseline", type=float, default=5.0, help="HAProxy phase: s of RTT before SIGTERM"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -503,15 +537,33 @@ def main() -> None:
     _raise_fd_limit()
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto not installed")
-    phases = run(args)
+    from storm_haproxy import check_haproxy, print_haproxy, run_only, unavailable
+
+    skipped = unavailable(args.devices, args.uncut) if args.haproxy is not False else None
+    args.haproxy = args.haproxy is not False and skipped is None
+    if args.only == "haproxy":
+        if skipped is not None:
+            sys.exit(skipped)
+        phases: list[Phase] = []
+        hp: HAProxyPhase | None = run_only(args)
+    else:
+        phases, hp = run(args)
+    if skipped is not None:
+        print(skipped)
+    if hp is not None:
+        phases.append(hp.phase)
     print_phases(phases)
     problems = check(phases)
+    if hp is not None:
+        print_haproxy(hp)
+        problems += check_haproxy(hp, args.uncut)
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
     if not problems:
         print(
             "checks: every device back, every reconnect has its connect event, "
             "refusals only documented limits"
+            + ("; no uncut session cut, no round trip lost" if hp is not None else "")
         )
     sys.exit(1 if problems else 0)
 
