@@ -58,6 +58,7 @@ from gateway.audit import EventContext, EventSink
 from gateway.config import BridgeConfig
 from gateway.connection import Session, State
 from gateway.identity import DeviceIdentity, IdentityError, identity_from_der
+from gateway.limits import ConnectLimiter
 from gateway.policy_live import PolicyState, SessionPolicy
 from gateway.proxy import ProxyGate, ProxyProtocolError
 from gateway.revocation import DeviceDirectory
@@ -85,6 +86,7 @@ class Hub(Protocol):
     sink: EventSink
     directory: DeviceDirectory
     metrics: GatewayMetrics
+    connects: ConnectLimiter | None
 
     def session_policy(
         self, identity: DeviceIdentity, state: PolicyState | None = None
@@ -434,6 +436,7 @@ class DeviceConnection(asyncio.Protocol):
             context=self.context,
             max_packet_size=self.config.max_packet_size,
             denial_limits=self.config.denials,
+            connects=self.hub.connects,
         )
         self.hub.identified(self)
         if self._timer is not None:

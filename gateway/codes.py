@@ -50,6 +50,8 @@ _CONNACK: Final = {
     Reason.SERVER_SHUTTING_DOWN: (0x03, 0x88),
     Reason.TOO_MANY_CONNECTIONS: (0x03, 0x97),
     Reason.POLICY_NOT_LOADED: (0x03, 0x88),
+    # Connection rate exceeded (3.1.1 has no such code: server unavailable, retry later).
+    Reason.CONNECT_RATE_EXCEEDED: (0x03, 0x9F),
 }
 _NOT_AUTHORIZED: Final = (0x05, 0x87)
 

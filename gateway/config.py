@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from gateway.denials import DenialLimits
+from gateway.limits import ConnectLimits
 from gateway.tickets import RESUMPTION, TicketKeyError, TicketKeys
 from gateway.tls import server_context
 from gateway.upstream import UpstreamTarget
@@ -46,6 +47,8 @@ class BridgeConfig:
     """Each session's denial budget (`gateway.denials`)."""
     tickets: TicketKeys | None = None
     """The session ticket keys (None: resumption off, every connection a full handshake)."""
+    connects: ConnectLimits | None = None
+    """Each device's connect budget, per worker (`gateway.limits.ConnectLimiter`; None: off)."""
 
 
 class GatewayConfigError(DevicegateError):
@@ -81,6 +84,11 @@ def config_from_settings(settings: Settings) -> BridgeConfig:
             events_per_window=settings.denial_events_per_window,
             window=settings.denial_window.total_seconds(),
         ),
+        connects=ConnectLimits(
+            per_minute=settings.device_connects_per_minute, burst=settings.device_connect_burst
+        )
+        if settings.device_connects_per_minute
+        else None,
     )
 
 

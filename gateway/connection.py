@@ -12,7 +12,10 @@ Invariants:
   fails if any of them imports asyncio, ssl, sockets or the bridge. The one clock read
   is the denial budget's, injected with it (`gateway.denials.DenialBudget`), so tests
   step it by hand.
-* CONNECT is the first packet. Nothing is sent upstream before the device, its
+* CONNECT is the first packet. It first takes a token of the device's connect budget
+  (`gateway.limits.ConnectLimiter`, shared by the worker's sessions): over budget, it is
+  refused (``connect_rate_exceeded``) before the policy, the directory, the takeover and the
+  broker. Nothing is sent upstream before the device, its
   certificate, its client id and its will topic are authorised, and the device gets its
   CONNACK only through `Admit`, i.e. after its connect event is durable.
 * Device-to-broker: every packet is decoded, or recognised by `gateway.fastpath` as one
@@ -85,6 +88,7 @@ from gateway.denials import SAMPLE_SIZE, DenialBudget, DenialLimits, Summary, cl
 from gateway.downstream import Downstream, SubackMerge
 from gateway.fastpath import MORE, allowed_publish_end
 from gateway.identity import DeviceIdentity
+from gateway.limits import ConnectLimiter
 from gateway.mqtt.codec import NEED_DATA, decode, encode, split_frame
 from gateway.mqtt.errors import MalformedPacket, UnsupportedProtocolVersion
 from gateway.mqtt.packets import (
@@ -142,6 +146,7 @@ class Session:
         "_assign_client_id",
         "_buf",
         "_connack_size",
+        "_connects",
         "_denial_limits",
         "_denials",
         "_held_downstream",
@@ -182,8 +187,10 @@ class Session:
         max_packet_size: int,
         denial_limits: DenialLimits | None = None,
         denials: DenialBudget | None = None,
+        connects: ConnectLimiter | None = None,
     ) -> None:
         self.identity = identity
+        self._connects = connects  # the device's connect budget, taken by its CONNECT
         self.policy = policy
         self.context = context
         self.max_packet_size = max_packet_size
@@ -374,6 +381,10 @@ class Session:
         self.downstream.version = self.version
         self.connect = connect
         self.client_id = connect.client_id
+        budget, self._connects = self._connects, None
+        if budget is not None and not budget.take(self.identity.device_id):
+            # First: no policy, directory, takeover or broker work for a looping device.
+            return self._refuse(Reason.CONNECT_RATE_EXCEEDED, budget.detail)
         if self.policy is NO_POLICY:  # the database's policy is not loaded yet: fail closed
             return self._refuse(Reason.POLICY_NOT_LOADED)
         refusal = connect_refusal(connect, self.identity, self.policy)

@@ -1,5 +1,6 @@
 """Abuse limits that hold state across connections: failed handshakes per address, the
-handshakes an over-budget address may have in flight, and throttled refusal events.
+handshakes an over-budget address may have in flight, the CONNECTs of each authenticated
+device (`ConnectLimiter`), and throttled refusal events.
 
 Why no refusal at accept for a failing address: nothing is known about a connection at
 accept, and a factory line or site behind one NAT address is the normal case. Refusing
@@ -45,6 +46,15 @@ Invariants:
   counts the rest; `EventThrottle.due` hands the counts of closed windows back, so every
   refusal or over-budget failure is accounted for in some event (``count`` in its detail)
   without one event per refusal.
+* `ConnectLimiter` is a token bucket per device id: ``burst`` tokens, refilled at
+  ``per_minute / 60`` per second; every CONNECT of an authenticated device takes one,
+  admitted or refused, and one made with less than one token left is refused
+  (``connect_rate_exceeded``). Unlike the failure budget it does refuse: the identity is
+  known by then, so nobody else is refused with it, and it is what bounds the work and the
+  audit rows a valid (or copied) certificate can cause by reconnecting, successful
+  handshakes included. A refused CONNECT takes a token too (the bucket never goes below
+  zero), so a device retrying faster than the refill never gets in until it slows down.
+  Each worker process has its own limiter (see docs/security-model.md for the multiplier).
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ from typing import Final, Generic, TypeVar
 
 __all__ = [
     "Burst",
+    "ConnectLimiter",
+    "ConnectLimits",
     "EventThrottle",
     "FailureLimiter",
     "HandshakeSlots",
@@ -71,6 +83,7 @@ __all__ = [
 
 DEFAULT_MAX_KEYS: Final = 65_536
 T = TypeVar("T", bound=Hashable)
+S = TypeVar("S")
 
 
 def _host(peer_address: str) -> str:
@@ -244,25 +257,26 @@ class HandshakeSlots(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Burst:
+class Burst(Generic[S]):
     """Refusals to record as one event: ``count`` of them under ``key``.
 
-    ``sample`` is the peer address of one of them (the event's ``peer_address``).
+    ``sample`` stands for the last of them: the peer address for the accept-time refusals
+    (the event's ``peer_address``), the refused CONNECT's own event for the device budget.
     """
 
     key: str
     count: int
-    sample: str | None
+    sample: S
 
 
 @dataclass(slots=True)
-class _Window:
+class _Window(Generic[S]):
     ends: float
     suppressed: int
-    sample: str | None
+    sample: S
 
 
-class EventThrottle:
+class EventThrottle(Generic[S]):
     """At most one event per key per ``interval`` seconds; the rest are counted."""
 
     def __init__(
@@ -275,12 +289,12 @@ class EventThrottle:
         self.interval = interval
         self.max_keys = max_keys
         self._clock = clock
-        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._windows: OrderedDict[str, _Window[S]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._windows)
 
-    def hit(self, key: str, sample: str | None = None) -> list[Burst]:
+    def hit(self, key: str, sample: S) -> list[Burst[S]]:
         """One refusal under ``key``; the events to record now (often none).
 
         The first refusal of a window is reported at once (together with any refusals
@@ -303,10 +317,10 @@ class EventThrottle:
                 bursts.append(Burst(old_key, old.suppressed, old.sample))
         return bursts
 
-    def due(self) -> list[Burst]:
+    def due(self) -> list[Burst[S]]:
         """The suppressed counts of every window that has closed (their keys are dropped)."""
         now = self._clock()
-        bursts: list[Burst] = []
+        bursts: list[Burst[S]] = []
         windows = self._windows
         while windows:  # windows are in opening order, so they close in this order too
             key, window = next(iter(windows.items()))
@@ -317,10 +331,78 @@ class EventThrottle:
                 bursts.append(Burst(key, window.suppressed, window.sample))
         return bursts
 
-    def flush(self) -> list[Burst]:
+    def flush(self) -> list[Burst[S]]:
         """Every suppressed count, window closed or not (at shutdown)."""
         bursts = [
             Burst(k, w.suppressed, w.sample) for k, w in self._windows.items() if w.suppressed
         ]
         self._windows.clear()
         return bursts
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectLimits:
+    """The per-device connect budget (``DEVICE_CONNECT_BURST``,
+    ``DEVICE_CONNECTS_PER_MINUTE``): ``burst`` CONNECTs at once, earned back at
+    ``per_minute`` a minute."""
+
+    per_minute: int = 20
+    burst: int = 20
+
+    def __post_init__(self) -> None:
+        if self.per_minute < 1 or self.burst < 1:
+            raise ValueError("connect limits must be positive")
+
+
+class ConnectLimiter:
+    """Token bucket per device id, taken by every CONNECT of an authenticated device
+    (see the module notes)."""
+
+    def __init__(
+        self,
+        limits: ConnectLimits,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.capacity = float(limits.burst)
+        self.rate = limits.per_minute / 60.0
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        # The refusal's detail, the same for every refusal: built once.
+        self.detail: dict[str, object] = {
+            "scope": "device",
+            "connect_burst": limits.burst,
+            "connects_per_minute": limits.per_minute,
+        }
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str) -> bool:
+        """One CONNECT of device ``key``: True if within its budget, False to refuse it.
+
+        Either way a token is taken (down to zero, never below).
+        """
+        now = self._clock()
+        entry = self._buckets.pop(key, None)
+        if entry is None:
+            tokens = self.capacity
+        else:
+            tokens = min(self.capacity, entry[0] + (now - entry[1]) * self.rate)
+        self._buckets[key] = (max(0.0, tokens - 1.0), now)  # most recently used: last
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return tokens >= 1.0
+
+    def tokens(self, key: str) -> float:
+        """The tokens ``key`` has now (for tests and diagnostics); a full bucket is dropped."""
+        entry = self._buckets.get(key)
+        if entry is None:
+            return self.capacity
+        tokens = min(self.capacity, entry[0] + (self._clock() - entry[1]) * self.rate)
+        if tokens >= self.capacity:
+            del self._buckets[key]  # a full bucket is the same as none
+        return tokens

@@ -65,6 +65,7 @@ from gateway.failure_channel import FailureChannel
 from gateway.identity import DeviceIdentity
 from gateway.limits import (
     Burst,
+    ConnectLimiter,
     EventThrottle,
     FailureLimiter,
     HandshakeSlots,
@@ -79,7 +80,7 @@ from gateway.revocation import DeviceDirectory, LiveDirectory
 from gateway.sessions import SessionRegistry
 from gateway.takeover import Claim, SessionBus
 from gateway.telemetry import GatewayMetrics
-from schemas.events import AuthEvent, EventType, Outcome, Reason
+from schemas.events import AuthEvent, EventType, Outcome, Reason, utcnow, uuid7
 from schemas.notify import SessionNotice
 from schemas.policy import PolicyDocument, PolicyFile
 
@@ -192,7 +193,12 @@ class Gateway:
             in_flight=throttled_in_flight, queue=throttled_queue
         )
         self.trusted = TrustedNetworks(trusted_networks)
-        self.refusals = EventThrottle(interval=refusal_event_interval)
+        self.refusals: EventThrottle[str | None] = EventThrottle(interval=refusal_event_interval)
+        # The device connect budget (`Session` takes it at CONNECT) and its refusals' events.
+        self.connects = ConnectLimiter(config.connects) if config.connects is not None else None
+        self.connect_refusals: EventThrottle[AuthEvent] = EventThrottle(
+            interval=refusal_event_interval
+        )
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -237,6 +243,7 @@ class Gateway:
             self._ticker.cancel()
             self._ticker = None
             self._record_bursts(self.refusals.flush())
+            self._record_connect_bursts(self.connect_refusals.flush())
         if self.failure_channel is not None:
             self.failure_channel.close()
         for connection in list(self.connections):
@@ -377,6 +384,8 @@ class Gateway:
         return state.for_identity(identity, trust_domain=self.config.trust_domain)
 
     def record(self, event: AuthEvent) -> asyncio.Task[None]:
+        if event.reason is Reason.CONNECT_RATE_EXCEEDED and "count" not in event.detail:
+            return self._connect_refused(event)
         if (
             self.failures is not None
             and event.type is EventType.TLS_HANDSHAKE
@@ -394,6 +403,36 @@ class Gateway:
                 self._record_bursts(self.refusals.hit(f"{event.reason} {key}", event.peer_address))
                 return self.spawn(_nothing(), "record-summarised")
         return self.spawn(self._record(event), "record-event")
+
+    def _connect_refused(self, event: AuthEvent) -> asyncio.Task[None]:
+        """A device over its connect budget: the window's first refusal is recorded (the
+        refused connection closes once it is durable), the others counted into a summary."""
+        own: asyncio.Task[None] | None = None
+        for burst in self.connect_refusals.hit(event.device_id or "", event):
+            task = self._record_connect_burst(burst)
+            if burst.sample is event:
+                own = task
+        return own if own is not None else self.spawn(_nothing(), "record-summarised")
+
+    def _record_connect_bursts(self, bursts: list[Burst[AuthEvent]]) -> None:
+        for burst in bursts:
+            self._record_connect_burst(burst)
+
+    def _record_connect_burst(self, burst: Burst[AuthEvent]) -> asyncio.Task[None]:
+        """The event of ``burst``: its sample, the last refusal it counts (device,
+        certificate, client id, address, trace id), with ``count``; one that stands for
+        more than itself is a summary, recorded now under an id of its own."""
+        event = burst.sample
+        detail = {
+            **event.detail,
+            "count": burst.count,
+            "window_seconds": self.connect_refusals.interval,
+        }
+        update: dict[str, object] = {"detail": detail}
+        if burst.count > 1:
+            detail["summary"] = True
+            update.update(id=uuid7(), time=utcnow())
+        return self.spawn(self._record(event.model_copy(update=update)), "record-event")
 
     async def _record(self, event: AuthEvent) -> None:
         try:
@@ -451,7 +490,7 @@ class Gateway:
         self.metrics.refused(reason)
         self._record_bursts(self.refusals.hit(f"{reason} {key}", connection.context.peer_address))
 
-    def _record_bursts(self, bursts: list[Burst]) -> None:
+    def _record_bursts(self, bursts: list[Burst[str | None]]) -> None:
         for burst in bursts:
             reason = Reason(burst.key.partition(" ")[0])
             detail: dict[str, object] = {
@@ -478,6 +517,7 @@ class Gateway:
         while True:
             await asyncio.sleep(min(1.0, self.refusals.interval))
             self._record_bursts(self.refusals.due())
+            self._record_connect_bursts(self.connect_refusals.due())
             if self.config.tickets is not None:  # a rotated key file
                 self.config.tickets.refresh()
             previous, offset = offset, time.time() - time.monotonic()

@@ -186,8 +186,9 @@ class GatewayMetrics:
             return  # a throttled summary of refusals already counted by `refused`
         if kind is EventType.TLS_HANDSHAKE or kind is EventType.CONNECT:
             key = (event.outcome.value, event.reason.value)
-            # An over-budget address's failed handshakes come as summaries (`count`).
-            count = event.detail.get("count", 1) if kind is EventType.TLS_HANDSHAKE else 1
+            # An over-budget address's failed handshakes, and a device's CONNECTs over its
+            # connect budget, come as summaries (`count`).
+            count = event.detail.get("count", 1)
             self.handshakes[key] = self.handshakes.get(key, 0) + (
                 count if isinstance(count, int) else 1
             )

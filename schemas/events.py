@@ -86,6 +86,10 @@ class Reason(StrEnum):
     CONNECT_TIMEOUT = "connect_timeout"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    CONNECT_RATE_EXCEEDED = "connect_rate_exceeded"
+    """A device's CONNECT beyond its connect budget (``DEVICE_CONNECTS_PER_MINUTE``,
+    ``DEVICE_CONNECT_BURST``; ``detail.scope`` = ``device``), refused before the broker and
+    any takeover; one event per device per window, ``detail.count`` refusals."""
     TOO_MANY_DENIALS = "too_many_denials"
     """A session closed for exceeding its denial budget (``DENIALS_PER_WINDOW``)."""
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"

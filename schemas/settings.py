@@ -186,6 +186,25 @@ class Settings(BaseSettings):
         "failed handshakes; their failures are still recorded, and summarised beyond the "
         "budget.",
     )
+    device_connects_per_minute: int = Field(
+        20,
+        ge=0,
+        description=(
+            "CONNECTs each authenticated device may make per minute, per worker, admitted or"
+            " refused (token bucket per device id, refilled at this rate; 0: no limit). Beyond"
+            " DEVICE_CONNECT_BURST at once the CONNECT is refused before the broker and before"
+            " any takeover (connect_rate_exceeded: CONNACK 0x9F on MQTT 5, 3 on 3.1.1), its"
+            " refusals summarised in one event per device per 10 s. Bounds what a looping or"
+            " cloned certificate costs; a device backing off from a reconnect storm makes far"
+            " fewer."
+        ),
+    )
+    device_connect_burst: int = Field(
+        20,
+        ge=1,
+        description="CONNECTs a device may make at once before DEVICE_CONNECTS_PER_MINUTE "
+        "applies (the token bucket's size).",
+    )
     denials_per_window: int = Field(
         100,
         ge=1,

@@ -123,16 +123,16 @@ def test_throttle_reports_first_then_counts_then_summarises() -> None:
     clock.now += 10
     assert throttle.due() == [Burst("k", 5, "1.2.3.4:6")]  # "other" had nothing pending
     assert len(throttle) == 0
-    assert throttle.hit("k") == [Burst("k", 1, None)]
+    assert throttle.hit("k", None) == [Burst("k", 1, None)]
 
 
 def test_throttle_carries_counts_into_the_next_window() -> None:
     clock = Clock()
     throttle = EventThrottle(interval=10, clock=clock)
-    throttle.hit("k")
-    throttle.hit("k")
+    throttle.hit("k", None)
+    throttle.hit("k", None)
     clock.now += 11  # window closed, but nobody called due(): the next hit reports both
-    assert throttle.hit("k") == [Burst("k", 2, None)]
+    assert throttle.hit("k", None) == [Burst("k", 2, None)]
 
 
 def test_throttle_is_bounded_and_loses_no_count() -> None:
@@ -141,7 +141,7 @@ def test_throttle_is_bounded_and_loses_no_count() -> None:
     reported = 0
     for i in range(100):
         for _ in range(3):
-            reported += sum(b.count for b in throttle.hit(f"k{i}"))
+            reported += sum(b.count for b in throttle.hit(f"k{i}", None))
     assert len(throttle) == 10
     reported += sum(b.count for b in throttle.flush())
     assert reported == 300
