@@ -95,6 +95,7 @@ async def serve(
     reuse_port: bool = False,
     watch_stdin: bool = False,
     failure_fds: ChannelFds | None = None,
+    ready_fd: int | None = None,
 ) -> None:
     """Run one gateway worker until SIGTERM or SIGINT (or stdin's end, if watched).
 
@@ -106,6 +107,8 @@ async def serve(
         watch_stdin: Stop when stdin reaches its end (the supervisor is gone).
         failure_fds: This worker's ends of the supervisor's failure mesh (None: no
             siblings).
+        ready_fd: Written and closed once the worker listens and its `Readiness` has no
+            problem (the supervisor's take-over waits for it).
     """
     loop = asyncio.get_running_loop()
     host, port = settings.listen_host_port
@@ -204,6 +207,9 @@ async def serve(
             if watch_stdin:
                 _watch_stdin(loop, stop)
             await gateway.start()
+            reported: asyncio.Task[None] | None = None
+            if ready_fd is not None:
+                reported = loop.create_task(_report_ready(readiness, ready_fd), name="ready")
             # Everything built so far (modules, settings, telemetry, pools) lives as long
             # as the worker: keep it out of the cyclic collector's full passes, which would
             # otherwise traverse it again and again while connections churn.
@@ -212,6 +218,8 @@ async def serve(
                 if ready is not None:
                     ready(gateway)
                 await stop.wait()
+                if reported is not None:
+                    reported.cancel()
                 log.info("worker %s draining", worker)
                 await gateway.drain(within=settings.drain_timeout.total_seconds())
             finally:
@@ -259,6 +267,16 @@ async def _serve_metrics(
     return server
 
 
+async def _report_ready(readiness: Readiness, fd: int) -> None:
+    """Tell the supervisor (one byte, then EOF) once nothing is missing."""
+    try:
+        while readiness.problems():  # noqa: ASYNC110 (a poll: its parts notify nothing)
+            await asyncio.sleep(0.05)
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
+
+
 def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     fd = sys.stdin.fileno()
 
@@ -293,6 +311,7 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--failure-outbox", type=int, action="append", default=[], help=argparse.SUPPRESS
     )
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.settings_stdin:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
@@ -314,6 +333,7 @@ def _cli(argv: list[str] | None = None) -> int:
                     if args.failure_inbox is not None
                     else None
                 ),
+                ready_fd=args.ready_fd,
             )
         )
         return 0
