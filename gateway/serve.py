@@ -167,6 +167,7 @@ async def serve(
     if follower is not None and not await follower.wait_current(within=10.0):
         log.warning("the database's policy is not loaded yet; refusing devices until it is")
     metrics_server: asyncio.Server | None = None
+    marks: list[float] = []  # loop.time() of the stop's phases
     try:
         metrics_server = await _serve_metrics(
             telemetry, metrics_at, worker_index, readiness=readiness.problems
@@ -221,9 +222,12 @@ async def serve(
                 if reported is not None:
                     reported.cancel()
                 log.info("worker %s draining", worker)
+                marks.append(loop.time())
                 await gateway.drain(within=settings.drain_timeout.total_seconds())
             finally:
                 await gateway.close()
+                marks.append(loop.time())
+        marks.append(loop.time())  # the spool flushed and shipped
     finally:
         await broker.close()
         if follower is not None:
@@ -234,7 +238,15 @@ async def serve(
             metrics_server.close()
             await metrics_server.wait_closed()
         telemetry.shutdown()
-    log.info("worker %s stopped", worker)
+    if len(marks) == 3:  # the stop's phases: where a drain's time goes
+        ended = loop.time()
+        log.info(
+            "worker %s stopped in %.2f s: sessions ended %.2f s, spool shipped %.2f s, "
+            "connections closed %.2f s",
+            worker, ended - marks[0], marks[1] - marks[0], marks[2] - marks[1], ended - marks[2],
+        )  # fmt: skip
+    else:
+        log.info("worker %s stopped", worker)
 
 
 async def _serve_metrics(
