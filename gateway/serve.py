@@ -38,6 +38,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import uvloop
 
@@ -314,6 +315,19 @@ def main(settings: Settings, *, worker_index: int = 0, reuse_port: bool = False)
     uvloop.run(serve(settings, worker_index=worker_index, reuse_port=reuse_port))
 
 
+def _exit_now() -> NoReturn:
+    """Exit a worker whose `serve` returned: sessions ended, spool shipped, pools closed.
+
+    What is left is the interpreter's teardown: freeing every object the worker made (its
+    frozen generation too) and joining the exporters' threads, which took 0.3-0.9 s after
+    a drain of 1,000 sessions and only delays the supervisor's exit (and so a restart).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.serve")
     parser.add_argument("--workers", type=int, default=None, help="run N worker processes")
@@ -348,7 +362,7 @@ def _cli(argv: list[str] | None = None) -> int:
                 ready_fd=args.ready_fd,
             )
         )
-        return 0
+        _exit_now()
     if args.workers is not None and args.workers != 1:
         from gateway.workers import supervise
 

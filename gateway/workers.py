@@ -45,6 +45,7 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -128,6 +129,7 @@ class Supervisor:
         self._hangup = False
         self._reserved: socket.socket | None = None
         self._mesh: Mesh | None = None
+        self._wakeup: tuple[int, int] = (-1, -1)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -147,6 +149,12 @@ class Supervisor:
         self._reserve_address()
         if self.count > 1:  # one worker has no siblings to share failures with
             self._mesh = Mesh(self.count)
+        # A signal wakes the watch loop at once (a stop starts the drain without waiting
+        # out the poll interval): its handler runs, and the wakeup fd ends the nap.
+        self._wakeup = os.pipe()
+        for fd in self._wakeup:
+            os.set_blocking(fd, False)
+        previous_wakeup = signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
         previous = {
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -173,11 +181,14 @@ class Supervisor:
                         self.replacing = []
                         self._stopping = True
                         status = 1
-                time.sleep(_POLL)
+                self._nap()
             return self._stop() or status
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_wakeup)
+            for fd in self._wakeup:
+                os.close(fd)
             if self._reserved is not None:
                 self._reserved.close()
             if self._mesh is not None:
@@ -190,6 +201,13 @@ class Supervisor:
             self._hangup = True
         else:
             self._stopping = True
+
+    def _nap(self) -> None:
+        """Sleep one poll interval, or less if a signal arrives."""
+        readable, _, _ = select.select([self._wakeup[0]], [], [], _POLL)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wakeup[0], 512)
 
     def _claim_slots(self) -> None:
         claim, live = claim_slots(self.settings.spool_dir, self.count)

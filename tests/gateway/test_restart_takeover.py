@@ -279,6 +279,16 @@ def test_take_over_without_a_gap(
         chains = connects.get(device.device_id, [])
         assert len(chains) == 2, (device.device_id, chains)
         assert chains[0] in old_chains and chains[1] in new_chains, chains
+    # The old instance's drain recorded each cut session's end (no will: a DISCONNECT to
+    # the broker), on its own chains.
+    ends = harness.query(
+        "SELECT client_id, chain_id FROM auth_events WHERE instance = $1"
+        " AND type = 'session_end' AND reason = 'server_shutting_down'",
+        instance,
+    )
+    ended = {row["client_id"]: row["chain_id"].partition("#")[0] for row in ends}
+    for device in devices:
+        assert ended.get(device.device_id) in old_chains, (device.device_id, ended)
     probes = sum(1 for client_id in connects if client_id.startswith(probe_device.device_id))
     assert probes >= prober.outcomes["ok"]
     # Both instances' chains verify: four writers, one each, no gap.
