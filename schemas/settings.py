@@ -212,7 +212,8 @@ class Settings(BaseSettings):
     )
     spool_dir: Path = Field(
         default_factory=lambda: state_directory() / "spool",
-        description="Local event spool directory (worker i uses its w<i>); its chain id is "
+        description="Local event spool directory (worker slot s uses its w<s>; each "
+        "supervisor holds its slots by supervisor.<first slot>.pid there); its chain id is "
         "made with it.",
     )
     checkpoint_dir: Path = Field(
