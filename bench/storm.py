@@ -374,8 +374,13 @@ def takeover_storm(
     since = datetime.now(UTC)
     new = takeover_server(old)
     launched = time.time()
-    new.start()  # returns once its workers run (the port already listens: the old one's)
-    sigterm = _sigterm_sent(new.log, launched)
+    try:
+        new.start()  # returns once its workers run (the port already listens: the old one's)
+        sigterm = _sigterm_sent(new.log, launched)
+    except BaseException:
+        if new.process is not None and new.process.poll() is None:
+            new.stop()
+        raise
     cpu = cpu_seconds(new.pids())  # from the SIGTERM on: the devices come back meanwhile
     assert old.process is not None
     old.process.wait(timeout)

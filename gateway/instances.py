@@ -3,8 +3,9 @@
 A supervisor (`gateway.workers`) claims a block of worker *slots* for its life: slot ``s``
 is the spool ``spool_dir/w<s>``, the event chain ``<instance>/w<s>``, the checkpoint file
 ``<instance>_w<s>.jsonl`` and the metrics port ``P + s``. The claim is the file
-``spool_dir/supervisor.<base>.pid`` ("<pid> <count>"), held with an exclusive ``flock`` by
-the supervisor (the descriptor is close-on-exec, so its workers never hold it). So:
+``spool_dir/supervisor.<base>.pid`` ("<pid> <count> <listen address>"), held with an
+exclusive ``flock`` by the supervisor (the descriptor is close-on-exec, so its workers
+never hold it). So:
 
 * a file whose lock is free is stale (its process died, even by SIGKILL) and is ignored;
   a held one names a live supervisor, and its pid cannot have been reused while held;
@@ -40,11 +41,12 @@ class GatewayRunning(GatewayConfigError):
 
 @dataclass(frozen=True)
 class Running:
-    """A live supervisor: its pid and its slots ``base .. base + count - 1``."""
+    """A live supervisor: its pid, its slots ``base .. base + count - 1``, its address."""
 
     pid: int
     base: int
     count: int
+    listen: str
 
     @property
     def slots(self) -> range:
@@ -101,8 +103,8 @@ def _running(spool_dir: Path) -> list[Running]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # held: a live supervisor
-                pid, _, count = os.read(fd, 64).decode().partition(" ")
-                found.append(Running(int(pid), base, int(count)))
+                pid, count, listen = os.read(fd, 512).decode().split(" ", 2)
+                found.append(Running(int(pid), base, int(count), listen))
             # else: stale (its supervisor died); left for the next claim of that block
         except ValueError:
             continue  # not ours to judge: a held file we cannot parse is left alone
@@ -119,8 +121,9 @@ def running(spool_dir: Path) -> list[Running]:
         return _running(spool_dir)
 
 
-def claim_slots(spool_dir: Path, count: int) -> tuple[SlotClaim, list[Running]]:
-    """Claim the lowest block of ``count`` slots no live supervisor holds.
+def claim_slots(spool_dir: Path, count: int, listen: str) -> tuple[SlotClaim, list[Running]]:
+    """Claim the lowest block of ``count`` slots no live supervisor holds (for a gateway
+    listening on ``listen``).
 
     Returns:
         The claim (held until released or this process exits) and the live supervisors
@@ -143,5 +146,5 @@ def claim_slots(spool_dir: Path, count: int) -> tuple[SlotClaim, list[Running]]:
                 f"{path} is locked by a process that is not a supervisor"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {count}".encode())
+        os.write(fd, f"{os.getpid()} {count} {listen}".encode())
     return SlotClaim(base, count, path, fd), live

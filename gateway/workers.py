@@ -144,8 +144,8 @@ class Supervisor:
                 self._claim.release()
 
     def _run(self) -> int:
-        if not self.replacing:
-            self._probe_address()
+        if not any(old.listen == self.settings.gateway_listen for old in self.replacing):
+            self._probe_address()  # (a take-over expects its predecessor there, no one else)
         self._reserve_address()
         if self.count > 1:  # one worker has no siblings to share failures with
             self._mesh = Mesh(self.count)
@@ -210,7 +210,7 @@ class Supervisor:
                 os.read(self._wakeup[0], 512)
 
     def _claim_slots(self) -> None:
-        claim, live = claim_slots(self.settings.spool_dir, self.count)
+        claim, live = claim_slots(self.settings.spool_dir, self.count, self.settings.gateway_listen)
         self._claim = claim
         if live and not self.take_over:
             claim.release()
