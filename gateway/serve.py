@@ -97,6 +97,7 @@ async def serve(
     watch_stdin: bool = False,
     failure_fds: ChannelFds | None = None,
     ready_fd: int | None = None,
+    listen_when_ready: bool = False,
 ) -> None:
     """Run one gateway worker until SIGTERM or SIGINT (or stdin's end, if watched).
 
@@ -110,6 +111,9 @@ async def serve(
             siblings).
         ready_fd: Written and closed once the worker listens and its `Readiness` has no
             problem (the supervisor's take-over waits for it).
+        listen_when_ready: Listen only once the `Readiness` has no problem (a take-over:
+            the running gateway serves meanwhile, so no device meets a worker that would
+            refuse it); stopped before that, the worker never listens.
     """
     loop = asyncio.get_running_loop()
     host, port = settings.listen_host_port
@@ -208,6 +212,8 @@ async def serve(
             loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
             if watch_stdin:
                 _watch_stdin(loop, stop)
+            if listen_when_ready and not await _ready_or_stopped(readiness, stop):
+                return
             await gateway.start()
             reported: asyncio.Task[None] | None = None
             if ready_fd is not None:
@@ -280,6 +286,18 @@ async def _serve_metrics(
     return server
 
 
+async def _ready_or_stopped(readiness: Readiness, stop: asyncio.Event) -> bool:
+    """Wait until nothing is missing (True) or the worker is told to stop (False)."""
+    problems = readiness.problems()
+    if problems:
+        log.info("listening once ready (a take-over): %s", "; ".join(problems))
+    while problems and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
+        problems = readiness.problems()
+    return not stop.is_set()
+
+
 async def _report_ready(readiness: Readiness, fd: int) -> None:
     """Tell the supervisor (one byte, then EOF) once nothing is missing."""
     try:
@@ -338,6 +356,7 @@ def _cli(argv: list[str] | None = None) -> int:
         "--failure-outbox", type=int, action="append", default=[], help=argparse.SUPPRESS
     )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--listen-when-ready", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.settings_stdin:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
@@ -360,6 +379,7 @@ def _cli(argv: list[str] | None = None) -> int:
                     else None
                 ),
                 ready_fd=args.ready_fd,
+                listen_when_ready=args.listen_when_ready,
             )
         )
         _exit_now()

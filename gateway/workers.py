@@ -31,10 +31,11 @@ Invariants:
   checkpoints and metrics port are the slot's). Without ``take_over`` a live supervisor
   on the same state directory is refused (`GatewayRunning`, one line).
 * Take-over (``take_over``, `serve gateway --take-over`): the probe is skipped (the old
-  instance listens), the new workers bind beside the old ones on other slots, and once
-  every worker reports ready (listening, `gateway.preflight.Readiness` empty: broker
-  reachable, revocation state current, policy loaded) on its ready pipe, the old
-  supervisors get SIGTERM and drain as for any stop. Not ready within `TAKEOVER_WITHIN`:
+  instance listens), the new workers bind beside the old ones on other slots, each only
+  once its `gateway.preflight.Readiness` is empty (broker reachable, revocation state
+  current, policy loaded: no device meets a worker that would refuse it), and once every
+  worker reports listening and ready on its ready pipe, the old supervisors get SIGTERM
+  and drain as for any stop. Not ready within ``takeover_within``:
   the take-over is abandoned (the new instance stops, exits 1), the old one serves on.
 """
 
@@ -69,7 +70,6 @@ __all__ = [
     "MAX_BACKOFF",
     "SHIP_GRACE",
     "STABLE_AFTER",
-    "TAKEOVER_WITHIN",
     "Supervisor",
     "supervise",
 ]
@@ -80,8 +80,6 @@ MAX_BACKOFF: Final = 15.0
 STABLE_AFTER: Final = 30.0
 SHIP_GRACE: Final = 15.0
 """Beyond the drain timeout: time for a worker to flush and ship its spool."""
-TAKEOVER_WITHIN: Final = 120.0
-"""Seconds a take-over waits for every new worker to be ready before giving up."""
 _POLL: Final = 0.05
 
 
@@ -164,6 +162,7 @@ class Supervisor:
             for worker in self.workers:
                 self._start(worker)
             begun = time.monotonic()
+            within = self.settings.takeover_within.total_seconds()
             while not self._stopping:
                 if self._hangup:
                     self._hangup = False
@@ -172,11 +171,11 @@ class Supervisor:
                 if self.replacing:
                     if self._all_ready():
                         self._replace()
-                    elif time.monotonic() - begun > TAKEOVER_WITHIN:
+                    elif time.monotonic() - begun > within:
                         log.error(
                             "take-over abandoned: the workers were not ready within %.0f s "
                             "(see their /readyz); the running gateway (pid %s) serves on",
-                            TAKEOVER_WITHIN, ", ".join(str(r.pid) for r in self.replacing),
+                            within, ", ".join(str(r.pid) for r in self.replacing),
                         )  # fmt: skip
                         self.replacing = []
                         self._stopping = True
@@ -314,6 +313,8 @@ class Supervisor:
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
         command += ["--ready-fd", str(write_end)]
+        if self.replacing:  # the old gateway serves until this one is ready
+            command.append("--listen-when-ready")
         try:
             process = subprocess.Popen(
                 command,

@@ -26,6 +26,7 @@ from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness
 from tests.gateway.served import DEVICEGATE, Served, serve_gateway
+from tests.helpers import free_port
 
 HELD = 24  # devices holding a session through the take-over
 
@@ -101,7 +102,8 @@ def test_a_stale_claim_does_not_block(
         database_url=database_url,
         upstream_port=mosquitto_port,
         directory=tmp_path,
-        name="stale",
+        name="stale-again",
+        like=served,
     ) as again:
         assert claim.read_text().split()[0] == str(again.process.pid)
         _connect_once(again.port, device, device.device_id)
@@ -243,7 +245,8 @@ def test_take_over_without_a_gap(
                 upstream_port=mosquitto_port,
                 directory=tmp_path,
                 name="new",
-                take_over=old,
+                like=old,
+                take_over=True,
             ) as new:
                 # The old supervisor is told to stop once the new workers are ready; its
                 # drain cuts every held session (DISCONNECT/close), and it exits 0.
@@ -294,3 +297,40 @@ def test_take_over_without_a_gap(
     # Both instances' chains verify: four writers, one each, no gap.
     counts = asyncio.run(_verify(database_url, instance))
     assert set(counts) == old_chains | new_chains, counts
+
+
+def test_a_take_over_that_never_gets_ready_is_abandoned(
+    pki: Pki,
+    database_url: str,
+    mosquitto_port: int,
+    tmp_path: Path,
+    make_device: DeviceFactory,
+) -> None:
+    device = make_device("abandon", fleet="bench")
+    with serve_gateway(
+        pki=pki,
+        database_url=database_url,
+        upstream_port=mosquitto_port,
+        directory=tmp_path,
+        name="stays",
+    ) as old:
+        workers = old.workers()
+        # The new instance's broker is unreachable: its workers are never ready, so they
+        # never listen, and the old gateway is never told to stop.
+        with serve_gateway(
+            pki=pki,
+            database_url=database_url,
+            upstream_port=free_port(),
+            directory=tmp_path,
+            name="never-ready",
+            like=old,
+            take_over=True,
+            env={"DEVICEGATE_TAKEOVER_WITHIN": "3s"},
+        ) as new:
+            for i in range(10):  # meanwhile every connection is the old one's
+                _connect_once(old.port, device, f"{device.device_id}-{i}")
+            assert new.process.wait(60) == 1, new.log.read_text()
+        log = new.log.read_text()
+        assert "take-over abandoned" in log and "gateway listening" not in log, log
+        assert old.process.poll() is None and old.workers() == workers
+        _connect_once(old.port, device, device.device_id)
