@@ -16,9 +16,10 @@ Several workers (``--workers N``) are separate processes started by `gateway.wor
 each runs `serve` with its own ``worker_index`` (its slot, `gateway.instances`: during a
 take-over the new instance's workers have other slots than the old one's): its own
 SO_REUSEPORT listener on the shared address, its own spool (``spool_dir/w<i>``), event
-chain (``<instance>/w<i>``), metrics port and database pool. They share one budget of failed handshakes per address: each tells the
-others its failures over the datagram sockets the supervisor hands it
-(`gateway.failure_channel`, ``--failure-inbox FD --failure-outbox FD ...``).
+chain (``<instance>/w<i>``), metrics port and database pool. They share one budget of
+failed handshakes per address: each tells the others its failures over the datagram
+sockets the supervisor hands it (`gateway.failure_channel`, ``--failure-inbox FD
+--failure-outbox FD ...``).
 
 Also runnable as ``python -m gateway.serve`` (settings from the environment), which the
 supervisor uses for its workers: ``--worker-index I --settings-stdin`` reads the settings
