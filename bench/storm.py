@@ -24,7 +24,13 @@ events), CPU per reconnect of the server processes (from the new process listeni
 all are back) and of the load generator, and the check that every reconnect has its
 ``connect`` event in PostgreSQL (none lost).
 
-Usage: .venv/bin/python bench/storm.py [--quick] [--devices N]
+With ``--restart takeover`` (or ``both``) the gateway phases are a take-over restart
+instead (or as well): ``serve gateway --take-over`` starts beside the running gateway and
+SIGTERMs it once its workers are ready (`takeover_storm`); "SIGTERM -> all back" then
+counts from that SIGTERM (read from the new supervisor's log), "launched -> all back"
+from starting the new instance.
+
+Usage: .venv/bin/python bench/storm.py [--quick] [--devices N] [--restart cold|takeover|both]
        (PostgreSQL from DEVICEGATE_BENCH_ADMIN_URL, default postgres@127.0.0.1/postgres)
 """
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import secrets
@@ -284,6 +291,7 @@ class Phase:
     gap: float  # seconds from the old process's exit until the new one listened
     refusals: Counter[str]  # the gateway's denied events by reason (empty for Mosquitto)
     events: int | None  # allowed connect events recorded for the phase (None: Mosquitto)
+    launched: float | None = None  # seconds from launching the new process until all back
 
 
 async def _events(url: str, instance: str, since: datetime) -> tuple[int, Counter[str]]:
@@ -344,8 +352,69 @@ def storm(
             time.sleep(0.5)
     all_back = report.last_back - begun
     return Phase(
-        name, fleet.size, all_back, drain, report, server_cpu, startup_cpu, gap, refusals, events
-    )
+        name, fleet.size, all_back, drain, report, server_cpu, startup_cpu, gap, refusals, events,
+        launched=report.last_back - (begun + drain),
+    )  # fmt: skip
+
+
+# --- the take-over restart (serve gateway --take-over) -----------------------------------
+
+
+def takeover_server(old: Server) -> Server:
+    """A server that takes over from ``old`` (same port, state directory and instance)."""
+    env = {**old.env, "DEVICEGATE_LOG_FORMAT": "json", "DEVICEGATE_LOG_LEVEL": "info"}
+    log = old.log.with_name(f"{old.name}-next.log")
+    return Server(old.name, old.port, [*old.command, "--take-over"], env, log, old.workers)
+
+
+def _sigterm_sent(log: Path, after: float, within: float = 180.0) -> float:
+    """The time.time() the take-over supervisor logged its SIGTERM to the old one."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if "stopping the old gateway" in line:
+                stamp = datetime.fromisoformat(json.loads(line)["time"].replace("Z", "+00:00"))
+                if stamp.timestamp() >= after:
+                    return stamp.timestamp()
+        time.sleep(0.05)
+    raise TimeoutError(f"no take-over in {log}")
+
+
+def takeover_storm(
+    fleet: Fleet, old: Server, name: str, *, resume: bool, timeout: float, url: str, instance: str
+) -> tuple[Phase, Server]:
+    """Replace ``old`` by a take-over under the fleet; the phase and the new server."""
+    fleet.send("target", old.port, resume)
+    fleet.send("reset")
+    since = datetime.now(UTC)
+    new = takeover_server(old)
+    launched = time.time()
+    try:
+        new.start()  # returns once its workers run (the port already listens: the old one's)
+        sigterm = _sigterm_sent(new.log, launched)
+    except BaseException:
+        if new.process is not None and new.process.poll() is None:
+            new.stop()
+        raise
+    cpu = cpu_seconds(new.pids())  # from the SIGTERM on: the devices come back meanwhile
+    assert old.process is not None
+    old.process.wait(timeout)
+    exited = time.time()
+    fleet.wait_held(fleet.size, timeout)
+    server_cpu = cpu_seconds(new.pids()) - cpu
+    report = fleet.report()
+    deadline = time.monotonic() + 30
+    while True:
+        events, refusals = asyncio.run(_events(url, instance, since))
+        if events >= report.connects or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    # The gap is negative: the new instance was launched (and listened) before the old exited.
+    phase = Phase(
+        name, fleet.size, report.last_back - sigterm, exited - sigterm, report, server_cpu, 0.0,
+        launched - exited, refusals, events, launched=report.last_back - launched,
+    )  # fmt: skip
+    return phase, new
 
 
 def startup_cpu(server: Server, settle: float = 5.0) -> float:
@@ -365,6 +434,8 @@ def print_phases(phases: list[Phase]) -> None:
         ("SIGTERM -> exited (drain)", [f"{p.drain:.2f} s" for p in phases]),
         ("old exited -> new listening", [f"{p.gap:.2f} s" for p in phases]),
         ("SIGTERM -> all back", [f"{p.all_back:.2f} s" for p in phases]),
+        ("new launched -> all back",
+         [f"{p.launched:.2f} s" if p.launched is not None else "-" for p in phases]),
         ("reconnects (resumed)", [f"{p.report.connects:,} ({p.report.resumed:,})" for p in phases]),
         ("connect time p50", [ms(percentile(p.report.connect_times, 0.5)) for p in phases]),
         ("connect time p99", [ms(percentile(p.report.connect_times, 0.99)) for p in phases]),
@@ -456,7 +527,17 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], HAProxyPhase | None]:
             took = fleet.wait_held(fleet.size, args.timeout)
             print(f"gateway: {fleet.size:,} sessions held after {took:.1f}s", flush=True)
             instance = "storm-gateway"
+            if args.restart != "cold":
+                for name, resume in (("take-over full", False), ("take-over resumed", True)):
+                    phase, gateway = takeover_storm(
+                        fleet, gateway, name, resume=resume, timeout=args.timeout,
+                        url=s.url, instance=instance,
+                    )  # fmt: skip
+                    print(f"{name}: all back in {phase.all_back:.1f}s", flush=True)
+                    phases.append(phase)
             for name, resume in (("gateway full", False), ("gateway resumed", True)):
+                if args.restart == "takeover":
+                    break
                 phase = storm(
                     fleet,
                     gateway,
@@ -532,6 +613,12 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--restart",
+        choices=("cold", "takeover", "both"),
+        default="cold",
+        help="gateway restart: SIGTERM then start (cold), serve gateway --take-over, or both",
+    )
     args = parser.parse_args()
     args.devices = args.devices or (2_000 if args.quick else 10_000)
     _raise_fd_limit()

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         timedelta(seconds=30),
         description="On SIGTERM, how long sessions get to finish the packets in flight.",
     )
+    takeover_within: Duration = Field(
+        timedelta(seconds=120),
+        description="`serve gateway --take-over`: how long the new workers get to be ready "
+        "before the take-over is abandoned (the new instance exits 1, the running one serves "
+        "on).",
+    )
     handshake_timeout: Duration = Field(timedelta(seconds=10), description="TLS handshake limit.")
     tls_resumption: bool = Field(
         True,
@@ -231,7 +237,8 @@ class Settings(BaseSettings):
     )
     spool_dir: Path = Field(
         default_factory=lambda: state_directory() / "spool",
-        description="Local event spool directory (worker i uses its w<i>); its chain id is "
+        description="Local event spool directory (worker slot s uses its w<s>; each "
+        "supervisor holds its slots by supervisor.<first slot>.pid there); its chain id is "
         "made with it.",
     )
     checkpoint_dir: Path = Field(

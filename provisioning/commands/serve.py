@@ -53,6 +53,14 @@ def gateway(
             "(env DEVICEGATE_WORKERS). 1 runs in this process.",
         ),
     ] = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="Replace the gateway running on this state directory without a gap: "
+            "listen beside it (SO_REUSEPORT), and once every worker is ready, SIGTERM it.",
+        ),
+    ] = False,
 ) -> None:
     """Run the mutual-TLS MQTT gateway until SIGTERM (needs no CA key).
 
@@ -62,6 +70,9 @@ def gateway(
     State (the event spool and the signed audit checkpoints) goes to the state directory:
     $STATE_DIRECTORY under systemd, else /var/lib/devicegate (DEVICEGATE_SPOOL_DIR and
     DEVICEGATE_CHECKPOINT_DIR override it). The audit key is pki-dir/audit.key.
+
+    A second gateway on the same address or state directory is refused, unless started
+    with --take-over (docs/operations.md, "Restarting without a gap").
     """
     # Imported here: the control plane does not load the data plane unless asked to.
     from gateway.serve import raise_fd_limit, serve
@@ -72,11 +83,11 @@ def gateway(
     )
     options.listen = settings.gateway_listen  # named if the port is taken
     count = settings.workers or os.cpu_count() or 1
-    if count == 1:
+    if count == 1 and not take_over:  # a take-over needs the supervisor
         raise_fd_limit()
         run(serve(settings))
         return
     from gateway.workers import supervise
 
     # A port in use, the TLS files or the policy file: one line (commands.failures).
-    raise typer.Exit(supervise(settings, workers=count))
+    raise typer.Exit(supervise(settings, workers=count, take_over=take_over))

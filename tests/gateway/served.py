@@ -41,14 +41,19 @@ def serve_gateway(
     workers: int = 2,
     name: str = "served",
     env: dict[str, str] | None = None,
+    like: Served | None = None,
+    take_over: bool = False,
 ) -> Iterator[Served]:
     """Run the gateway on a free loopback port until exit (then SIGKILL what is left).
 
     Fleet ``bench`` allows client ids ``{device_id}`` and ``{device_id}-*``; every other
     fleet has the default policy. Events go to ``database_url`` under a fresh instance id.
+    ``like``: that gateway's port and instance id (with the same ``directory``: its
+    restart). ``take_over``: start with ``--take-over`` beside ``like``, and return once
+    every new worker runs (the old one is told to stop when they are ready).
     """
-    port = free_port()
-    instance = f"{name}-{os.getpid()}-{port}"
+    port = like.port if like is not None else free_port()
+    instance = like.instance if like is not None else f"{name}-{os.getpid()}-{port}"
     policy = directory / "policy.toml"
     policy.write_text('[fleets.bench]\nclient_ids = ["{device_id}", "{device_id}-*"]\n')
     env = {
@@ -63,22 +68,27 @@ def serve_gateway(
         "DEVICEGATE_LOG_FORMAT": "text",
         **(env or {}),
     }
-    log = directory / "gateway.log"
+    log = directory / ("gateway.log" if like is None else f"{name}.log")
     command = [
         DEVICEGATE, "serve", "gateway", "--workers", str(workers),
         "--listen", f"127.0.0.1:{port}", "--upstream", f"mqtt://127.0.0.1:{upstream_port}",
     ]  # fmt: skip
+    if take_over:
+        command.append("--take-over")
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, env=env, stderr=stderr)
     served = Served(process, port, instance, log)
     try:
         try:
-            wait_for_port(port, timeout=20)
+            if not take_over:
+                wait_for_port(port, timeout=20)
             deadline = time.monotonic() + 20
             # One worker runs in the serve process itself: there are no children to wait for.
             while workers > 1 and len(served.workers()) < workers and time.monotonic() < deadline:
                 time.sleep(0.05)
-        except TimeoutError:
+            if len(served.workers()) < workers and workers > 1:
+                raise TimeoutError
+        except (TimeoutError, FileNotFoundError):
             raise AssertionError(log.read_text()) from None
         yield served
     finally:

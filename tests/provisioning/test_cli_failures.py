@@ -129,6 +129,13 @@ def test_port_in_use(
     # Global options after the subcommand, as an operator types them.
     args = [*command, "--listen", f"127.0.0.1:{held_port}", "--metrics-listen", "off"]
     line = one_line(devicegate(*args, env=env))
+    if "2" in command:  # the supervisor's probe bind: it names the take-over too
+        assert line == (
+            f"error: cannot listen on 127.0.0.1:{held_port}: another process listens there "
+            "(a running gateway? replace it without a gap with `devicegate serve gateway "
+            "--take-over`, or choose another --listen)"
+        )
+        return
     assert line == (
         f"error: cannot listen on 127.0.0.1:{held_port}: the address is already in use by "
         "another process (stop it, or choose another address with --listen)"
