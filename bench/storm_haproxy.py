@@ -4,8 +4,8 @@ Two gateway instances, A and B (``serve gateway --workers 2`` each: distinct ins
 the same database, the same ticket key file so a ticket from one resumes on the other, each
 its own spool and checkpoint directories and ports), behind one HAProxy in TCP mode as
 deploy/haproxy/haproxy.cfg runs it: ``leastconn``, PROXY v2 to the gateways, TCP health
-checks (every 200 ms, down after 2 failures, up after 2 successes, sessions of a server
-marked down shut), ``retries`` with ``redispatch`` so a connection refused by a draining
+checks (every 1 s, down after 3 failures, up after 2 successes; a server marked down keeps
+its sessions: see docs/deployment.md), ``retries`` with ``redispatch`` so a connection refused by a draining
 instance goes to the other. One upstream Mosquitto behind both.
 
 The N devices connect through HAProxy's frontend. ``--uncut`` more sessions (100 by
@@ -66,7 +66,7 @@ UNCUT_SOURCE = "127.0.1.{}"  # the uncut sessions' loopback sources, apart from 
 
 
 def haproxy_config(front: int, uncut_front: int, a: int, b: int, stats: Path, maxconn: int) -> str:
-    checks = "send-proxy-v2 check check-send-proxy inter 200ms fall 2 rise 2"
+    checks = "send-proxy-v2 check check-send-proxy inter 1s fall 3 rise 2"
     return f"""
 global
     maxconn {maxconn}
@@ -75,7 +75,7 @@ defaults
     mode tcp
     maxconn {maxconn}
     timeout connect 2s
-    timeout check 1s
+    timeout check 2s
     timeout client 1h
     timeout server 1h
     timeout client-fin 30s
@@ -90,11 +90,11 @@ frontend fe_uncut
     default_backend be_b
 backend be_gateways
     balance leastconn
-    default-server {checks} on-marked-down shutdown-sessions
+    default-server {checks}
     server A 127.0.0.1:{a}
     server B 127.0.0.1:{b}
 backend be_b
-    server B 127.0.0.1:{b} send-proxy-v2 track be_gateways/B on-marked-down shutdown-sessions
+    server B 127.0.0.1:{b} send-proxy-v2 track be_gateways/B
 """
 
 
