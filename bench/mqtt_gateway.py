@@ -857,6 +857,9 @@ def gateway(
         "DEVICEGATE_INSTANCE_ID": f"bench-{name}",
         "DEVICEGATE_POLICY_FILE": str(policy),
         "DEVICEGATE_MAX_CONNECTIONS": "100000",
+        # The handshake load reconnects a few identities thousands of times a second: the
+        # per-device connect budget (20 a minute) would refuse them, a fleet never would.
+        "DEVICEGATE_DEVICE_CONNECTS_PER_MINUTE": "0",
         "DEVICEGATE_DRAIN_TIMEOUT": "5s",
         "DEVICEGATE_LOG_FORMAT": "text",
         # Any free port per worker (the default 9464 may be taken by a real deployment).

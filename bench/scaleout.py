@@ -94,6 +94,9 @@ def instances(
                 "DEVICEGATE_POLICY_FILE": str(policy),
                 "DEVICEGATE_METRICS_LISTEN": f"127.0.0.1:{bg.free_port()}",
                 "DEVICEGATE_MAX_CONNECTIONS": "100000",
+                # The handshake load reconnects a few identities thousands of times a second: the
+                # per-device connect budget (20 a minute) would refuse them, a fleet never would.
+                "DEVICEGATE_DEVICE_CONNECTS_PER_MINUTE": "0",
                 "DEVICEGATE_DRAIN_TIMEOUT": "3s",
                 "DEVICEGATE_LOG_FORMAT": "text",
             }
