@@ -5,8 +5,8 @@ the same database, the same ticket key file so a ticket from one resumes on the 
 its own spool and checkpoint directories and ports), behind one HAProxy in TCP mode as
 deploy/haproxy/haproxy.cfg runs it: ``leastconn``, PROXY v2 to the gateways, TCP health
 checks (every 1 s, down after 3 failures, up after 2 successes; a server marked down keeps
-its sessions: see docs/deployment.md), ``retries`` with ``redispatch`` so a connection refused by a draining
-instance goes to the other. One upstream Mosquitto behind both.
+its sessions: see docs/deployment.md), ``retries`` with ``redispatch`` so a connection
+refused by a draining instance goes to the other. One upstream Mosquitto behind both.
 
 The N devices connect through HAProxy's frontend. ``--uncut`` more sessions (100 by
 default, their own certificates) are held on B and measure MQTT round trips continuously
