@@ -20,13 +20,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.events.spool import Spool
+from gateway.events.spool import Spool, unshipped_chain
 from gateway.instances import claim_orphans, claim_slots, find_orphans, running
+from gateway.mqtt.packets import Disconnect
 from gateway.orphans import ship_orphan
 from provisioning.audit.verify import verify_chains
 from schemas.events import GENESIS_HASH
 from schemas.settings import Settings
 from tests.conftest import Pki
+from tests.faults.conftest import ThreadedProxy
+from tests.gateway.clients import RawClient
+from tests.gateway.conftest import Device, DeviceFactory, Harness
 from tests.gateway.served import serve_gateway
 from tests.helpers import free_port
 
@@ -137,6 +141,14 @@ async def test_an_orphan_that_cannot_be_shipped_stays_on_disk(
     assert [(o.slot, o.chain_id) for o in find_orphans(spool_dir)] == [(4, chain)]
 
 
+def _connect_code(port: int, device: Device, client_id: str) -> int:
+    with RawClient(port, device, device.chain) as client:
+        code = client.connect(client_id).reason_code
+        if code == 0:
+            client.send(Disconnect())
+        return code
+
+
 async def _chains(url: str, instance: str) -> dict[str, int]:
     """Every chain of ``instance`` verifies and runs 1..n without a gap: n per chain."""
     conn = await asyncpg.connect(url)
@@ -217,3 +229,109 @@ def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
         assert again.process.wait(60) == 0, again.log.read_text()
     assert "orphaned spool" not in again.log.read_text()
     assert asyncio.run(_chains(database_url, instance)) == left
+
+
+def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold_start(
+    pki: Pki,
+    database_url: str,
+    mosquitto_port: int,
+    tmp_path: Path,
+    harness: Harness,
+    make_device: DeviceFactory,
+) -> None:
+    """The documented case end to end: a take-over put the gateway on w2..w3, PostgreSQL
+    went away (a cut proxy), devices were admitted (their events only in the spool), the
+    gateway was SIGKILLed; a cold start on w0..w1 ships what w2..w3 hold."""
+    device = make_device("orphan", fleet="bench")
+    instance = f"killed-{os.getpid()}-{free_port()}"
+    env = {"DEVICEGATE_INSTANCE_ID": instance}
+    proxy = ThreadedProxy(database_url)
+    try:
+        with (
+            serve_gateway(
+                pki=pki,
+                database_url=database_url,
+                upstream_port=mosquitto_port,
+                directory=tmp_path,
+                env=env,
+                name="a",
+            ) as first,
+            serve_gateway(
+                pki=pki,
+                database_url=database_url,
+                upstream_port=mosquitto_port,
+                directory=tmp_path,
+                env={**env, "DEVICEGATE_DATABASE_URL": proxy.url},
+                name="b",
+                like=first,
+                take_over=True,
+            ) as second,
+        ):
+            assert first.process.wait(60) == 0, first.log.read_text()
+            before = [f"{device.device_id}-before-{i}" for i in range(5)]
+            assert [_connect_code(second.port, device, c) for c in before] == [0] * 5
+            proxy.cut()  # PostgreSQL is away for the w2..w3 workers from now on
+            # Admitted, or refused (server unavailable) once a worker sees its revocation
+            # state is not current: either way recorded (an admission before its CONNACK,
+            # a refusal just after: the pause lets those reach the disk too).
+            during = [f"{device.device_id}-during-{i}" for i in range(10)]
+            codes = [_connect_code(second.port, device, client_id) for client_id in during]
+            assert set(codes) <= {0, 3}, codes
+            time.sleep(0.5)
+            for pid in second.workers():
+                os.kill(pid, signal.SIGKILL)
+            second.process.kill()
+            second.process.wait()
+    finally:
+        proxy.close()
+    # The killed workers (reparented: not ours to wait for) hold their spools' locks until
+    # their last thread is gone; a spool still open is no orphan.
+    spool_dir = tmp_path / "spool"
+    left = {slot for slot in range(4) if unshipped_chain(spool_dir / f"w{slot}")}
+    assert left and left <= {2, 3}, left  # w0..w1 drained at the take-over
+    deadline = time.monotonic() + 10
+    orphans = find_orphans(spool_dir)
+    while {o.slot for o in orphans} != left:
+        assert time.monotonic() < deadline, (left, orphans)
+        time.sleep(0.05)
+        orphans = find_orphans(spool_dir)
+    with serve_gateway(
+        pki=pki,
+        database_url=database_url,
+        upstream_port=mosquitto_port,
+        directory=tmp_path,
+        env=env,
+        name="cold",
+        like=first,
+    ) as cold:
+        claims = [spool_dir / f"supervisor.{o.slot}.pid" for o in orphans]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            cold.log.read_text().count("orphaned spool") < len(orphans)
+            or any(claim.exists() for claim in claims)
+        ):
+            time.sleep(0.1)
+        log = cold.log.read_text()
+        assert not any(claim.exists() for claim in claims), log
+        assert find_orphans(spool_dir) == [], log  # claims released: nothing left to ship
+        cold.process.send_signal(signal.SIGTERM)
+        assert cold.process.wait(60) == 0, cold.log.read_text()
+    assert log.count("orphaned spool") == len(orphans), log
+    connects = {
+        row["client_id"]: (row["chain_id"].partition("#")[0], row["outcome"])
+        for row in harness.query(
+            "SELECT client_id, chain_id, outcome FROM auth_events WHERE instance = $1"
+            " AND type = 'connect'",
+            instance,
+        )
+    }
+    # Every connection the killed gateway answered has its event, from w2 or w3.
+    answered = [(c, 0) for c in before] + list(zip(during, codes, strict=True))
+    for client_id, code in answered:
+        chain, outcome = connects[client_id]
+        assert chain in {f"{instance}/w2", f"{instance}/w3"}, (client_id, chain)
+        assert outcome == ("allowed" if code == 0 else "denied"), (client_id, code, outcome)
+    chains = asyncio.run(_chains(database_url, instance))
+    assert {chain.partition("#")[0] for chain in chains} <= {
+        f"{instance}/w{slot}" for slot in range(4)
+    }, chains
