@@ -381,7 +381,7 @@ class Supervisor:
             code = None if process is None else process.poll()
             if process is not None and code is None:
                 continue
-            if code not in (0, 1):  # 1: it logged why; anything else: it could not say
+            if process is not None and code not in (0, 1):  # 1: it logged why
                 log.error(
                     "shipping the orphaned spool of slot w%d failed (exit %s); its events "
                     "stay on disk for the next start",
@@ -400,7 +400,7 @@ class Supervisor:
             assert process.stdin is not None
             with process.stdin:
                 process.stdin.write(self._payload())
-        except OSError as exc:
+        except OSError as exc:  # (then released at the next watch)
             log.error("cannot ship the orphaned spool of slot w%d: %s", orphan.orphan.slot, exc)
             return
         orphan.process = process
