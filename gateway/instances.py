@@ -15,6 +15,18 @@ never hold it). So:
   each chain (`gateway.events.registry`) holds by construction, not by waiting;
 * choosing and claiming happen under ``spool_dir/supervisor.lock`` (blocking flock),
   so two supervisors starting at once cannot pick the same block.
+
+Orphaned slots: a worker killed (SIGKILL, OOM, a host crash) while PostgreSQL was away
+leaves fsynced, unshipped events in its slot's spool. A cold start claims w0..w(N-1), so a
+spool on any other slot (an instance that ran on wN.. after a take-over) would wait for a
+later instance to land on it. `claim_orphans` finds them (`find_orphans`): slot
+directories ``spool_dir/w<k>`` outside every live supervisor's block (this one's
+included), whose spool lock is free (no process has it open) and whose segments hold a
+record (`gateway.events.spool.unshipped_chain`). It claims each such slot with its own
+claim file ``supervisor.<k>.pid`` (count 1, held by the same supervisor), under the same
+``supervisor.lock``, so a concurrent take-over chooses around it and no two processes
+ever open one spool or write one chain; the supervisor ships it with a short-lived
+ship-only process (`gateway.orphans`) and then releases the claim.
 """
 
 from __future__ import annotations
@@ -22,17 +34,29 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import GatewayConfigError
+from gateway.events.spool import unshipped_chain
 
-__all__ = ["GatewayRunning", "Running", "SlotClaim", "claim_slots", "running"]
+__all__ = [
+    "GatewayRunning",
+    "Orphan",
+    "Running",
+    "SlotClaim",
+    "claim_orphans",
+    "claim_slots",
+    "find_orphans",
+    "running",
+]
 
 _LOCK = "supervisor.lock"
 _PREFIX = "supervisor."
 _SUFFIX = ".pid"
+_SLOT_DIR = re.compile(r"w(\d+)")
 
 
 class GatewayRunning(GatewayConfigError):
@@ -148,3 +172,76 @@ def claim_slots(spool_dir: Path, count: int, listen: str) -> tuple[SlotClaim, li
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {count} {listen}".encode())
     return SlotClaim(base, count, path, fd), live
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A slot no live supervisor holds whose spool may hold unshipped events."""
+
+    slot: int
+    spool: Path
+    chain_id: str
+
+
+def _spool_busy(spool: Path) -> bool:
+    """Whether a process has the spool open (it holds ``lock``, e.g. a worker of a dead
+    supervisor still draining): that process ships it, not us."""
+    try:
+        fd = os.open(spool / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and with it the probe's lock)
+    return False
+
+
+def _orphans(spool_dir: Path, live: list[Running]) -> list[Orphan]:
+    taken = {slot for other in live for slot in other.slots}
+    found = []
+    for path in spool_dir.iterdir():
+        match = _SLOT_DIR.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        slot = int(match[1])
+        if slot in taken or _spool_busy(path):
+            continue
+        chain = unshipped_chain(path)
+        if chain is not None:
+            found.append(Orphan(slot, path, chain))
+    return sorted(found, key=lambda orphan: orphan.slot)
+
+
+def find_orphans(spool_dir: Path) -> list[Orphan]:
+    """The orphaned slots on ``spool_dir`` (see the module doc), lowest first."""
+    if not spool_dir.is_dir():
+        return []
+    with _choosing(spool_dir):
+        return _orphans(spool_dir, _running(spool_dir))
+
+
+def claim_orphans(spool_dir: Path, listen: str) -> list[tuple[Orphan, SlotClaim]]:
+    """Find the orphaned slots and claim each for this process (one slot per claim).
+
+    Call it holding this supervisor's own claim (`claim_slots`): its block is live, so it
+    is never an orphan. A slot whose claim file is locked meanwhile is skipped.
+    """
+    if not spool_dir.is_dir():
+        return []
+    claimed = []
+    with _choosing(spool_dir):
+        for orphan in _orphans(spool_dir, _running(spool_dir)):
+            path = spool_dir / f"{_PREFIX}{orphan.slot}{_SUFFIX}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} 1 {listen}".encode())
+            claimed.append((orphan, SlotClaim(orphan.slot, 1, path, fd)))
+    return claimed

@@ -24,7 +24,8 @@ sockets the supervisor hands it (`gateway.failure_channel`, ``--failure-inbox FD
 Also runnable as ``python -m gateway.serve`` (settings from the environment), which the
 supervisor uses for its workers: ``--worker-index I --settings-stdin`` reads the settings
 as one JSON line on stdin and keeps stdin open; its end (the supervisor died) stops the
-worker.
+worker. ``--worker-index K --ship-only`` serves nothing: it ships slot K's orphaned spool
+and exits (`gateway.orphans`).
 """
 
 from __future__ import annotations
@@ -361,6 +362,7 @@ def _cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--listen-when-ready", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ship-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.settings_stdin:
         settings = Settings(**json.loads(sys.stdin.buffer.readline()))
@@ -369,6 +371,10 @@ def _cli(argv: list[str] | None = None) -> int:
     configure_logging(
         settings.log_format, settings.log_level.upper(), fields={"worker": args.worker_index or 0}
     )
+    if args.ship_only and args.worker_index is not None:
+        from gateway.orphans import ship_orphan
+
+        return 0 if uvloop.run(ship_orphan(settings, args.worker_index)) else 1
     if args.worker_index is not None:
         raise_fd_limit()
         uvloop.run(

@@ -37,6 +37,12 @@ Invariants:
   worker reports listening and ready on its ready pipe, the old supervisors get SIGTERM
   and drain as for any stop. Not ready within ``takeover_within``:
   the take-over is abandoned (the new instance stops, exits 1), the old one serves on.
+* Orphaned slots (`gateway.instances.claim_orphans`, `gateway.orphans`): right after its
+  own block, the supervisor claims every slot outside the live blocks whose spool a dead
+  gateway left with events in it; once its workers are all ready (or `ORPHANS_AFTER`
+  seconds after start) it runs one ship-only process per such slot, and releases the
+  slot's claim when that process exits. They never delay the workers; a stop sends them
+  SIGTERM too (what they have not shipped stays in the spool).
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ from gateway import tls
 from gateway.config import config_from_settings
 from gateway.events import codec as event_codec
 from gateway.failure_channel import Mesh
-from gateway.instances import GatewayRunning, Running, SlotClaim, claim_slots
+from gateway.instances import GatewayRunning, Orphan, Running, SlotClaim, claim_orphans, claim_slots
+from gateway.orphans import ORPHANS_AFTER
 from gateway.policy import load_policy
 from gateway.serve import raise_fd_limit
 from schemas.logs import configure_logging
@@ -96,6 +103,15 @@ class _Worker:
     exit_codes: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Orphan:
+    """An orphaned slot this supervisor claimed, and its ship-only process once started."""
+
+    orphan: Orphan
+    claim: SlotClaim
+    process: subprocess.Popen[bytes] | None = None
+
+
 class Supervisor:
     """Starts, watches, restarts and stops the worker processes.
 
@@ -123,6 +139,8 @@ class Supervisor:
         self.take_over = take_over
         self.replacing: list[Running] = []  # the supervisors a take-over stops
         self._claim: SlotClaim | None = None
+        self.orphans: list[_Orphan] = []  # claimed, not yet shipped (or given up)
+        self._orphans_started = False
         self._stopping = False
         self._hangup = False
         self._reserved: socket.socket | None = None
@@ -140,6 +158,8 @@ class Supervisor:
         finally:
             if self._claim is not None:
                 self._claim.release()
+            for orphan in self.orphans:
+                orphan.claim.release()
 
     def _run(self) -> int:
         if not any(old.listen == self.settings.gateway_listen for old in self.replacing):
@@ -168,6 +188,7 @@ class Supervisor:
                     self._hangup = False
                     self._forward(signal.SIGHUP)
                 self._watch()
+                self._watch_orphans(begun)
                 if self.replacing:
                     if self._all_ready():
                         self._replace()
@@ -214,18 +235,26 @@ class Supervisor:
         if live and not self.take_over:
             claim.release()
             self._claim = None
-            pids = ", ".join(str(r.pid) for r in live)
+            pids = ", ".join(sorted({str(r.pid) for r in live}))
             raise GatewayRunning(
                 f"a gateway already runs on the state directory {self.settings.spool_dir} "
                 f"(supervisor pid {pids}): stop it, or replace it without a gap with "
                 "`devicegate serve gateway --take-over`"
             )
-        self.replacing = live
+        # One supervisor may hold several claims (orphaned slots it ships): one each.
+        self.replacing = list({old.pid: old for old in live}.values())
         self.workers = [_Worker(i, claim.base + i) for i in range(self.count)]
+        try:
+            claimed = claim_orphans(self.settings.spool_dir, self.settings.gateway_listen)
+        except OSError as exc:  # never worth refusing to start for
+            log.error("orphaned spools not looked for: %s", exc)
+            claimed = []
+        self.orphans = [_Orphan(orphan, slot_claim) for orphan, slot_claim in claimed]
         if live:
             log.info(
                 "taking over from the gateway with pid %s: workers on slots w%d..w%d",
-                ", ".join(str(r.pid) for r in live), claim.base, claim.base + self.count - 1,
+                ", ".join(str(r.pid) for r in self.replacing), claim.base,
+                claim.base + self.count - 1,
             )  # fmt: skip
 
     def _probe_address(self) -> None:
@@ -336,6 +365,59 @@ class Supervisor:
         worker.restart_at = None
         log.info("worker %d started (pid %d)", worker.slot, process.pid)
 
+    def _watch_orphans(self, begun: float) -> None:
+        """Start the ship-only processes once the workers are ready (or `ORPHANS_AFTER`),
+        and release each slot's claim when its process has exited."""
+        if not self.orphans:
+            return
+        if not self._orphans_started:
+            if not (self._all_ready() or time.monotonic() - begun > ORPHANS_AFTER):
+                return
+            self._orphans_started = True
+            for orphan in self.orphans:
+                self._ship(orphan)
+        for orphan in list(self.orphans):
+            process = orphan.process
+            code = None if process is None else process.poll()
+            if process is not None and code is None:
+                continue
+            if process is not None and code not in (0, 1):  # 1: it logged why
+                log.error(
+                    "shipping the orphaned spool of slot w%d failed (exit %s); its events "
+                    "stay on disk for the next start",
+                    orphan.orphan.slot, code,
+                )  # fmt: skip
+            orphan.claim.release()
+            self.orphans.remove(orphan)
+
+    def _ship(self, orphan: _Orphan) -> None:
+        command = [
+            self.python, "-m", "gateway.serve",
+            "--worker-index", str(orphan.orphan.slot), "--ship-only", "--settings-stdin",
+        ]  # fmt: skip
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, preexec_fn=_quiet)
+            assert process.stdin is not None
+            with process.stdin:
+                process.stdin.write(self._payload())
+        except OSError as exc:  # (then released at the next watch)
+            log.error("cannot ship the orphaned spool of slot w%d: %s", orphan.orphan.slot, exc)
+            return
+        orphan.process = process
+
+    def _stop_orphans(self, deadline: float) -> None:
+        """At stop (after SIGTERM, sent with the workers'): wait for the ship-only
+        processes until ``deadline``, then kill; release every orphan claim."""
+        for orphan in self.orphans:
+            if orphan.process is not None:
+                try:
+                    _wait(orphan.process, max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    orphan.process.kill()
+                    orphan.process.wait()
+            orphan.claim.release()
+        self.orphans = []
+
     def _watch(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
@@ -381,6 +463,9 @@ class Supervisor:
         log.info("stopping %d workers", len(self.workers))
         self._forward(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.drain_timeout.total_seconds() + SHIP_GRACE
+        for orphan in self.orphans:
+            if orphan.process is not None and orphan.process.poll() is None:
+                orphan.process.terminate()
         status = 0
         for worker in self.workers:
             process = worker.process
@@ -395,6 +480,7 @@ class Supervisor:
             self._reap(worker, code)
             if code != 0:
                 status = 1
+        self._stop_orphans(deadline)
         log.info("all workers stopped (status %d)", status)
         return status
 
@@ -411,6 +497,13 @@ def _wait(process: subprocess.Popen[bytes], timeout: float) -> int:
     finally:
         os.close(pidfd)
     return process.wait(0.5)  # raises TimeoutExpired if it has not exited after all
+
+
+def _quiet() -> None:
+    # A ship-only process: a Ctrl-C to the terminal's process group is the supervisor's
+    # to handle (it sends SIGTERM); SIGTERM keeps its default until the loop takes it.
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _ignore_signals() -> None:

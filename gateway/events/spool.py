@@ -174,6 +174,32 @@ def read_segment(data: bytes) -> tuple[dict[str, object], list[bytes], int]:
     return header, payloads, offset
 
 
+def unshipped_chain(directory: Path) -> str | None:
+    """The chain id of a spool that may hold events not yet shipped, or None.
+
+    Cheap (a header and one frame per segment, nothing verified): a spool whose segments
+    hold no record (a clean shutdown leaves one empty segment naming the head) returns
+    None. The spool keeps no shipped mark on disk, so records may be shipped already;
+    replaying them is idempotent (the sink's staging table).
+    """
+    prefix = len(MAGIC) + _HEADER_LEN.size
+    chain: str | None = None
+    for path in sorted(directory.glob("*.seg")):
+        try:
+            with open(path, "rb") as handle:
+                start = handle.read(prefix)
+                if len(start) < prefix or not start.startswith(MAGIC):
+                    continue  # a spare (zeros) or a header never made durable
+                (header_len,) = _HEADER_LEN.unpack_from(start, len(MAGIC))
+                header = json.loads(handle.read(header_len))
+                first = handle.read(FRAME.size)
+        except (OSError, ValueError):
+            continue
+        if isinstance(header, dict) and len(first) == FRAME.size and FRAME.unpack(first)[0]:
+            chain = str(header.get("chain_id"))
+    return chain
+
+
 class Spool:
     """Segment files of one chain in one directory.
 
