@@ -10,6 +10,7 @@ gets two writers (both instances' chains verify).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -79,6 +80,23 @@ def test_a_second_gateway_is_refused_with_one_line(
         assert len(served.workers()) == 2
 
 
+def _wait_spools_free(spool_dir: Path, slots: int) -> None:
+    """Wait (bounded) until no process holds the spool lock of slots 0..slots-1."""
+    deadline = time.monotonic() + 10
+    for slot in range(slots):
+        lock = spool_dir / f"w{slot}" / "lock"
+        while lock.exists():
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{lock} still held"
+                time.sleep(0.02)
+            finally:
+                os.close(fd)
+
+
 def test_a_stale_claim_does_not_block(
     pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path, make_device: DeviceFactory
 ) -> None:
@@ -96,6 +114,9 @@ def test_a_stale_claim_does_not_block(
         served.process.kill()
         served.process.wait()
     assert claim.exists()  # left behind by the dead supervisor
+    # A killed worker holds its spool's lock until its last thread is gone, a few ms after
+    # it is reaped: a start in that window would see the spool taken (its worker retries).
+    _wait_spools_free(tmp_path / "spool", 2)
     device = make_device("stale", fleet="bench")
     with serve_gateway(
         pki=pki,
