@@ -161,17 +161,24 @@ def claim_slots(spool_dir: Path, count: int, listen: str) -> tuple[SlotClaim, li
         while any(slot in taken for slot in range(base, base + count)):
             base += 1
         path = spool_dir / f"{_PREFIX}{base}{_SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise GatewayRunning(
-                f"{path} is locked by a process that is not a supervisor"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {count} {listen}".encode())
+        fd = _hold(path, count, listen)
+        if fd is None:
+            raise GatewayRunning(f"{path} is locked by a process that is not a supervisor")
     return SlotClaim(base, count, path, fd), live
+
+
+def _hold(path: Path, count: int, listen: str) -> int | None:
+    """Lock the claim file ``path`` and write this process into it; its descriptor (None:
+    another process holds it). Called under `_choosing`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {count} {listen}".encode())
+    return fd
 
 
 @dataclass(frozen=True)
@@ -235,13 +242,7 @@ def claim_orphans(spool_dir: Path, listen: str) -> list[tuple[Orphan, SlotClaim]
     with _choosing(spool_dir):
         for orphan in _orphans(spool_dir, _running(spool_dir)):
             path = spool_dir / f"{_PREFIX}{orphan.slot}{_SUFFIX}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} 1 {listen}".encode())
-            claimed.append((orphan, SlotClaim(orphan.slot, 1, path, fd)))
+            fd = _hold(path, 1, listen)
+            if fd is not None:
+                claimed.append((orphan, SlotClaim(orphan.slot, 1, path, fd)))
     return claimed
