@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
+
+from provisioning.audit.verify import verify_chains
 from tests.conftest import Pki
 from tests.helpers import free_port, wait_for_port
 
@@ -97,3 +100,24 @@ def serve_gateway(
                 os.kill(pid, signal.SIGKILL)
             process.kill()
             process.wait()
+
+
+async def verified_chains(url: str, instance: str) -> dict[str, int]:
+    """Every chain of ``instance`` verifies and holds seqs 1..n, each once: n per chain id."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT chain_id, count(*) AS n, count(DISTINCT seq) AS seqs, min(seq) AS lo,"
+            " max(seq) AS hi FROM auth_events WHERE instance = $1 GROUP BY chain_id",
+            instance,
+        )
+        counts = {}
+        for row in rows:
+            report = await verify_chains(conn, chain_id=row["chain_id"])
+            assert report.ok, report.findings
+            assert report.events == row["n"] == row["seqs"]
+            assert (row["lo"], row["hi"]) == (1, row["n"])
+            counts[row["chain_id"]] = row["n"]
+        return counts
+    finally:
+        await conn.close()

@@ -17,21 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from gateway.events.spool import Spool, unshipped_chain
 from gateway.instances import claim_orphans, claim_slots, find_orphans, running
 from gateway.mqtt.packets import Disconnect
 from gateway.orphans import ship_orphan
-from provisioning.audit.verify import verify_chains
 from schemas.events import GENESIS_HASH
 from schemas.settings import Settings
 from tests.conftest import Pki
 from tests.faults.conftest import ThreadedProxy
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness
-from tests.gateway.served import serve_gateway
+from tests.gateway.served import serve_gateway, verified_chains
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,27 +147,6 @@ def _connect_code(port: int, device: Device, client_id: str) -> int:
         return code
 
 
-async def _chains(url: str, instance: str) -> dict[str, int]:
-    """Every chain of ``instance`` verifies and runs 1..n without a gap: n per chain."""
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT chain_id, count(*) AS n, count(DISTINCT seq) AS seqs, min(seq) AS lo,"
-            " max(seq) AS hi FROM auth_events WHERE instance = $1 GROUP BY chain_id",
-            instance,
-        )
-        counts = {}
-        for row in rows:
-            report = await verify_chains(conn, chain_id=row["chain_id"])
-            assert report.ok, report.findings
-            assert report.events == row["n"] == row["seqs"]
-            assert (row["lo"], row["hi"]) == (1, row["n"])
-            counts[row["chain_id"]] = row["n"]
-        return counts
-    finally:
-        await conn.close()
-
-
 def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
     pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path
 ) -> None:
@@ -209,7 +186,7 @@ def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
         assert not any((spool_dir / f"supervisor.{slot}.pid").exists() for slot in (2, 3, 5))
         assert (spool_dir / "supervisor.0.pid").exists()  # its own block, still held
         assert find_orphans(spool_dir) == []
-        assert asyncio.run(_chains(database_url, instance)) == left
+        assert asyncio.run(verified_chains(database_url, instance)) == left
         served.process.send_signal(signal.SIGTERM)
         assert served.process.wait(60) == 0, served.log.read_text()
     assert "Traceback" not in log and "ChainTaken" not in log, log
@@ -228,7 +205,7 @@ def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(60) == 0, again.log.read_text()
     assert "orphaned spool" not in again.log.read_text()
-    assert asyncio.run(_chains(database_url, instance)) == left
+    assert asyncio.run(verified_chains(database_url, instance)) == left
 
 
 def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold_start(
@@ -331,7 +308,7 @@ def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold
         chain, outcome = connects[client_id]
         assert chain in {f"{instance}/w2", f"{instance}/w3"}, (client_id, chain)
         assert outcome == ("allowed" if code == 0 else "denied"), (client_id, code, outcome)
-    chains = asyncio.run(_chains(database_url, instance))
+    chains = asyncio.run(verified_chains(database_url, instance))
     assert {chain.partition("#")[0] for chain in chains} <= {
         f"{instance}/w{slot}" for slot in range(4)
     }, chains

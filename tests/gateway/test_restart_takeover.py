@@ -19,14 +19,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import asyncpg
-
 from gateway.mqtt.packets import Disconnect
-from provisioning.audit.verify import verify_chains
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness
-from tests.gateway.served import DEVICEGATE, Served, serve_gateway
+from tests.gateway.served import DEVICEGATE, Served, serve_gateway, verified_chains
 from tests.helpers import free_port
 
 HELD = 24  # devices holding a session through the take-over
@@ -197,27 +194,6 @@ class Prober(threading.Thread):
             time.sleep(max(0.0, 0.015 - (time.monotonic() - begun)))
 
 
-async def _verify(url: str, instance: str) -> dict[str, int]:
-    """Every chain of ``instance`` verifies, without a gap: events per chain name."""
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT chain_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi FROM auth_events"
-            " WHERE instance = $1 GROUP BY chain_id",
-            instance,
-        )
-        counts: Counter[str] = Counter()
-        for row in rows:
-            report = await verify_chains(conn, chain_id=row["chain_id"])
-            assert report.ok, report.findings
-            assert report.events == row["n"]
-            assert (row["lo"], row["hi"]) == (1, row["n"])
-            counts[row["chain_id"].partition("#")[0]] += row["n"]
-        return dict(counts)
-    finally:
-        await conn.close()
-
-
 def _connects(harness: Harness, instance: str) -> dict[str, list[str]]:
     """Allowed connect events per client id: the writing chains' names, in time order."""
     rows = harness.query(
@@ -316,8 +292,8 @@ def test_take_over_without_a_gap(
     probes = sum(1 for client_id in connects if client_id.startswith(probe_device.device_id))
     assert probes >= prober.outcomes["ok"]
     # Both instances' chains verify: four writers, one each, no gap.
-    counts = asyncio.run(_verify(database_url, instance))
-    assert set(counts) == old_chains | new_chains, counts
+    counts = asyncio.run(verified_chains(database_url, instance))
+    assert {chain.partition("#")[0] for chain in counts} == old_chains | new_chains, counts
 
 
 def test_a_take_over_that_never_gets_ready_is_abandoned(
