@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
+from gateway.tls import present_own_chain
 from provisioning.agent.layout import CERT_FILE as CERT_FILE  # re-exported: the layout
 from provisioning.agent.layout import CHAIN_FILE as CHAIN_FILE
 from provisioning.agent.layout import KEY_FILE as KEY_FILE
@@ -123,6 +124,7 @@ def client_ssl_context(
     if directory is not None:
         recover(directory)
         context.load_cert_chain(directory / CERT_FILE, directory / KEY_FILE)
+        present_own_chain(context)  # not chain.pem's CAs: the server has them
     return context
 
 
@@ -287,6 +289,7 @@ def idevid_ssl_context(
         use_pkcs11_key(context, cert, key)
     else:
         context.load_cert_chain(cert, key)
+    present_own_chain(context)  # the manufacturer's chain only if the file holds it
     return context
 
 

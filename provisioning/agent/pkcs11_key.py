@@ -29,6 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
+from gateway.tls import present_own_chain
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
@@ -326,4 +327,5 @@ def pkcs11_client_context(
     context = ssl.create_default_context(cafile=os.fspath(ca_cert) if ca_cert else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     use_pkcs11_key(context, cert_path, key_uri, module_path, pin_file, engine_path=engine_path)
+    present_own_chain(context)
     return context

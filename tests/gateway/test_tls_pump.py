@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.tls import TlsFailure, TlsPump, server_context
 from provisioning.pki.ca import CertificateAuthority
@@ -154,3 +156,50 @@ def test_release_buffers_takes_only_a_tls_connection() -> None:
     _tlsext = pytest.importorskip("gateway._tlsext")
     with pytest.raises(TypeError):
         _tlsext.release_buffers(object())
+
+
+def device_flight(context: ssl.SSLContext, pki: Pki) -> tuple[int, bytes | None]:
+    """(bytes of the device's second flight: Certificate .. Finished, the certificate the
+    gateway verified) of one TLS 1.3 handshake through the pump."""
+    pump = TlsPump(server_context(pki.chain, pki.server_cert, pki.server_key))
+    client = MemoryClient(context)
+    pump.feed(client.step())  # ClientHello
+    client.incoming.write(pump.take_outgoing())
+    flight = client.step()
+    pump.feed(flight)
+    assert pump.handshake_complete and client.done
+    return len(flight), pump.peer_certificate()
+
+
+def test_a_device_sends_its_certificate_not_the_trust_stores_chain(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The agent's context presents what device.crt holds: OpenSSL would otherwise complete
+    the chain from chain.pem (issuing CA and root), which the gateway already trusts."""
+    pytest.importorskip("gateway._tlsext")
+    from provisioning.agent import device
+
+    cert, key, issued = issue(pki.ca, tmp_path, "dev-chain", "plant")
+    directory = tmp_path / "device"
+    directory.mkdir()
+    (directory / device.CERT_FILE).write_bytes(cert.read_bytes())
+    (directory / device.KEY_FILE).write_bytes(key.read_bytes())
+    (directory / device.CHAIN_FILE).write_bytes(pki.chain.read_bytes())
+
+    default = ssl.create_default_context(cafile=str(pki.chain))  # what a device did before
+    default.load_cert_chain(str(cert), str(key))
+    before, verified_before = device_flight(default, pki)
+    after, verified_after = device_flight(device.gateway_ssl_context(directory), pki)
+
+    leaf = issued.public_bytes(serialization.Encoding.DER)
+    assert verified_before == verified_after == leaf  # the same identity, still verified
+    ca_ders = [
+        c.public_bytes(serialization.Encoding.DER)
+        for c in x509.load_pem_x509_certificates(pki.chain.read_bytes())
+    ]
+    assert len(ca_ders) == 2  # root and issuing CA
+    # Each CA certificate sent costs its DER plus a 2-byte extensions field and a 3-byte
+    # length; ECDSA signatures vary by a few bytes between the two handshakes.
+    saved = before - after
+    assert abs(saved - sum(len(der) + 5 for der in ca_ders)) <= 4, (before, after)
+    assert after < len(leaf) + 400  # the leaf, CertificateVerify, Finished, framing
