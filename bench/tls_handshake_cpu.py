@@ -8,10 +8,21 @@ project's CA) and the gateway's `gateway.tls.TlsPump` on the gateway's own
 * **full, 1 ticket**: what a device without a ticket costs (the gateway's setting with
   resumption on: `gateway.tickets.TicketKeys` sets ``num_tickets = 1``);
 * **full, no ticket**: the same with resumption off (``num_tickets = 0``): the ticket's price;
+* **full, device sends its chain**: a device whose context also sends the CAs of its trust
+  store (OpenSSL's default; devicegate's own device contexts did so before
+  `gateway.tls.present_own_chain`): what two more certificates to parse cost;
 * **resumed**: a TLS 1.3 resumption from the ticket of the previous connection (PSK with
   ECDHE). The server sends no new ticket on a resumed handshake (its flight after the
   client's Finished is empty: printed), so the device keeps resuming with the ticket of its
   last full handshake until the ticket's lifetime or its certificate ends.
+
+Then the same in C (`bench/loadgen/tls_floor.c`, compiled here when a C compiler is
+present): OpenSSL alone, configured like the gateway's context, with no server around it.
+Its full / resumed ratio is the most any server on this OpenSSL can save by resuming,
+before it does anything else per connection (accept, MQTT, close). It also prints the
+TLS state one held connection keeps (heap after the handshake, record buffers freed),
+with a device that sends only its certificate and with one that sends its chain (what
+Python's default client context does when its CA file holds the device's CAs).
 
 Why: the gateway's CPU per reconnect is this TLS part plus everything the gateway does per
 connection besides (`bench/resumption.py` measures the sum on a served gateway). The
@@ -25,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +52,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.tickets import TicketKeys
-from gateway.tls import TlsPump, server_context
+from gateway.tls import TlsPump, present_own_chain, server_context
 from provisioning.pki.ca import DeviceIdentity, SignOptions
 from provisioning.pki.directory import init_pki, load_ca
 
 PASSPHRASE = b"bench-passphrase-not-secret"
+FLOOR_SOURCE = Path(__file__).resolve().parent / "loadgen" / "tls_floor.c"
 
 
 def _pki(work: Path) -> tuple[Path, Path, Path]:
@@ -67,6 +81,18 @@ def _pki(work: Path) -> tuple[Path, Path, Path]:
         )
     )
     return pki, cert_path, key_path
+
+
+def device_context(pki: Path, cert: Path, key: Path, *, own_chain: bool) -> ssl.SSLContext:
+    """A device's context: with ``own_chain`` a devicegate device's (`present_own_chain`:
+    its certificate only), else OpenSSL's default (also the CAs of its trust store)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(str(pki / "chain.pem"))
+    context.check_hostname = False
+    context.load_cert_chain(str(cert), str(key))
+    if own_chain and not present_own_chain(context):
+        raise SystemExit("the TLS accelerator (gateway/_tlsext.c) is not built")
+    return context
 
 
 def handshake(
@@ -96,6 +122,36 @@ def handshake(
     return spent, device.session, pump.resumed(), flights
 
 
+def openssl_floor(work: Path, pki: Path, cert: Path, key: Path, n: int, rounds: int) -> None:
+    """Print OpenSSL's own server CPU and held state (`bench/loadgen/tls_floor.c`)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("no C compiler: OpenSSL's floor not measured")
+        return
+    binary = work / "tls_floor"
+    subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(FLOOR_SOURCE), "-lssl", "-lcrypto"], check=True
+    )
+    chained = work / "device-chain.pem"
+    chained.write_bytes(cert.read_bytes() + (pki / "chain.pem").read_bytes())
+    server = [str(pki / "chain.pem"), str(pki / "server.crt"), str(pki / "server.key")]
+
+    def run(device: Path, *counts: int) -> list[str]:
+        args = [str(binary), *server, str(device), str(key), *map(str, counts)]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout.split()
+
+    full, resumed, held_leaf, resumed_count = run(cert, n, rounds, 1000)
+    held_chain = run(chained, 0, 0, 1000)[2]
+    if int(resumed_count) != n * rounds:
+        raise SystemExit(f"OpenSSL alone: only {resumed_count}/{n * rounds} handshakes resumed")
+    print(f"| OpenSSL alone (C): full, 1 ticket | {float(full):.3f} ms | |")
+    print(f"| OpenSSL alone (C): resumed | {float(resumed):.3f} ms | |")
+    print(f"full / resumed, OpenSSL alone: {float(full) / float(resumed):.2f}x (the bound for "
+          "any server on this OpenSSL)")  # fmt: skip
+    print(f"TLS state per held connection (OpenSSL heap): {int(held_leaf):,} B when the device "
+          f"sends its certificate, {int(held_chain):,} B when it sends its chain")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--handshakes", type=int, default=500, help="per variant and round")
@@ -105,26 +161,25 @@ def main() -> None:
         pki, cert, key = _pki(Path(tmp))
         server = server_context(pki / "chain.pem", pki / "server.crt", pki / "server.key")
         TicketKeys(server, pki / "ticket-keys", 3600)
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.load_verify_locations(str(pki / "chain.pem"))
-        client.check_hostname = False
-        client.load_cert_chain(str(cert), str(key))
+        client = device_context(pki, cert, key, own_chain=True)
+        chained = device_context(pki, cert, key, own_chain=False)
         server.num_tickets = 1
         _, ticket, _, _ = handshake(server, client, None)
         variants = (
-            ("full, 1 ticket", 1, False),
-            ("full, no ticket", 0, False),
-            ("resumed", 1, True),
+            ("full, 1 ticket", 1, False, client),
+            ("full, no ticket", 0, False, client),
+            ("full, 1 ticket, device sends its chain", 1, False, chained),
+            ("resumed", 1, True, client),
         )
-        spent: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        spent: dict[str, list[float]] = {name: [] for name, _, _, _ in variants}
         flights: dict[str, list[int]] = {}
         for _ in range(args.rounds):
-            for name, tickets, resume in variants:
+            for name, tickets, resume, device in variants:
                 server.num_tickets = tickets
                 total, resumed = 0.0, 0
                 for _ in range(args.handshakes):
                     cpu, session, was_resumed, sizes = handshake(
-                        server, client, ticket if resume else None
+                        server, device, ticket if resume else None
                     )
                     total += cpu
                     resumed += was_resumed
@@ -136,7 +191,7 @@ def main() -> None:
                 spent[name].append(total / args.handshakes)
         print("| handshake | server TLS CPU (median of rounds) | server flights (bytes) |")
         print("|---|---|---|")
-        for name, _, _ in variants:
+        for name, _, _, _ in variants:
             median = statistics.median(spent[name])
             print(f"| {name} | {1e3 * median:.3f} ms | {' + '.join(map(str, flights[name]))} |")
         full = statistics.median(spent["full, 1 ticket"])
@@ -144,6 +199,7 @@ def main() -> None:
         ticket_cpu = full - statistics.median(spent["full, no ticket"])
         print(f"full / resumed, TLS alone: {full / resumed_cpu:.2f}x; one ticket costs "
               f"{1e3 * ticket_cpu:.3f} ms of a full handshake")  # fmt: skip
+        openssl_floor(Path(tmp), pki, cert, key, args.handshakes, args.rounds)
 
 
 if __name__ == "__main__":
