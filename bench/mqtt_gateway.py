@@ -58,6 +58,7 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.tls import present_own_chain
 from provisioning.pki.ca import DeviceIdentity, SignOptions, fingerprint
 from provisioning.pki.directory import init_pki, load_ca
 from schemas.migrate import migrate
@@ -298,8 +299,10 @@ def machine_busy_seconds() -> float:
 
 
 def client_context(env: Env, device: Device) -> ssl.SSLContext:
+    """A devicegate device's context: it sends its certificate, not chain.pem's CAs."""
     context = ssl.create_default_context(cafile=env.chain)
     context.load_cert_chain(device.cert, device.key)
+    present_own_chain(context)
     return context
 
 
@@ -785,8 +788,23 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples) * 1e3, samples[int(len(samples) * 0.99) - 1] * 1e3
 
 
+def _pause(seconds: float, what: str, target: Target) -> None:
+    """``--pause-held``: time to attach heaptrack or gdb to the server (bench/README.md)."""
+    if seconds > 0:
+        print(
+            f"{target.name} {what}: pids {target.memory_pids}, pausing {seconds:.0f}s", flush=True
+        )
+        time.sleep(seconds)
+
+
 def measure_memory(
-    env: Env, target: Target, sessions: int, procs: int, extra: tuple[int, ...] = ()
+    env: Env,
+    target: Target,
+    sessions: int,
+    procs: int,
+    extra: tuple[int, ...] = (),
+    *,
+    pause: float = 0.0,
 ) -> tuple[float, int, float]:
     device = env.devices[-1]
     ctx = mp.get_context("fork")
@@ -796,6 +814,7 @@ def measure_memory(
     per = sessions // procs
     ids = [f"{device.device_id}-m{i}" for i in range(per * procs)]
     time.sleep(0.5)
+    _pause(pause, "before holding", target)
     before = rss_kb(target.memory_pids)
     before_extra = rss_kb(extra) if extra else 0
     workers = [
@@ -821,6 +840,7 @@ def measure_memory(
         held += h
         failed += f
     time.sleep(1.0)
+    _pause(pause, f"holding {held}", target)
     after = rss_kb(target.memory_pids)
     after_extra = rss_kb(extra) if extra else 0
     release.set()
@@ -1193,6 +1213,14 @@ def main() -> None:
     )
     parser.add_argument("--py-spy", default=None, help="py-spy binary: profile the workers")
     parser.add_argument(
+        "--pause-held",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="memory: pause this long before and while the sessions are held, printing the "
+        "server's pids (to attach heaptrack or gdb; see bench/README.md)",
+    )
+    parser.add_argument(
         "--only", default=",".join(FIGURES), help=f"comma-separated subset of {FIGURES}"
     )
     parser.add_argument(
@@ -1263,9 +1291,11 @@ def main() -> None:
             hcpu_m = hcpu_g = mcpu_m = mcpu_g = q0cpu_m = q0cpu_g = q1cpu_m = q1cpu_g = nan
             fail_m = fail_g = 0
             if "memory" in only:
-                mem_m, held_m, _ = measure_memory(env, direct, sessions, args.procs)
+                mem_m, held_m, _ = measure_memory(
+                    env, direct, sessions, args.procs, pause=args.pause_held
+                )
                 mem_g, held_g, mem_up = measure_memory(
-                    env, gw, sessions, args.procs, extra=(upstream_proc.pid,)
+                    env, gw, sessions, args.procs, extra=(upstream_proc.pid,), pause=args.pause_held
                 )
                 print(f"memory: held {held_m} (mosquitto) / {held_g} (gateway)", flush=True)
             # Alternating rounds (mosquitto, gateway, mosquitto, ...), median of each side:
