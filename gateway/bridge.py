@@ -87,6 +87,7 @@ class Hub(Protocol):
     directory: DeviceDirectory
     metrics: GatewayMetrics
     connects: ConnectLimiter | None
+    stopping: bool  # draining or closing: new connections are ended at once
 
     def session_policy(
         self, identity: DeviceIdentity, state: PolicyState | None = None
@@ -214,6 +215,11 @@ class DeviceConnection(asyncio.Protocol):
         )
         if self.config.proxy_protocol_from:
             self._gate = ProxyGate(trusted=_trusted(peer, self.config.proxy_protocol_from))
+        if self.hub.stopping:
+            # Accepted before the listener closed, made after the drain (or close) ended
+            # the open connections: ended as they were, before any TLS work.
+            self.kick(Reason.SERVER_SHUTTING_DOWN)
+            return
         if not self._waiting:
             self._arm_handshake_timer()
 

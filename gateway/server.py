@@ -182,6 +182,8 @@ class Gateway:
         self.max_connections = max_connections
         self.reuse_port = reuse_port  # SO_REUSEPORT: worker processes share the port
         self.connections: set[DeviceConnection] = set()
+        # Set as `drain` or `close` begins: a connection made after that is ended at once.
+        self.stopping = False
         self.sessions: SessionRegistry[DeviceConnection] = SessionRegistry()
         self.failures = (
             FailureLimiter(per_minute=failed_handshakes_per_minute)
@@ -231,6 +233,7 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop accepting, end every session (server_shutting_down), flush the events."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
         if isinstance(self.directory, LiveDirectory):
@@ -259,8 +262,12 @@ class Gateway:
 
         Each live session stops reading, gets the broker's answers to what it already
         forwarded, then DISCONNECT 0x8B (v5) or a close (see `DeviceConnection.drain`).
-        Sessions still open after ``within`` seconds are ended by `close`.
+        Sessions still open after ``within`` seconds are ended by `close`. A connection
+        the listener accepted before it closed but whose ``connection_made`` runs only
+        after this (the loop schedules it: a stop and a connect handled in one iteration)
+        is ended at once too (`stopping`), never admitted by a gateway going away.
         """
+        self.stopping = True
         if self._server is not None:
             self._server.close()
         self._idle = asyncio.Event()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as paho
 import pytest
 
 from gateway.actions import Action
+from gateway.bridge import DeviceConnection
 from gateway.connection import Session
-from gateway.mqtt import Connack, Disconnect, Pingreq, Suback, Subscribe, Subscription
+from gateway.mqtt import Connack, Connect, Disconnect, Pingreq, Suback, Subscribe, Subscription
+from gateway.server import Gateway
 from schemas.events import Reason
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import DeviceFactory, Harness
@@ -68,6 +72,41 @@ def test_shutdown_disconnects_sessions(harness: Harness, make_device: DeviceFact
         ("connect", "ok"),
         ("session_end", "server_shutting_down"),
     ]
+
+
+async def _drain_with_a_late_connection(gateway: Gateway, accepted: socket.socket) -> int:
+    """Drain while a connection is accepted whose ``connection_made`` comes after the
+    drain's first step, as the listener's accept schedules it (``call_soon``) when a
+    worker's stop and a device's connect are handled in one loop iteration; the number of
+    connections left once the drain returned."""
+    loop = asyncio.get_running_loop()
+    drain = asyncio.ensure_future(gateway.drain(within=5))  # its first step runs first
+    await loop.connect_accepted_socket(lambda: DeviceConnection(gateway), accepted)
+    await drain
+    return len(gateway.connections)
+
+
+def test_a_connection_made_as_the_drain_begins_is_ended(
+    harness: Harness, make_device: DeviceFactory
+) -> None:
+    # A take-over's old worker admitted such a device after its drain began, and held it
+    # until the drain timed out (the device's reconnection went to the old instance).
+    gateway = harness.start_gateway()
+    device = make_device("late")
+    with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
+        dialing = pool.submit(RawClient, listener.getsockname()[1], device, device.chain)
+        accepted, _ = listener.accept()
+        left = harness.call(_drain_with_a_late_connection(gateway, accepted))
+        try:
+            client = dialing.result(10)
+        except OSError:  # ended before its TLS handshake
+            client = None
+        if client is not None:  # the gateway going away went on with it
+            with client:
+                client.send(Connect(protocol_level=4, client_id=device.device_id))
+                answer = client.recv()
+            pytest.fail(f"a draining gateway took a new connection; its CONNECT got {answer}")
+    assert left == 0
 
 
 def test_slow_device_pauses_the_broker_side(harness: Harness, make_device: DeviceFactory) -> None:
