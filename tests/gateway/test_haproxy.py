@@ -126,12 +126,15 @@ def test_events_carry_the_device_address_and_checks_leave_none(
         assert str(detail["proxy"]).startswith("127.0.0.1:")  # and HAProxy's, in the detail
     time.sleep(0.3)
     # HAProxy's checks (PROXY v2 LOCAL header, then a close, often a RST) recorded nothing.
-    others = [
+    # A check never presents a certificate, so an event it caused would name no device;
+    # the sink is shared, and a session of an earlier test may still end meanwhile (its
+    # event names its device).
+    from_checks = [
         (row["type"], row["reason"], row["peer_address"])
         for row in harness.events(mark)
-        if row["device_id"] != device.device_id
+        if row["device_id"] is None
     ]
-    assert others == []
+    assert from_checks == []
 
 
 def test_a_proxy_header_from_an_untrusted_address_is_refused(
