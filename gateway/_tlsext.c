@@ -139,7 +139,7 @@ static PyObject *capture_refusals(PyObject *module, PyObject *context) {
 /* A client presents what its certificate file holds and nothing more: OpenSSL's default
  * completes the chain from the trust store (root and issuing CA of chain.pem), which a
  * gateway that trusts the issuing CA does not need. On OpenSSL 3.0 those two extra
- * certificates cost the server ~0.45 ms of CPU per full handshake and ~10 KB per held
+ * certificates cost the server ~0.43 ms of CPU per full handshake and ~10 KB per held
  * session (bench/tls_handshake_cpu.py), and the device ~1 KB of upload. */
 static PyObject *no_auto_chain(PyObject *module, PyObject *context) {
     (void)module;

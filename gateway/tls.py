@@ -174,7 +174,7 @@ def present_own_chain(context: ssl.SSLContext) -> bool:
     OpenSSL otherwise completes the chain from the context's trust store: a device whose
     CA file is ``chain.pem`` sends the issuing CA and the root with its certificate, which
     the gateway (its trust anchors are that file) never needs. Those two certificates cost
-    the device ~1 KB of upload per full handshake, and the gateway, on OpenSSL 3.0, ~0.45
+    the device ~1 KB of upload per full handshake, and the gateway, on OpenSSL 3.0, ~0.43
     ms of CPU to parse them and ~10 KB per held session to keep them
     (bench/tls_handshake_cpu.py). Returns whether it could (False without the accelerator).
     """
