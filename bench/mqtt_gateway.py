@@ -58,7 +58,7 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.tls import present_own_chain
+from provisioning.agent.device import present_own_chain
 from provisioning.pki.ca import DeviceIdentity, SignOptions, fingerprint
 from provisioning.pki.directory import init_pki, load_ca
 from schemas.migrate import migrate

@@ -10,7 +10,7 @@ project's CA) and the gateway's `gateway.tls.TlsPump` on the gateway's own
 * **full, no ticket**: the same with resumption off (``num_tickets = 0``): the ticket's price;
 * **full, device sends its chain**: a device whose context also sends the CAs of its trust
   store (OpenSSL's default; devicegate's own device contexts did so before
-  `gateway.tls.present_own_chain`): what two more certificates to parse cost;
+  `provisioning.agent.device.present_own_chain`): what two more certificates to parse cost;
 * **resumed**: a TLS 1.3 resumption from the ticket of the previous connection (PSK with
   ECDHE). The server sends no new ticket on a resumed handshake (its flight after the
   client's Finished is empty: printed), so the device keeps resuming with the ticket of its
@@ -52,7 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.tickets import TicketKeys
-from gateway.tls import TlsPump, present_own_chain, server_context
+from gateway.tls import TlsPump, server_context
+from provisioning.agent.device import present_own_chain
 from provisioning.pki.ca import DeviceIdentity, SignOptions
 from provisioning.pki.directory import init_pki, load_ca
 

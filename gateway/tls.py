@@ -26,8 +26,6 @@ Invariants:
   `TlsFailure.presented` carries its DER (with ``verify_depth``, the depth of the
   certificate that failed). Without it (`CAPTURES_PRESENTED` false, the gateway warns at
   start) refusals carry the verify code only. OpenSSL's verdict is never changed.
-* Device contexts (`present_own_chain`) send their certificate file's chain only, never a
-  chain OpenSSL completes from their trust store.
 * ``version`` and ``cipher`` are known before the handshake completes: ``ssl`` reports
   them only after, so a refused handshake's come from OpenSSL through the accelerator
   (without it: the TLS 1.3 cipher and its protocol, which ``ssl`` does report early).
@@ -57,7 +55,6 @@ __all__ = [
     "TlsPump",
     "capture_refusals",
     "classify",
-    "present_own_chain",
     "refused_certificate",
     "server_context",
     "upstream_context",
@@ -165,22 +162,6 @@ def capture_refusals(context: ssl.SSLContext) -> bool:
     if _tlsext is None:
         return False
     _tlsext.capture_refusals(context)
-    return True
-
-
-def present_own_chain(context: ssl.SSLContext) -> bool:
-    """Make a client ``context`` present only its certificate file's chain (a device).
-
-    OpenSSL otherwise completes the chain from the context's trust store: a device whose
-    CA file is ``chain.pem`` sends the issuing CA and the root with its certificate, which
-    the gateway (its trust anchors are that file) never needs. Those two certificates cost
-    the device ~1 KB of upload per full handshake, and the gateway, on OpenSSL 3.0, ~0.43
-    ms of CPU to parse them and ~10 KB per held session to keep them
-    (bench/tls_handshake_cpu.py). Returns whether it could (False without the accelerator).
-    """
-    if _tlsext is None:
-        return False
-    _tlsext.no_auto_chain(context)
     return True
 
 

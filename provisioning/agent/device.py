@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from gateway.tls import present_own_chain
 from provisioning.agent.layout import CERT_FILE as CERT_FILE  # re-exported: the layout
 from provisioning.agent.layout import CHAIN_FILE as CHAIN_FILE
 from provisioning.agent.layout import KEY_FILE as KEY_FILE
@@ -291,6 +290,25 @@ def idevid_ssl_context(
         context.load_cert_chain(cert, key)
     present_own_chain(context)  # the manufacturer's chain only if the file holds it
     return context
+
+
+def present_own_chain(context: ssl.SSLContext) -> bool:
+    """Make ``context`` present only its certificate file's chain.
+
+    OpenSSL otherwise completes a client's chain from its trust store: a device whose CA
+    file is ``chain.pem`` sends the issuing CA and the root with its certificate, which the
+    gateway (its trust anchors are that file) never needs. Those two certificates cost the
+    device ~1 KB of upload per full handshake, and the gateway, on OpenSSL 3.0, ~0.43 ms of
+    CPU to parse them and ~10 KB per held session to keep them
+    (bench/tls_handshake_cpu.py). Returns whether it could (False: the accelerator
+    ``gateway._tlsext`` is not built, and OpenSSL's default stays).
+    """
+    try:
+        from gateway import _tlsext
+    except ImportError:
+        return False
+    _tlsext.no_auto_chain(context)
+    return True
 
 
 def tls_exporter(ssl_socket: ssl.SSLSocket | ssl.SSLObject) -> bytes | None:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
-from gateway.tls import present_own_chain
+from provisioning.agent.device import present_own_chain
 from schemas.errors import DevicegateError
 from schemas.events import Reason
 
