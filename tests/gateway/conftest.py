@@ -4,6 +4,7 @@ and devices with certificates from the project's CA, registered in the database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import threading
 import time
@@ -37,6 +38,7 @@ from provisioning.pki.ca import (
 from schemas.policy import FleetPolicy, PolicyDocument
 from tests.conftest import Pki
 from tests.gateway.pg_sink import PgSink
+from tests.gateway.served import ServeGateway, serve_gateway
 
 T = TypeVar("T")
 TRUST_DOMAIN = "devicegate.local"
@@ -271,3 +273,16 @@ def make_device(harness: Harness, pki: Pki, tmp_path: Path) -> DeviceFactory:
         return Device(device_id, fleet, cert_path, key_path, pki.chain, serial, fp)
 
     return make
+
+
+@pytest.fixture
+def serve(pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path) -> ServeGateway:
+    """``devicegate serve gateway`` as a child process (`serve_gateway`), on this test's PKI,
+    database, upstream Mosquitto and ``tmp_path``; other arguments as ``serve_gateway``'s."""
+    return functools.partial(
+        serve_gateway,
+        pki=pki,
+        database_url=database_url,
+        upstream_port=mosquitto_port,
+        directory=tmp_path,
+    )

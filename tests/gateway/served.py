@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,11 @@ class Served:
     port: int
     instance: str
     log: Path
+
+    def stop(self, within: float = 60) -> None:
+        """SIGTERM (the drain), and a clean exit (0) within ``within`` seconds."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(within) == 0, self.log.read_text()
 
     def workers(self) -> list[int]:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -100,6 +105,10 @@ def serve_gateway(
                 os.kill(pid, signal.SIGKILL)
             process.kill()
             process.wait()
+
+
+ServeGateway = Callable[..., contextlib.AbstractContextManager[Served]]
+"""`serve_gateway` with the PKI, database, upstream and directory of the test bound."""
 
 
 async def verified_chains(url: str, instance: str) -> dict[str, int]:

@@ -29,7 +29,7 @@ from tests.conftest import Pki
 from tests.faults.conftest import ThreadedProxy
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness
-from tests.gateway.served import serve_gateway, verified_chains
+from tests.gateway.served import ServeGateway, verified_chains
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def _connect_code(port: int, device: Device, client_id: str) -> int:
 
 
 def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
-    pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path
+    database_url: str, tmp_path: Path, serve: ServeGateway
 ) -> None:
     instance = f"orphans-{os.getpid()}-{free_port()}"
     spool_dir = tmp_path / "spool"
@@ -160,14 +160,7 @@ def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
     }
     assert [o.slot for o in find_orphans(spool_dir)] == [2, 3, 5]
     env = {"DEVICEGATE_INSTANCE_ID": instance}
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        env=env,
-        name="cold",
-    ) as served:
+    with serve(env=env, name="cold") as served:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             log = served.log.read_text()
@@ -187,34 +180,23 @@ def test_a_cold_start_ships_the_spools_a_killed_gateway_left_on_other_slots(
         assert (spool_dir / "supervisor.0.pid").exists()  # its own block, still held
         assert find_orphans(spool_dir) == []
         assert asyncio.run(verified_chains(database_url, instance)) == left
-        served.process.send_signal(signal.SIGTERM)
-        assert served.process.wait(60) == 0, served.log.read_text()
+        served.stop()
     assert "Traceback" not in log and "ChainTaken" not in log, log
 
     # The next cold start finds nothing to ship: nothing is stored twice.
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        env=env,
-        name="again",
-        like=served,
-    ) as again:
+    with serve(env=env, name="again", like=served) as again:
         time.sleep(1.0)
-        again.process.send_signal(signal.SIGTERM)
-        assert again.process.wait(60) == 0, again.log.read_text()
+        again.stop()
     assert "orphaned spool" not in again.log.read_text()
     assert asyncio.run(verified_chains(database_url, instance)) == left
 
 
 def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold_start(
-    pki: Pki,
     database_url: str,
-    mosquitto_port: int,
     tmp_path: Path,
     harness: Harness,
     make_device: DeviceFactory,
+    serve: ServeGateway,
 ) -> None:
     """The documented case end to end: a take-over put the gateway on w2..w3, PostgreSQL
     went away (a cut proxy), devices were admitted (their events only in the spool), the
@@ -225,19 +207,8 @@ def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold
     proxy = ThreadedProxy(database_url)
     try:
         with (
-            serve_gateway(
-                pki=pki,
-                database_url=database_url,
-                upstream_port=mosquitto_port,
-                directory=tmp_path,
-                env=env,
-                name="a",
-            ) as first,
-            serve_gateway(
-                pki=pki,
-                database_url=database_url,
-                upstream_port=mosquitto_port,
-                directory=tmp_path,
+            serve(env=env, name="a") as first,
+            serve(
                 env={**env, "DEVICEGATE_DATABASE_URL": proxy.url},
                 name="b",
                 like=first,
@@ -272,15 +243,7 @@ def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold
         assert time.monotonic() < deadline, (left, orphans)
         time.sleep(0.05)
         orphans = find_orphans(spool_dir)
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        env=env,
-        name="cold",
-        like=first,
-    ) as cold:
+    with serve(env=env, name="cold", like=first) as cold:
         claims = [spool_dir / f"supervisor.{o.slot}.pid" for o in orphans]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (
@@ -291,8 +254,7 @@ def test_a_gateway_killed_on_w2_w3_while_postgresql_is_away_is_shipped_by_a_cold
         log = cold.log.read_text()
         assert not any(claim.exists() for claim in claims), log
         assert find_orphans(spool_dir) == [], log  # claims released: nothing left to ship
-        cold.process.send_signal(signal.SIGTERM)
-        assert cold.process.wait(60) == 0, cold.log.read_text()
+        cold.stop()
     assert log.count("orphaned spool") == len(orphans), log
     connects = {
         row["client_id"]: (row["chain_id"].partition("#")[0], row["outcome"])

@@ -23,7 +23,7 @@ from gateway.mqtt.packets import Connack, Connect, Disconnect
 from tests.conftest import Pki
 from tests.gateway.clients import RawClient
 from tests.gateway.conftest import Device, DeviceFactory, Harness
-from tests.gateway.served import DEVICEGATE, Served, serve_gateway, verified_chains
+from tests.gateway.served import DEVICEGATE, Served, ServeGateway, verified_chains
 from tests.helpers import free_port
 
 HELD = 24  # devices holding a session through the take-over
@@ -50,15 +50,9 @@ def _second(served: Served, pki: Pki, url: str, upstream: int, spool: Path, port
 
 
 def test_a_second_gateway_is_refused_with_one_line(
-    pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path
+    pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path, serve: ServeGateway
 ) -> None:
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        name="first",
-    ) as served:
+    with serve(name="first") as served:
         # The same address, another state directory: the probe bind finds the listener.
         output = _second(served, pki, database_url, mosquitto_port, tmp_path / "other", served.port)
         lines = [line for line in output.splitlines() if line.strip()]
@@ -95,15 +89,9 @@ def _wait_spools_free(spool_dir: Path, slots: int) -> None:
 
 
 def test_a_stale_claim_does_not_block(
-    pki: Pki, database_url: str, mosquitto_port: int, tmp_path: Path, make_device: DeviceFactory
+    tmp_path: Path, make_device: DeviceFactory, serve: ServeGateway
 ) -> None:
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        name="stale",
-    ) as served:
+    with serve(name="stale") as served:
         claim = tmp_path / "spool" / "supervisor.0.pid"
         assert claim.read_text().split()[0] == str(served.process.pid)
         for pid in served.workers():
@@ -115,14 +103,7 @@ def test_a_stale_claim_does_not_block(
     # it is reaped: a start in that window would see the spool taken (its worker retries).
     _wait_spools_free(tmp_path / "spool", 2)
     device = make_device("stale", fleet="bench")
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        name="stale-again",
-        like=served,
-    ) as again:
+    with serve(name="stale-again", like=served) as again:
         assert claim.read_text().split()[0] == str(again.process.pid)
         _connect_once(again.port, device, device.device_id)
 
@@ -213,23 +194,12 @@ def _connects(harness: Harness, instance: str) -> dict[str, list[str]]:
 
 
 def test_take_over_without_a_gap(
-    pki: Pki,
-    database_url: str,
-    mosquitto_port: int,
-    tmp_path: Path,
-    harness: Harness,
-    make_device: DeviceFactory,
+    database_url: str, harness: Harness, make_device: DeviceFactory, serve: ServeGateway
 ) -> None:
     devices = [make_device(f"hold{i}", fleet="bench") for i in range(HELD)]
     probe_device = make_device("probe", fleet="bench")
     stop = threading.Event()
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        name="old",
-    ) as old:
+    with serve(name="old") as old:
         instance = old.instance
         holders = [Holder(old.port, device, stop) for device in devices]
         for holder in holders:
@@ -241,15 +211,7 @@ def test_take_over_without_a_gap(
         prober = Prober(old.port, probe_device, stop)
         prober.start()
         try:
-            with serve_gateway(
-                pki=pki,
-                database_url=database_url,
-                upstream_port=mosquitto_port,
-                directory=tmp_path,
-                name="new",
-                like=old,
-                take_over=True,
-            ) as new:
+            with serve(name="new", like=old, take_over=True) as new:
                 # The old supervisor is told to stop once the new workers are ready; its
                 # drain cuts every held session (DISCONNECT/close), and it exits 0.
                 assert old.process.wait(90) == 0, old.log.read_text()
@@ -267,8 +229,7 @@ def test_take_over_without_a_gap(
                 assert prober.outcomes["ECONNREFUSED"] == 0, prober.outcomes
                 assert not any(h.failures["ECONNREFUSED"] for h in holders)
                 assert prober.outcomes["ok"] >= 20, prober.outcomes
-                new.process.send_signal(signal.SIGTERM)
-                assert new.process.wait(60) == 0, new.log.read_text()
+                new.stop()
         finally:
             stop.set()
     logs = old.log.read_text() + new.log.read_text()
@@ -302,28 +263,15 @@ def test_take_over_without_a_gap(
 
 
 def test_a_take_over_that_never_gets_ready_is_abandoned(
-    pki: Pki,
-    database_url: str,
-    mosquitto_port: int,
-    tmp_path: Path,
-    make_device: DeviceFactory,
+    make_device: DeviceFactory, serve: ServeGateway
 ) -> None:
     device = make_device("abandon", fleet="bench")
-    with serve_gateway(
-        pki=pki,
-        database_url=database_url,
-        upstream_port=mosquitto_port,
-        directory=tmp_path,
-        name="stays",
-    ) as old:
+    with serve(name="stays") as old:
         workers = old.workers()
         # The new instance's broker is unreachable: its workers are never ready, so they
         # never listen, and the old gateway is never told to stop.
-        with serve_gateway(
-            pki=pki,
-            database_url=database_url,
+        with serve(
             upstream_port=free_port(),
-            directory=tmp_path,
             name="never-ready",
             like=old,
             take_over=True,
