@@ -21,6 +21,10 @@ Invariants:
   Every certificate in ``chain.pem`` is a trust anchor (``VERIFY_X509_PARTIAL_CHAIN``): a
   device chain ends at the issuing CA the operator configured, so OpenSSL does not verify
   the root's signature on that CA again in every handshake (~0.2 ms of ~1.1 ms).
+  A device's Certificate message may hold at most 16 KiB (with the accelerator; OpenSSL's
+  default is 100 KiB): OpenSSL parses every certificate sent before verifying any, so a
+  padded chain would cost ~38 ms of CPU per handshake (refused: ``tls_protocol_error``,
+  ``EXCESSIVE_MESSAGE_SIZE``).
 * A refused certificate is named: with the TLS accelerator (``gateway/_tlsext.c``) built,
   `server_context` installs an OpenSSL verify callback that keeps the refused leaf, and
   `TlsFailure.presented` carries its DER (with ``verify_depth``, the depth of the
@@ -150,6 +154,8 @@ def server_context(chain: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context.load_verify_locations(cafile=str(chain))
     context.load_cert_chain(str(cert), str(key))
     capture_refusals(context)
+    if _tlsext is not None:
+        _tlsext.limit_client_chain(context)  # 16 KiB, not OpenSSL's 100 KiB (see the C)
     return context
 
 

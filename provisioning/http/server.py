@@ -84,6 +84,7 @@ def server_ssl_context(pki_dir: Path) -> ssl.SSLContext:
     context.num_tickets = 0
     if _tlsext is not None:
         _tlsext.accept_any_peer_certificate(context)
+        _tlsext.limit_client_chain(context)  # as the gateway's: 16 KiB, parsed only then
     else:  # pragma: no cover - built by `make .venv/.installed`
         log.warning("gateway._tlsext is not built: IDevID enrollment is off")
     return context

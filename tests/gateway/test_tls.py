@@ -201,3 +201,30 @@ def test_identity_mismatch_is_certificate_invalid(
     # Verified, but no device of ours: the certificate is named all the same.
     assert row["cert_serial"] == format(cert.serial_number, "x")
     assert detail["presented"]["subject"] == "CN=dev-a"
+
+
+def test_a_padded_certificate_chain_is_refused_before_it_is_parsed(
+    harness: Harness, make_device: DeviceFactory, tmp_path: Path
+) -> None:
+    """An attacker's 99 KB Certificate message (a real device's certificate and 180 CA
+    copies, under OpenSSL's own 100 KiB limit) would cost ~38 ms of parsing and 0.9 MB per
+    session; over the gateway's 16 KiB it is refused at its header, and recorded. The same
+    device sending its ordinary chain (3 certificates) is admitted."""
+    pytest.importorskip("gateway._tlsext")
+    device = make_device("padded")
+    padded = tmp_path / "padded.pem"
+    padded.write_bytes(device.cert.read_bytes() + device.chain.read_bytes() * 90)
+    context = ssl.create_default_context(cafile=str(device.chain))
+    context.load_cert_chain(str(padded), str(device.key))
+    mark = harness.mark()
+    _handshake_refused(harness, context)  # asserts the gateway sent no answer
+    (row,) = harness.wait_events(after=mark, type="tls_handshake")
+    assert (row["outcome"], row["reason"]) == ("denied", "tls_protocol_error")
+    assert "EXCESSIVE_MESSAGE_SIZE" in json.loads(row["detail"])["error"]
+    assert row["device_id"] is None  # nothing of the chain was parsed, let alone trusted
+
+    mark = harness.mark()
+    with RawClient(harness.port, device, device.chain) as client:  # leaf + chain.pem's CAs
+        assert client.connect(device.device_id).reason_code == 0
+    rows = harness.wait_events(after=mark, type="connect", device_id=device.device_id)
+    assert [(r["outcome"], r["reason"]) for r in rows] == [("allowed", "ok")]

@@ -122,3 +122,24 @@ def test_every_response_sends_hsts_and_nosniff(server: Server, pki: Pki, path: s
     assert "x-content-type-options: nosniff\r\n" in headers
     if path.startswith("/console/"):
         assert "content-security-policy: default-src 'none'" in headers  # its own stay
+
+
+def test_a_padded_client_chain_is_refused_at_the_handshake(
+    server: Server, pki: Pki, tmp_path: Path
+) -> None:
+    """As at the gateway: a Certificate message over 16 KiB (here 99 KB, under OpenSSL's
+    default 100 KiB) ends the handshake before OpenSSL parses any of it; a device's
+    ordinary chain still gets through."""
+    pytest.importorskip("gateway._tlsext")
+    from tests.gateway.conftest import issue
+
+    cert, key, _ = issue(pki.ca, tmp_path, "dev-padded", "plant")
+    padded = tmp_path / "padded.pem"
+    padded.write_bytes(cert.read_bytes() + pki.chain.read_bytes() * 90)
+    context = ssl.create_default_context(cafile=str(pki.chain))
+    context.load_cert_chain(str(padded), str(key))
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        handshake(server, context)
+    ordinary = ssl.create_default_context(cafile=str(pki.chain))  # sends leaf + both CAs
+    ordinary.load_cert_chain(str(cert), str(key))
+    assert handshake(server, ordinary) == "TLSv1.3"
